@@ -1,0 +1,29 @@
+"""finesam: High-Quality Segment Anything for the Refiners adapter framework."""
+
+from finesam.model import (
+    SAM_VIT_B,
+    SAM_VIT_H,
+    SAM_VIT_L,
+    ImageEmbedding,
+    Prediction,
+    SAMConfig,
+    SegmentAnything,
+    SegmentAnythingB,
+    SegmentAnythingH,
+    SegmentAnythingL,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM_VIT_B",
+    "SAM_VIT_H",
+    "SAM_VIT_L",
+    "ImageEmbedding",
+    "Prediction",
+    "SAMConfig",
+    "SegmentAnything",
+    "SegmentAnythingB",
+    "SegmentAnythingH",
+    "SegmentAnythingL",
+]

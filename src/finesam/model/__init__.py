@@ -1,0 +1,31 @@
+"""The base Segment Anything model as fluxion chains."""
+
+from finesam.model.config import PRESETS, SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAMConfig
+from finesam.model.image_encoder import ImageEncoder
+from finesam.model.mask_decoder import MaskDecoder
+from finesam.model.prompt_encoder import PromptEncoder
+from finesam.model.sam import (
+    ImageEmbedding,
+    Prediction,
+    SegmentAnything,
+    SegmentAnythingB,
+    SegmentAnythingH,
+    SegmentAnythingL,
+)
+
+__all__ = [
+    "PRESETS",
+    "SAM_VIT_B",
+    "SAM_VIT_H",
+    "SAM_VIT_L",
+    "ImageEmbedding",
+    "ImageEncoder",
+    "MaskDecoder",
+    "Prediction",
+    "PromptEncoder",
+    "SAMConfig",
+    "SegmentAnything",
+    "SegmentAnythingB",
+    "SegmentAnythingH",
+    "SegmentAnythingL",
+]

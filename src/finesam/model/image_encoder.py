@@ -1,0 +1,202 @@
+"""The ViT image encoder of SAM: patches, absolute positions, windowed and global attention blocks, neck."""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from refiners.fluxion import layers as fl
+from torch import Tensor, device as Device, dtype as DType
+
+from finesam.model.config import SAMConfig
+
+
+class PatchEmbedding(fl.Chain):
+    """Cuts the image into `patch_size` squares and projects each to `dim` channels (channels-last output)."""
+
+    def __init__(self, patch_size: int, dim: int, device: Device | str | None = None, dtype: DType | None = None):
+        super().__init__(
+            fl.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype),
+            fl.Permute(0, 2, 3, 1),
+        )
+
+
+class PositionEmbedding(fl.Residual):
+    """Adds a learned absolute position embedding to every patch."""
+
+    def __init__(self, grid_size: int, dim: int, device: Device | str | None = None, dtype: DType | None = None):
+        super().__init__(fl.Parameter(grid_size, grid_size, dim, device=device, dtype=dtype))
+
+
+def relative_positions(rel_pos: Float[Tensor, "2*size-1 head_dim"], size: int) -> Float[Tensor, "size size head_dim"]:
+    """Embedding of the offset `q - k` for every query/key index pair along one axis."""
+    offsets = torch.arange(size, device=rel_pos.device)
+    return rel_pos[offsets[:, None] - offsets[None, :] + size - 1]
+
+
+class RelativePositionAttention(fl.Module):
+    """Multi-head attention over a square grid with decomposed relative position biases (MViTv2).
+
+    Receives the fused `qkv` projection (B, H, W, 3C) and returns the attended values (B, H, W, C).
+    The bias added to the logits of query (i, j) and key (k, l) is `q . rel_h[i - k] + q . rel_w[j - l]`.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, grid_size: int, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.grid_size = grid_size
+        head_dim = dim // num_heads
+        self.rel_pos_h = torch.nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim, device=device, dtype=dtype))
+        self.rel_pos_w = torch.nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim, device=device, dtype=dtype))
+
+    def forward(self, qkv: Float[Tensor, "batch height width 3*dim"]) -> Float[Tensor, "batch height width dim"]:
+        batch, height, width, _ = qkv.shape
+        q, k, v = qkv.reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        grid_q = q.reshape(batch, self.num_heads, height, width, -1)
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, relative_positions(self.rel_pos_h, height))
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, relative_positions(self.rel_pos_w, width))
+        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(batch, self.num_heads, height * width, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return out.transpose(1, 2).reshape(batch, height, width, -1)
+
+
+class GridAttention(fl.Chain):
+    """qkv projection, relative-position attention, output projection."""
+
+    def __init__(
+        self, dim: int, num_heads: int, grid_size: int, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        super().__init__(
+            fl.Linear(dim, 3 * dim, device=device, dtype=dtype),
+            RelativePositionAttention(dim, num_heads, grid_size, device=device, dtype=dtype),
+            fl.Linear(dim, dim, device=device, dtype=dtype),
+        )
+
+
+class WindowPartition(fl.Module):
+    """Pads a (B, H, W, C) grid to a multiple of the window and returns the windows (B * n, w, w, C)."""
+
+    def __init__(self, window_size: int) -> None:
+        super().__init__()
+        self.window_size = window_size
+
+    def forward(self, x: Float[Tensor, "batch height width dim"]) -> Float[Tensor, "windows size size dim"]:
+        batch, height, width, dim = x.shape
+        w = self.window_size
+        x = F.pad(x, (0, 0, 0, -width % w, 0, -height % w))
+        rows, cols = x.shape[1] // w, x.shape[2] // w
+        return x.view(batch, rows, w, cols, w, dim).transpose(2, 3).reshape(-1, w, w, dim)
+
+
+class WindowMerge(fl.Module):
+    """Inverse of `WindowPartition`: reassembles windows into the layout (and size) of the reference grid."""
+
+    def __init__(self, window_size: int) -> None:
+        super().__init__()
+        self.window_size = window_size
+
+    def forward(
+        self, windows: Float[Tensor, "windows size size dim"], reference: Float[Tensor, "batch height width dim"]
+    ) -> Float[Tensor, "batch height width dim"]:
+        batch, height, width, _ = reference.shape
+        w = self.window_size
+        rows, cols = -(-height // w), -(-width // w)
+        x = windows.view(batch, rows, cols, w, w, -1).transpose(2, 3).reshape(batch, rows * w, cols * w, -1)
+        return x[:, :height, :width].contiguous()
+
+
+class WindowedAttention(fl.Chain):
+    """Attention restricted to non-overlapping `window_size` squares of the grid."""
+
+    def __init__(
+        self, dim: int, num_heads: int, window_size: int, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        super().__init__(
+            fl.Parallel(
+                fl.Chain(
+                    WindowPartition(window_size),
+                    GridAttention(dim, num_heads, window_size, device=device, dtype=dtype),
+                ),
+                fl.Identity(),
+            ),
+            WindowMerge(window_size),
+        )
+
+
+class FeedForward(fl.Chain):
+    def __init__(self, dim: int, hidden_dim: int, device: Device | str | None = None, dtype: DType | None = None):
+        super().__init__(
+            fl.Linear(dim, hidden_dim, device=device, dtype=dtype),
+            fl.GeLU(),
+            fl.Linear(hidden_dim, dim, device=device, dtype=dtype),
+        )
+
+
+class TransformerBlock(fl.Chain):
+    """Pre-norm ViT block; `window_size=None` makes its attention global over the whole `grid_size` grid."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        grid_size: int,
+        window_size: int | None,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        attention = (
+            GridAttention(dim, num_heads, grid_size, device=device, dtype=dtype)
+            if window_size is None
+            else WindowedAttention(dim, num_heads, window_size, device=device, dtype=dtype)
+        )
+        super().__init__(
+            fl.Residual(fl.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype), attention),
+            fl.Residual(
+                fl.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype),
+                FeedForward(dim, mlp_dim, device=device, dtype=dtype),
+            ),
+        )
+        self.is_global = window_size is None
+
+
+class TransformerBlocks(fl.Chain):
+    pass
+
+
+class Neck(fl.Chain):
+    """Projects the ViT output to the `out_dim`-channel image embedding (channels-first)."""
+
+    def __init__(self, dim: int, out_dim: int, device: Device | str | None = None, dtype: DType | None = None):
+        super().__init__(
+            fl.Permute(0, 3, 1, 2),
+            fl.Conv2d(dim, out_dim, kernel_size=1, use_bias=False, device=device, dtype=dtype),
+            fl.LayerNorm2d(out_dim, device=device, dtype=dtype),
+            fl.Conv2d(out_dim, out_dim, kernel_size=3, padding=1, use_bias=False, device=device, dtype=dtype),
+            fl.LayerNorm2d(out_dim, device=device, dtype=dtype),
+        )
+
+
+class ImageEncoder(fl.Chain):
+    """ViT image encoder: (B, 3, S, S) normalised, padded image -> (B, prompt_dim, S/16, S/16) image embedding."""
+
+    def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        grid = config.embedding_size
+        dim = config.encoder_dim
+        super().__init__(
+            PatchEmbedding(config.patch_size, dim, device=device, dtype=dtype),
+            PositionEmbedding(grid, dim, device=device, dtype=dtype),
+            TransformerBlocks(
+                TransformerBlock(
+                    dim,
+                    config.encoder_heads,
+                    int(dim * config.mlp_ratio),
+                    grid,
+                    window_size=None if i in config.global_attention_blocks else config.window_size,
+                    device=device,
+                    dtype=dtype,
+                )
+                for i in range(config.encoder_depth)
+            ),
+            Neck(dim, config.prompt_dim, device=device, dtype=dtype),
+        )

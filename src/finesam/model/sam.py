@@ -1,0 +1,184 @@
+"""`SegmentAnything`: image encoder -> prompt encoder -> mask decoder, as one fluxion chain."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from PIL import Image
+from refiners.fluxion import layers as fl
+from refiners.fluxion.context import Contexts
+from torch import Tensor, device as Device, dtype as DType
+
+from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAMConfig
+from finesam.model.image_encoder import ImageEncoder
+from finesam.model.mask_decoder import MaskDecoder
+from finesam.model.prompt_encoder import PromptEncoder, labelled_points
+from finesam.processing import MASK_THRESHOLD, postprocess_masks, preprocess_image
+from finesam.prompts import Prompts, prepare_prompts
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """An encoded image, to be prompted any number of times."""
+
+    embedding: Float[Tensor, "1 dim grid grid"]
+    original_size: tuple[int, int]  # (height, width) of the image
+    input_size: tuple[int, int]  # (height, width) of the image resized inside the model input
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Masks for a batch of B prompts, C masks each (C = 3 with multimask output, else 1)."""
+
+    masks: Tensor  # (B, C, H, W) at the original size: bool, or float logits with return_logits=True
+    iou_predictions: Float[Tensor, "batch masks"]
+    low_res_logits: Float[Tensor, "batch masks low low"]  # feed back as `mask_input` to refine
+
+    def best(self) -> tuple[Tensor, Float[Tensor, " batch"]]:
+        """The mask with the highest predicted IoU for each prompt: (B, H, W) and its score (B,)."""
+        scores, index = self.iou_predictions.max(dim=1)
+        return self.masks[torch.arange(len(index)), index], scores
+
+
+class SegmentAnything(fl.Chain):
+    """Segment Anything as a chain: `ImageEncoder`, `PromptEncoder`, `MaskDecoder`.
+
+    Called as a chain it maps a preprocessed image to (low-resolution mask logits, IoU predictions) for the
+    prompt in the `sam` context (see `set_prompt`). `encode_image` / `predict` wrap that with the official
+    pre- and postprocessing; stages after the first can be run on a cached embedding (`decode`).
+    """
+
+    def __init__(
+        self, config: SAMConfig = SAM_VIT_B, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        super().__init__(
+            ImageEncoder(config, device=device, dtype=dtype),
+            PromptEncoder(config, device=device, dtype=dtype),
+            MaskDecoder(config, device=device, dtype=dtype),
+        )
+        self.config = config
+
+    def init_context(self) -> Contexts:
+        return {
+            "sam": {"point_coords": None, "point_labels": None, "mask_prompt": None, "multimask_output": False},
+            "mask_decoder": {
+                "sparse_prompt_embedding": None,
+                "dense_prompt_embedding": None,
+                "dense_positional_encoding": None,
+                "query_pe": None,
+                "key_pe": None,
+            },
+        }
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        return self.ensure_find(ImageEncoder)
+
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        return self.ensure_find(PromptEncoder)
+
+    @property
+    def mask_decoder(self) -> MaskDecoder:
+        return self.ensure_find(MaskDecoder)
+
+    def set_prompt(
+        self,
+        points: Float[Tensor, "batch n 2"] | None = None,
+        labels: Int[Tensor, "batch n"] | None = None,
+        boxes: Float[Tensor, "batch 4"] | None = None,
+        mask_input: Float[Tensor, "batch 1 low low"] | None = None,
+        multimask_output: bool = False,
+    ) -> None:
+        """Puts a prompt, in model-input pixel coordinates, in the `sam` context for the next forward pass."""
+        coords, kinds = labelled_points(points, labels, boxes)
+        device = self.device
+        self.set_context(
+            "sam",
+            {
+                "point_coords": coords.to(device=device, dtype=torch.float32),
+                "point_labels": kinds.to(device=device),
+                "mask_prompt": None if mask_input is None else mask_input.to(device=device, dtype=self.dtype),
+                "multimask_output": multimask_output,
+            },
+        )
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> ImageEmbedding:
+        """Encodes a PIL image once, for any number of `predict` calls."""
+        pixels, input_size = preprocess_image(image, self.config.image_size, device=self.device, dtype=self.dtype)
+        return ImageEmbedding(list(self)[0](pixels), (image.height, image.width), input_size)
+
+    def decode(
+        self, image_embedding: Float[Tensor, "batch dim grid grid"], **prompt: Any
+    ) -> tuple[Float[Tensor, "batch masks low low"], Float[Tensor, "batch masks"]]:
+        """Runs every stage after the image encoder on an embedding, for a prompt as in `set_prompt`."""
+        self.set_prompt(**prompt)
+        x: Any = image_embedding
+        for stage in list(self)[1:]:
+            x = stage(*x) if isinstance(x, tuple) else stage(x)
+        self._reset_context()
+        return x
+
+    @torch.no_grad()
+    def predict(
+        self,
+        image: Image.Image | ImageEmbedding,
+        *,
+        points: Any = None,
+        labels: Any = None,
+        boxes: Any = None,
+        mask_input: Any = None,
+        multimask_output: bool = False,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Masks for one image and a batch of prompts, given in pixels of the original image.
+
+        `points` (N, 2) or (B, N, 2) with `labels` (1 foreground, 0 background; default all foreground),
+        `boxes` (4,) or (B, 4) as x1, y1, x2, y2, `mask_input` the `low_res_logits` of an earlier prediction.
+        """
+        embedding = image if isinstance(image, ImageEmbedding) else self.encode_image(image)
+        prompts: Prompts = prepare_prompts(
+            points=points,
+            labels=labels,
+            boxes=boxes,
+            mask_input=mask_input,
+            original_size=embedding.original_size,
+            input_size=embedding.input_size,
+            mask_input_size=self.config.mask_input_size,
+        )
+        low_res, iou = self.decode(
+            embedding.embedding,
+            points=prompts.points,
+            labels=prompts.labels,
+            boxes=prompts.boxes,
+            mask_input=prompts.mask_input,
+            multimask_output=multimask_output,
+        )
+        logits = postprocess_masks(
+            low_res.float(), self.config.image_size, embedding.input_size, embedding.original_size
+        )
+        masks = logits if return_logits else logits > MASK_THRESHOLD
+        return Prediction(masks, iou.float(), low_res.float())
+
+
+class SegmentAnythingB(SegmentAnything):
+    """SAM ViT-B (`sam_vit_b_01ec64.pth`)."""
+
+    def __init__(self, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(SAM_VIT_B, device=device, dtype=dtype)
+
+
+class SegmentAnythingL(SegmentAnything):
+    """SAM ViT-L (`sam_vit_l_0b3195.pth`)."""
+
+    def __init__(self, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(SAM_VIT_L, device=device, dtype=dtype)
+
+
+class SegmentAnythingH(SegmentAnything):
+    """SAM ViT-H (`sam_vit_h_4b8939.pth`)."""
+
+    def __init__(self, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(SAM_VIT_H, device=device, dtype=dtype)

@@ -1,0 +1,155 @@
+"""SAM's two-way transformer: prompt tokens and image tokens attend to each other.
+
+Every layer here maps the pair `(tokens, image)` to an updated pair. The positional encodings that are added
+to queries and keys come from the `mask_decoder` context: `query_pe` (the tokens as they entered the
+decoder) and `key_pe` (the dense positional encoding, flattened to image tokens).
+"""
+
+from refiners.fluxion import layers as fl
+from torch import device as Device, dtype as DType
+
+TOKENS, IMAGE = 0, 1
+
+
+def with_positional_encoding(index: int, key: str) -> fl.Chain:
+    """Picks the tokens or the image from the pair and adds its positional encoding."""
+    return fl.Chain(fl.GetArg(index), fl.Residual(fl.UseContext("mask_decoder", key)))
+
+
+def _attention(dim: int, num_heads: int, downsample: int, device: Device | str | None, dtype: DType | None):
+    return fl.Attention(dim, num_heads=num_heads, inner_dim=dim // downsample, device=device, dtype=dtype)
+
+
+class TokenSelfAttention(fl.Chain):
+    """Tokens attend to themselves; the first layer uses neither positional encoding nor a residual."""
+
+    def __init__(
+        self, dim: int, num_heads: int, first_layer: bool, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        def query() -> fl.Module:
+            return fl.GetArg(TOKENS) if first_layer else with_positional_encoding(TOKENS, "query_pe")
+
+        attention = fl.Chain(
+            fl.Parallel(query(), query(), fl.GetArg(TOKENS)),
+            _attention(dim, num_heads, 1, device, dtype),
+        )
+        updated = attention if first_layer else fl.Sum(fl.GetArg(TOKENS), attention)
+        super().__init__(
+            fl.Parallel(
+                fl.Chain(updated, fl.LayerNorm(dim, device=device, dtype=dtype)),
+                fl.GetArg(IMAGE),
+            )
+        )
+
+
+class TokenToImageAttention(fl.Chain):
+    """Tokens query the image tokens."""
+
+    def __init__(
+        self, dim: int, num_heads: int, downsample: int, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        super().__init__(
+            fl.Parallel(
+                fl.Chain(
+                    fl.Sum(
+                        fl.GetArg(TOKENS),
+                        fl.Chain(
+                            fl.Parallel(
+                                with_positional_encoding(TOKENS, "query_pe"),
+                                with_positional_encoding(IMAGE, "key_pe"),
+                                fl.GetArg(IMAGE),
+                            ),
+                            _attention(dim, num_heads, downsample, device, dtype),
+                        ),
+                    ),
+                    fl.LayerNorm(dim, device=device, dtype=dtype),
+                ),
+                fl.GetArg(IMAGE),
+            )
+        )
+
+
+class ImageToTokenAttention(fl.Chain):
+    """Image tokens query the prompt tokens."""
+
+    def __init__(
+        self, dim: int, num_heads: int, downsample: int, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        super().__init__(
+            fl.Parallel(
+                fl.GetArg(TOKENS),
+                fl.Chain(
+                    fl.Sum(
+                        fl.GetArg(IMAGE),
+                        fl.Chain(
+                            fl.Parallel(
+                                with_positional_encoding(IMAGE, "key_pe"),
+                                with_positional_encoding(TOKENS, "query_pe"),
+                                fl.GetArg(TOKENS),
+                            ),
+                            _attention(dim, num_heads, downsample, device, dtype),
+                        ),
+                    ),
+                    fl.LayerNorm(dim, device=device, dtype=dtype),
+                ),
+            )
+        )
+
+
+class TokenFeedForward(fl.Chain):
+    """Residual MLP on the tokens, then a norm."""
+
+    def __init__(self, dim: int, mlp_dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(
+            fl.Parallel(
+                fl.Chain(
+                    fl.GetArg(TOKENS),
+                    fl.Residual(
+                        fl.Linear(dim, mlp_dim, device=device, dtype=dtype),
+                        fl.ReLU(),
+                        fl.Linear(mlp_dim, dim, device=device, dtype=dtype),
+                    ),
+                    fl.LayerNorm(dim, device=device, dtype=dtype),
+                ),
+                fl.GetArg(IMAGE),
+            )
+        )
+
+
+class TwoWayAttentionBlock(fl.Chain):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        first_layer: bool,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        super().__init__(
+            TokenSelfAttention(dim, num_heads, first_layer, device=device, dtype=dtype),
+            TokenToImageAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
+            TokenFeedForward(dim, mlp_dim, device=device, dtype=dtype),
+            ImageToTokenAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
+        )
+
+
+class TwoWayTransformer(fl.Chain):
+    """`depth` two-way blocks, then a final token-to-image attention."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_dim: int,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        super().__init__(
+            *(
+                TwoWayAttentionBlock(dim, num_heads, mlp_dim, first_layer=i == 0, device=device, dtype=dtype)
+                for i in range(depth)
+            ),
+            TokenToImageAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
+        )

@@ -1,0 +1,115 @@
+"""Access to the official `segment_anything` package for parity tests.
+
+The official package imports torchvision at import time (for a PIL resize and for NMS in the automatic mask
+generator), but its model code never needs it; torchvision has no CPU build that loads with our torch.
+`install_stand_ins` registers tiny modules in its place: `resize` is the PIL bilinear resize torchvision
+performs on PIL images, which is what `SamPredictor` uses.
+"""
+
+import sys
+import types
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from finesam.model.config import SAMConfig
+
+
+def _to_pil_image(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array)
+
+
+def _resize(image: Image.Image, size: tuple[int, int] | list[int]) -> Image.Image:
+    height, width = size
+    return image.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _unavailable(*_: Any, **__: Any) -> Any:
+    raise NotImplementedError("torchvision stand-in: not needed by the parity tests")
+
+
+def install_stand_ins() -> None:
+    if "torchvision" in sys.modules:
+        return
+    modules = {
+        name: types.ModuleType(name)
+        for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops",
+                     "torchvision.ops.boxes")
+    }
+    modules["torchvision.transforms.functional"].resize = _resize  # type: ignore[attr-defined]
+    modules["torchvision.transforms.functional"].to_pil_image = _to_pil_image  # type: ignore[attr-defined]
+    modules["torchvision.ops.boxes"].batched_nms = _unavailable  # type: ignore[attr-defined]
+    modules["torchvision.ops.boxes"].box_area = _unavailable  # type: ignore[attr-defined]
+    sys.modules.update(modules)
+
+
+install_stand_ins()
+
+import segment_anything  # noqa: E402
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402
+
+SamPredictor = segment_anything.SamPredictor
+
+
+def build_official(config: SAMConfig, seed: int = 0) -> Sam:
+    """The official model for `config`, random weights with every parameter perturbed, in eval mode.
+
+    Zero- and one-initialised tensors (norms, biases, tokens, relative positions) get noise too, so that a
+    weight mapped to the wrong place changes the output.
+    """
+    torch.manual_seed(seed)
+    grid = config.image_size // config.patch_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            embed_dim=config.encoder_dim,
+            depth=config.encoder_depth,
+            num_heads=config.encoder_heads,
+            mlp_ratio=config.mlp_ratio,
+            out_chans=config.prompt_dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=config.window_size,
+            global_attn_indexes=config.global_attention_blocks,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=config.prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=config.mask_in_channels,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=config.num_multimask_outputs,
+            transformer=TwoWayTransformer(
+                depth=config.decoder_depth,
+                embedding_dim=config.prompt_dim,
+                mlp_dim=config.decoder_mlp_dim,
+                num_heads=config.decoder_heads,
+            ),
+            transformer_dim=config.prompt_dim,
+            iou_head_depth=config.iou_head_depth,
+            iou_head_hidden_dim=config.iou_head_hidden_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    perturb(sam, seed)
+    return sam.eval()
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    """Adds noise to every floating-point tensor; scaled so activations stay in a sane range."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        constant = bool((tensor == tensor.flatten()[0]).all())  # zero/one initialised
+        scale = 0.1 if constant else 0.02
+        noise = torch.randn(tensor.shape, generator=generator) * scale
+        tensor.add_(noise.to(tensor.dtype))
