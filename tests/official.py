@@ -36,8 +36,13 @@ def install_stand_ins() -> None:
         return
     modules = {
         name: types.ModuleType(name)
-        for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops",
-                     "torchvision.ops.boxes")
+        for name in (
+            "torchvision",
+            "torchvision.transforms",
+            "torchvision.transforms.functional",
+            "torchvision.ops",
+            "torchvision.ops.boxes",
+        )
     }
     modules["torchvision.transforms.functional"].resize = _resize  # type: ignore[attr-defined]
     modules["torchvision.transforms.functional"].to_pil_image = _to_pil_image  # type: ignore[attr-defined]
@@ -106,7 +111,7 @@ def build_official(config: SAMConfig, seed: int = 0) -> Sam:
 def perturb(model: torch.nn.Module, seed: int) -> None:
     """Adds noise to every floating-point tensor; scaled so activations stay in a sane range."""
     generator = torch.Generator().manual_seed(seed + 1)
-    for name, tensor in model.state_dict().items():
+    for tensor in model.state_dict().values():
         if not tensor.is_floating_point():
             continue
         constant = bool((tensor == tensor.flatten()[0]).all())  # zero/one initialised

@@ -113,9 +113,8 @@ def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
     pairs.append(("prompt_encoder.no_mask_embed", model.ensure_find(NoMaskEmbedding)))
 
     def attention(prefix: str, layer: fl.Attention) -> list[tuple[str, fl.Module]]:
-        return list(zip((f"{prefix}.{p}_proj" for p in "qkv"), layer.layers(fl.Linear), strict=False)) + [
-            (f"{prefix}.out_proj", layer.layer("Linear", fl.Linear))
-        ]
+        q, k, v, out = layer.layers(fl.Linear)
+        return [(f"{prefix}.q_proj", q), (f"{prefix}.k_proj", k), (f"{prefix}.v_proj", v), (f"{prefix}.out_proj", out)]
 
     transformer = model.ensure_find(TwoWayTransformer)
     for i, (block, _) in enumerate(transformer.walk(TwoWayAttentionBlock)):
@@ -170,8 +169,9 @@ def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
     rules[key(position, "weight")] = Rule(("image_encoder.pos_embed",), lambda t: t[0])
     fourier = model.ensure_find(FourierPositionalEncoding)
     rules[key(fourier, "gaussian_matrix")] = Rule(("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",))
-    point_types = ("prompt_encoder.not_a_point_embed.weight",) + tuple(
-        f"prompt_encoder.point_embeddings.{i}.weight" for i in range(4)
+    point_types = (
+        "prompt_encoder.not_a_point_embed.weight",
+        *(f"prompt_encoder.point_embeddings.{i}.weight" for i in range(4)),
     )
     rules[key(model.ensure_find(PointTypeEmbedding), "weight")] = Rule(point_types, lambda *ts: torch.cat(ts))
     rules[key(model.ensure_find(OutputTokens), "weight")] = Rule(

@@ -36,9 +36,7 @@ def preprocess_image(
     return padded.unsqueeze(0).to(dtype=dtype), (height, width)
 
 
-def scale_coordinates(
-    coords: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]
-) -> np.ndarray:
+def scale_coordinates(coords: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
     """(..., 2) x/y pixel coordinates in the original image to coordinates in the resized image."""
     scaled = np.array(coords, dtype=np.float64)
     scaled[..., 0] *= input_size[1] / original_size[1]

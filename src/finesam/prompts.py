@@ -82,7 +82,11 @@ def prepare_prompts(
         if coords.shape[-1] != 2 or coords.shape[1] == 0:
             raise ValueError(f"points must have shape (N, 2) or (B, N, 2) with N >= 1, got {tuple(coords.shape)}")
         _check_inside(coords, "points", original_size)
-        kinds = np.ones(coords.shape[:2]) if labels is None else _batched(_array(labels, "labels"), 2, "labels", "(N,) or (B, N)")
+        kinds = (
+            np.ones(coords.shape[:2])
+            if labels is None
+            else _batched(_array(labels, "labels"), 2, "labels", "(N,) or (B, N)")
+        )
         if kinds.shape != coords.shape[:2]:
             raise ValueError(f"labels must have shape {coords.shape[:2]} to match points, got {tuple(kinds.shape)}")
         if not np.isin(kinds, (0, 1)).all():

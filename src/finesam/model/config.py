@@ -37,7 +37,9 @@ class SAMConfig:
         if self.encoder_dim % self.encoder_heads:
             problems.append(f"encoder_dim {self.encoder_dim} is not divisible by encoder_heads {self.encoder_heads}")
         if any(not 0 <= i < self.encoder_depth for i in self.global_attention_blocks):
-            problems.append(f"global_attention_blocks {self.global_attention_blocks} out of range 0..{self.encoder_depth - 1}")
+            problems.append(
+                f"global_attention_blocks {self.global_attention_blocks} out of range 0..{self.encoder_depth - 1}"
+            )
         if self.prompt_dim % 8:
             problems.append(f"prompt_dim {self.prompt_dim} must be a multiple of 8 (mask features are prompt_dim / 8)")
         if self.mask_in_channels % 4:

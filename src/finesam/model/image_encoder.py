@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from refiners.fluxion import layers as fl
-from torch import Tensor, device as Device, dtype as DType
+from torch import Tensor
+from torch import device as Device
+from torch import dtype as DType
 
 from finesam.model.config import SAMConfig
 

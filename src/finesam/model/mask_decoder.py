@@ -1,8 +1,12 @@
 """SAM's mask decoder: output tokens + prompt tokens, two-way transformer, hypernetwork masks and IoU head."""
 
+from itertools import pairwise
+
 from jaxtyping import Float
 from refiners.fluxion import layers as fl
-from torch import Tensor, device as Device, dtype as DType
+from torch import Tensor
+from torch import device as Device
+from torch import dtype as DType
 
 from finesam.model.config import SAMConfig
 from finesam.model.transformer import IMAGE, TOKENS, TwoWayTransformer
@@ -22,7 +26,7 @@ class MultiLayerPerceptron(fl.Chain):
     ) -> None:
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         layers: list[fl.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        for i, (a, b) in enumerate(pairwise(dims)):
             if i:
                 layers.append(fl.ReLU())
             layers.append(fl.Linear(a, b, device=device, dtype=dtype))

@@ -9,7 +9,9 @@ import math
 import torch
 from jaxtyping import Float, Int
 from refiners.fluxion import layers as fl
-from torch import Tensor, device as Device, dtype as DType
+from torch import Tensor
+from torch import device as Device
+from torch import dtype as DType
 
 from finesam.model.config import SAMConfig
 
@@ -20,10 +22,12 @@ def labelled_points(
     points: Float[Tensor, "batch num_points 2"] | None,
     labels: Int[Tensor, "batch num_points"] | None,
     boxes: Float[Tensor, "batch 4"] | None,
+    batch: int = 1,
 ) -> tuple[Float[Tensor, "batch n 2"], Int[Tensor, "batch n"]]:
     """Merges points and boxes into one labelled point sequence, in the order the official encoder embeds them.
 
     Points come first; a padding point is appended when there is no box; box corners come last.
+    Without points or boxes the sequence is empty, for `batch` prompts (mask-only prompts).
     """
     coords: list[Tensor] = []
     kinds: list[Tensor] = []
@@ -39,7 +43,7 @@ def labelled_points(
         corners = torch.tensor([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL], device=boxes.device)
         kinds.append(corners.expand(boxes.shape[0], 2))
     if not coords:
-        return torch.zeros(1, 0, 2), torch.zeros(1, 0, dtype=torch.long)
+        return torch.zeros(batch, 0, 2), torch.zeros(batch, 0, dtype=torch.long)
     return torch.cat(coords, dim=1), torch.cat(kinds, dim=1)
 
 

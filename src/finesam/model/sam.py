@@ -8,7 +8,9 @@ from jaxtyping import Float, Int
 from PIL import Image
 from refiners.fluxion import layers as fl
 from refiners.fluxion.context import Contexts
-from torch import Tensor, device as Device, dtype as DType
+from torch import Tensor
+from torch import device as Device
+from torch import dtype as DType
 
 from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAMConfig
 from finesam.model.image_encoder import ImageEncoder
@@ -92,7 +94,7 @@ class SegmentAnything(fl.Chain):
         multimask_output: bool = False,
     ) -> None:
         """Puts a prompt, in model-input pixel coordinates, in the `sam` context for the next forward pass."""
-        coords, kinds = labelled_points(points, labels, boxes)
+        coords, kinds = labelled_points(points, labels, boxes, batch=1 if mask_input is None else len(mask_input))
         device = self.device
         self.set_context(
             "sam",
@@ -107,8 +109,10 @@ class SegmentAnything(fl.Chain):
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> ImageEmbedding:
         """Encodes a PIL image once, for any number of `predict` calls."""
-        pixels, input_size = preprocess_image(image, self.config.image_size, device=self.device, dtype=self.dtype)
-        return ImageEmbedding(list(self)[0](pixels), (image.height, image.width), input_size)
+        pixels, input_size = preprocess_image(
+            image, self.config.image_size, device=self.device, dtype=self.dtype or torch.float32
+        )
+        return ImageEmbedding(next(iter(self))(pixels), (image.height, image.width), input_size)
 
     def decode(
         self, image_embedding: Float[Tensor, "batch dim grid grid"], **prompt: Any

@@ -6,7 +6,8 @@ decoder) and `key_pe` (the dense positional encoding, flattened to image tokens)
 """
 
 from refiners.fluxion import layers as fl
-from torch import device as Device, dtype as DType
+from torch import device as Device
+from torch import dtype as DType
 
 TOKENS, IMAGE = 0, 1
 
@@ -24,7 +25,12 @@ class TokenSelfAttention(fl.Chain):
     """Tokens attend to themselves; the first layer uses neither positional encoding nor a residual."""
 
     def __init__(
-        self, dim: int, num_heads: int, first_layer: bool, device: Device | str | None = None, dtype: DType | None = None
+        self,
+        dim: int,
+        num_heads: int,
+        first_layer: bool,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
     ) -> None:
         def query() -> fl.Module:
             return fl.GetArg(TOKENS) if first_layer else with_positional_encoding(TOKENS, "query_pe")

@@ -1,0 +1,150 @@
+"""End-to-end parity of `SegmentAnything.predict` with the official `SamPredictor` on real photos.
+
+Pre- and postprocessing are compared exactly (resized pixels, coordinates) and the outputs within
+TOLERANCE (1e-4, fp32): full-resolution logits, IoU predictions and low-resolution logits.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finesam.model import SAM_VIT_B, SegmentAnything
+from finesam.processing import preprocess_image, scale_coordinates
+from finesam.weights import build_from_official
+
+from conftest import SMALL, TOLERANCE, max_diff, photo
+from official import SamPredictor, build_official
+
+PHOTOS = {
+    "landscape": lambda: photo("truck.jpg"),
+    "portrait": lambda: photo("dog.jpg").transpose(Image.Transpose.ROTATE_90),
+    "square": lambda: photo("tennis.png"),
+    "small landscape": lambda: photo("groceries.jpg"),
+}
+
+
+def prompts_for(image: Image.Image) -> dict[str, dict[str, np.ndarray]]:
+    w, h = image.size
+    points = np.array([[0.5 * w, 0.5 * h], [0.2 * w, 0.7 * h]])
+    labels = np.array([1, 0])
+    box = np.array([0.1 * w, 0.2 * h, 0.8 * w, 0.9 * h])
+    return {
+        "point": {"point_coords": points[:1], "point_labels": labels[:1]},
+        "points": {"point_coords": points, "point_labels": labels},
+        "box": {"box": box},
+        "points+box": {"point_coords": points, "point_labels": labels, "box": box},
+    }
+
+
+def ours(kwargs: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    return {"points": kwargs.get("point_coords"), "labels": kwargs.get("point_labels"), "boxes": kwargs.get("box")}
+
+
+def assert_same_prediction(official_out, prediction) -> None:
+    logits, iou, low_res = official_out
+    assert max_diff(prediction.masks[0], torch.from_numpy(logits)) <= TOLERANCE
+    assert max_diff(prediction.iou_predictions[0], torch.from_numpy(iou)) <= TOLERANCE
+    assert max_diff(prediction.low_res_logits[0], torch.from_numpy(low_res)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", list(PHOTOS))
+def test_preprocessing_is_identical(official_small, name):
+    image = PHOTOS[name]()
+    predictor = SamPredictor(official_small)
+    resized = predictor.transform.apply_image(np.asarray(image))
+    expected = official_small.preprocess(torch.as_tensor(resized).permute(2, 0, 1)[None])
+    actual, input_size = preprocess_image(image, SMALL.image_size)
+    assert input_size == resized.shape[:2]
+    assert torch.equal(actual, expected)
+    coords = np.array([[0.0, 0.0], [image.width, image.height], [13.7, 91.2]])
+    expected_coords = predictor.transform.apply_coords(coords, (image.height, image.width))
+    assert np.array_equal(scale_coordinates(coords, (image.height, image.width), input_size), expected_coords)
+
+
+@pytest.mark.parametrize("name", list(PHOTOS))
+@pytest.mark.parametrize("multimask", [True, False])
+def test_predict_matches_official_predictor(official_small, small, name, multimask):
+    image = PHOTOS[name]()
+    predictor = SamPredictor(official_small)
+    predictor.set_image(np.asarray(image))
+    embedding = small.encode_image(image)
+    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
+    for kwargs in prompts_for(image).values():
+        expected = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
+        prediction = small.predict(embedding, **ours(kwargs), multimask_output=multimask, return_logits=True)
+        assert prediction.masks.shape == (1, 3 if multimask else 1, image.height, image.width)
+        assert_same_prediction(expected, prediction)
+        binary = small.predict(embedding, **ours(kwargs), multimask_output=multimask)
+        assert binary.masks.dtype == torch.bool
+        assert torch.equal(binary.masks, prediction.masks > 0)
+
+
+def test_mask_input_refinement_matches(official_small, small):
+    """Feeding the low-resolution logits back as `mask_input`, as in the official notebooks."""
+    image = PHOTOS["landscape"]()
+    predictor = SamPredictor(official_small)
+    predictor.set_image(np.asarray(image))
+    points, labels = np.array([[900.0, 600.0]]), np.array([1])
+    _, scores, low_res = predictor.predict(point_coords=points, point_labels=labels, multimask_output=True)
+    refined = predictor.predict(
+        point_coords=points,
+        point_labels=labels,
+        mask_input=low_res[None, scores.argmax()],
+        return_logits=True,
+        multimask_output=False,
+    )
+    first = small.predict(image, points=points, labels=labels, multimask_output=True)
+    second = small.predict(
+        image,
+        points=points,
+        labels=labels,
+        mask_input=first.low_res_logits[:, first.iou_predictions.argmax()],
+        return_logits=True,
+    )
+    assert_same_prediction(refined, second)
+
+
+def test_batched_boxes_equal_one_by_one(official_small, small):
+    image = PHOTOS["small landscape"]()
+    boxes = np.array([[10, 20, 300, 400], [200, 100, 700, 500], [0, 0, 800, 534]], dtype=np.float64)
+    embedding = small.encode_image(image)
+    batched = small.predict(embedding, boxes=boxes, return_logits=True)
+    predictor = SamPredictor(official_small)
+    predictor.set_image(np.asarray(image))
+    for i, box in enumerate(boxes):
+        single = small.predict(embedding, boxes=box, return_logits=True)
+        assert max_diff(batched.masks[i], single.masks[0]) <= TOLERANCE
+        assert_same_prediction(predictor.predict(box=box, multimask_output=False, return_logits=True), single)
+
+
+def test_batched_point_sets_equal_one_by_one(small):
+    image = PHOTOS["portrait"]()
+    points = np.array([[[100, 200], [300, 400]], [[50, 60], [500, 700]]], dtype=np.float64)
+    labels = np.array([[1, 0], [1, 1]])
+    batched = small.predict(image, points=points, labels=labels, multimask_output=True, return_logits=True)
+    for i in range(2):
+        single = small.predict(image, points=points[i], labels=labels[i], multimask_output=True, return_logits=True)
+        assert max_diff(batched.masks[i], single.masks[0]) <= TOLERANCE
+
+
+def test_cached_embedding_gives_the_same_masks_as_the_image(small):
+    image = PHOTOS["square"]()
+    box = [100, 100, 700, 800]
+    assert torch.equal(small.predict(image, boxes=box).masks, small.predict(small.encode_image(image), boxes=box).masks)
+
+
+def test_full_size_vit_b_matches_official_at_1024():
+    """The full ViT-B encoder (windowed + global blocks, 64x64 grid) end to end on a real photo."""
+    official = build_official(SAM_VIT_B, seed=3)
+    model: SegmentAnything = build_from_official(official.state_dict())
+    image = PHOTOS["landscape"]()
+    predictor = SamPredictor(official)
+    predictor.set_image(np.asarray(image))
+    embedding = model.encode_image(image)
+    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
+    for kwargs in prompts_for(image).values():
+        expected = predictor.predict(**kwargs, multimask_output=True, return_logits=True)
+        assert_same_prediction(
+            expected, model.predict(embedding, **ours(kwargs), multimask_output=True, return_logits=True)
+        )
