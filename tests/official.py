@@ -118,3 +118,33 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
         scale = 0.1 if constant else 0.02
         noise = torch.randn(tensor.shape, generator=generator) * scale
         tensor.add_(noise.to(tensor.dtype))
+
+
+OFFICIAL_BUILDERS = {
+    "vit_b": segment_anything.build_sam_vit_b,
+    "vit_l": segment_anything.build_sam_vit_l,
+    "vit_h": segment_anything.build_sam_vit_h,
+}
+
+
+def random_official(name: str, seed: int = 0) -> Sam:
+    """An official full-size model built by the package's own builder, with cheap random weights.
+
+    Built on the meta device and filled afterwards (small Gaussian weights, norms near one), which is much
+    faster than the official initialisation for ViT-H.
+    """
+    with torch.device("meta"):
+        sam = OFFICIAL_BUILDERS[name]()
+    generator = torch.Generator().manual_seed(seed)
+    norms = {
+        f"{prefix}.weight"
+        for prefix, module in sam.named_modules()
+        if isinstance(module, torch.nn.LayerNorm) or type(module).__name__ == "LayerNorm2d"
+    }
+    weights = {
+        key: (1.0 if key in norms else 0.0)
+        + torch.randn(t.shape, generator=generator) * (0.1 if key in norms else 0.02)
+        for key, t in sam.state_dict().items()
+    }
+    sam.load_state_dict(weights, assign=True)
+    return sam.eval()

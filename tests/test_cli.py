@@ -1,0 +1,165 @@
+"""The `finesam` command, run as a real subprocess: convert, segment, demo, and its error messages."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TOLERANCE, photo
+from official import SamPredictor
+
+FINESAM = Path(sys.executable).with_name("finesam")
+
+
+def finesam(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [str(FINESAM)] if FINESAM.exists() else [sys.executable, "-m", "finesam.cli"]
+    return subprocess.run(
+        [*command, *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, official_small) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "sam_small.pth"
+    torch.save(official_small.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("converted")
+    result = finesam("convert", checkpoint, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(out / "sam_small.safetensors")]
+    return out / "sam_small.safetensors"
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "groceries.png"
+    photo("groceries.jpg").save(path)
+    return path
+
+
+def official_predict(official, image_path, **kwargs):
+    predictor = SamPredictor(official)
+    predictor.set_image(np.asarray(Image.open(image_path).convert("RGB")))
+    return predictor.predict(return_logits=True, **kwargs)
+
+
+def test_segment_several_boxes_writes_one_mask_per_box(tmp_path, converted, image_path, official_small):
+    boxes = [[50, 40, 400, 500], [300, 100, 780, 520]]
+    result = finesam(
+        "segment",
+        image_path,
+        "--weights",
+        converted,
+        *(a for b in boxes for a in ("--box", ",".join(map(str, b)))),
+        "--out",
+        tmp_path / "mask.png",
+        "--logits",
+        tmp_path / "logits.npy",
+    )
+    assert result.returncode == 0, result.stderr
+    for i, box in enumerate(boxes):
+        expected_logits, expected_iou, _ = official_predict(
+            official_small, image_path, box=np.array(box), multimask_output=False
+        )
+        logits = np.load(tmp_path / f"logits_{i}.npy")
+        assert logits.dtype == np.float32 and logits.shape == (534, 800)
+        assert np.abs(logits - expected_logits[0]).max() <= TOLERANCE
+        mask = np.asarray(Image.open(tmp_path / f"mask_{i}.png"))
+        assert np.array_equal(mask, np.where(logits > 0, 255, 0))
+        assert f"mask_{i}.png\tpredicted IoU {expected_iou[0]:.4f}" in result.stdout
+
+
+def test_segment_multimask_keeps_the_best_mask(tmp_path, converted, checkpoint, image_path, official_small):
+    expected_logits, expected_iou, _ = official_predict(
+        official_small,
+        image_path,
+        point_coords=np.array([[400.0, 260.0], [100.0, 100.0]]),
+        point_labels=np.array([1, 0]),
+        multimask_output=True,
+    )
+    best = int(expected_iou.argmax())
+    for weights in (converted, checkpoint):  # a converted file or the official .pth directly
+        out = tmp_path / f"{weights.suffix[1:]}.png"
+        result = finesam(
+            "segment",
+            image_path,
+            "--weights",
+            weights,
+            "--point",
+            "400,260",
+            "--point",
+            "100,100,0",
+            "--multimask",
+            "--out",
+            out,
+        )
+        assert result.returncode == 0, result.stderr
+        assert np.array_equal(np.asarray(Image.open(out)), np.where(expected_logits[best] > 0, 255, 0))
+        assert f"predicted IoU {expected_iou[best]:.4f}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--box", "1,2,3"], "--box X1,Y1,X2,Y2 takes 4 numbers"),
+        (["--box", "10,10,5,50"], "x2 >= x1"),
+        (["--box", "0,0,900,100"], "outside the 800x534 image"),
+        (["--point", "10,10,2"], "LABEL must be 1 (foreground) or 0 (background)"),
+        (["--point", "nan,3"], "NaN or infinite"),
+        ([], "give at least one --box or --point"),
+    ],
+)
+def test_segment_rejects_bad_prompts_with_a_message(tmp_path, converted, image_path, args, message):
+    result = finesam("segment", image_path, "--weights", converted, *args, "--out", tmp_path / "m.png")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_segment_reports_unreadable_inputs(tmp_path, converted, image_path):
+    result = finesam(
+        "segment",
+        image_path,
+        "--weights",
+        tmp_path / "none.safetensors",
+        "--box",
+        "1,1,5,5",
+        "--out",
+        tmp_path / "m.png",
+    )
+    assert result.returncode == 2 and "none.safetensors" in result.stderr
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    result = finesam(
+        "segment", tmp_path / "broken.png", "--weights", converted, "--box", "1,1,5,5", "--out", tmp_path / "m.png"
+    )
+    assert result.returncode == 2 and "cannot read image" in result.stderr
+
+
+def test_demo_without_checkpoint_says_what_to_download(tmp_path):
+    env = {"FINESAM_HOME": str(tmp_path / "cache"), "FINESAM_CHECKPOINT": ""}
+    result = finesam("demo", "--out-dir", tmp_path / "out", env=env)
+    assert result.returncode == 1
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in result.stderr
+    assert str(tmp_path / "cache" / "sam_vit_b_01ec64.pth") in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_converts_and_segments_with_a_checkpoint(tmp_path, checkpoint):
+    env = {"FINESAM_HOME": str(tmp_path / "cache"), "FINESAM_CHECKPOINT": str(checkpoint)}
+    result = finesam("demo", "--out-dir", tmp_path / "out", env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cache" / "sam_small.safetensors").is_file()
+    overlay = Image.open(tmp_path / "out" / "demo_overlay.png")
+    example = Image.open(tmp_path / "out" / "example.png")
+    assert overlay.size == example.size == (960, 640)
+    assert "house (box)" in result.stdout and "predicted IoU" in result.stdout
