@@ -115,10 +115,16 @@ class SegmentAnything(fl.Chain):
         return ImageEmbedding(next(iter(self))(pixels), (image.height, image.width), input_size)
 
     def decode(
-        self, image_embedding: Float[Tensor, "batch dim grid grid"], **prompt: Any
+        self,
+        image_embedding: Float[Tensor, "batch dim grid grid"],
+        points: Float[Tensor, "batch n 2"] | None = None,
+        labels: Int[Tensor, "batch n"] | None = None,
+        boxes: Float[Tensor, "batch 4"] | None = None,
+        mask_input: Float[Tensor, "batch 1 low low"] | None = None,
+        multimask_output: bool = False,
     ) -> tuple[Float[Tensor, "batch masks low low"], Float[Tensor, "batch masks"]]:
         """Runs every stage after the image encoder on an embedding, for a prompt as in `set_prompt`."""
-        self.set_prompt(**prompt)
+        self.set_prompt(points, labels, boxes, mask_input, multimask_output)
         x: Any = image_embedding
         for stage in list(self)[1:]:
             x = stage(*x) if isinstance(x, tuple) else stage(x)
