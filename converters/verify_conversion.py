@@ -53,7 +53,9 @@ def main() -> int:
     predictor = SamPredictor(official)
     predictor.set_image(np.asarray(image))
     embedding = ours.encode_image(image)
-    diffs = {"image embedding": (embedding.embedding - predictor.features).abs().max().item()}
+    features = predictor.features
+    assert features is not None
+    diffs = {"image embedding": (embedding.embedding - features).abs().max().item()}
     for what, official_kwargs, our_kwargs in (
         ("box", {"box": box}, {"boxes": box}),
         ("click", {"point_coords": click, "point_labels": np.array([1])}, {"points": click}),
