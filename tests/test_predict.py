@@ -62,22 +62,31 @@ def test_preprocessing_is_identical(official_small, name):
     assert np.array_equal(scale_coordinates(coords, (image.height, image.width), input_size), expected_coords)
 
 
+def assert_matches_official_predictor(official, model, image: Image.Image, multimasks=(True, False)) -> None:
+    """Embedding, then every prompt kind of `prompts_for`, against `SamPredictor` on the same weights."""
+    predictor = SamPredictor(official)
+    predictor.set_image(np.asarray(image))
+    embedding = model.encode_image(image)
+    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
+    for kwargs in prompts_for(image).values():
+        for multimask in multimasks:
+            expected = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
+            prediction = model.predict(embedding, **ours(kwargs), multimask_output=multimask, return_logits=True)
+            assert prediction.masks.shape == (1, 3 if multimask else 1, image.height, image.width)
+            assert_same_prediction(expected, prediction)
+
+
 @pytest.mark.parametrize("name", list(PHOTOS))
 @pytest.mark.parametrize("multimask", [True, False])
 def test_predict_matches_official_predictor(official_small, small, name, multimask):
     image = PHOTOS[name]()
-    predictor = SamPredictor(official_small)
-    predictor.set_image(np.asarray(image))
+    assert_matches_official_predictor(official_small, small, image, multimasks=(multimask,))
     embedding = small.encode_image(image)
-    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
     for kwargs in prompts_for(image).values():
-        expected = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
-        prediction = small.predict(embedding, **ours(kwargs), multimask_output=multimask, return_logits=True)
-        assert prediction.masks.shape == (1, 3 if multimask else 1, image.height, image.width)
-        assert_same_prediction(expected, prediction)
-        binary = small.predict(embedding, **ours(kwargs), multimask_output=multimask)
-        assert binary.masks.dtype == torch.bool
-        assert torch.equal(binary.masks, prediction.masks > 0)
+        logits = small.predict(embedding, **ours(kwargs), multimask_output=multimask, return_logits=True).masks
+        binary = small.predict(embedding, **ours(kwargs), multimask_output=multimask).masks
+        assert binary.dtype == torch.bool
+        assert torch.equal(binary, logits > 0)
 
 
 def test_mask_input_refinement_matches(official_small, small):
@@ -138,13 +147,4 @@ def test_full_size_vit_b_matches_official_at_1024():
     """The full ViT-B encoder (windowed + global blocks, 64x64 grid) end to end on a real photo."""
     official = build_official(SAM_VIT_B, seed=3)
     model: SegmentAnything = build_from_official(official.state_dict())
-    image = PHOTOS["landscape"]()
-    predictor = SamPredictor(official)
-    predictor.set_image(np.asarray(image))
-    embedding = model.encode_image(image)
-    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
-    for kwargs in prompts_for(image).values():
-        expected = predictor.predict(**kwargs, multimask_output=True, return_logits=True)
-        assert_same_prediction(
-            expected, model.predict(embedding, **ours(kwargs), multimask_output=True, return_logits=True)
-        )
+    assert_matches_official_predictor(official, model, PHOTOS["landscape"](), multimasks=(True,))
