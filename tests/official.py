@@ -1,9 +1,10 @@
-"""Access to the official `segment_anything` package for parity tests.
+"""Access to the official `segment_anything` and `segment_anything_hq` packages for parity tests.
 
-The official package imports torchvision at import time (for a PIL resize and for NMS in the automatic mask
-generator), but its model code never needs it; torchvision has no CPU build that loads with our torch.
-`install_stand_ins` registers tiny modules in its place: `resize` is the PIL bilinear resize torchvision
-performs on PIL images, which is what `SamPredictor` uses.
+The official packages import torchvision at import time (for a PIL resize and for NMS in the automatic mask
+generator), and segment_anything_hq imports timm for TinyViT, but their model code never needs them;
+torchvision has no CPU build that loads with our torch. `install_stand_ins` registers tiny modules in their
+place: `resize` is the PIL bilinear resize torchvision performs on PIL images, which is what `SamPredictor`
+uses.
 """
 
 import sys
@@ -31,44 +32,83 @@ def _unavailable(*_: Any, **__: Any) -> Any:
     raise NotImplementedError("torchvision stand-in: not needed by the parity tests")
 
 
+class _DropPath(torch.nn.Module):
+    """timm's stochastic depth; identity in eval mode, which is how the parity tests run."""
+
+    def __init__(self, drop_prob: float | None = None) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert not self.training, "DropPath stand-in only supports eval mode"
+        return x
+
+
+def _to_2tuple(x: Any) -> tuple[Any, Any]:
+    return tuple(x) if isinstance(x, tuple | list) else (x, x)  # type: ignore[return-value]
+
+
 def install_stand_ins() -> None:
+    """torchvision (for segment_anything and segment_anything_hq) and timm (for the HQ package's TinyViT)."""
     if "torchvision" in sys.modules:
         return
-    modules = {
-        name: types.ModuleType(name)
-        for name in (
-            "torchvision",
-            "torchvision.transforms",
-            "torchvision.transforms.functional",
-            "torchvision.ops",
-            "torchvision.ops.boxes",
-        )
+    attributes: dict[str, dict[str, Any]] = {
+        "torchvision": {},
+        "torchvision.transforms": {},
+        "torchvision.transforms.functional": {"resize": _resize, "to_pil_image": _to_pil_image},
+        "torchvision.ops": {},
+        "torchvision.ops.boxes": {"batched_nms": _unavailable, "box_area": _unavailable},
+        "timm": {},
+        "timm.models": {},
+        "timm.models.layers": {
+            "DropPath": _DropPath,
+            "to_2tuple": _to_2tuple,
+            "trunc_normal_": torch.nn.init.trunc_normal_,
+        },
+        "timm.models.registry": {"register_model": lambda fn: fn},
     }
-    modules["torchvision.transforms.functional"].resize = _resize  # type: ignore[attr-defined]
-    modules["torchvision.transforms.functional"].to_pil_image = _to_pil_image  # type: ignore[attr-defined]
-    modules["torchvision.ops.boxes"].batched_nms = _unavailable  # type: ignore[attr-defined]
-    modules["torchvision.ops.boxes"].box_area = _unavailable  # type: ignore[attr-defined]
-    sys.modules.update(modules)
+    for name, members in attributes.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(members)
+        sys.modules[name] = module
 
 
 install_stand_ins()
 
 import segment_anything  # noqa: E402
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402
+import segment_anything_hq  # noqa: E402
+from segment_anything.modeling import MaskDecoder, Sam  # noqa: E402
+from segment_anything_hq.modeling import MaskDecoderHQ  # noqa: E402
 
 SamPredictor = segment_anything.SamPredictor
+HQSamPredictor = segment_anything_hq.SamPredictor
 
 
-def build_official(config: SAMConfig, seed: int = 0) -> Sam:
-    """The official model for `config`, random weights with every parameter perturbed, in eval mode.
+def build_official(config: SAMConfig, seed: int = 0, hq: bool = False) -> Sam:
+    """The official model for `config` (HQ-SAM with `hq`), random weights with every parameter perturbed, in eval
+    mode.
 
     Zero- and one-initialised tensors (norms, biases, tokens, relative positions) get noise too, so that a
     weight mapped to the wrong place changes the output.
     """
+    package = segment_anything_hq.modeling if hq else segment_anything.modeling
     torch.manual_seed(seed)
     grid = config.image_size // config.patch_size
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
+    transformer = package.TwoWayTransformer(
+        depth=config.decoder_depth,
+        embedding_dim=config.prompt_dim,
+        mlp_dim=config.decoder_mlp_dim,
+        num_heads=config.decoder_heads,
+    )
+    decoder_options: dict[str, Any] = dict(
+        num_multimask_outputs=config.num_multimask_outputs,
+        transformer=transformer,
+        transformer_dim=config.prompt_dim,
+        iou_head_depth=config.iou_head_depth,
+        iou_head_hidden_dim=config.iou_head_hidden_dim,
+    )
+    sam = package.Sam(
+        image_encoder=package.ImageEncoderViT(
             img_size=config.image_size,
             patch_size=config.patch_size,
             embed_dim=config.encoder_dim,
@@ -82,23 +122,14 @@ def build_official(config: SAMConfig, seed: int = 0) -> Sam:
             window_size=config.window_size,
             global_attn_indexes=config.global_attention_blocks,
         ),
-        prompt_encoder=PromptEncoder(
+        prompt_encoder=package.PromptEncoder(
             embed_dim=config.prompt_dim,
             image_embedding_size=(grid, grid),
             input_image_size=(config.image_size, config.image_size),
             mask_in_chans=config.mask_in_channels,
         ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=config.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=config.decoder_depth,
-                embedding_dim=config.prompt_dim,
-                mlp_dim=config.decoder_mlp_dim,
-                num_heads=config.decoder_heads,
-            ),
-            transformer_dim=config.prompt_dim,
-            iou_head_depth=config.iou_head_depth,
-            iou_head_hidden_dim=config.iou_head_hidden_dim,
+        mask_decoder=(
+            MaskDecoderHQ(**decoder_options, vit_dim=config.encoder_dim) if hq else MaskDecoder(**decoder_options)
         ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
@@ -125,16 +156,21 @@ OFFICIAL_BUILDERS = {
     "vit_l": segment_anything.build_sam_vit_l,
     "vit_h": segment_anything.build_sam_vit_h,
 }
+OFFICIAL_HQ_BUILDERS = {
+    "vit_b": segment_anything_hq.build_sam_vit_b,
+    "vit_l": segment_anything_hq.build_sam_vit_l,
+    "vit_h": segment_anything_hq.build_sam_vit_h,
+}
 
 
-def random_official(name: str, seed: int = 0) -> Sam:
+def random_official(name: str, seed: int = 0, hq: bool = False) -> Sam:
     """An official full-size model built by the package's own builder, with cheap random weights.
 
     Built on the meta device and filled afterwards (small Gaussian weights, norms near one), which is much
     faster than the official initialisation for ViT-H.
     """
     with torch.device("meta"):
-        sam = OFFICIAL_BUILDERS[name]()
+        sam = (OFFICIAL_HQ_BUILDERS if hq else OFFICIAL_BUILDERS)[name]()
     generator = torch.Generator().manual_seed(seed)
     norms = {
         f"{prefix}.weight"

@@ -53,7 +53,7 @@ def test_round_trip_for_each_size(name):
 def test_file_round_trip_keeps_every_tensor(tmp_path, official_small):
     checkpoint = tmp_path / "tiny_sam.pth"
     torch.save(official_small.state_dict(), checkpoint)
-    written = convert_checkpoint(checkpoint, tmp_path / "out")
+    written = convert_checkpoint(checkpoint, tmp_path / "out").written
     assert written == [tmp_path / "out" / "tiny_sam.safetensors"]
     loaded = load_sam(written[0])
     direct = build_from_official(official_small.state_dict())

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from finesam.conversion import CheckpointError
-from finesam.weights import atomic_write, convert_checkpoint, load_sam
+from finesam.hq.weights import load_hq
+from finesam.weights import atomic_write, convert_checkpoint, load_checkpoint
 
 
 class UsageError(Exception):
@@ -58,8 +59,10 @@ def save_array(array: np.ndarray, path: Path) -> Path:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    for path in convert_checkpoint(args.checkpoint, args.out):
+    report = convert_checkpoint(args.checkpoint, args.out)
+    for path in report.written:
         print(path)
+    print(report.summary(), file=sys.stderr)
 
 
 def run_segment(args: argparse.Namespace) -> None:
@@ -70,7 +73,14 @@ def run_segment(args: argparse.Namespace) -> None:
         image.load()
     except OSError as e:
         raise UsageError(f"cannot read image {args.image}: {e}") from None
-    model = load_sam(args.weights)
+    model, adapter = load_checkpoint(args.weights)
+    if args.hq is not None:
+        adapter = load_hq(model, args.hq)
+    if adapter is not None:
+        adapter.hq_mask_only = args.hq_only
+        adapter.inject()
+    elif args.hq_only:
+        raise UsageError("--hq-only needs HQ-SAM weights: --hq FILE, or an official HQ-SAM .pth as --weights")
     points = labels = None
     if args.point:
         points = np.array([p[:2] for p in args.point])
@@ -115,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--multimask", action="store_true", help="predict 3 masks, keep the best by predicted IoU")
     segment.add_argument("--out", type=Path, required=True, metavar="MASK.png")
     segment.add_argument("--logits", type=Path, metavar="LOGITS.npy", help="also save the float32 logits")
+    segment.add_argument(
+        "--hq", type=Path, metavar="HQ.safetensors", help="inject the HQ-SAM adapter with these weights"
+    )
+    segment.add_argument("--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone, not SAM's + HQ's")
     segment.set_defaults(run=run_segment)
 
     demo = commands.add_parser("demo", help="segment the example image with a local official checkpoint")

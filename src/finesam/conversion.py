@@ -154,6 +154,16 @@ def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
     return pairs
 
 
+def rules_for(root: torch.nn.Module, pairs: list[tuple[str, fl.Module]]) -> dict[str, Rule]:
+    """One-to-one rules for (official prefix, module of `root`) pairs: every parameter keeps its name."""
+    names = {id(module): name for name, module in root.named_modules()}
+    return {
+        f"{names[id(module)]}.{tensor}": Rule((f"{prefix}.{tensor}",))
+        for prefix, module in pairs
+        for tensor, _ in module.named_parameters(recurse=False)
+    }
+
+
 def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
     """For every key of `model.state_dict()`, the official key(s) it is made from."""
     names = {id(module): name for name, module in model.named_modules()}
@@ -161,10 +171,7 @@ def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
     def key(module: torch.nn.Module, tensor: str) -> str:
         return f"{names[id(module)]}.{tensor}"
 
-    rules: dict[str, Rule] = {}
-    for prefix, module in _modules(model):
-        for tensor, _ in module.named_parameters(recurse=False):
-            rules[key(module, tensor)] = Rule((f"{prefix}.{tensor}",))
+    rules = rules_for(model, _modules(model))
     position = model.ensure_find(ImageEncoder).layer(("PositionEmbedding", "Parameter"), fl.Parameter)
     rules[key(position, "weight")] = Rule(("image_encoder.pos_embed",), lambda t: t[0])
     fourier = model.ensure_find(FourierPositionalEncoding)
@@ -185,15 +192,16 @@ def _listing(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def convert_state_dict(
-    official: Mapping[str, Tensor], model: SegmentAnything, ignore: Callable[[str], bool] = lambda _: False
+def apply_rules(
+    official: Mapping[str, Tensor],
+    rules: Mapping[str, Rule],
+    expected: Mapping[str, Tensor],
+    ignore: Callable[[str], bool] = lambda _: False,
 ) -> dict[str, Tensor]:
-    """Maps an official `state_dict` onto `model`'s keys, checking every key and shape.
+    """Builds the `expected` tensors from an official `state_dict`, checking every key and shape.
 
     Raises `CheckpointError` naming the missing, unexpected (not `ignore`d) and mis-shaped keys.
     """
-    rules = sam_key_map(model)
-    expected = model.state_dict()
     missing = sorted({s for rule in rules.values() for s in rule.sources if s not in official})
     used = {s for rule in rules.values() for s in rule.sources}
     unexpected = sorted(k for k in official if k not in used and not ignore(k))
@@ -219,6 +227,13 @@ def convert_state_dict(
     if misshaped:
         problems.append(f"mis-shaped keys: {_listing(misshaped)}")
     if problems:
-        raise CheckpointError("checkpoint does not match the SAM layout; " + "; ".join(problems))
+        raise CheckpointError("checkpoint does not match the expected layout; " + "; ".join(problems))
     assert converted.keys() == expected.keys()
     return converted
+
+
+def convert_state_dict(
+    official: Mapping[str, Tensor], model: SegmentAnything, ignore: Callable[[str], bool] = lambda _: False
+) -> dict[str, Tensor]:
+    """Maps an official SAM `state_dict` onto `model`'s keys (see `apply_rules`)."""
+    return apply_rules(official, sam_key_map(model), model.state_dict(), ignore)

@@ -68,7 +68,7 @@ def demo(out_dir: Path) -> int:
         converted = cache_dir() / checkpoint.with_suffix(".safetensors").name
         if not converted.is_file():
             print(f"converting {checkpoint} ...")
-            converted = convert_checkpoint(checkpoint, cache_dir())[0]
+            converted = convert_checkpoint(checkpoint, cache_dir()).written[0]
         print(f"weights: {converted}")
         checkpoint = converted
     model = load_sam(checkpoint)

@@ -1,6 +1,6 @@
 """`SegmentAnything`: image encoder -> prompt encoder -> mask decoder, as one fluxion chain."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ class ImageEmbedding:
     embedding: Float[Tensor, "1 dim grid grid"]
     original_size: tuple[int, int]  # (height, width) of the image
     input_size: tuple[int, int]  # (height, width) of the image resized inside the model input
+    features: dict[str, Tensor] = field(default_factory=dict)  # what adapters computed from the image
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class SegmentAnything(fl.Chain):
     Called as a chain it maps a preprocessed image to (low-resolution mask logits, IoU predictions) for the
     prompt in the `sam` context (see `set_prompt`). `encode_image` / `predict` wrap that with the official
     pre- and postprocessing; stages after the first can be run on a cached embedding (`decode`).
+
+    Adapters that compute more from the image than the embedding (HQ-SAM's fused features) write it to the
+    `image` context while the first stage runs; `encode_image` keeps it in `ImageEmbedding.features` and
+    `decode` puts it back, so a cached embedding serves every later prompt.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class SegmentAnything(fl.Chain):
 
     def init_context(self) -> Contexts:
         return {
+            "image": {},
             "sam": {"point_coords": None, "point_labels": None, "mask_prompt": None, "multimask_output": False},
             "mask_decoder": {
                 "sparse_prompt_embedding": None,
@@ -112,7 +118,16 @@ class SegmentAnything(fl.Chain):
         pixels, input_size = preprocess_image(
             image, self.config.image_size, device=self.device, dtype=self.dtype or torch.float32
         )
-        return ImageEmbedding(next(iter(self))(pixels), (image.height, image.width), input_size)
+        return ImageEmbedding(self.encode(pixels), (image.height, image.width), input_size, self.image_features())
+
+    def encode(self, pixels: Float[Tensor, "batch 3 size size"]) -> Float[Tensor, "batch dim grid grid"]:
+        """Runs the first stage (the image encoder and whatever adapts it) on preprocessed pixels."""
+        embedding = next(iter(self))(pixels)
+        return embedding[0] if isinstance(embedding, tuple) else embedding  # a Passthrough returns a 1-tuple
+
+    def image_features(self) -> dict[str, Tensor]:
+        """The adapter features of the last encoded image (see `ImageEmbedding.features`)."""
+        return {k: v for k, v in self.use_context("image").items() if v is not None}
 
     def decode(
         self,
@@ -122,8 +137,16 @@ class SegmentAnything(fl.Chain):
         boxes: Float[Tensor, "batch 4"] | None = None,
         mask_input: Float[Tensor, "batch 1 low low"] | None = None,
         multimask_output: bool = False,
+        image_features: dict[str, Tensor] | None = None,
     ) -> tuple[Float[Tensor, "batch masks low low"], Float[Tensor, "batch masks"]]:
-        """Runs every stage after the image encoder on an embedding, for a prompt as in `set_prompt`."""
+        """Runs every stage after the image encoder on an embedding, for a prompt as in `set_prompt`.
+
+        `image_features` restores what adapters computed with the embedding (`ImageEmbedding.features`);
+        by default the features of the last encoded image stay in use.
+        """
+        if image_features is not None:
+            # updated in place: the `image` dict is shared by every chain of the tree
+            self.use_context("image").update(image_features)
         self.set_prompt(points, labels, boxes, mask_input, multimask_output)
         x: Any = image_embedding
         for stage in list(self)[1:]:
@@ -165,6 +188,7 @@ class SegmentAnything(fl.Chain):
             boxes=prompts.boxes,
             mask_input=prompts.mask_input,
             multimask_output=multimask_output,
+            image_features=embedding.features,
         )
         logits = postprocess_masks(
             low_res.float(), self.config.image_size, embedding.input_size, embedding.original_size

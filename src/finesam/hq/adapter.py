@@ -1,0 +1,163 @@
+"""`HQSAMAdapter`: HQ-SAM injected into a frozen `SegmentAnything`, and ejected again, without editing it."""
+
+from contextlib import ExitStack
+from typing import Any
+
+from refiners.fluxion import layers as fl
+from refiners.fluxion.adapters import Adapter
+from torch import device as Device
+from torch import dtype as DType
+
+from finesam.hq.layers import (
+    CompressViTFeatures,
+    EmbeddingEncoder,
+    HQFeatureFusion,
+    HQMaskFeatures,
+    HQMaskPrediction,
+    HQOutputRule,
+    HQToken,
+    HQTokenMLP,
+)
+from finesam.model.image_encoder import ImageEncoder, TransformerBlock
+from finesam.model.mask_decoder import MaskHead, MultimaskSelection, OutputTokens, UpscaledImageEmbedding
+from finesam.model.sam import SegmentAnything
+
+CONTEXT = "hq_sam"
+
+
+class EarlyViTEmbedding(fl.Chain, Adapter[TransformerBlock]):
+    """Keeps the output of the first global-attention ViT block in `hq_sam.early_vit_embedding`."""
+
+    def __init__(self, target: TransformerBlock) -> None:
+        with self.setup_adapter(target):
+            super().__init__(target, fl.SetContext(CONTEXT, "early_vit_embedding"))
+
+
+class HQImageFeatures(fl.Chain, Adapter[ImageEncoder]):
+    """After the image encoder, fuses the early and final embeddings into `image.hq_features`."""
+
+    def __init__(self, target: ImageEncoder, fusion: HQFeatureFusion) -> None:
+        with self.setup_adapter(target):
+            super().__init__(target, fl.Passthrough(fusion, fl.SetContext("image", "hq_features")))
+
+
+class HQOutputToken(fl.Concatenate, Adapter[OutputTokens]):
+    """Appends the HQ token to SAM's output tokens."""
+
+    def __init__(self, target: OutputTokens, token: HQToken) -> None:
+        with self.setup_adapter(target):
+            super().__init__(target, token, dim=1)
+
+
+class UpscaledEmbeddingCapture(fl.Chain, Adapter[UpscaledImageEmbedding]):
+    """Keeps SAM's upscaled mask features in `hq_sam.upscaled_embedding` for the HQ mask head."""
+
+    def __init__(self, target: UpscaledImageEmbedding) -> None:
+        with self.setup_adapter(target):
+            super().__init__(target, fl.SetContext(CONTEXT, "upscaled_embedding"))
+
+
+class HQMaskHead(fl.Concatenate, Adapter[MaskHead]):
+    """SAM's mask logits followed by the HQ mask logits."""
+
+    def __init__(self, target: MaskHead, prediction: HQMaskPrediction) -> None:
+        with self.setup_adapter(target):
+            super().__init__(target, prediction, dim=1)
+
+
+class HQMaskSelection(fl.Chain, Adapter[MultimaskSelection]):
+    """Replaces SAM's multimask selection by the HQ-SAM output rule."""
+
+    def __init__(self, target: MultimaskSelection, rule: HQOutputRule) -> None:
+        with self.setup_adapter(target):
+            super().__init__(rule)
+
+
+def _drop_context(model: fl.Chain, name: str, key: str | None = None) -> None:
+    """Removes a context (or one key of it) from every provider of the tree."""
+    for chain in [model, *(m for m in model.modules() if isinstance(m, fl.Chain))]:
+        contexts = chain.provider.contexts
+        if key is None:
+            contexts.pop(name, None)
+        elif name in contexts:
+            contexts[name].pop(key, None)
+
+
+class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
+    """HQ-SAM as an adapter of a `SegmentAnything` of any size.
+
+    Its children are the HQ parts (token, token MLP, feature fusion, mask features), so `state_dict()`,
+    `parameters()` and `.to()` concern only the adapter's weights. `inject()` places them in the target
+    through small adapters around the base modules; `eject()` restores the base exactly.
+
+    With `hq_mask_only=False` the output is SAM's mask plus the HQ mask, with `True` the HQ mask alone
+    (official `hq_token_only`); it can be changed while injected. With `multimask_output=True`, SAM's mask is
+    the best of its three by predicted IoU, as in the official package. HQ-SAM outputs one mask per prompt.
+    """
+
+    def __init__(
+        self,
+        target: SegmentAnything,
+        hq_mask_only: bool = False,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        config = target.config
+        device = target.device if device is None else device
+        dtype = target.dtype if dtype is None else dtype
+        dim = config.prompt_dim
+        token, token_mlp = HQToken(dim, device=device, dtype=dtype), HQTokenMLP(dim, device=device, dtype=dtype)
+        fusion = HQFeatureFusion(config.encoder_dim, dim, device=device, dtype=dtype)
+        mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
+        self._rule = [HQOutputRule(hq_mask_only)]
+        blocks = [block for block, _ in target.image_encoder.walk(TransformerBlock)]
+        self._adapters: list[Adapter[Any]] = [
+            EarlyViTEmbedding(blocks[config.encoder_block_with_early_embedding]),
+            HQImageFeatures(target.image_encoder, fusion),
+            HQOutputToken(target.ensure_find(OutputTokens), token),
+            UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),
+            HQMaskHead(
+                target.ensure_find(MaskHead), HQMaskPrediction(token_mlp, mask_features, 1 + config.num_mask_tokens)
+            ),
+            HQMaskSelection(target.ensure_find(MultimaskSelection), self._rule[0]),
+        ]
+        parts: list[fl.Module] = [token, token_mlp, fusion.ensure_find(EmbeddingEncoder)]
+        parts += [fusion.ensure_find(CompressViTFeatures), mask_features]
+        with self.setup_adapter(target), ExitStack() as stack:
+            # the parts stay children of the small adapters (their parent) and are listed here for their weights
+            for part in parts:
+                if isinstance(part, fl.ContextModule):
+                    stack.enter_context(part.no_parent_refresh())
+            super().__init__(*parts)
+        self.injected = False
+
+    @property
+    def hq_mask_only(self) -> bool:
+        return self._rule[0].hq_mask_only
+
+    @hq_mask_only.setter
+    def hq_mask_only(self, value: bool) -> None:
+        self._rule[0].hq_mask_only = value
+
+    def forward(self, *_: Any) -> Any:
+        raise TypeError("HQSAMAdapter is not called directly: inject() it and call the SegmentAnything model")
+
+    def inject(self, parent: fl.Chain | None = None) -> "HQSAMAdapter":
+        if self.injected:
+            raise RuntimeError("this HQSAMAdapter is already injected")
+        for adapter in self._adapters:
+            adapter.inject(self.target)  # searched from the root: leaf targets (OutputTokens) have no parent link
+        self.target.set_context(CONTEXT, {"early_vit_embedding": None, "upscaled_embedding": None})
+        # in place: the `image` dict is shared by the whole tree (and SetContext ignores an empty context)
+        self.target.use_context("image").setdefault("hq_features", None)
+        self.injected = True
+        return self
+
+    def eject(self) -> None:
+        if not self.injected:
+            raise RuntimeError("this HQSAMAdapter is not injected")
+        for adapter in reversed(self._adapters):
+            adapter.eject()
+        _drop_context(self.target, CONTEXT)
+        _drop_context(self.target, "image", "hq_features")
+        self.injected = False

@@ -1,0 +1,126 @@
+"""The parts HQ-SAM adds to SAM: the HQ output token, the fusion of early and final ViT features, the HQ mask head.
+
+Contexts used: `hq_sam` (`early_vit_embedding`, `upscaled_embedding`, both written while the model runs)
+and `image` (`hq_features`, computed once per image and kept with a cached embedding).
+"""
+
+from jaxtyping import Float
+from refiners.fluxion import layers as fl
+from torch import Tensor
+from torch import device as Device
+from torch import dtype as DType
+
+from finesam.model.mask_decoder import MaskProduct, MultiLayerPerceptron
+from finesam.model.transformer import TOKENS
+
+
+class HQToken(fl.Parameter):
+    """The learned HQ output token, appended after SAM's IoU and mask tokens."""
+
+    def __init__(self, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(1, dim, device=device, dtype=dtype)
+
+
+class HQTokenMLP(MultiLayerPerceptron):
+    """Maps the HQ token, after the two-way transformer, to the weights of the HQ mask."""
+
+    def __init__(self, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(dim, dim, dim // 8, 3, device=device, dtype=dtype)
+
+
+class UpscalingStack(fl.Chain):
+    """Two 2x upsamplings (transposed convolutions) with a LayerNorm2d and GELU between them."""
+
+    def __init__(
+        self, in_dim: int, mid_dim: int, out_dim: int, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        super().__init__(
+            fl.ConvTranspose2d(in_dim, mid_dim, kernel_size=2, stride=2, device=device, dtype=dtype),
+            fl.LayerNorm2d(mid_dim, device=device, dtype=dtype),
+            fl.GeLU(),
+            fl.ConvTranspose2d(mid_dim, out_dim, kernel_size=2, stride=2, device=device, dtype=dtype),
+        )
+
+
+class EmbeddingEncoder(UpscalingStack):
+    """The final image embedding (D channels) upscaled 4x to the mask features (D / 8 channels)."""
+
+    def __init__(self, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(dim, dim // 4, dim // 8, device=device, dtype=dtype)
+
+
+class CompressViTFeatures(UpscalingStack):
+    """The early ViT embedding (ViT width) upscaled 4x to the mask features (D / 8 channels)."""
+
+    def __init__(self, vit_dim: int, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(vit_dim, dim, dim // 8, device=device, dtype=dtype)
+
+
+class HQFeatureFusion(fl.Sum):
+    """Image embedding (B, D, E, E) -> HQ features (B, D / 8, 4E, 4E): final plus early ViT features."""
+
+    def __init__(self, vit_dim: int, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(
+            EmbeddingEncoder(dim, device=device, dtype=dtype),
+            fl.Chain(
+                fl.UseContext("hq_sam", "early_vit_embedding"),
+                fl.Permute(0, 3, 1, 2),
+                CompressViTFeatures(vit_dim, dim, device=device, dtype=dtype),
+            ),
+        )
+
+
+class HQMaskFeatures(fl.Chain):
+    """Refines SAM's upscaled mask features before the HQ features are added (`embedding_maskfeature`)."""
+
+    def __init__(self, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(
+            fl.Conv2d(dim // 8, dim // 4, kernel_size=3, padding=1, device=device, dtype=dtype),
+            fl.LayerNorm2d(dim // 4, device=device, dtype=dtype),
+            fl.GeLU(),
+            fl.Conv2d(dim // 4, dim // 8, kernel_size=3, padding=1, device=device, dtype=dtype),
+        )
+
+
+class HQMaskPrediction(fl.Chain):
+    """(tokens, image) -> the HQ mask logits (B, 1, 4E, 4E)."""
+
+    def __init__(self, hq_token_mlp: HQTokenMLP, mask_features: HQMaskFeatures, hq_token_index: int) -> None:
+        super().__init__(
+            fl.Parallel(
+                fl.Chain(
+                    fl.GetArg(TOKENS),
+                    fl.Slicing(dim=1, start=hq_token_index, end=hq_token_index + 1),
+                    hq_token_mlp,
+                ),
+                fl.Chain(
+                    fl.UseContext("hq_sam", "upscaled_embedding"),
+                    mask_features,
+                    fl.Residual(fl.UseContext("image", "hq_features")),
+                ),
+            ),
+            MaskProduct(),
+        )
+
+
+class HQOutputRule(fl.ContextModule):
+    """The official HQ-SAM output: one SAM mask (the single-mask output, or with `multimask_output` the best
+    of the three by predicted IoU) plus the HQ mask, or the HQ mask alone with `hq_mask_only`.
+
+    Receives the logits of SAM's mask tokens followed by the HQ mask, and the IoU of SAM's mask tokens.
+    """
+
+    def __init__(self, hq_mask_only: bool = False) -> None:
+        super().__init__()
+        self.hq_mask_only = hq_mask_only
+
+    def forward(
+        self, masks: Float[Tensor, "batch tokens height width"], iou: Float[Tensor, "batch sam_tokens"]
+    ) -> tuple[Float[Tensor, "batch 1 height width"], Float[Tensor, "batch 1"]]:
+        sam_masks, hq_mask = masks[:, :-1], masks[:, -1:]
+        if self.use_context("sam")["multimask_output"]:
+            best_iou, best = iou[:, 1:].max(dim=1, keepdim=True)
+            sam_mask = sam_masks[:, 1:].take_along_dim(best[..., None, None], dim=1)
+        else:
+            best_iou, sam_mask = iou[:, :1], sam_masks[:, :1]
+        return (hq_mask if self.hq_mask_only else sam_mask + hq_mask), best_iou

@@ -1,0 +1,93 @@
+"""Safe weight I/O: `torch.load(weights_only=True)`, memory-mapped safetensors, atomic writes."""
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from finesam.conversion import CheckpointError
+
+FORMAT_KEY = "finesam.format"
+CONFIG_KEY = "finesam.config"
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Calls `write` on a temporary file beside `path`, then renames it: `path` is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of an official `.pth` checkpoint, refusing anything but plain weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load; it holds Python objects other than tensors, and finesam only reads plain "
+            f"weights (torch.load weights_only=True). Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    if isinstance(loaded, Mapping) and not any(isinstance(v, Tensor) for v in loaded.values()):
+        loaded = next((loaded[k] for k in ("model", "state_dict") if isinstance(loaded.get(k), Mapping)), loaded)
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+    return dict(loaded)
+
+
+def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors (unless `tensors=False`) and metadata of a safetensors file (memory-mapped read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
+            return loaded, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
+
+
+def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Writes tensors and metadata to a safetensors file, atomically."""
+    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    return atomic_write(Path(path), lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def check_tensors(path: str | Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
+    """Raises `CheckpointError` naming missing, unexpected and mis-shaped keys of a file against a model."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = [
+        f"{k} {tuple(tensors[k].shape)} -> expected {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors))
+        if expected[k].shape != tensors[k].shape
+    ]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(
+            f"{path}: weights do not match {what}; missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"mis-shaped {misshaped[:8]}"
+        )
