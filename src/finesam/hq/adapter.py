@@ -18,27 +18,30 @@ from finesam.hq.layers import (
     HQToken,
     HQTokenMLP,
 )
-from finesam.model.image_encoder import ImageEncoder, TransformerBlock
-from finesam.model.mask_decoder import MaskHead, MultimaskSelection, OutputTokens, UpscaledImageEmbedding
+from finesam.model.image_encoder import TransformerBlock
+from finesam.model.mask_decoder import MaskDecoder, MaskHead, MultimaskSelection, OutputTokens, UpscaledImageEmbedding
 from finesam.model.sam import SegmentAnything
 
 CONTEXT = "hq_sam"
 
 
 class EarlyViTEmbedding(fl.Chain, Adapter[TransformerBlock]):
-    """Keeps the output of the first global-attention ViT block in `hq_sam.early_vit_embedding`."""
+    """Keeps the output of the first global-attention ViT block as the image feature `early_vit_embedding`."""
 
     def __init__(self, target: TransformerBlock) -> None:
         with self.setup_adapter(target):
-            super().__init__(target, fl.SetContext(CONTEXT, "early_vit_embedding"))
+            super().__init__(target, fl.SetContext("image", "early_vit_embedding"))
 
 
-class HQImageFeatures(fl.Chain, Adapter[ImageEncoder]):
-    """After the image encoder, fuses the early and final embeddings into `image.hq_features`."""
+class HQFeatures(fl.Chain, Adapter[MaskDecoder]):
+    """Before the mask decoder, fuses the early ViT embedding with the image embedding into `hq_sam.hq_features`.
 
-    def __init__(self, target: ImageEncoder, fusion: HQFeatureFusion) -> None:
+    Done in the decoder stage (as in the official model) so that the fusion trains on a frozen, cached encoder.
+    """
+
+    def __init__(self, target: MaskDecoder, fusion: HQFeatureFusion) -> None:
         with self.setup_adapter(target):
-            super().__init__(target, fl.Passthrough(fusion, fl.SetContext("image", "hq_features")))
+            super().__init__(fl.Passthrough(fusion, fl.SetContext(CONTEXT, "hq_features")), target)
 
 
 class HQOutputToken(fl.Concatenate, Adapter[OutputTokens]):
@@ -102,6 +105,8 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         device: Device | str | None = None,
         dtype: DType | None = None,
     ) -> None:
+        if target.find(HQMaskSelection) is not None:
+            raise ValueError("this model already has an HQ-SAM adapter injected: eject it first")
         config = target.config
         device = target.device if device is None else device
         dtype = target.dtype if dtype is None else dtype
@@ -113,7 +118,7 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         blocks = [block for block, _ in target.image_encoder.walk(TransformerBlock)]
         self._adapters: list[Adapter[Any]] = [
             EarlyViTEmbedding(blocks[config.encoder_block_with_early_embedding]),
-            HQImageFeatures(target.image_encoder, fusion),
+            HQFeatures(target.mask_decoder, fusion),
             HQOutputToken(target.ensure_find(OutputTokens), token),
             UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),
             HQMaskHead(
@@ -147,9 +152,9 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
             raise RuntimeError("this HQSAMAdapter is already injected")
         for adapter in self._adapters:
             adapter.inject(self.target)  # searched from the root: leaf targets (OutputTokens) have no parent link
-        self.target.set_context(CONTEXT, {"early_vit_embedding": None, "upscaled_embedding": None})
+        self.target.set_context(CONTEXT, {"hq_features": None, "upscaled_embedding": None})
         # in place: the `image` dict is shared by the whole tree (and SetContext ignores an empty context)
-        self.target.use_context("image").setdefault("hq_features", None)
+        self.target.use_context("image").setdefault("early_vit_embedding", None)
         self.injected = True
         return self
 
@@ -159,5 +164,5 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         for adapter in reversed(self._adapters):
             adapter.eject()
         _drop_context(self.target, CONTEXT)
-        _drop_context(self.target, "image", "hq_features")
+        _drop_context(self.target, "image", "early_vit_embedding")
         self.injected = False

@@ -1,7 +1,7 @@
 """The parts HQ-SAM adds to SAM: the HQ output token, the fusion of early and final ViT features, the HQ mask head.
 
-Contexts used: `hq_sam` (`early_vit_embedding`, `upscaled_embedding`, both written while the model runs)
-and `image` (`hq_features`, computed once per image and kept with a cached embedding).
+Contexts used: `image` (`early_vit_embedding`, captured while the image is encoded and kept with a cached
+embedding) and `hq_sam` (`hq_features`, `upscaled_embedding`, written while the decoder runs).
 """
 
 from jaxtyping import Float
@@ -56,6 +56,22 @@ class CompressViTFeatures(UpscalingStack):
         super().__init__(vit_dim, dim, dim // 8, device=device, dtype=dtype)
 
 
+class ImageFeature(fl.UseContext):
+    """Reads a feature an adapter computed while the image was encoded (`image` context), or says why it cannot."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("image", key)
+
+    def __call__(self, *_: Tensor) -> Tensor:
+        value = self.use_context("image").get(self.key)
+        if value is None:
+            raise ValueError(
+                f"no '{self.key}' for this image: it was encoded without the adapter that computes it; "
+                "encode the image again with the adapter injected"
+            )
+        return value
+
+
 class HQFeatureFusion(fl.Sum):
     """Image embedding (B, D, E, E) -> HQ features (B, D / 8, 4E, 4E): final plus early ViT features."""
 
@@ -63,7 +79,7 @@ class HQFeatureFusion(fl.Sum):
         super().__init__(
             EmbeddingEncoder(dim, device=device, dtype=dtype),
             fl.Chain(
-                fl.UseContext("hq_sam", "early_vit_embedding"),
+                ImageFeature("early_vit_embedding"),
                 fl.Permute(0, 3, 1, 2),
                 CompressViTFeatures(vit_dim, dim, device=device, dtype=dtype),
             ),
@@ -96,7 +112,7 @@ class HQMaskPrediction(fl.Chain):
                 fl.Chain(
                     fl.UseContext("hq_sam", "upscaled_embedding"),
                     mask_features,
-                    fl.Residual(fl.UseContext("image", "hq_features")),
+                    fl.Residual(fl.UseContext("hq_sam", "hq_features")),
                 ),
             ),
             MaskProduct(),

@@ -1,0 +1,324 @@
+"""HQ-SAM as an adapter: parity with `segment_anything_hq` 0.3, exact eject, weights, training safety.
+
+Tolerance: max abs difference <= TOLERANCE (1e-4) in fp32 on the early ViT embedding, the HQ features, mask
+logits and IoU predictions. "Bit-identical" checks use `torch.equal`.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from finesam.conversion import CheckpointError
+from finesam.hq import HQSAMAdapter, convert_hq_state_dict, load_hq, save_hq
+from finesam.hq.layers import HQFeatureFusion
+from finesam.hq.weights import is_hq_key
+from finesam.model import PRESETS, SAM_VIT_B, SegmentAnything
+from finesam.weights import build_from_official, convert_checkpoint, load_checkpoint, save_sam
+
+from conftest import SMALL, TOLERANCE, max_diff
+from official import HQSamPredictor, build_official, random_official
+from test_predict import PHOTOS, ours, prompts_for
+
+GRID, MASK = SMALL.embedding_size, SMALL.mask_input_size
+
+
+def with_adapter(official, hq_mask_only: bool = False) -> tuple[SegmentAnything, HQSAMAdapter]:
+    """Our base model and an HQ adapter (not injected) with the weights of an official HQ-SAM model."""
+    model = build_from_official(official.state_dict())
+    adapter = HQSAMAdapter(model, hq_mask_only=hq_mask_only)
+    adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
+    return model, adapter
+
+
+@pytest.fixture(scope="module")
+def official_hq():
+    return build_official(SMALL, seed=1, hq=True)
+
+
+@pytest.fixture
+def hq(official_hq) -> tuple[SegmentAnything, HQSAMAdapter]:
+    model, adapter = with_adapter(official_hq)
+    return model, adapter.inject()
+
+
+def image_tensor(seed: int, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, SMALL.image_size, SMALL.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_kinds(seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    points = torch.rand(1, 3, 2, generator=g) * SMALL.image_size
+    labels = torch.tensor([[1, 0, 1]])
+    boxes = (torch.rand(3, 2, 2, generator=g) * SMALL.image_size).sort(dim=1).values.reshape(3, 4)
+    return {
+        "points": {"points": points, "labels": labels},
+        "box": {"boxes": boxes[:1]},
+        "points+box": {"points": points, "labels": labels, "boxes": boxes[:1]},
+        "batch of boxes": {"boxes": boxes},
+        "box+mask": {"boxes": boxes[:1], "mask_input": torch.randn(1, 1, MASK, MASK, generator=g) * 5},
+    }
+
+
+def official_decode(official, embedding, interm, prompt, multimask: bool, hq_only: bool):
+    points = None if "points" not in prompt else (prompt["points"], prompt["labels"])
+    sparse, dense = official.prompt_encoder(points=points, boxes=prompt.get("boxes"), masks=prompt.get("mask_input"))
+    return official.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=official.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+        hq_token_only=hq_only,
+        interm_embeddings=interm,
+    )
+
+
+@torch.no_grad()
+def test_early_embedding_and_hq_features_match(official_hq, hq):
+    model, _ = hq
+    pixels = image_tensor(0, batch=2)
+    embedding, interm = official_hq.image_encoder(pixels)
+    ours = model.encode(pixels)
+    assert max_diff(ours, embedding) <= TOLERANCE
+    assert max_diff(model.image_features()["early_vit_embedding"], interm[0]) <= TOLERANCE
+    decoder = official_hq.mask_decoder
+    expected = decoder.embedding_encoder(embedding) + decoder.compress_vit_feat(interm[0].permute(0, 3, 1, 2))
+    assert expected.std() > 0.1
+    assert max_diff(model.ensure_find(HQFeatureFusion)(ours), expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", list(prompt_kinds(0)))
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("hq_only", [True, False])
+@torch.no_grad()
+def test_decoder_matches_official_hq(official_hq, hq, kind, multimask, hq_only):
+    model, adapter = hq
+    adapter.hq_mask_only = hq_only
+    pixels = image_tensor(1)
+    embedding, interm = official_hq.image_encoder(pixels)
+    prompt = prompt_kinds(2)[kind]
+    expected_masks, expected_iou = official_decode(official_hq, embedding, interm, prompt, multimask, hq_only)
+    masks, iou = model.decode(model.encode(pixels), multimask_output=multimask, **prompt)
+    assert masks.shape == expected_masks.shape == (len(masks), 1, MASK, MASK)
+    assert expected_masks.abs().max() > 0.5
+    assert max_diff(masks, expected_masks) <= TOLERANCE
+    assert max_diff(iou, expected_iou) <= TOLERANCE
+
+
+def assert_matches_official_hq_predictor(official, model, adapter, image, hq_only: bool, multimasks=(True, False)):
+    adapter.hq_mask_only = hq_only
+    predictor = HQSamPredictor(official)
+    predictor.set_image(np.asarray(image))
+    embedding = model.encode_image(image)
+    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
+    for kwargs in prompts_for(image).values():
+        for multimask in multimasks:
+            logits, iou, low_res = predictor.predict(
+                **kwargs, multimask_output=multimask, return_logits=True, hq_token_only=hq_only
+            )
+            prediction = model.predict(embedding, **ours(kwargs), multimask_output=multimask, return_logits=True)
+            assert max_diff(prediction.masks[0], torch.from_numpy(logits)) <= TOLERANCE
+            assert max_diff(prediction.iou_predictions[0], torch.from_numpy(iou)) <= TOLERANCE
+            assert max_diff(prediction.low_res_logits[0], torch.from_numpy(low_res)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["landscape", "portrait"])
+@pytest.mark.parametrize("hq_only", [True, False])
+def test_predict_matches_official_hq_predictor(official_hq, hq, name, hq_only):
+    model, adapter = hq
+    assert_matches_official_hq_predictor(official_hq, model, adapter, PHOTOS[name](), hq_only)
+
+
+def test_full_size_vit_b_hq_matches_official():
+    official = build_official(SAM_VIT_B, seed=5, hq=True)
+    model, adapter = with_adapter(official)
+    adapter.inject()
+    assert_matches_official_hq_predictor(official, model, adapter, PHOTOS["square"](), False, multimasks=(True,))
+
+
+@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h"])
+@torch.no_grad()
+def test_hq_weights_for_each_size(name):
+    """HQ keys of every official size convert, and the fusion and decoder agree with the official ones."""
+    official = random_official(name, seed=3, hq=True)
+    model, adapter = with_adapter(official)
+    assert model.config == PRESETS[name]
+    adapter.inject()
+    g = torch.Generator().manual_seed(4)
+    embedding = torch.randn(1, 256, 64, 64, generator=g)
+    early = torch.randn(1, 64, 64, model.config.encoder_dim, generator=g)
+    model.use_context("image")["early_vit_embedding"] = early
+    features = model.ensure_find(HQFeatureFusion)(embedding)
+    decoder = official.mask_decoder
+    expected = decoder.embedding_encoder(embedding) + decoder.compress_vit_feat(early.permute(0, 3, 1, 2))
+    assert max_diff(features, expected) <= TOLERANCE
+    box = {"boxes": torch.tensor([[100.0, 200.0, 700.0, 900.0]])}
+    expected_masks, expected_iou = official_decode(official, embedding, [early], box, True, False)
+    masks, iou = model.decode(embedding, multimask_output=True, image_features={"early_vit_embedding": early}, **box)
+    assert max_diff(masks, expected_masks) <= TOLERANCE
+    assert max_diff(iou, expected_iou) <= TOLERANCE
+
+
+def snapshot(model: SegmentAnything, image) -> tuple[str, dict[str, torch.Tensor], list[torch.Tensor]]:
+    embedding = model.encode_image(image)
+    w, h = image.size
+    outputs = [
+        model.predict(embedding, boxes=[0.1 * w, 0.1 * h, 0.7 * w, 0.9 * h], return_logits=True).masks,
+        model.predict(embedding, points=[[0.4 * w, 0.3 * h]], multimask_output=True, return_logits=True).masks,
+    ]
+    return repr(model), {k: v.clone() for k, v in model.state_dict().items()}, outputs
+
+
+def assert_same_snapshot(a, b) -> None:
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2], strict=True))
+
+
+def test_eject_restores_the_base_exactly(official_hq):
+    model, adapter = with_adapter(official_hq)
+    image = PHOTOS["small landscape"]()
+    before = snapshot(model, image)
+    for _ in range(3):
+        adapter.inject()
+        with_hq = snapshot(model, image)
+        assert with_hq[0] != before[0]
+        assert not torch.equal(with_hq[2][0], before[2][0][:, :1])
+        adapter.eject()
+        assert_same_snapshot(snapshot(model, image), before)
+    assert set(model.provider.contexts) == {"image", "sam", "mask_decoder"}
+    assert model.provider.contexts["image"] == {}
+
+
+def test_training_the_adapter_leaves_the_base_untouched(official_hq):
+    model, adapter = with_adapter(official_hq)
+    image = PHOTOS["portrait"]()
+    before = snapshot(model, image)
+    model.requires_grad_(False)
+    adapter.inject()
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in adapter.parameters()} and len(trainable) == 25
+    hq_before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+    pixels = image_tensor(7)
+    with torch.no_grad():
+        embedding = model.encode(pixels)
+    features = model.image_features()
+    masks, _ = model.decode(embedding, boxes=torch.tensor([[20.0, 30.0, 200.0, 180.0]]), image_features=features)
+    masks.sigmoid().mean().backward()
+    assert all(p.grad is None for p in model.parameters() if id(p) not in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters() if p.requires_grad)
+    optimizer.step()
+    assert any(not torch.equal(hq_before[k], v) for k, v in adapter.state_dict().items())
+    adapter.eject()
+    with torch.no_grad():
+        assert_same_snapshot(snapshot(model, image), before)
+
+
+def test_two_adapters_on_two_models_do_not_share_state(official_hq):
+    other = build_official(SMALL, seed=2, hq=True)
+    model_a, adapter_a = with_adapter(official_hq)
+    model_b, adapter_b = with_adapter(other)
+    adapter_a.inject()
+    adapter_b.inject()
+    adapter_b.hq_mask_only = True
+    assert not adapter_a.hq_mask_only
+    assert not {id(p) for p in adapter_a.parameters()} & {id(p) for p in adapter_b.parameters()}
+    image = PHOTOS["square"]()
+    assert_matches_official_hq_predictor(official_hq, model_a, adapter_a, image, False, multimasks=(False,))
+    assert_matches_official_hq_predictor(other, model_b, adapter_b, image, True, multimasks=(False,))
+
+
+def test_switching_hq_mask_only_while_injected(official_hq, hq):
+    model, adapter = hq
+    pixels = image_tensor(3)
+    embedding, interm = official_hq.image_encoder(pixels)
+    prompt = prompt_kinds(4)["box"]
+    ours_embedding = model.encode(pixels)
+    for hq_only in (True, False, True):
+        adapter.hq_mask_only = hq_only
+        expected, _ = official_decode(official_hq, embedding, interm, prompt, False, hq_only)
+        assert max_diff(model.decode(ours_embedding, **prompt)[0], expected) <= TOLERANCE
+
+
+def test_cached_embeddings_across_inject_and_eject(official_hq):
+    model, adapter = with_adapter(official_hq)
+    image = PHOTOS["landscape"]()
+    plain = model.encode_image(image)
+    adapter.inject()
+    with pytest.raises(Exception, match="encoded without the adapter that computes it"):
+        model.predict(plain, boxes=[100, 100, 900, 900])
+    with_hq = model.encode_image(image)
+    assert "early_vit_embedding" in with_hq.features
+    hq_masks = model.predict(with_hq, boxes=[100, 100, 900, 900]).masks
+    assert torch.equal(model.predict(image, boxes=[100, 100, 900, 900]).masks, hq_masks)
+    adapter.eject()
+    # an embedding made with HQ is still valid for the base model: the extra features are simply unused
+    assert torch.equal(
+        model.predict(with_hq, boxes=[100, 100, 900, 900]).masks, model.predict(plain, boxes=[100, 100, 900, 900]).masks
+    )
+
+
+def test_adapter_weights_file_round_trip(tmp_path, official_hq, hq):
+    model, adapter = hq
+    path = save_hq(adapter, tmp_path / "small.hq.safetensors")
+    assert path.stat().st_size < 2 * sum(p.numel() * 4 for p in adapter.parameters())  # only the adapter's weights
+    fresh_model = build_from_official(official_hq.state_dict())
+    fresh = load_hq(fresh_model, path).inject()
+    assert fresh.state_dict().keys() == adapter.state_dict().keys()
+    image = PHOTOS["square"]()
+    assert torch.equal(
+        fresh_model.predict(image, boxes=[10, 10, 500, 600], return_logits=True).masks,
+        model.predict(image, boxes=[10, 10, 500, 600], return_logits=True).masks,
+    )
+
+
+def test_adapter_weights_errors(tmp_path, official_hq, hq):
+    model, adapter = hq
+    path = save_hq(adapter, tmp_path / "small.hq.safetensors")
+    wider = SegmentAnything(SMALL.__class__(**{**SMALL.to_dict(), "encoder_dim": 128}))
+    with pytest.raises(CheckpointError, match=r"ViT width 128.*CompressViTFeatures\.ConvTranspose2d_1\.weight \(64"):
+        load_hq(wider, path)
+    with pytest.raises(ValueError, match="already has an HQ-SAM adapter injected"):
+        load_hq(model, path)
+    adapter.eject()
+    with pytest.raises(CheckpointError, match="not a finesam HQ-SAM file"):
+        load_hq(model, save_sam(model, tmp_path / "base.safetensors"))
+    plain_sam = tmp_path / "plain.pth"
+    torch.save({k: v for k, v in official_hq.state_dict().items() if not is_hq_key(k)}, plain_sam)
+    with pytest.raises(CheckpointError, match="has no HQ-SAM weights"):
+        load_hq(model, plain_sam)
+
+
+def test_convert_official_hq_checkpoint(tmp_path, official_hq):
+    state_dict = official_hq.state_dict()
+    hq_checkpoint, sam_checkpoint = tmp_path / "sam_hq_small.pth", tmp_path / "sam_small.pth"
+    torch.save(state_dict, hq_checkpoint)
+    torch.save({k: v for k, v in state_dict.items() if not is_hq_key(k)}, sam_checkpoint)
+    alone = convert_checkpoint(hq_checkpoint, tmp_path / "alone")
+    assert alone.written == [
+        tmp_path / "alone" / "sam_hq_small.safetensors",
+        tmp_path / "alone" / "sam_hq_small.hq.safetensors",
+    ]
+    assert alone.same_base_as == [] and "matches no SAM file" in alone.summary()
+    out = tmp_path / "out"
+    convert_checkpoint(sam_checkpoint, out)
+    report = convert_checkpoint(hq_checkpoint, out)
+    assert report.same_base_as == [out / "sam_small.safetensors"]
+    assert "only" in report.summary() and "sam_hq_small.hq.safetensors" in report.summary()
+    _, adapter = load_checkpoint(hq_checkpoint)
+    assert adapter is not None and not adapter.injected
+    converted = load_hq(build_from_official(state_dict), report.written[1])
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in adapter.state_dict().items())
+
+
+def test_adapter_cannot_be_injected_twice_or_called(hq):
+    _, adapter = hq
+    with pytest.raises(RuntimeError, match="already injected"):
+        adapter.inject()
+    with pytest.raises(TypeError, match="not called directly"):
+        adapter(torch.zeros(1))
+    adapter.eject()
+    with pytest.raises(RuntimeError, match="not injected"):
+        adapter.eject()
