@@ -39,6 +39,7 @@ test-slow: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_sam.py
+	$(BIN)/python benchmarks/bench_hq.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -77,14 +77,14 @@ install_stand_ins()
 
 import segment_anything  # noqa: E402
 import segment_anything_hq  # noqa: E402
-from segment_anything.modeling import MaskDecoder, Sam  # noqa: E402
+from segment_anything.modeling import MaskDecoder  # noqa: E402
 from segment_anything_hq.modeling import MaskDecoderHQ  # noqa: E402
 
 SamPredictor = segment_anything.SamPredictor
 HQSamPredictor = segment_anything_hq.SamPredictor
 
 
-def build_official(config: SAMConfig, seed: int = 0, hq: bool = False) -> Sam:
+def build_official(config: SAMConfig, seed: int = 0, hq: bool = False) -> Any:  # an official Sam of either package
     """The official model for `config` (HQ-SAM with `hq`), random weights with every parameter perturbed, in eval
     mode.
 
@@ -163,7 +163,7 @@ OFFICIAL_HQ_BUILDERS = {
 }
 
 
-def random_official(name: str, seed: int = 0, hq: bool = False) -> Sam:
+def random_official(name: str, seed: int = 0, hq: bool = False) -> Any:  # an official Sam of either package
     """An official full-size model built by the package's own builder, with cheap random weights.
 
     Built on the meta device and filled afterwards (small Gaussian weights, norms near one), which is much

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TOLERANCE, photo
-from official import SamPredictor
+from conftest import SMALL, TOLERANCE, photo
+from official import HQSamPredictor, SamPredictor, build_official
 
 FINESAM = Path(sys.executable).with_name("finesam")
 
@@ -163,3 +163,67 @@ def test_demo_converts_and_segments_with_a_checkpoint(tmp_path, checkpoint):
     example = Image.open(tmp_path / "out" / "example.png")
     assert overlay.size == example.size == (960, 640)
     assert "house (box)" in result.stdout and "predicted IoU" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def official_hq():
+    return build_official(SMALL, seed=1, hq=True)
+
+
+@pytest.fixture(scope="module")
+def hq_checkpoint(tmp_path_factory, official_hq) -> Path:
+    path = tmp_path_factory.mktemp("hq") / "sam_hq_small.pth"
+    torch.save(official_hq.state_dict(), path)
+    return path
+
+
+def official_hq_predict(official, image_path, hq_only: bool, **kwargs):
+    predictor = HQSamPredictor(official)
+    predictor.set_image(np.asarray(Image.open(image_path).convert("RGB")))
+    return predictor.predict(return_logits=True, hq_token_only=hq_only, **kwargs)
+
+
+def test_convert_hq_checkpoint_writes_base_and_adapter(tmp_path, hq_checkpoint):
+    result = finesam("convert", hq_checkpoint, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        str(tmp_path / "sam_hq_small.safetensors"),
+        str(tmp_path / "sam_hq_small.hq.safetensors"),
+    ]
+    assert "SAM part" in result.stderr
+
+
+@pytest.mark.parametrize("hq_only", [False, True])
+def test_segment_with_hq(tmp_path, hq_checkpoint, image_path, official_hq, hq_only):
+    box = [60, 50, 500, 450]
+    expected, iou, _ = official_hq_predict(official_hq, image_path, hq_only, box=np.array(box), multimask_output=False)
+    finesam("convert", hq_checkpoint, "--out", tmp_path)
+    for weights in (
+        ["--weights", tmp_path / "sam_hq_small.safetensors", "--hq", tmp_path / "sam_hq_small.hq.safetensors"],
+        ["--weights", hq_checkpoint],  # the official HQ-SAM .pth: its HQ part is used automatically
+    ):
+        out = tmp_path / "hq.png"
+        extra = ["--hq-only"] if hq_only else []
+        result = finesam(
+            "segment",
+            image_path,
+            *weights,
+            "--box",
+            ",".join(map(str, box)),
+            *extra,
+            "--out",
+            out,
+            "--logits",
+            tmp_path / "hq.npy",
+        )
+        assert result.returncode == 0, result.stderr
+        assert np.abs(np.load(tmp_path / "hq.npy") - expected[0]).max() <= TOLERANCE
+        assert np.array_equal(np.asarray(Image.open(out)), np.where(expected[0] > 0, 255, 0))
+        assert f"predicted IoU {iou[0]:.4f}" in result.stdout
+
+
+def test_hq_only_without_hq_weights_is_an_error(tmp_path, converted, image_path):
+    result = finesam(
+        "segment", image_path, "--weights", converted, "--box", "1,1,50,50", "--hq-only", "--out", tmp_path / "m.png"
+    )
+    assert result.returncode == 2 and "--hq-only needs HQ-SAM weights" in result.stderr

@@ -1,14 +1,16 @@
-"""Full-size ViT-L and ViT-H end to end against the official predictor (slow: `make test-slow`).
+"""Full-size ViT-L and ViT-H, SAM and HQ-SAM, end to end against the official predictors (slow: `make test-slow`).
 
-ViT-B runs in the default suite (test_predict.py). Tolerance: TOLERANCE (1e-4), fp32.
+ViT-B runs in the default suite (test_predict.py, test_hq.py). Tolerance: TOLERANCE (1e-4), fp32.
 """
 
 import pytest
 import torch
 
+from finesam.hq import HQSAMAdapter, convert_hq_state_dict
 from finesam.weights import build_from_official
 
 from official import random_official
+from test_hq import assert_matches_official_hq_predictor
 from test_predict import PHOTOS, assert_matches_official_predictor
 
 
@@ -19,3 +21,16 @@ def test_full_size_matches_official_predictor(name):
     official = random_official(name, seed=11)
     model = build_from_official(official.state_dict())
     assert_matches_official_predictor(official, model, PHOTOS["portrait"]())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_l", "vit_h"])
+@torch.no_grad()
+def test_full_size_hq_matches_official_predictor(name):
+    official = random_official(name, seed=13, hq=True)
+    model = build_from_official(official.state_dict())
+    adapter = HQSAMAdapter(model)
+    adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
+    adapter.inject()
+    for hq_only in (False, True):
+        assert_matches_official_hq_predictor(official, model, adapter, PHOTOS["landscape"](), hq_only)
