@@ -313,10 +313,14 @@ def test_convert_official_hq_checkpoint(tmp_path, official_hq):
     assert all(torch.equal(converted.state_dict()[k], v) for k, v in adapter.state_dict().items())
 
 
-def test_adapter_cannot_be_injected_twice_or_called(hq):
-    _, adapter = hq
+def test_adapter_cannot_be_injected_twice_or_called(official_hq):
+    model, adapter = with_adapter(official_hq)
+    second = HQSAMAdapter(model)
+    adapter.inject()
     with pytest.raises(RuntimeError, match="already injected"):
         adapter.inject()
+    with pytest.raises(ValueError, match="already has an HQ-SAM adapter injected"):
+        second.inject()
     with pytest.raises(TypeError, match="not called directly"):
         adapter(torch.zeros(1))
     adapter.eject()

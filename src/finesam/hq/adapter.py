@@ -86,6 +86,11 @@ def _drop_context(model: fl.Chain, name: str, key: str | None = None) -> None:
             contexts[name].pop(key, None)
 
 
+def _ensure_no_hq(model: SegmentAnything) -> None:
+    if model.find(HQMaskSelection) is not None:
+        raise ValueError("this model already has an HQ-SAM adapter injected: eject it first")
+
+
 class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
     """HQ-SAM as an adapter of a `SegmentAnything` of any size.
 
@@ -105,8 +110,7 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         device: Device | str | None = None,
         dtype: DType | None = None,
     ) -> None:
-        if target.find(HQMaskSelection) is not None:
-            raise ValueError("this model already has an HQ-SAM adapter injected: eject it first")
+        _ensure_no_hq(target)
         config = target.config
         device = target.device if device is None else device
         dtype = target.dtype if dtype is None else dtype
@@ -150,6 +154,7 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
     def inject(self, parent: fl.Chain | None = None) -> "HQSAMAdapter":
         if self.injected:
             raise RuntimeError("this HQSAMAdapter is already injected")
+        _ensure_no_hq(self.target)
         for adapter in self._adapters:
             adapter.inject(self.target)  # searched from the root: leaf targets (OutputTokens) have no parent link
         self.target.set_context(CONTEXT, {"hq_features": None, "upscaled_embedding": None})
