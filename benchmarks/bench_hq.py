@@ -15,7 +15,7 @@ from PIL import Image
 from finesam.hq import HQSAMAdapter, convert_hq_state_dict
 from finesam.weights import build_from_official
 
-from bench_sam import median_ms
+from bench_sam import Stage, median_ms, report
 from official import HQSamPredictor, random_official
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     def official_decode(count: int):
         return lambda: predictor.predict_torch(None, None, model_boxes[:count], multimask_output=False)
 
-    stages = [
+    stages: list[Stage] = [
         ("HQ decoder, 1 box", official_decode(1), decode(1), 20),
         ("HQ decoder, 16 boxes batched", official_decode(16), decode(16), 3),
         (
@@ -57,13 +57,7 @@ def main() -> None:
             10,
         ),
     ]
-    print(f"HQ-SAM {args.size}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
-    print(f"{'stage':40s} {'official ms':>12s} {'finesam ms':>12s} {'speed-up':>9s}")
-    hq_decode = 0.0
-    for name, run_official, run_ours, repeats in stages:
-        reference, candidate = median_ms(run_official, repeats), median_ms(run_ours, repeats)
-        hq_decode = hq_decode or candidate
-        print(f"{name:40s} {reference:12.1f} {candidate:12.1f} {reference / candidate:8.2f}x")
+    hq_decode = report(f"HQ-SAM {args.size}", stages)[0]
     overhead = hq_decode / base_decode
     print(f"finesam decoder, 1 box: base {base_decode:.1f} ms, with HQ {hq_decode:.1f} ms ({overhead:.2f}x)")
 

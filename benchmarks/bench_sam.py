@@ -21,6 +21,20 @@ from finesam.weights import build_from_official
 
 from official import SamPredictor, random_official
 
+Stage = tuple[str, Callable[[], object], Callable[[], object], int]  # name, official, finesam, timed runs
+
+
+def report(title: str, stages: list[Stage]) -> list[float]:
+    """Times each stage for both implementations, prints the table, returns finesam's times (ms)."""
+    print(f"{title}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
+    print(f"{'stage':40s} {'official ms':>12s} {'finesam ms':>12s} {'speed-up':>9s}")
+    times = []
+    for name, run_official, run_ours, repeats in stages:
+        reference, candidate = median_ms(run_official, repeats), median_ms(run_ours, repeats)
+        print(f"{name:40s} {reference:12.1f} {candidate:12.1f} {reference / candidate:8.2f}x")
+        times.append(candidate)
+    return times
+
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
     run()  # warm-up
@@ -54,7 +68,7 @@ def main() -> None:
     boxes = np.stack([box + i for i in range(64)])
     official_boxes = torch.as_tensor(predictor.transform.apply_boxes(boxes, predictor.original_size)).float()
 
-    stages: list[tuple[str, Callable[[], object], Callable[[], object], int]] = [
+    stages: list[Stage] = [
         (
             "image encoder, 1024x1024",
             lambda: official.image_encoder(pixels),
@@ -80,12 +94,7 @@ def main() -> None:
             10,
         ),
     ]
-    print(f"SAM {args.size}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
-    print(f"{'stage':40s} {'official ms':>12s} {'finesam ms':>12s} {'speed-up':>9s}")
-    for name, run_official, run_ours, repeats in stages:
-        reference = median_ms(run_official, repeats)
-        candidate = median_ms(run_ours, repeats)
-        print(f"{name:40s} {reference:12.1f} {candidate:12.1f} {reference / candidate:8.2f}x")
+    report(f"SAM {args.size}", stages)
 
 
 if __name__ == "__main__":

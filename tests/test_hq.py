@@ -4,7 +4,6 @@ Tolerance: max abs difference <= TOLERANCE (1e-4) in fp32 on the early ViT embed
 logits and IoU predictions. "Bit-identical" checks use `torch.equal`.
 """
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,7 @@ from finesam.weights import build_from_official, convert_checkpoint, load_checkp
 
 from conftest import SMALL, TOLERANCE, max_diff
 from official import HQSamPredictor, build_official, random_official
-from test_predict import PHOTOS, ours, prompts_for
+from test_predict import PHOTOS, assert_matches_official_predictor
 
 GRID, MASK = SMALL.embedding_size, SMALL.mask_input_size
 
@@ -107,19 +106,9 @@ def test_decoder_matches_official_hq(official_hq, hq, kind, multimask, hq_only):
 
 def assert_matches_official_hq_predictor(official, model, adapter, image, hq_only: bool, multimasks=(True, False)):
     adapter.hq_mask_only = hq_only
-    predictor = HQSamPredictor(official)
-    predictor.set_image(np.asarray(image))
-    embedding = model.encode_image(image)
-    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
-    for kwargs in prompts_for(image).values():
-        for multimask in multimasks:
-            logits, iou, low_res = predictor.predict(
-                **kwargs, multimask_output=multimask, return_logits=True, hq_token_only=hq_only
-            )
-            prediction = model.predict(embedding, **ours(kwargs), multimask_output=multimask, return_logits=True)
-            assert max_diff(prediction.masks[0], torch.from_numpy(logits)) <= TOLERANCE
-            assert max_diff(prediction.iou_predictions[0], torch.from_numpy(iou)) <= TOLERANCE
-            assert max_diff(prediction.low_res_logits[0], torch.from_numpy(low_res)) <= TOLERANCE
+    assert_matches_official_predictor(
+        official, model, image, multimasks, predictor_class=HQSamPredictor, hq_token_only=hq_only
+    )
 
 
 @pytest.mark.parametrize("name", ["landscape", "portrait"])

@@ -62,18 +62,23 @@ def test_preprocessing_is_identical(official_small, name):
     assert np.array_equal(scale_coordinates(coords, (image.height, image.width), input_size), expected_coords)
 
 
-def assert_matches_official_predictor(official, model, image: Image.Image, multimasks=(True, False)) -> None:
-    """Embedding, then every prompt kind of `prompts_for`, against `SamPredictor` on the same weights."""
-    predictor = SamPredictor(official)
+def assert_matches_official_predictor(
+    official, model, image: Image.Image, multimasks=(True, False), predictor_class=SamPredictor, **options
+) -> None:
+    """Embedding, then every prompt kind of `prompts_for`, against the official predictor on the same weights.
+
+    `options` go to the official `predict` only (e.g. `hq_token_only` for HQ-SAM's predictor).
+    """
+    predictor = predictor_class(official)
     predictor.set_image(np.asarray(image))
     embedding = model.encode_image(image)
     assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
     for kwargs in prompts_for(image).values():
         for multimask in multimasks:
-            expected = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
+            expected = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True, **options)
             prediction = model.predict(embedding, **ours(kwargs), multimask_output=multimask, return_logits=True)
-            assert prediction.masks.shape == (1, 3 if multimask else 1, image.height, image.width)
-            assert_same_prediction(expected, prediction)
+            assert prediction.masks.shape[-2:] == (image.height, image.width)
+            assert_same_prediction(expected, prediction)  # shapes included
 
 
 @pytest.mark.parametrize("name", list(PHOTOS))
