@@ -4,12 +4,16 @@ Images: longest side resized to the model size (PIL bilinear on uint8), normalis
 Masks: low-resolution logits upsampled to the model size, cropped to the resized image, resized to the original.
 """
 
+from typing import TypeAlias
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
+
+ImageLike: TypeAlias = Image.Image | np.ndarray
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -17,17 +21,53 @@ MASK_THRESHOLD = 0.0
 
 
 def resized_shape(height: int, width: int, longest_side: int) -> tuple[int, int]:
-    """(height, width) after scaling the longest side to `longest_side`, rounded half up."""
+    """(height, width) after scaling the longest side to `longest_side`, rounded half up.
+
+    As the official transform, except that a side never rounds down to 0 (very elongated images).
+    """
     scale = longest_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """16-bit (or wider integer) samples scaled to 0..255, rounded."""
+    return ((values.astype(np.float64) * 255.0 / 65535.0).round().clip(0, 255)).astype(np.uint8)
+
+
+def as_rgb(image: ImageLike) -> Image.Image:
+    """An 8-bit RGB PIL image, oriented as a viewer shows it.
+
+    Accepts PIL images of any mode (RGB, RGBA and LA lose their alpha, L, P, CMYK, 16-bit I;16 and I are
+    scaled to 8 bits) with their EXIF orientation applied, and numpy arrays HxWx3 / HxWx4 / HxW of uint8
+    (or uint16, scaled). Raises `ValueError` for anything else.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint16:
+            image = _to_uint8(image)
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ValueError(
+                f"numpy images must be uint8 (or uint16) arrays of shape HxWx3, HxWx4 or HxW, "
+                f"got {image.dtype} {image.shape}"
+            )
+        image = Image.fromarray(np.ascontiguousarray(image))
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the image is empty ({image.width}x{image.height})")
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        image = Image.fromarray(_to_uint8(np.asarray(image)))
+    elif image.mode == "F":
+        image = Image.fromarray(np.asarray(image).clip(0, 255).round().astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def preprocess_image(
     image: Image.Image, size: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
-    """The model input for an RGB image, and the (height, width) the image occupies inside it."""
+    """The model input for an RGB image (see `as_rgb`), and the (height, width) the image occupies inside it."""
     height, width = resized_shape(image.height, image.width, size)
-    resized = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR))
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
     pixels = torch.from_numpy(resized.copy()).to(device=device).permute(2, 0, 1).float()
     mean = torch.tensor(PIXEL_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD, device=device).view(3, 1, 1)

@@ -115,7 +115,9 @@ def prepare_prompts(
             )
         mask_t = torch.from_numpy(masks).float()
         batch_sizes["mask_input"] = masks.shape[0]
-    batch = max(batch_sizes.values(), default=1)
+    if not batch_sizes:
+        raise ValueError("the prompt is empty: give points, boxes or a mask_input")
+    batch = max(batch_sizes.values())
     if any(size not in (1, batch) for size in batch_sizes.values()):
         raise ValueError(f"prompt batch sizes do not match: {batch_sizes}")
 

@@ -1,11 +1,11 @@
 """`SegmentAnything`: image encoder -> prompt encoder -> mask decoder, as one fluxion chain."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from PIL import Image
 from refiners.fluxion import layers as fl
 from refiners.fluxion.context import Contexts
 from torch import Tensor
@@ -16,7 +16,7 @@ from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAMConfig
 from finesam.model.image_encoder import ImageEncoder
 from finesam.model.mask_decoder import MaskDecoder
 from finesam.model.prompt_encoder import PromptEncoder, labelled_points
-from finesam.processing import MASK_THRESHOLD, postprocess_masks, preprocess_image
+from finesam.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks, preprocess_image
 from finesam.prompts import Prompts, prepare_prompts
 
 
@@ -113,12 +113,29 @@ class SegmentAnything(fl.Chain):
         )
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> ImageEmbedding:
-        """Encodes a PIL image once, for any number of `predict` calls."""
-        pixels, input_size = preprocess_image(
-            image, self.config.image_size, device=self.device, dtype=self.dtype or torch.float32
-        )
-        return ImageEmbedding(self.encode(pixels), (image.height, image.width), input_size, self.image_features())
+    def encode_image(self, image: ImageLike) -> ImageEmbedding:
+        """Encodes an image (PIL of any mode, or a numpy array; see `as_rgb`) once, for any number of prompts."""
+        return self.encode_images([image])[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[ImageLike]) -> list[ImageEmbedding]:
+        """Encodes several images in one batch through the image encoder."""
+        if not images:
+            raise ValueError("no image to encode")
+        rgb = [as_rgb(image) for image in images]
+        dtype = self.dtype or torch.float32
+        inputs = [preprocess_image(image, self.config.image_size, device=self.device, dtype=dtype) for image in rgb]
+        embeddings = self.encode(torch.cat([pixels for pixels, _ in inputs]))
+        features = self.image_features()
+        return [
+            ImageEmbedding(
+                embeddings[i : i + 1],
+                (image.height, image.width),
+                input_size,
+                {k: v[i : i + 1] for k, v in features.items()},
+            )
+            for i, (image, (_, input_size)) in enumerate(zip(rgb, inputs, strict=True))
+        ]
 
     def encode(self, pixels: Float[Tensor, "batch 3 size size"]) -> Float[Tensor, "batch dim grid grid"]:
         """Runs the first stage (the image encoder and whatever adapts it) on preprocessed pixels."""
@@ -157,7 +174,7 @@ class SegmentAnything(fl.Chain):
     @torch.no_grad()
     def predict(
         self,
-        image: Image.Image | ImageEmbedding,
+        image: ImageLike | ImageEmbedding,
         *,
         points: Any = None,
         labels: Any = None,
@@ -190,11 +207,16 @@ class SegmentAnything(fl.Chain):
             multimask_output=multimask_output,
             image_features=embedding.features,
         )
-        logits = postprocess_masks(
-            low_res.float(), self.config.image_size, embedding.input_size, embedding.original_size
-        )
-        masks = logits if return_logits else logits > MASK_THRESHOLD
-        return Prediction(masks, iou.float(), low_res.float())
+        low_res, iou = low_res.float(), iou.float()
+        resize = (self.config.image_size, embedding.input_size, embedding.original_size)
+        if return_logits:
+            return Prediction(postprocess_masks(low_res, *resize), iou, low_res)
+        # one prompt at a time: the float logits of a huge image never exist for the whole batch at once
+        height, width = embedding.original_size
+        masks = torch.empty(low_res.shape[0], low_res.shape[1], height, width, dtype=torch.bool, device=low_res.device)
+        for i in range(low_res.shape[0]):
+            masks[i] = postprocess_masks(low_res[i : i + 1], *resize)[0] > MASK_THRESHOLD
+        return Prediction(masks, iou, low_res)
 
 
 class SegmentAnythingB(SegmentAnything):
