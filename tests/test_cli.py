@@ -1,5 +1,6 @@
 """The `finesam` command, run as a real subprocess: convert, segment, demo, and its error messages."""
 
+import json
 import os
 import subprocess
 import sys
@@ -227,3 +228,93 @@ def test_hq_only_without_hq_weights_is_an_error(tmp_path, converted, image_path)
         "segment", image_path, "--weights", converted, "--box", "1,1,50,50", "--hq-only", "--out", tmp_path / "m.png"
     )
     assert result.returncode == 2 and "--hq-only needs HQ-SAM weights" in result.stderr
+
+
+def test_prompts_file_encodes_once_and_writes_one_mask_per_prompt(tmp_path, converted, image_path, official_small):
+    prompts = [
+        {"box": [50, 40, 400, 500]},
+        {"points": [[400, 260], [100, 100]], "labels": [1, 0]},
+        {"box": [300, 100, 780, 520], "points": [[500, 300]], "multimask": True},
+    ]
+    (tmp_path / "prompts.json").write_text(json.dumps({"prompts": prompts}))
+    result = finesam(
+        "segment",
+        image_path,
+        "--weights",
+        converted,
+        "--prompts",
+        tmp_path / "prompts.json",
+        "--out",
+        tmp_path / "mask.png",
+        "--overlay",
+        tmp_path / "overlay.png",
+    )
+    assert result.returncode == 0, result.stderr
+    official_kwargs = [
+        {"box": np.array(prompts[0]["box"]), "multimask_output": False},
+        {"point_coords": np.array(prompts[1]["points"]), "point_labels": np.array([1, 0]), "multimask_output": False},
+        {
+            "box": np.array(prompts[2]["box"]),
+            "point_coords": np.array([[500, 300]]),
+            "point_labels": np.array([1]),
+            "multimask_output": True,
+        },
+    ]
+    for i, kwargs in enumerate(official_kwargs):
+        logits, iou, _ = official_predict(official_small, image_path, **kwargs)
+        best = int(iou.argmax())
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"mask_{i}.png")), np.where(logits[best] > 0, 255, 0))
+    picture = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB")).astype(int)
+    original = np.asarray(Image.open(image_path).convert("RGB")).astype(int)
+    assert picture.shape == original.shape
+    changed = np.abs(picture - original).sum(axis=2) > 0
+    assert changed.mean() > 0.05  # masks tinted, prompts drawn
+    assert str(tmp_path / "overlay.png") in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "cannot read prompts"),
+        ('{"prompts": []}', "expected a non-empty list of prompts"),
+        ('[{"labels": [1]}]', 'prompt 0: expected an object with "box" and/or "points"'),
+        ('[{"box": [1, 2, 3, 4], "colour": "red"}]', "prompt 0: unknown keys ['colour']"),
+        ('[{"box": [1, 2, 30, 40]}, {"box": [50, 60, 10, 70]}]', "prompt 1: boxes must be x1, y1, x2, y2"),
+        ('[{"points": [[10, 10]], "labels": [3]}]', "prompt 0: labels must be 1 (foreground) or 0 (background)"),
+    ],
+)
+def test_prompts_file_errors(tmp_path, converted, image_path, content, message):
+    (tmp_path / "p.json").write_text(content)
+    result = finesam(
+        "segment", image_path, "--weights", converted, "--prompts", tmp_path / "p.json", "--out", tmp_path / "m.png"
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("m*.png"))
+
+
+def test_dtype_and_device_options(tmp_path, converted, image_path):
+    box = ["--box", "50,40,400,500"]
+    base = finesam("segment", image_path, "--weights", converted, *box, "--out", tmp_path / "f32.png")
+    bf16 = finesam(
+        "segment", image_path, "--weights", converted, *box, "--dtype", "bfloat16", "--out", tmp_path / "bf16.png"
+    )
+    assert base.returncode == 0 and bf16.returncode == 0, bf16.stderr
+    agreement = (np.asarray(Image.open(tmp_path / "f32.png")) == np.asarray(Image.open(tmp_path / "bf16.png"))).mean()
+    assert agreement > 0.9
+    both = finesam(
+        "segment",
+        image_path,
+        "--weights",
+        converted,
+        *box,
+        "--prompts",
+        tmp_path / "x.json",
+        "--out",
+        tmp_path / "m.png",
+    )
+    assert both.returncode == 2 and "not both" in both.stderr
+    if not torch.cuda.is_available():
+        gpu = finesam(
+            "segment", image_path, "--weights", converted, *box, "--device", "cuda", "--out", tmp_path / "m.png"
+        )
+        assert gpu.returncode == 2 and "--device cuda is not usable here" in gpu.stderr

@@ -1,9 +1,11 @@
 """The `finesam` command: convert, segment, demo."""
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +13,12 @@ from PIL import Image
 
 from finesam.conversion import CheckpointError
 from finesam.hq.weights import load_hq
+from finesam.model import SegmentAnything
+from finesam.overlay import overlay
+from finesam.processing import as_rgb
 from finesam.weights import atomic_write, convert_checkpoint, load_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UsageError(Exception):
@@ -65,15 +72,45 @@ def run_convert(args: argparse.Namespace) -> None:
     print(report.summary(), file=sys.stderr)
 
 
-def run_segment(args: argparse.Namespace) -> None:
-    if not args.box and not args.point:
-        raise UsageError("give at least one --box or --point")
+PROMPT_KEYS = {"box", "points", "labels", "multimask"}
+
+
+def read_prompt_file(path: Path) -> list[dict[str, Any]]:
+    """Prompts from JSON: a list (or {"prompts": [...]}) of {"box": [x1, y1, x2, y2], "points": [[x, y], ...],
+    "labels": [1, 0, ...], "multimask": bool}, each with a box and/or points."""
     try:
-        image = Image.open(args.image)
-        image.load()
-    except OSError as e:
-        raise UsageError(f"cannot read image {args.image}: {e}") from None
-    model, adapter = load_checkpoint(args.weights)
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read prompts from {path}: {e}") from None
+    prompts = data.get("prompts") if isinstance(data, dict) else data
+    if not isinstance(prompts, list) or not prompts:
+        raise UsageError(f'{path}: expected a non-empty list of prompts (or {{"prompts": [...]}})')
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, dict) or not ({"box", "points"} & prompt.keys()):
+            raise UsageError(f'{path}: prompt {i}: expected an object with "box" and/or "points"')
+        if unknown := sorted(prompt.keys() - PROMPT_KEYS):
+            raise UsageError(f"{path}: prompt {i}: unknown keys {unknown} (known: {sorted(PROMPT_KEYS)})")
+    return prompts
+
+
+def command_line_prompt(args: argparse.Namespace) -> dict[str, Any]:
+    prompt: dict[str, Any] = {"multimask": args.multimask}
+    if args.box:
+        prompt["box"] = args.box
+    if args.point:
+        prompt["points"] = [p[:2] for p in args.point]
+        prompt["labels"] = [int(p[2]) for p in args.point]
+    return prompt
+
+
+def load_model(args: argparse.Namespace) -> SegmentAnything:
+    """The model of `--weights` on `--device` in `--dtype`, with the HQ adapter injected when there is one."""
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UsageError(f"--device {args.device} is not usable here: {str(e).splitlines()[0]}") from None
+    model, adapter = load_checkpoint(args.weights, device)
     if args.hq is not None:
         adapter = load_hq(model, args.hq)
     if adapter is not None:
@@ -81,25 +118,52 @@ def run_segment(args: argparse.Namespace) -> None:
         adapter.inject()
     elif args.hq_only:
         raise UsageError("--hq-only needs HQ-SAM weights: --hq FILE, or an official HQ-SAM .pth as --weights")
-    points = labels = None
-    if args.point:
-        points = np.array([p[:2] for p in args.point])
-        labels = np.array([int(p[2]) for p in args.point])
-    prediction = model.predict(
-        image,
-        points=points,
-        labels=labels,
-        boxes=np.array(args.box) if args.box else None,
-        multimask_output=args.multimask,
-        return_logits=True,
-    )
-    logits, scores = prediction.best()
-    count = logits.shape[0]
-    for i in range(count):
-        mask_path = save_mask((logits[i] > 0).cpu().numpy(), suffixed(args.out, i, count))
-        print(f"{mask_path}\tpredicted IoU {scores[i].item():.4f}")
+    return model.to(dtype=DTYPES[args.dtype])
+
+
+def run_segment(args: argparse.Namespace) -> None:
+    if args.prompts is not None and (args.box or args.point):
+        raise UsageError("give prompts either with --prompts or with --box/--point, not both")
+    if args.prompts is None and not args.box and not args.point:
+        raise UsageError("give at least one --box or --point (or --prompts PROMPTS.json)")
+    prompts = read_prompt_file(args.prompts) if args.prompts is not None else [command_line_prompt(args)]
+    try:
+        image = as_rgb(Image.open(args.image))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read image {args.image}: {e}") from None
+    model = load_model(args)
+    embedding = model.encode_image(image)  # once, for every prompt
+    results: list[tuple[torch.Tensor, float]] = []
+    for i, prompt in enumerate(prompts):
+        try:
+            prediction = model.predict(
+                embedding,
+                points=prompt.get("points"),
+                labels=prompt.get("labels"),
+                boxes=prompt.get("box"),
+                multimask_output=bool(prompt.get("multimask", args.multimask)),
+                return_logits=True,
+            )
+        except ValueError as e:
+            raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
+        logits, scores = prediction.best()
+        results += [(logits[j].float().cpu(), scores[j].item()) for j in range(len(scores))]
+    for i, (logits, score) in enumerate(results):
+        mask_path = save_mask(logits.numpy() > 0, suffixed(args.out, i, len(results)))
+        print(f"{mask_path}\tpredicted IoU {score:.4f}")
         if args.logits is not None:
-            print(save_array(logits[i].float().cpu().numpy(), suffixed(args.logits, i, count)))
+            print(save_array(logits.numpy(), suffixed(args.logits, i, len(results))))
+    if args.overlay is not None:
+        boxes = [b for p in prompts for b in np.asarray(p.get("box", []), dtype=float).reshape(-1, 4).tolist()]
+        points = [
+            (x, y, int(label))
+            for p in prompts
+            for (x, y), label in zip(
+                p.get("points", []), p.get("labels") or [1] * len(p.get("points", [])), strict=False
+            )
+        ]
+        picture = overlay(image, [logits.numpy() > 0 for logits, _ in results], boxes=boxes, points=points)
+        print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -121,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("image", type=Path)
     segment.add_argument("--weights", type=Path, required=True, help="converted .safetensors or official .pth")
     segment.add_argument("--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2")
+    segment.add_argument("--prompts", type=Path, metavar="PROMPTS.json", help="many prompts, the image encoded once")
     segment.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y[,LABEL]")
     segment.add_argument("--multimask", action="store_true", help="predict 3 masks, keep the best by predicted IoU")
     segment.add_argument("--out", type=Path, required=True, metavar="MASK.png")
@@ -129,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--hq", type=Path, metavar="HQ.safetensors", help="inject the HQ-SAM adapter with these weights"
     )
     segment.add_argument("--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone, not SAM's + HQ's")
+    segment.add_argument("--overlay", type=Path, metavar="OVERLAY.png", help="the image with masks and prompts drawn")
+    segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
+    segment.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model precision")
     segment.set_defaults(run=run_segment)
 
     demo = commands.add_parser("demo", help="segment the example image with a local official checkpoint")
