@@ -147,7 +147,7 @@ def test_segment_reports_unreadable_inputs(tmp_path, converted, image_path):
 
 
 def test_demo_without_checkpoint_says_what_to_download(tmp_path):
-    env = {"FINESAM_HOME": str(tmp_path / "cache"), "FINESAM_CHECKPOINT": ""}
+    env = {"FINESAM_HOME": str(tmp_path / "cache"), "FINESAM_CHECKPOINT": "", "FINESAM_OFFLINE": "1"}
     result = finesam("demo", "--out-dir", tmp_path / "out", env=env)
     assert result.returncode == 1
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in result.stderr

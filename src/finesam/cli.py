@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 from finesam.conversion import CheckpointError
+from finesam.demo import cache_dir, demo
+from finesam.download import CHECKPOINTS, DownloadError, download
 from finesam.hq.weights import load_hq
 from finesam.model import SegmentAnything
 from finesam.overlay import overlay
@@ -166,9 +168,22 @@ def run_segment(args: argparse.Namespace) -> None:
         print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    from finesam.demo import demo
+def run_download(args: argparse.Namespace) -> None:
+    if args.name not in CHECKPOINTS:
+        raise UsageError(f"unknown checkpoint {args.name!r}; one of: {', '.join(CHECKPOINTS)}")
+    directory = args.dir if args.dir is not None else cache_dir()
+    try:
+        path = download(CHECKPOINTS[args.name], directory, progress=True)
+    except DownloadError as e:
+        raise UsageError(str(e)) from None
+    print(path)
+    report = convert_checkpoint(path, directory)
+    for written in report.written:
+        print(written)
+    print(report.summary(), file=sys.stderr)
 
+
+def run_demo(args: argparse.Namespace) -> None:
     raise SystemExit(demo(args.out_dir))
 
 
@@ -199,9 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model precision")
     segment.set_defaults(run=run_segment)
 
-    demo = commands.add_parser("demo", help="segment the example image with a local official checkpoint")
-    demo.add_argument("--out-dir", type=Path, default=Path("out"))
-    demo.set_defaults(run=run_demo)
+    listing = "\n".join(f"  {name:16s} {c.description}" for name, c in CHECKPOINTS.items())
+    fetch = commands.add_parser(
+        "download",
+        help="download an official checkpoint (verified, resumable) and convert it",
+        description=f"checkpoints:\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fetch.add_argument("name", metavar="NAME", help="one of the checkpoints listed above")
+    fetch.add_argument("--dir", type=Path, help="where to put it (default: $FINESAM_HOME or ~/.cache/finesam)")
+    fetch.set_defaults(run=run_download)
+
+    demo_command = commands.add_parser("demo", help="segment the example image (finds or downloads a checkpoint)")
+    demo_command.add_argument("--out-dir", type=Path, default=Path("out"))
+    demo_command.set_defaults(run=run_demo)
     return parser
 
 

@@ -53,6 +53,8 @@ def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SA
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in state_dict:
+            if any(k.startswith("image_encoder.layers.") for k in state_dict):
+                raise CheckpointError("this is a TinyViT checkpoint (MobileSAM / Light HQ-SAM), not supported yet")
             raise CheckpointError(f"not a SAM checkpoint: key {key!r} is missing")
         return tuple(state_dict[key].shape)
 

@@ -1,7 +1,8 @@
-"""The main job: find an official checkpoint, convert it, segment the example image.
+"""The main job: find (or download) an official checkpoint, convert it, segment the example image.
 
 Checkpoints are looked up in `$FINESAM_CHECKPOINT` (one file) or else in the cache directory
-(`$FINESAM_HOME`, default `~/.cache/finesam`). Without one, the demo says what to download and exits 1.
+(`$FINESAM_HOME`, default `~/.cache/finesam`). Without one, SAM ViT-B is downloaded there (unless
+`$FINESAM_OFFLINE` is set); if that fails too, the demo says what to download and exits 1.
 """
 
 import os
@@ -10,16 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from finesam.download import CHECKPOINTS, DownloadError, download
 from finesam.example import HOUSE_BOX, SUN_POINT, example_image
 from finesam.overlay import overlay
 from finesam.weights import atomic_write, convert_checkpoint, describe, load_sam
 
-DOWNLOAD_ROOT = "https://dl.fbaipublicfiles.com/segment_anything/"
-OFFICIAL_CHECKPOINTS = {  # smallest first: the demo prefers it
-    "sam_vit_b_01ec64.pth": "SAM ViT-B, 375 MB",
-    "sam_vit_l_0b3195.pth": "SAM ViT-L, 1.2 GB",
-    "sam_vit_h_4b8939.pth": "SAM ViT-H, 2.4 GB",
-}
+# smallest first: the demo prefers it
+DEMO_CHECKPOINTS = [CHECKPOINTS[name] for name in ("sam_vit_b", "sam_vit_l", "sam_vit_h")]
 
 
 def cache_dir() -> Path:
@@ -33,7 +31,8 @@ def find_checkpoint() -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"FINESAM_CHECKPOINT={named} does not exist")
         return path
-    for name in OFFICIAL_CHECKPOINTS:
+    for checkpoint in DEMO_CHECKPOINTS:
+        name = checkpoint.filename
         for candidate in (cache_dir() / Path(name).with_suffix(".safetensors").name, cache_dir() / name):
             if candidate.is_file():
                 return candidate
@@ -42,14 +41,18 @@ def find_checkpoint() -> Path | None:
 
 def instructions() -> str:
     cache = cache_dir()
-    first = next(iter(OFFICIAL_CHECKPOINTS))
+    first = DEMO_CHECKPOINTS[0]
     lines = [
         "finesam demo: no SAM checkpoint found.",
         f"Looked for $FINESAM_CHECKPOINT and for these files in {cache} (set $FINESAM_HOME to change it):",
-        *(f"  {name:24s} {what:20s} {DOWNLOAD_ROOT}{name}" for name, what in OFFICIAL_CHECKPOINTS.items()),
+        *(
+            f"  {c.filename:24s} {c.description:10s} {c.size / 1e6:6.0f} MB  {c.url}"
+            for c in DEMO_CHECKPOINTS
+            if c.size
+        ),
         "Download one (the smallest is enough), then run the demo again:",
-        f"  mkdir -p {cache}",
-        f"  curl -L -o {cache / first} {DOWNLOAD_ROOT}{first}",
+        f"  .venv/bin/finesam download {first.name}      (verified and resumable), or",
+        f"  mkdir -p {cache} && curl -L -o {cache / first.filename} {first.url}",
         "  make demo",
     ]
     return "\n".join(lines)
@@ -61,6 +64,13 @@ def demo(out_dir: Path) -> int:
     except FileNotFoundError as e:
         print(f"finesam demo: {e}", file=sys.stderr)
         return 1
+    if checkpoint is None and not os.environ.get("FINESAM_OFFLINE"):
+        first = DEMO_CHECKPOINTS[0]
+        print(f"no checkpoint found: downloading {first.description} to {cache_dir()} ...", file=sys.stderr)
+        try:
+            checkpoint = download(first, cache_dir(), progress=True)
+        except DownloadError as e:
+            print(f"finesam demo: {e}", file=sys.stderr)
     if checkpoint is None:
         print(instructions(), file=sys.stderr)
         return 1
