@@ -184,3 +184,45 @@ def random_official(name: str, seed: int = 0, hq: bool = False) -> Any:  # an of
     }
     sam.load_state_dict(weights, assign=True)
     return sam.eval()
+
+
+def build_official_tiny(seed: int = 0) -> Any:
+    """Official Light HQ-SAM (`vit_tiny`: TinyViT + HQ decoder), random weights and BatchNorm statistics
+    perturbed, in eval mode.
+
+    `.eval()` runs after the weights are set: TinyViT caches its attention biases when switched to eval mode
+    (the official builder switches before loading a checkpoint, so it keeps the initial biases).
+    """
+    torch.manual_seed(seed)
+    sam = segment_anything_hq.sam_model_registry["vit_tiny"]()
+    perturb(sam, seed)
+    return sam.eval()
+
+
+class _EncoderOnly(torch.nn.Module):
+    """The HQ package's TinyViT returns (embedding, early embeddings); plain SAM wants the embedding only."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.img_size = encoder.img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)[0]
+
+
+def mobile_sam_from(tiny_hq: Any) -> Any:
+    """Official MobileSAM (TinyViT + plain SAM decoder) sharing the weights of an official Light HQ-SAM."""
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=segment_anything.modeling.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256,
+    )
+    decoder.load_state_dict({k: v for k, v in tiny_hq.mask_decoder.state_dict().items() if k in decoder.state_dict()})
+    return segment_anything.modeling.Sam(
+        image_encoder=_EncoderOnly(tiny_hq.image_encoder),
+        prompt_encoder=tiny_hq.prompt_encoder,
+        mask_decoder=decoder,
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()

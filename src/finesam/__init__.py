@@ -4,6 +4,7 @@ from finesam.model import (
     SAM_VIT_B,
     SAM_VIT_H,
     SAM_VIT_L,
+    SAM_VIT_TINY,
     ImageEmbedding,
     Prediction,
     SAMConfig,
@@ -11,6 +12,7 @@ from finesam.model import (
     SegmentAnythingB,
     SegmentAnythingH,
     SegmentAnythingL,
+    SegmentAnythingTiny,
 )
 
 __version__ = "0.1.0"
@@ -19,6 +21,7 @@ __all__ = [
     "SAM_VIT_B",
     "SAM_VIT_H",
     "SAM_VIT_L",
+    "SAM_VIT_TINY",
     "ImageEmbedding",
     "Prediction",
     "SAMConfig",
@@ -26,4 +29,5 @@ __all__ = [
     "SegmentAnythingB",
     "SegmentAnythingH",
     "SegmentAnythingL",
+    "SegmentAnythingTiny",
 ]

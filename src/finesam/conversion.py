@@ -5,19 +5,34 @@ module is found by the structure of the chains (not by generated names), so the 
 official model. The configuration (ViT-B/L/H or any other size) is read off the tensor shapes.
 """
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from refiners.fluxion import layers as fl
 from torch import Tensor
 
 from finesam.model.config import SAMConfig
-from finesam.model.image_encoder import ImageEncoder, RelativePositionAttention, TransformerBlock
+from finesam.model.image_encoder import ImageEncoder, Neck, RelativePositionAttention, TransformerBlock
 from finesam.model.mask_decoder import IoUHead, MaskHypernetworks, OutputTokens, UpscaledImageEmbedding
 from finesam.model.prompt_encoder import FourierPositionalEncoding, MaskEncoder, NoMaskEmbedding, PointTypeEmbedding
 from finesam.model.sam import SegmentAnything
+from finesam.model.tiny_vit import (
+    BatchNorm2d,
+    BiasedAttention,
+    Conv2dBN,
+    ConvStem,
+    LocalConv,
+    MBConv,
+    MBConvStage,
+    PatchMerging,
+    TinyViTBlock,
+    TinyViTEncoder,
+    TinyViTStage,
+)
 from finesam.model.transformer import (
     ImageToTokenAttention,
     TokenFeedForward,
@@ -30,6 +45,14 @@ from finesam.model.transformer import (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not have the expected layout."""
+
+
+UNUSED_KEY = re.compile(r"image_encoder\.(norm_head|head)\.")
+
+
+def is_unused_key(key: str) -> bool:
+    """Keys SAM never uses: the ImageNet classifier head TinyViT checkpoints carry (`norm_head`, `head`)."""
+    return UNUSED_KEY.match(key) is not None
 
 
 @dataclass(frozen=True)
@@ -46,18 +69,28 @@ def _count(state_dict: Mapping[str, Tensor], pattern: str) -> int:
 
 
 def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SAMConfig:
-    """The `SAMConfig` of an official SAM `state_dict`, from its tensor shapes.
+    """The `SAMConfig` of an official SAM, MobileSAM or HQ-SAM `state_dict`, from its tensor shapes.
 
     Only the number of decoder attention heads cannot be seen in the shapes (8 in every official release).
     """
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in state_dict:
-            if any(k.startswith("image_encoder.layers.") for k in state_dict):
-                raise CheckpointError("this is a TinyViT checkpoint (MobileSAM / Light HQ-SAM), not supported yet")
             raise CheckpointError(f"not a SAM checkpoint: key {key!r} is missing")
         return tuple(state_dict[key].shape)
 
+    decoder: dict[str, Any] = {
+        "prompt_dim": shape("image_encoder.neck.0.weight")[0],
+        "mask_in_channels": shape("prompt_encoder.mask_downscaling.3.weight")[0],
+        "decoder_depth": _count(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight"),
+        "decoder_heads": decoder_heads,
+        "decoder_mlp_dim": shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
+        "num_multimask_outputs": shape("mask_decoder.mask_tokens.weight")[0] - 1,
+        "iou_head_depth": _count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
+        "iou_head_hidden_dim": shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
+    }
+    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
+        return SAMConfig(encoder_type="tiny_vit", **_tiny_vit_fields(state_dict, shape), **decoder)
     encoder_dim, _, patch, _ = shape("image_encoder.patch_embed.proj.weight")
     grid = shape("image_encoder.pos_embed")[1]
     depth = _count(state_dict, r"image_encoder\.blocks\.(\d+)\.norm1\.weight")
@@ -76,22 +109,35 @@ def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SA
         global_attention_blocks=global_blocks,
         window_size=windows.pop() if windows else 14,
         mlp_ratio=shape("image_encoder.blocks.0.mlp.lin1.weight")[0] / encoder_dim,
-        prompt_dim=shape("image_encoder.neck.0.weight")[0],
-        mask_in_channels=shape("prompt_encoder.mask_downscaling.3.weight")[0],
-        decoder_depth=_count(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight"),
-        decoder_heads=decoder_heads,
-        decoder_mlp_dim=shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
-        num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1,
-        iou_head_depth=_count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
-        iou_head_hidden_dim=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
+        **decoder,
     )
 
 
-def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
-    """(official module prefix, finesam module) pairs whose parameters have the same names and shapes."""
-    pairs: list[tuple[str, fl.Module]] = []
-    encoder = model.ensure_find(ImageEncoder)
-    pairs.append(("image_encoder.patch_embed.proj", encoder.layer(("PatchEmbedding", "Conv2d"), fl.Conv2d)))
+def _tiny_vit_fields(state_dict: Mapping[str, Tensor], shape: Callable[[str], tuple[int, ...]]) -> dict[str, Any]:
+    """TinyViT stage widths, depths, heads and windows. The input size (1024) is not visible in the weights,
+    nor are the first (convolutional) stage's unused head count and window, kept at their defaults."""
+    defaults = SAMConfig()
+    dims = [shape("image_encoder.layers.0.blocks.0.conv1.c.weight")[1]]
+    heads, windows = [defaults.tiny_heads[0]], [defaults.tiny_windows[0]]
+    for s in (1, 2, 3):
+        num_heads, num_offsets = shape(f"image_encoder.layers.{s}.blocks.0.attn.attention_biases")
+        dims.append(shape(f"image_encoder.layers.{s}.blocks.0.attn.qkv.weight")[1])
+        heads.append(num_heads)
+        windows.append(math.isqrt(num_offsets))  # one offset per (|dy|, |dx|): window x window of them
+    return {
+        "encoder_dim": dims[3],
+        "tiny_dims": tuple(dims),
+        "tiny_depths": tuple(_count(state_dict, rf"image_encoder\.layers\.{s}\.blocks\.(\d+)\..*") for s in range(4)),
+        "tiny_heads": tuple(heads),
+        "tiny_windows": tuple(windows),
+        "tiny_mbconv_expand": shape("image_encoder.layers.0.blocks.0.conv1.c.weight")[0] / dims[0],
+    }
+
+
+def _vit_modules(encoder: ImageEncoder) -> list[tuple[str, fl.Module]]:
+    pairs: list[tuple[str, fl.Module]] = [
+        ("image_encoder.patch_embed.proj", encoder.layer(("PatchEmbedding", "Conv2d"), fl.Conv2d))
+    ]
     for i, (block, _) in enumerate(encoder.walk(TransformerBlock)):
         norm1, norm2 = block.layers(fl.LayerNorm)
         qkv, proj, lin1, lin2 = block.layers(fl.Linear)
@@ -105,7 +151,47 @@ def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
             (f"{prefix}.mlp.lin1", lin1),
             (f"{prefix}.mlp.lin2", lin2),
         ]
-    neck = encoder.layer("Neck", fl.Chain)
+    return pairs
+
+
+def _conv_bn(prefix: str, layer: Conv2dBN) -> list[tuple[str, fl.Module]]:
+    return [(f"{prefix}.c", layer.ensure_find(fl.Conv2d)), (f"{prefix}.bn", layer.ensure_find(BatchNorm2d))]
+
+
+def _tiny_vit_modules(encoder: TinyViTEncoder) -> list[tuple[str, fl.Module]]:
+    stem = list(encoder.ensure_find(ConvStem).layers(Conv2dBN))
+    pairs = _conv_bn("image_encoder.patch_embed.seq.0", stem[0]) + _conv_bn("image_encoder.patch_embed.seq.2", stem[1])
+    stages = [encoder.ensure_find(MBConvStage), *(s for s, _ in encoder.walk(TinyViTStage))]
+    for s, stage in enumerate(stages):
+        prefix = f"image_encoder.layers.{s}"
+        for i, block in enumerate(m for m in stage if isinstance(m, MBConv | TinyViTBlock)):
+            if isinstance(block, MBConv):
+                for j, conv in enumerate(block.layers(Conv2dBN), start=1):
+                    pairs += _conv_bn(f"{prefix}.blocks.{i}.conv{j}", conv)
+                continue
+            norm, mlp_norm = block.layers(fl.LayerNorm)
+            qkv, proj, fc1, fc2 = block.layers(fl.Linear)
+            pairs += [
+                (f"{prefix}.blocks.{i}.attn.norm", norm),
+                (f"{prefix}.blocks.{i}.attn.qkv", qkv),
+                (f"{prefix}.blocks.{i}.attn", block.ensure_find(BiasedAttention)),
+                (f"{prefix}.blocks.{i}.attn.proj", proj),
+                (f"{prefix}.blocks.{i}.mlp.norm", mlp_norm),
+                (f"{prefix}.blocks.{i}.mlp.fc1", fc1),
+                (f"{prefix}.blocks.{i}.mlp.fc2", fc2),
+                *_conv_bn(f"{prefix}.blocks.{i}.local_conv", block.ensure_find(LocalConv).ensure_find(Conv2dBN)),
+            ]
+        if merge := stage.find(PatchMerging):
+            for j, conv in enumerate(merge.layers(Conv2dBN), start=1):
+                pairs += _conv_bn(f"{prefix}.downsample.conv{j}", conv)
+    return pairs
+
+
+def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
+    """(official module prefix, finesam module) pairs whose parameters have the same names and shapes."""
+    encoder = model.image_encoder
+    pairs = _tiny_vit_modules(encoder) if isinstance(encoder, TinyViTEncoder) else _vit_modules(encoder)
+    neck = encoder.ensure_find(Neck)
     pairs += [(f"image_encoder.neck.{i}", layer) for i, layer in enumerate(list(neck)[1:])]  # after the Permute
     mask_encoder = model.ensure_find(MaskEncoder)
     pairs += [
@@ -162,8 +248,16 @@ def rules_for(root: torch.nn.Module, pairs: list[tuple[str, fl.Module]]) -> dict
     return {
         f"{names[id(module)]}.{tensor}": Rule((f"{prefix}.{tensor}",))
         for prefix, module in pairs
-        for tensor, _ in module.named_parameters(recurse=False)
+        for tensor in _persistent_tensors(module)
     }
+
+
+def _persistent_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of a module's own parameters and saved buffers (BatchNorm statistics, for instance)."""
+    buffers = [
+        name for name, _ in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set
+    ]
+    return [name for name, _ in module.named_parameters(recurse=False)] + buffers
 
 
 def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
@@ -174,8 +268,9 @@ def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
         return f"{names[id(module)]}.{tensor}"
 
     rules = rules_for(model, _modules(model))
-    position = model.ensure_find(ImageEncoder).layer(("PositionEmbedding", "Parameter"), fl.Parameter)
-    rules[key(position, "weight")] = Rule(("image_encoder.pos_embed",), lambda t: t[0])
+    if isinstance(encoder := model.image_encoder, ImageEncoder):
+        position = encoder.layer(("PositionEmbedding", "Parameter"), fl.Parameter)
+        rules[key(position, "weight")] = Rule(("image_encoder.pos_embed",), lambda t: t[0])
     fourier = model.ensure_find(FourierPositionalEncoding)
     rules[key(fourier, "gaussian_matrix")] = Rule(("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",))
     point_types = (

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from finesam.conversion import CheckpointError, convert_state_dict, infer_config
+from finesam.conversion import CheckpointError, convert_state_dict, infer_config, is_unused_key
 from finesam.hq.adapter import HQSAMAdapter
 from finesam.hq.weights import convert_hq_state_dict, is_hq_key, save_hq
 from finesam.io import (
@@ -24,6 +24,7 @@ from finesam.io import (
 )
 from finesam.model.config import SAMConfig, preset_name
 from finesam.model.sam import SegmentAnything
+from finesam.model.tiny_vit import BiasedAttention
 
 FORMAT_SAM = "sam"
 DIGEST_KEY = "finesam.weights_sha256"
@@ -43,11 +44,22 @@ __all__ = [
 def build_from_official(state_dict: Mapping[str, Tensor], device: torch.device | str = "cpu") -> SegmentAnything:
     """A `SegmentAnything` holding the SAM weights of an official `state_dict` (any size).
 
-    The HQ-SAM keys of an HQ-SAM checkpoint are left aside: its SAM part is a complete SAM.
+    The HQ-SAM keys of an HQ-SAM checkpoint are left aside (its SAM part is a complete SAM), and so is the
+    unused classifier head of TinyViT checkpoints.
     """
     model = SegmentAnything(infer_config(state_dict), device="meta")
-    weights = convert_state_dict(state_dict, model, ignore=is_hq_key)
+    weights = convert_state_dict(state_dict, model, ignore=lambda k: is_hq_key(k) or is_unused_key(k))
+    return _assign(model, weights, device)
+
+
+def _assign(model: SegmentAnything, weights: Mapping[str, Tensor], device: torch.device | str) -> SegmentAnything:
+    """Puts loaded tensors into a model built on `meta`, and rebuilds the buffers checkpoints do not store."""
     model.load_state_dict({k: v.to(device) for k, v in weights.items()}, assign=True)
+    for module in model.modules():
+        if isinstance(module, BiasedAttention):
+            module.rebuild_buffers(device)
+    meta = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    assert not meta, f"buffers left on the meta device: {meta}"
     return model.eval()
 
 
@@ -55,8 +67,8 @@ def weights_digest(state_dict: Mapping[str, Tensor]) -> str:
     """SHA-256 of the names, dtypes, shapes and bytes of every tensor: equal digests, equal weights."""
     digest = hashlib.sha256()
     for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
+        digest.update(f"{key}|{tensor.dtype}|{tuple(state_dict[key].shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
@@ -83,8 +95,7 @@ def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
             raise CheckpointError(f"{path}: not a finesam SAM file (no '{FORMAT_KEY}: {FORMAT_SAM}' metadata)")
         model = SegmentAnything(SAMConfig.from_dict(json.loads(metadata[CONFIG_KEY])), device="meta")
         check_tensors(path, tensors, model.state_dict(), what="the model in its metadata")
-        model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True)
-        model.eval()
+        model = _assign(model, tensors, device)
     return model if dtype is None else model.to(dtype=dtype)
 
 
@@ -95,7 +106,13 @@ def load_checkpoint(
     path = Path(path)
     if path.suffix not in OFFICIAL_SUFFIXES:
         return load_sam(path, device), None
-    state_dict = load_official_state_dict(path)
+    return from_official_state_dict(load_official_state_dict(path), device)
+
+
+def from_official_state_dict(
+    state_dict: Mapping[str, Tensor], device: torch.device | str = "cpu"
+) -> tuple[SegmentAnything, HQSAMAdapter | None]:
+    """The model of an official state_dict, and its HQ adapter (not injected) when it has HQ-SAM keys."""
     model = build_from_official(state_dict, device)
     if not any(is_hq_key(k) for k in state_dict):
         return model, None
@@ -109,8 +126,13 @@ class ConversionReport:
     written: list[Path]  # the base model, then the HQ adapter if the checkpoint has one
     base_digest: str
     same_base_as: list[Path]  # finesam SAM files beside the output with identical base weights
+    dropped: list[str]  # checkpoint keys SAM does not use (TinyViT's classifier head)
 
     def summary(self) -> str:
+        note = f"dropped {len(self.dropped)} unused keys ({', '.join(self.dropped)}); " if self.dropped else ""
+        return note + self._base_summary()
+
+    def _base_summary(self) -> str:
         if len(self.written) == 1:
             return f"SAM weights sha256 {self.base_digest}"
         if self.same_base_as:
@@ -125,7 +147,8 @@ class ConversionReport:
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> ConversionReport:
     """`CHECKPOINT.pth` -> `OUT_DIR/CHECKPOINT.safetensors`, plus `OUT_DIR/CHECKPOINT.hq.safetensors` for HQ-SAM."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    model, adapter = load_checkpoint(checkpoint)
+    state_dict = load_official_state_dict(checkpoint)
+    model, adapter = from_official_state_dict(state_dict)
     base = out_dir / f"{checkpoint.stem}.safetensors"
     written = [save_sam(model, base)]
     if adapter is not None:
@@ -136,7 +159,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
         for other in sorted(out_dir.glob("*.safetensors"))
         if other != base and read_safetensors(other, tensors=False)[1].get(DIGEST_KEY) == digest
     ]
-    return ConversionReport(written, digest, same)
+    return ConversionReport(written, digest, same, sorted(k for k in state_dict if is_unused_key(k)))
 
 
 def describe(model: SegmentAnything) -> str:

@@ -18,17 +18,16 @@ from finesam.hq.layers import (
     HQToken,
     HQTokenMLP,
 )
-from finesam.model.image_encoder import TransformerBlock
 from finesam.model.mask_decoder import MaskDecoder, MaskHead, MultimaskSelection, OutputTokens, UpscaledImageEmbedding
 from finesam.model.sam import SegmentAnything
 
 CONTEXT = "hq_sam"
 
 
-class EarlyViTEmbedding(fl.Chain, Adapter[TransformerBlock]):
-    """Keeps the output of the first global-attention ViT block as the image feature `early_vit_embedding`."""
+class EarlyViTEmbedding(fl.Chain, Adapter[fl.Module]):
+    """Keeps the early encoder output (first global ViT block, or TinyViT stage 1) as `early_vit_embedding`."""
 
-    def __init__(self, target: TransformerBlock) -> None:
+    def __init__(self, target: fl.Module) -> None:
         with self.setup_adapter(target):
             super().__init__(target, fl.SetContext("image", "early_vit_embedding"))
 
@@ -116,12 +115,11 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         dtype = target.dtype if dtype is None else dtype
         dim = config.prompt_dim
         token, token_mlp = HQToken(dim, device=device, dtype=dtype), HQTokenMLP(dim, device=device, dtype=dtype)
-        fusion = HQFeatureFusion(config.encoder_dim, dim, device=device, dtype=dtype)
+        fusion = HQFeatureFusion(config.early_embedding_dim, dim, device=device, dtype=dtype)
         mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
         self._rule = [HQOutputRule(hq_mask_only)]
-        blocks = [block for block, _ in target.image_encoder.walk(TransformerBlock)]
         self._adapters: list[Adapter[Any]] = [
-            EarlyViTEmbedding(blocks[config.encoder_block_with_early_embedding]),
+            EarlyViTEmbedding(target.image_encoder.early_embedding_layer),
             HQFeatures(target.mask_decoder, fusion),
             HQOutputToken(target.ensure_find(OutputTokens), token),
             UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),

@@ -1,6 +1,6 @@
 """The base Segment Anything model as fluxion chains."""
 
-from finesam.model.config import PRESETS, SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAMConfig
+from finesam.model.config import PRESETS, SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAM_VIT_TINY, SAMConfig
 from finesam.model.image_encoder import ImageEncoder
 from finesam.model.mask_decoder import MaskDecoder
 from finesam.model.prompt_encoder import PromptEncoder
@@ -11,6 +11,7 @@ from finesam.model.sam import (
     SegmentAnythingB,
     SegmentAnythingH,
     SegmentAnythingL,
+    SegmentAnythingTiny,
 )
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "SAM_VIT_B",
     "SAM_VIT_H",
     "SAM_VIT_L",
+    "SAM_VIT_TINY",
     "ImageEmbedding",
     "ImageEncoder",
     "MaskDecoder",
@@ -28,4 +30,5 @@ __all__ = [
     "SegmentAnythingB",
     "SegmentAnythingH",
     "SegmentAnythingL",
+    "SegmentAnythingTiny",
 ]

@@ -202,3 +202,10 @@ class ImageEncoder(fl.Chain):
             ),
             Neck(dim, config.prompt_dim, device=device, dtype=dtype),
         )
+        self.config = config
+
+    @property
+    def early_embedding_layer(self) -> fl.Module:
+        """The first global-attention block: HQ-SAM's early embedding is its output."""
+        blocks = [block for block, _ in self.walk(TransformerBlock)]
+        return blocks[self.config.encoder_block_with_early_embedding]

@@ -12,10 +12,11 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAMConfig
+from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAM_VIT_TINY, SAMConfig
 from finesam.model.image_encoder import ImageEncoder
 from finesam.model.mask_decoder import MaskDecoder
 from finesam.model.prompt_encoder import PromptEncoder, labelled_points
+from finesam.model.tiny_vit import TinyViTEncoder
 from finesam.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks, preprocess_image
 from finesam.prompts import Prompts, prepare_prompts
 
@@ -59,8 +60,9 @@ class SegmentAnything(fl.Chain):
     def __init__(
         self, config: SAMConfig = SAM_VIT_B, device: Device | str | None = None, dtype: DType | None = None
     ) -> None:
+        encoder = TinyViTEncoder if config.encoder_type == "tiny_vit" else ImageEncoder
         super().__init__(
-            ImageEncoder(config, device=device, dtype=dtype),
+            encoder(config, device=device, dtype=dtype),
             PromptEncoder(config, device=device, dtype=dtype),
             MaskDecoder(config, device=device, dtype=dtype),
         )
@@ -80,8 +82,10 @@ class SegmentAnything(fl.Chain):
         }
 
     @property
-    def image_encoder(self) -> ImageEncoder:
-        return self.ensure_find(ImageEncoder)
+    def image_encoder(self) -> ImageEncoder | TinyViTEncoder:
+        encoder = self.find(ImageEncoder) or self.find(TinyViTEncoder)
+        assert encoder is not None, "no image encoder in this model"
+        return encoder
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
@@ -238,3 +242,10 @@ class SegmentAnythingH(SegmentAnything):
 
     def __init__(self, device: Device | str | None = None, dtype: DType | None = None) -> None:
         super().__init__(SAM_VIT_H, device=device, dtype=dtype)
+
+
+class SegmentAnythingTiny(SegmentAnything):
+    """MobileSAM / Light HQ-SAM base (`mobile_sam.pt`, `sam_hq_vit_tiny.pth`): TinyViT encoder."""
+
+    def __init__(self, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(SAM_VIT_TINY, device=device, dtype=dtype)

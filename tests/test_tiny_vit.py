@@ -1,0 +1,86 @@
+"""TinyViT (MobileSAM, Light HQ-SAM) against `segment_anything_hq` 0.3's `vit_tiny`, full size (1024).
+
+Random weights with BatchNorm statistics perturbed, eval mode. Tolerance: TOLERANCE (1e-4), fp32.
+"""
+
+import pytest
+import torch
+
+from finesam.conversion import infer_config
+from finesam.hq.weights import is_hq_key
+from finesam.model import SAM_VIT_TINY, SegmentAnythingTiny
+from finesam.weights import convert_checkpoint, from_official_state_dict, load_checkpoint, load_sam
+
+from conftest import TOLERANCE, max_diff
+from official import SamPredictor, build_official_tiny, mobile_sam_from
+from test_hq import assert_matches_official_hq_predictor
+from test_predict import PHOTOS, assert_matches_official_predictor
+
+
+@pytest.fixture(scope="module")
+def official_tiny():
+    return build_official_tiny(seed=2)
+
+
+@pytest.fixture(scope="module")
+def mobile_sam_state_dict(official_tiny):
+    return {k: v for k, v in official_tiny.state_dict().items() if not is_hq_key(k)}
+
+
+def test_config_is_read_from_both_checkpoint_layouts(official_tiny, mobile_sam_state_dict):
+    assert infer_config(official_tiny.state_dict()) == SAM_VIT_TINY
+    assert infer_config(mobile_sam_state_dict) == SAM_VIT_TINY
+    assert SegmentAnythingTiny(device="meta").config == SAM_VIT_TINY
+
+
+@torch.no_grad()
+def test_image_and_early_embeddings_match(official_tiny):
+    model, adapter = from_official_state_dict(official_tiny.state_dict())
+    assert adapter is not None
+    adapter.inject()
+    pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    embedding, interm = official_tiny.image_encoder(pixels)
+    assert max_diff(model.encode(pixels), embedding) <= TOLERANCE
+    early = model.image_features()["early_vit_embedding"]
+    assert early.shape == (1, 64, 64, 160)
+    assert max_diff(early, interm[0]) <= TOLERANCE
+
+
+def test_mobile_sam_matches_official_predictor(official_tiny, mobile_sam_state_dict):
+    model, adapter = from_official_state_dict(mobile_sam_state_dict)
+    assert adapter is None
+    assert_matches_official_predictor(
+        mobile_sam_from(official_tiny), model, PHOTOS["landscape"](), predictor_class=SamPredictor
+    )
+
+
+@pytest.mark.parametrize("hq_only", [False, True])
+def test_light_hq_sam_matches_official_predictor(official_tiny, hq_only):
+    model, adapter = from_official_state_dict(official_tiny.state_dict())
+    assert adapter is not None
+    adapter.inject()
+    assert_matches_official_hq_predictor(official_tiny, model, adapter, PHOTOS["portrait"](), hq_only)
+
+
+def test_converting_tiny_checkpoints(tmp_path, official_tiny, mobile_sam_state_dict):
+    torch.save(official_tiny.state_dict(), tmp_path / "sam_hq_vit_tiny.pth")
+    torch.save(mobile_sam_state_dict, tmp_path / "mobile_sam.pt")
+    mobile = convert_checkpoint(tmp_path / "mobile_sam.pt", tmp_path / "out")
+    assert mobile.written == [tmp_path / "out" / "mobile_sam.safetensors"]
+    heads = [
+        "image_encoder.head.bias",
+        "image_encoder.head.weight",
+        "image_encoder.norm_head.bias",
+        "image_encoder.norm_head.weight",
+    ]
+    assert mobile.dropped == heads and "dropped 4 unused keys" in mobile.summary()
+    light = convert_checkpoint(tmp_path / "sam_hq_vit_tiny.pth", tmp_path / "out")
+    assert [p.name for p in light.written] == ["sam_hq_vit_tiny.safetensors", "sam_hq_vit_tiny.hq.safetensors"]
+    assert light.same_base_as == [tmp_path / "out" / "mobile_sam.safetensors"]  # Light HQ-SAM's base is MobileSAM here
+    loaded = load_sam(light.written[0])  # built on meta: the attention-bias index tables are rebuilt
+    direct, _ = load_checkpoint(tmp_path / "sam_hq_vit_tiny.pth")
+    image = PHOTOS["square"]()
+    assert torch.equal(
+        loaded.predict(image, boxes=[10, 20, 600, 700], return_logits=True).masks,
+        direct.predict(image, boxes=[10, 20, 600, 700], return_logits=True).masks,
+    )
