@@ -151,7 +151,9 @@ def test_demo_without_checkpoint_says_what_to_download(tmp_path):
     result = finesam("demo", "--out-dir", tmp_path / "out", env=env)
     assert result.returncode == 1
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in result.stderr
-    assert str(tmp_path / "cache" / "sam_vit_b_01ec64.pth") in result.stderr
+    assert "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_tiny.pth" in result.stderr
+    assert str(tmp_path / "cache" / "sam_hq_vit_tiny.pth") in result.stderr  # the smallest is suggested
+    assert "finesam download sam_hq_vit_tiny" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

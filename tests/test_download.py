@@ -7,15 +7,15 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from finesam.download import Checkpoint, DownloadError, download
 
 from conftest import SMALL
-from official import build_official
+from official import build_official, build_official_tiny
 from test_cli import finesam
 
 
@@ -81,6 +81,7 @@ def payloads() -> dict[str, bytes]:
         "sam_small.pth": saved(build_official(SMALL, seed=0).state_dict()),
         "sam_hq_vit_b.pth": hq,
         "sam_vit_b_01ec64.pth": hq,
+        "sam_hq_vit_tiny.pth": saved(build_official_tiny(seed=4).state_dict()),  # full size, ~40 MB
     }
 
 
@@ -168,10 +169,15 @@ def test_cli_download_refuses_a_file_that_is_not_the_release(tmp_path, server):
     assert unknown.returncode == 2 and "one of: sam_vit_b, sam_vit_l" in unknown.stderr
 
 
-def test_demo_downloads_when_no_checkpoint_is_found(tmp_path, server):
+def test_demo_downloads_light_hq_sam_and_runs(tmp_path, server):
+    """`make demo` on a machine without checkpoints: download Light HQ-SAM, convert it, show SAM | HQ-SAM."""
     env = {"FINESAM_HOME": str(tmp_path / "cache"), "FINESAM_CHECKPOINT": "", "FINESAM_MIRROR": server.url}
     result = finesam("demo", "--out-dir", tmp_path / "out", env=env)
-    assert ("sam_vit_b_01ec64.pth", None) in server.requests  # the demo fetched SAM ViT-B ...
-    assert result.returncode == 1  # ... which failed verification (the server's file is not the release)
-    assert "expected 375042383" in result.stderr and "finesam download sam_vit_b" in result.stderr
-    assert not Path(tmp_path / "cache" / "sam_vit_b_01ec64.pth").exists()
+    assert result.returncode == 0, result.stderr
+    assert ("sam_hq_vit_tiny.pth", None) in server.requests
+    cache = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert cache == ["sam_hq_vit_tiny.hq.safetensors", "sam_hq_vit_tiny.pth", "sam_hq_vit_tiny.safetensors"]
+    assert Image.open(tmp_path / "out" / "demo_overlay.png").size == (2 * 960, 640)  # SAM | HQ-SAM
+    assert "SAM: encoded in" in result.stdout and "HQ-SAM: encoded in" in result.stdout
+    again = finesam("demo", "--out-dir", tmp_path / "out", env=env)  # now found in the cache: no new request
+    assert again.returncode == 0 and len(server.requests) == 1
