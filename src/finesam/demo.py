@@ -123,7 +123,8 @@ def _segment(model: SegmentAnything, image: Image.Image) -> tuple[list[np.ndarra
     shares = [100 * np.count_nonzero(mask) / mask.size for mask in masks]
     report = (
         f"encoded in {encoded - start:.2f} s, 2 prompts in {decoded - encoded:.2f} s; house (box) {shares[0]:.1f}% "
-        f"of the image, IoU {house_score.item():.3f}; sun (click) {shares[1]:.1f}%, IoU {sun_score.item():.3f}"
+        f"of the image, predicted IoU {house_score.item():.3f}; sun (click) {shares[1]:.1f}%, predicted IoU "
+        f"{sun_score.item():.3f}"
     )
     return masks, report
 
