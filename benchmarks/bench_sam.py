@@ -2,7 +2,8 @@
 
     python benchmarks/bench_sam.py [--size vit_b] [--repeats 3]
 
-Prints, per stage, the median time of each implementation and the speed-up (official / finesam).
+Prints, per stage, the median time of each implementation and the speed-up (official / finesam), the
+TinyViT encoder (MobileSAM / Light HQ-SAM, against `segment_anything_hq`'s) next to the ViT's.
 Needs the official package (installed by `make test`); its torchvision import is stubbed as in the tests.
 """
 
@@ -19,7 +20,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 from finesam.weights import build_from_official
 
-from official import SamPredictor, random_official
+from official import SamPredictor, build_official_tiny, random_official
 
 Stage = tuple[str, Callable[[], object], Callable[[], object], int]  # name, official, finesam, timed runs
 
@@ -68,12 +69,20 @@ def main() -> None:
     boxes = np.stack([box + i for i in range(64)])
     official_boxes = torch.as_tensor(predictor.transform.apply_boxes(boxes, predictor.original_size)).float()
 
+    official_tiny = build_official_tiny(seed=0)
+    ours_tiny = build_from_official(official_tiny.state_dict())  # Light HQ-SAM's base: TinyViT, no adapter
     stages: list[Stage] = [
         (
-            "image encoder, 1024x1024",
+            f"image encoder {args.size}, 1024x1024",
             lambda: official.image_encoder(pixels),
             lambda: ours.image_encoder(pixels),
             args.repeats,
+        ),
+        (
+            "image encoder TinyViT, 1024x1024",
+            lambda: official_tiny.image_encoder(pixels),
+            lambda: ours_tiny.image_encoder(pixels),
+            max(args.repeats, 5),
         ),
         (
             "prompt + decoder, 1 box",
@@ -94,7 +103,8 @@ def main() -> None:
             10,
         ),
     ]
-    report(f"SAM {args.size}", stages)
+    times = report(f"SAM {args.size}", stages)
+    print(f"finesam TinyViT encoder vs {args.size}: {times[0] / times[1]:.1f}x faster")
 
 
 if __name__ == "__main__":
