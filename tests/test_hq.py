@@ -315,3 +315,54 @@ def test_adapter_cannot_be_injected_twice_or_called(official_hq):
     adapter.eject()
     with pytest.raises(RuntimeError, match="not injected"):
         adapter.eject()
+
+
+def test_hq_features_are_computed_once_per_image_and_reused(official_hq):
+    model, adapter = with_adapter(official_hq)
+    adapter.inject()
+    calls: list[int] = []
+    model.ensure_find(HQFeatureFusion).register_forward_hook(lambda *_: calls.append(1))
+    image_a, image_b = PHOTOS["landscape"](), PHOTOS["square"]()
+    a, b = model.encode_image(image_a), model.encode_image(image_b)
+    first = model.predict(a, boxes=[100, 100, 900, 900], return_logits=True)
+    assert len(calls) == 1 and "hq_features" in a.features
+    again = model.predict(a, boxes=[100, 100, 900, 900], return_logits=True)
+    more = model.predict(a, points=[[500, 400]], multimask_output=True, return_logits=True)
+    assert len(calls) == 1  # reused for every later prompt of image a
+    uncached = model.encode_image(image_a)
+    assert torch.equal(again.masks, first.masks)
+    assert torch.equal(
+        model.predict(uncached, points=[[500, 400]], multimask_output=True, return_logits=True).masks, more.masks
+    )
+    calls.clear()
+    fresh_b = model.predict(b, boxes=[10, 10, 500, 500], return_logits=True)  # another image: its own features
+    assert len(calls) == 1
+    assert torch.equal(
+        fresh_b.masks, model.predict(model.encode_image(image_b), boxes=[10, 10, 500, 500], return_logits=True).masks
+    )
+
+
+def test_hq_feature_cache_follows_the_weights(official_hq):
+    model, adapter = with_adapter(official_hq)
+    adapter.inject()
+    image = PHOTOS["portrait"]()
+    embedding = model.encode_image(image)
+    before = model.predict(embedding, boxes=[50, 50, 400, 600], return_logits=True).masks
+    fusion = model.ensure_find(HQFeatureFusion)
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.mul_(1.5)  # in place, as an optimizer step
+    after = model.predict(embedding, boxes=[50, 50, 400, 600], return_logits=True).masks
+    assert not torch.equal(after, before)
+    assert torch.equal(
+        after, model.predict(model.encode_image(image), boxes=[50, 50, 400, 600], return_logits=True).masks
+    )
+    adapter.eject()
+    other = HQSAMAdapter(model)  # same base, other HQ weights
+    other.load_state_dict(convert_hq_state_dict(build_official(SMALL, seed=9, hq=True).state_dict(), other))
+    other.inject()
+    # an embedding cached with one adapter never feeds its features to another
+    assert torch.equal(
+        model.predict(embedding, boxes=[50, 50, 400, 600], return_logits=True).masks,
+        model.predict(model.encode_image(image), boxes=[50, 50, 400, 600], return_logits=True).masks,
+    )

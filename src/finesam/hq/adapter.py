@@ -9,6 +9,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from finesam.hq.layers import (
+    CachedHQFeatures,
     CompressViTFeatures,
     EmbeddingEncoder,
     HQFeatureFusion,
@@ -40,7 +41,7 @@ class HQFeatures(fl.Chain, Adapter[MaskDecoder]):
 
     def __init__(self, target: MaskDecoder, fusion: HQFeatureFusion) -> None:
         with self.setup_adapter(target):
-            super().__init__(fl.Passthrough(fusion, fl.SetContext(CONTEXT, "hq_features")), target)
+            super().__init__(fl.Passthrough(CachedHQFeatures(fusion), fl.SetContext(CONTEXT, "hq_features")), target)
 
 
 class HQOutputToken(fl.Concatenate, Adapter[OutputTokens]):
@@ -167,5 +168,6 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         for adapter in reversed(self._adapters):
             adapter.eject()
         _drop_context(self.target, CONTEXT)
-        _drop_context(self.target, "image", "early_vit_embedding")
+        for key in ("early_vit_embedding", "hq_features", "hq_features_key"):
+            _drop_context(self.target, "image", key)
         self.injected = False

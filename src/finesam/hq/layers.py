@@ -4,6 +4,7 @@ Contexts used: `image` (`early_vit_embedding`, captured while the image is encod
 embedding) and `hq_sam` (`hq_features`, `upscaled_embedding`, written while the decoder runs).
 """
 
+import torch
 from jaxtyping import Float
 from refiners.fluxion import layers as fl
 from torch import Tensor
@@ -84,6 +85,33 @@ class HQFeatureFusion(fl.Sum):
                 CompressViTFeatures(vit_dim, dim, device=device, dtype=dtype),
             ),
         )
+
+
+class CachedHQFeatures(fl.Chain):
+    """The HQ features of the image: computed by `HQFeatureFusion`, and at inference kept in the `image` context
+    (so in the `ImageEmbedding`) and reused by every later prompt of that image.
+
+    With gradients enabled (training) they are always recomputed, so the fusion layers train. The cache is
+    keyed on the fusion's parameters (identity and in-place version), so new weights never reuse old features.
+    """
+
+    def __init__(self, fusion: HQFeatureFusion) -> None:
+        super().__init__(fusion)
+
+    def _key(self) -> tuple[tuple[int, int], ...]:
+        return tuple((id(p), p._version) for p in self.parameters())
+
+    def forward(self, *inputs: Tensor) -> Float[Tensor, "batch dim/8 4*grid 4*grid"]:
+        embedding = inputs[0]  # (B, D, E, E)
+        image = self.use_context("image")
+        inference = not torch.is_grad_enabled()
+        cached = image.get("hq_features")
+        if inference and cached is not None and image.get("hq_features_key") == self._key():
+            return cached
+        features = self.ensure_find(HQFeatureFusion)(embedding)
+        if inference:
+            image.update(hq_features=features, hq_features_key=self._key())
+        return features
 
 
 class HQMaskFeatures(fl.Chain):

@@ -28,7 +28,8 @@ class ImageEmbedding:
     embedding: Float[Tensor, "1 dim grid grid"]
     original_size: tuple[int, int]  # (height, width) of the image
     input_size: tuple[int, int]  # (height, width) of the image resized inside the model input
-    features: dict[str, Tensor] = field(default_factory=dict)  # what adapters computed from the image
+    # what adapters computed from the image (and may add to at inference, e.g. HQ-SAM's fused features)
+    features: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -136,17 +137,19 @@ class SegmentAnything(fl.Chain):
                 embeddings[i : i + 1],
                 (image.height, image.width),
                 input_size,
-                {k: v[i : i + 1] for k, v in features.items()},
+                {k: v[i : i + 1] if isinstance(v, Tensor) else v for k, v in features.items()},
             )
             for i, (image, (_, input_size)) in enumerate(zip(rgb, inputs, strict=True))
         ]
 
     def encode(self, pixels: Float[Tensor, "batch 3 size size"]) -> Float[Tensor, "batch dim grid grid"]:
         """Runs the first stage (the image encoder and whatever adapts it) on preprocessed pixels."""
+        image = self.use_context("image")
+        image.update(dict.fromkeys(image))  # a new image: nothing computed for the previous one applies
         embedding = next(iter(self))(pixels)
         return embedding[0] if isinstance(embedding, tuple) else embedding  # a Passthrough returns a 1-tuple
 
-    def image_features(self) -> dict[str, Tensor]:
+    def image_features(self) -> dict[str, Any]:
         """The adapter features of the last encoded image (see `ImageEmbedding.features`)."""
         return {k: v for k, v in self.use_context("image").items() if v is not None}
 
@@ -158,7 +161,7 @@ class SegmentAnything(fl.Chain):
         boxes: Float[Tensor, "batch 4"] | None = None,
         mask_input: Float[Tensor, "batch 1 low low"] | None = None,
         multimask_output: bool = False,
-        image_features: dict[str, Tensor] | None = None,
+        image_features: dict[str, Any] | None = None,
     ) -> tuple[Float[Tensor, "batch masks low low"], Float[Tensor, "batch masks"]]:
         """Runs every stage after the image encoder on an embedding, for a prompt as in `set_prompt`.
 
@@ -166,8 +169,10 @@ class SegmentAnything(fl.Chain):
         by default the features of the last encoded image stay in use.
         """
         if image_features is not None:
-            # updated in place: the `image` dict is shared by every chain of the tree
-            self.use_context("image").update(image_features)
+            # replaced in place: the `image` dict is shared by every chain of the tree
+            image = self.use_context("image")
+            image.update(dict.fromkeys(image))
+            image.update(image_features)
         self.set_prompt(points, labels, boxes, mask_input, multimask_output)
         x: Any = image_embedding
         for stage in list(self)[1:]:
@@ -211,6 +216,7 @@ class SegmentAnything(fl.Chain):
             multimask_output=multimask_output,
             image_features=embedding.features,
         )
+        embedding.features.update(self.image_features())  # keep what the decoder cached for this image
         low_res, iou = low_res.float(), iou.float()
         resize = (self.config.image_size, embedding.input_size, embedding.original_size)
         if return_logits:
