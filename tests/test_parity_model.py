@@ -128,3 +128,19 @@ def test_full_chain_forward_equals_official_pipeline(official_small, small):
     assert max_diff(masks, expected_masks) <= TOLERANCE
     assert max_diff(iou, expected_iou) <= TOLERANCE
     assert small.use_context("sam")["point_coords"] is None  # the forward pass reset its prompt
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+@torch.no_grad()
+def test_prompt_chunks_do_not_change_the_result(small, chunk):
+    embedding = torch.randn(1, SMALL.prompt_dim, GRID, GRID, generator=torch.Generator().manual_seed(6))
+    prompt = random_prompts(seed=7, batch=7)["points+mask"]
+    kwargs = {"points": prompt["points"], "labels": prompt["labels"], "mask_input": prompt["masks"]}
+    default_masks, default_iou = small.decode(embedding, multimask_output=True, **kwargs)  # chunks of 2
+    small.prompt_chunk_size = chunk
+    try:
+        masks, iou = small.decode(embedding, multimask_output=True, **kwargs)
+    finally:
+        small.prompt_chunk_size = 2
+    assert masks.shape == default_masks.shape == (7, 3, MASK, MASK)
+    assert max_diff(masks, default_masks) <= TOLERANCE and max_diff(iou, default_iou) <= TOLERANCE

@@ -68,6 +68,7 @@ class SegmentAnything(fl.Chain):
             MaskDecoder(config, device=device, dtype=dtype),
         )
         self.config = config
+        self.prompt_chunk_size: int | None = 2  # see `decode`; None decodes a batch of prompts at once
 
     def init_context(self) -> Contexts:
         return {
@@ -166,14 +167,32 @@ class SegmentAnything(fl.Chain):
         """Runs every stage after the image encoder on an embedding, for a prompt as in `set_prompt`.
 
         `image_features` restores what adapters computed with the embedding (`ImageEmbedding.features`);
-        by default the features of the last encoded image stay in use.
+        by default the features of the last encoded image stay in use. On the CPU a batch of prompts for one
+        image is decoded `prompt_chunk_size` prompts at a time: the per-prompt image tokens then stay in
+        cache, which is faster than one large batch (and than one prompt at a time).
         """
         if image_features is not None:
             # replaced in place: the `image` dict is shared by every chain of the tree
             image = self.use_context("image")
             image.update(dict.fromkeys(image))
             image.update(image_features)
-        self.set_prompt(points, labels, boxes, mask_input, multimask_output)
+        prompt = (points, labels, boxes, mask_input)
+        batch = max((len(t) for t in prompt if t is not None), default=1)
+        chunk = self.prompt_chunk_size if self.device is None or self.device.type == "cpu" else None
+        if not chunk or batch <= chunk or image_embedding.shape[0] != 1:
+            return self._decode(image_embedding, *prompt, multimask_output)
+        parts = [
+            self._decode(image_embedding, *[None if t is None else t[i : i + chunk] for t in prompt], multimask_output)
+            for i in range(0, batch, chunk)
+        ]
+        return torch.cat([masks for masks, _ in parts]), torch.cat([iou for _, iou in parts])
+
+    def _decode(
+        self,
+        image_embedding: Tensor,
+        *prompt: Any,
+    ) -> tuple[Tensor, Tensor]:
+        self.set_prompt(*prompt)  # points, labels, boxes, mask_input, multimask_output
         x: Any = image_embedding
         for stage in list(self)[1:]:
             x = stage(*x) if isinstance(x, tuple) else stage(x)
