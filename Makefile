@@ -40,6 +40,7 @@ test-slow: $(VENV)/.test
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_sam.py
 	$(BIN)/python benchmarks/bench_hq.py
+	$(BIN)/python benchmarks/bench_loading.py --size vit_b
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
