@@ -21,13 +21,18 @@ from finesam.weights import convert_checkpoint
 
 from official import OFFICIAL_BUILDERS, random_official
 
+# VmHWM (this address space's peak RSS), not ru_maxrss: a child's ru_maxrss starts at its parent's peak
 MEASURE = """
-import json, resource, sys, time
+import json, sys, time
+def peak_kb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 sys.path.insert(0, {tests!r})
+import torch, official, finesam.weights
+before = peak_kb()
 start = time.perf_counter()
 {body}
 elapsed = time.perf_counter() - start
-print(json.dumps({{"seconds": elapsed, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+print(json.dumps({{"seconds": elapsed, "peak_mb": (peak_kb() - before) / 1024}}))
 """
 
 # every path ends by reading one value per 4 KiB page of every tensor: memory-mapped weights count as loaded
@@ -47,18 +52,11 @@ BODIES = {
 
 
 def measure(body: str, **values: str) -> dict[str, float]:
+    """Seconds and peak RSS growth (MB, beyond the imports) of `body` in a fresh process."""
     tests = str(Path(__file__).resolve().parents[1] / "tests")
     script = MEASURE.format(tests=tests, body=body.format(**values))
-    baseline = subprocess.run(
-        [sys.executable, "-c", MEASURE.format(tests=tests, body="import torch, official")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    numbers = json.loads(result.stdout.strip().splitlines()[-1])
-    numbers["peak_mb"] -= json.loads(baseline.stdout.strip().splitlines()[-1])["peak_mb"]  # beyond the imports
-    return numbers
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

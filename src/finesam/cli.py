@@ -120,7 +120,7 @@ def load_model(args: argparse.Namespace) -> SegmentAnything:
         adapter.inject()
     elif args.hq_only:
         raise UsageError("--hq-only needs HQ-SAM weights: --hq FILE, or an official HQ-SAM .pth as --weights")
-    return model.to(dtype=DTYPES[args.dtype])
+    return model.set_encoder_dtype(DTYPES[args.dtype])
 
 
 def run_segment(args: argparse.Namespace) -> None:
@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone, not SAM's + HQ's")
     segment.add_argument("--overlay", type=Path, metavar="OVERLAY.png", help="the image with masks and prompts drawn")
     segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
-    segment.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model precision")
+    segment.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="image-encoder precision (the decoder stays fp32)"
+    )
     segment.set_defaults(run=run_segment)
 
     listing = "\n".join(f"  {name:16s} {c.description}" for name, c in CHECKPOINTS.items())

@@ -113,7 +113,7 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         _ensure_no_hq(target)
         config = target.config
         device = target.device if device is None else device
-        dtype = target.dtype if dtype is None else dtype
+        dtype = target.mask_decoder.dtype if dtype is None else dtype  # the HQ parts run with the decoder
         dim = config.prompt_dim
         token, token_mlp = HQToken(dim, device=device, dtype=dtype), HQTokenMLP(dim, device=device, dtype=dtype)
         fusion = HQFeatureFusion(config.early_embedding_dim, dim, device=device, dtype=dtype)

@@ -87,6 +87,11 @@ class HQFeatureFusion(fl.Sum):
         )
 
 
+def _version(tensor: Tensor) -> int:
+    """In-place modification counter; inference tensors (created under `torch.inference_mode`) have none."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 class CachedHQFeatures(fl.Chain):
     """The HQ features of the image: computed by `HQFeatureFusion`, and at inference kept in the `image` context
     (so in the `ImageEmbedding`) and reused by every later prompt of that image.
@@ -99,7 +104,7 @@ class CachedHQFeatures(fl.Chain):
         super().__init__(fusion)
 
     def _key(self) -> tuple[tuple[int, int], ...]:
-        return tuple((id(p), p._version) for p in self.parameters())
+        return tuple((id(p), _version(p)) for p in self.parameters())
 
     def forward(self, *inputs: Tensor) -> Float[Tensor, "batch dim/8 4*grid 4*grid"]:
         embedding = inputs[0]  # (B, D, E, E)

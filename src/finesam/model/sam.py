@@ -113,7 +113,9 @@ class SegmentAnything(fl.Chain):
             {
                 "point_coords": coords.to(device=device, dtype=torch.float32),
                 "point_labels": kinds.to(device=device),
-                "mask_prompt": None if mask_input is None else mask_input.to(device=device, dtype=self.dtype),
+                "mask_prompt": None
+                if mask_input is None
+                else mask_input.to(device=device, dtype=self.prompt_encoder.dtype),
                 "multimask_output": multimask_output,
             },
         )
@@ -148,7 +150,19 @@ class SegmentAnything(fl.Chain):
         image = self.use_context("image")
         image.update(dict.fromkeys(image))  # a new image: nothing computed for the previous one applies
         embedding = next(iter(self))(pixels)
-        return embedding[0] if isinstance(embedding, tuple) else embedding  # a Passthrough returns a 1-tuple
+        embedding = embedding[0] if isinstance(embedding, tuple) else embedding  # a Passthrough returns a 1-tuple
+        # the encoder may run in another precision than the decoder (see `set_encoder_dtype`)
+        decoder_dtype = self.mask_decoder.dtype
+        for key, value in image.items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                image[key] = value.to(decoder_dtype)
+        return embedding.to(decoder_dtype)
+
+    def set_encoder_dtype(self, dtype: DType) -> "SegmentAnything":
+        """Runs the image encoder (nearly all the compute) in `dtype`, e.g. `torch.bfloat16`, and keeps the
+        prompt encoder and mask decoder in their own precision; embeddings are cast at the boundary."""
+        self.image_encoder.to(dtype=dtype)
+        return self
 
     def image_features(self) -> dict[str, Any]:
         """The adapter features of the last encoded image (see `ImageEmbedding.features`)."""
