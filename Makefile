@@ -41,6 +41,7 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_sam.py
 	$(BIN)/python benchmarks/bench_hq.py
 	$(BIN)/python benchmarks/bench_loading.py --size vit_b
+	$(BIN)/python benchmarks/bench_memory.py --size vit_b --count 20
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
