@@ -51,14 +51,28 @@ class RelativePositionAttention(fl.Module):
         self.rel_pos_h = torch.nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim, device=device, dtype=dtype))
         self.rel_pos_w = torch.nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim, device=device, dtype=dtype))
 
+    # the (tokens x tokens) bias of a global block is built for this many bytes of query rows at a time
+    chunk_bytes = 8 * 2**20
+
     def forward(self, qkv: Float[Tensor, "batch height width 3*dim"]) -> Float[Tensor, "batch height width dim"]:
         batch, height, width, _ = qkv.shape
         q, k, v = qkv.reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         grid_q = q.reshape(batch, self.num_heads, height, width, -1)
-        bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, relative_positions(self.rel_pos_h, height))
-        bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, relative_positions(self.rel_pos_w, width))
-        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(batch, self.num_heads, height * width, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        rel_h, rel_w = relative_positions(self.rel_pos_h, height), relative_positions(self.rel_pos_w, width)
+        row_bytes = batch * self.num_heads * width * height * width * q.element_size()
+        rows = max(1, min(height, self.chunk_bytes // row_bytes))
+        outputs = []
+        for start in range(0, height, rows):  # grid rows of queries; identical to one pass, less memory
+            end = min(start + rows, height)
+            chunk_q = grid_q[:, :, start:end]
+            bias_h = torch.einsum("bnhwc,hkc->bnhwk", chunk_q, rel_h[start:end])
+            bias_w = torch.einsum("bnhwc,wkc->bnhwk", chunk_q, rel_w)
+            bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(
+                batch, self.num_heads, (end - start) * width, -1
+            )
+            queries = q[:, :, start * width : end * width]
+            outputs.append(F.scaled_dot_product_attention(queries, k, v, attn_mask=bias))
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return out.transpose(1, 2).reshape(batch, height, width, -1)
 
 
