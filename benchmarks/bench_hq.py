@@ -40,6 +40,7 @@ def main() -> None:
     base_decode = median_ms(lambda: model.decode(base_embedding.embedding, boxes=model_boxes[:1]), 20)
     adapter.inject()
     embedding = model.encode_image(Image.fromarray(image))
+    model.predict(embedding, boxes=box)  # the first prompt computes and caches the image-only HQ features
 
     def decode(count: int):
         return lambda: model.decode(embedding.embedding, boxes=model_boxes[:count], image_features=embedding.features)

@@ -3,8 +3,9 @@
     python benchmarks/bench_memory.py [--size vit_h] [--count 50] [--drift-size vit_tiny]
 
 Each measurement runs in a fresh process on a converted random-weight model of that size (the memory does
-not depend on the values). Peak = VmHWM growth from loading the model to the end of the prediction; drift =
-RSS after the last of `count` predictions on different images minus RSS after the fifth.
+not depend on the values); bf16 is the bf16 mode (image encoder in bf16). Peak = VmHWM growth over the
+resident model during the prediction; drift = RSS after the last of `count` predictions on different
+images minus RSS after the fifth.
 """
 
 import argparse
@@ -29,9 +30,10 @@ from finesam.weights import load_sam
 def status(key):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":")) / 1024
 
-model = load_sam({weights!r}, dtype={dtype})
+model = load_sam({weights!r}).set_encoder_dtype({dtype})
 for tensor in model.state_dict().values():
     tensor.reshape(-1)[::1024].float().sum()  # resident, as after any first use
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM: the peak of loading is not the prediction's
 loaded = status("VmRSS")
 rng = np.random.default_rng(0)
 rss = []

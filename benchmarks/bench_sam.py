@@ -31,7 +31,7 @@ def report(title: str, stages: list[Stage]) -> list[float]:
     print(f"{'stage':40s} {'official ms':>12s} {'finesam ms':>12s} {'speed-up':>9s}")
     times = []
     for name, run_official, run_ours, repeats in stages:
-        reference, candidate = median_ms(run_official, repeats), median_ms(run_ours, repeats)
+        reference, candidate = paired_median_ms(run_official, run_ours, repeats)
         print(f"{name:40s} {reference:12.1f} {candidate:12.1f} {reference / candidate:8.2f}x")
         times.append(candidate)
     return times
@@ -45,6 +45,19 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def paired_median_ms(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median times of two functions run alternately (after a warm-up of each), so both see the same load."""
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for run, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            run()
+            bucket.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
 
 
 @torch.inference_mode()
