@@ -147,8 +147,7 @@ class SegmentAnything(fl.Chain):
 
     def encode(self, pixels: Float[Tensor, "batch 3 size size"]) -> Float[Tensor, "batch dim grid grid"]:
         """Runs the first stage (the image encoder and whatever adapts it) on preprocessed pixels."""
-        image = self.use_context("image")
-        image.update(dict.fromkeys(image))  # a new image: nothing computed for the previous one applies
+        image = self._reset_image_features()  # a new image: nothing computed for the previous one applies
         embedding = next(iter(self))(pixels)
         embedding = embedding[0] if isinstance(embedding, tuple) else embedding  # a Passthrough returns a 1-tuple
         # the encoder may run in another precision than the decoder (see `set_encoder_dtype`)
@@ -163,6 +162,12 @@ class SegmentAnything(fl.Chain):
         prompt encoder and mask decoder in their own precision; embeddings are cast at the boundary."""
         self.image_encoder.to(dtype=dtype)
         return self
+
+    def _reset_image_features(self) -> dict[str, Any]:
+        """Clears the `image` context, in place: that dict is shared by every chain of the tree."""
+        image = self.use_context("image")
+        image.update(dict.fromkeys(image))
+        return image
 
     def image_features(self) -> dict[str, Any]:
         """The adapter features of the last encoded image (see `ImageEmbedding.features`)."""
@@ -186,10 +191,7 @@ class SegmentAnything(fl.Chain):
         cache, which is faster than one large batch (and than one prompt at a time).
         """
         if image_features is not None:
-            # replaced in place: the `image` dict is shared by every chain of the tree
-            image = self.use_context("image")
-            image.update(dict.fromkeys(image))
-            image.update(image_features)
+            self._reset_image_features().update(image_features)
         prompt = (points, labels, boxes, mask_input)
         batch = max((len(t) for t in prompt if t is not None), default=1)
         chunk = self.prompt_chunk_size if self.device is None or self.device.type == "cpu" else None
