@@ -22,13 +22,6 @@ class Prompts:
     boxes: Tensor | None  # (B, 4) float32, x1 y1 x2 y2
     mask_input: Tensor | None  # (B, 1, M, M) low-resolution logits
 
-    @property
-    def batch_size(self) -> int:
-        for t in (self.points, self.boxes, self.mask_input):
-            if t is not None:
-                return t.shape[0]
-        return 1
-
 
 def _array(value: Any, name: str) -> np.ndarray:
     if isinstance(value, Tensor):
