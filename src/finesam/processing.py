@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
 ImageLike: TypeAlias = Image.Image | np.ndarray
@@ -54,7 +54,8 @@ def as_rgb(image: ImageLike) -> Image.Image:
         raise ValueError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"the image is empty ({image.width}x{image.height})")
-    image = ImageOps.exif_transpose(image) or image
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose would copy the image anyway
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         image = Image.fromarray(_to_uint8(np.asarray(image)))
     elif image.mode == "F":
