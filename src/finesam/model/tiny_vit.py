@@ -117,7 +117,7 @@ class BiasedAttention(fl.Module):
         super().__init__()
         self.num_heads, self.key_dim, self.window = num_heads, key_dim, window
         self.rebuild_buffers(device)
-        num_offsets = int(self.get_buffer("attention_bias_idxs").max()) + 1 if device != "meta" else window * window
+        num_offsets = int(self.get_buffer("attention_bias_idxs").max()) + 1
         self.attention_biases = torch.nn.Parameter(torch.zeros(num_heads, num_offsets, device=device, dtype=dtype))
 
     def rebuild_buffers(self, device: Device | str | None = None) -> None:
