@@ -30,7 +30,7 @@ from finesam.weights import load_sam
 def status(key):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":")) / 1024
 
-model = load_sam({weights!r}).set_encoder_dtype({dtype})
+model = load_sam({weights!r}, dtype={dtype})
 for tensor in model.state_dict().values():
     tensor.reshape(-1)[::1024].float().sum()  # resident, as after any first use
 open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM: the peak of loading is not the prediction's

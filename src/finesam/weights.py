@@ -85,7 +85,10 @@ def save_sam(model: SegmentAnything, path: str | Path) -> Path:
 
 
 def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SegmentAnything:
-    """Loads a converted `.safetensors` file or an official SAM / HQ-SAM `.pth` checkpoint (its SAM part)."""
+    """Loads a converted `.safetensors` file or an official SAM / HQ-SAM `.pth` checkpoint (its SAM part).
+
+    `dtype` (e.g. `torch.bfloat16`) is the image encoder's precision, see `SegmentAnything.set_encoder_dtype`.
+    """
     path = Path(path)
     if path.suffix in OFFICIAL_SUFFIXES:
         model = build_from_official(load_official_state_dict(path), device)
@@ -96,7 +99,7 @@ def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
         model = SegmentAnything(SAMConfig.from_dict(json.loads(metadata[CONFIG_KEY])), device="meta")
         check_tensors(path, tensors, model.state_dict(), what="the model in its metadata")
         model = _assign(model, tensors, device)
-    return model if dtype is None else model.to(dtype=dtype)
+    return model if dtype is None else model.set_encoder_dtype(dtype)
 
 
 def load_checkpoint(
@@ -164,4 +167,9 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
 
 def describe(model: SegmentAnything) -> str:
     config = model.config
-    return f"SAM {preset_name(config)} (ViT {config.encoder_dim}x{config.encoder_depth}, input {config.image_size})"
+    encoder = (
+        f"TinyViT {'/'.join(map(str, config.tiny_dims))}"
+        if config.encoder_type == "tiny_vit"
+        else f"ViT {config.encoder_dim}x{config.encoder_depth}"
+    )
+    return f"SAM {preset_name(config)} ({encoder}, input {config.image_size})"
