@@ -1,0 +1,244 @@
+"""LoRA on Segment Anything: named low-rank adapters on chosen linear layers, built on refiners' `LoraAdapter`.
+
+A `SAMLoraAdapter` holds one named LoRA (rank, scale) for every selected `fl.Linear` of the base model.
+Layers are selected by the class names of their ancestors (`include` / `exclude`), and named by their path in
+the base model with every adapter looked through, so names (and saved files) are the same whether the HQ
+adapter or other LoRAs are injected or not, and in whichever order.
+"""
+
+import json
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from refiners.fluxion import layers as fl
+from refiners.fluxion.adapters import Adapter, LinearLora, LoraAdapter
+
+from finesam.conversion import CheckpointError
+from finesam.io import CONFIG_KEY, FORMAT_KEY, read_safetensors, write_safetensors
+from finesam.model.sam import SegmentAnything
+
+FORMAT_LORA = "lora"
+
+# Where LoRA goes, by ancestor class names. The default adapts the two-way transformer of the mask decoder
+# (token self-attention, both cross-attentions, token MLP): cheap, and it trains on cached image embeddings.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "decoder": ("TwoWayTransformer",),
+    "decoder_all": ("MaskDecoder",),  # also the mask hypernetworks and the IoU head
+    "encoder_attention": ("GridAttention", "BiasedAttention"),  # ViT / TinyViT attention projections
+    "encoder": ("ImageEncoder", "TinyViTEncoder"),  # every encoder linear, attention and MLP
+}
+
+
+@dataclass(frozen=True)
+class BaseLinear:
+    """A linear layer of the base model, with a path that no adapter changes."""
+
+    path: str
+    layer: fl.Linear
+    ancestors: tuple[str, ...]  # class names from the model down to the layer's parent
+    holder: fl.Chain  # the chain that holds the layer now: its base parent, or a `LoraAdapter` around it
+
+
+def _unwrap(module: fl.Module, parent: fl.Chain) -> tuple[fl.Module, fl.Chain]:
+    """The base module behind `module` (a child of `parent`), and the chain that directly holds it."""
+    while isinstance(module, Adapter):
+        module, parent = module.target, module
+    return module, parent
+
+
+def base_linears(model: SegmentAnything) -> Iterator[BaseLinear]:
+    """Every `fl.Linear` of the base model (not of adapters), in order, named like refiners names children."""
+
+    def visit(chain: fl.Chain, prefix: str, ancestors: tuple[str, ...]) -> Iterator[BaseLinear]:
+        children = [_unwrap(child, chain) for child in chain]
+        counts = Counter(type(child).__name__ for child, _ in children)
+        seen: Counter[str] = Counter()
+        for child, holder in children:
+            kind = type(child).__name__
+            seen[kind] += 1
+            name = kind if counts[kind] == 1 else f"{kind}_{seen[kind]}"
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, fl.Linear):
+                yield BaseLinear(path, child, ancestors, holder)
+            elif isinstance(child, fl.Chain):
+                yield from visit(child, path, (*ancestors, kind))
+
+    yield from visit(model, "", ())
+
+
+def select_linears(
+    model: SegmentAnything, include: Sequence[str] = TARGETS["decoder"], exclude: Sequence[str] = ()
+) -> list[BaseLinear]:
+    """The base linears with an ancestor named in `include` and none named in `exclude`."""
+    return [
+        linear
+        for linear in base_linears(model)
+        if any(a in include for a in linear.ancestors) and not any(a in exclude for a in linear.ancestors)
+    ]
+
+
+class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
+    """One named LoRA on a set of linear layers of a `SegmentAnything`.
+
+    Its children are the LoRA layers, so `state_dict()` / `parameters()` are the LoRA weights alone. The up
+    projections start at zero: a new adapter leaves outputs unchanged until trained. Several adapters with
+    different names can be injected at once (they share refiners' `LoraAdapter` where they hit the same
+    layer), with the HQ adapter, in any order; `eject()` restores the base exactly.
+    """
+
+    def __init__(
+        self,
+        target: SegmentAnything,
+        name: str = "lora",
+        rank: int = 16,
+        scale: float = 1.0,
+        include: Sequence[str] = TARGETS["decoder"],
+        exclude: Sequence[str] = (),
+        paths: Sequence[str] | None = None,
+    ) -> None:
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        linears = select_linears(target, include, exclude)
+        if paths is not None:
+            by_path = {linear.path: linear for linear in base_linears(target)}
+            missing = [p for p in paths if p not in by_path]
+            if missing:
+                raise CheckpointError(f"LoRA targets not found in this model: {', '.join(missing[:5])}")
+            linears = [by_path[p] for p in paths]
+        if not linears:
+            raise ValueError(f"no linear layer matches include={list(include)} exclude={list(exclude)}")
+        self.name, self.rank, self.include, self.exclude = name, rank, tuple(include), tuple(exclude)
+        self.paths = [linear.path for linear in linears]
+        loras = [
+            LinearLora(
+                name,
+                in_features=layer.in_features,
+                out_features=layer.out_features,
+                rank=rank,
+                scale=scale,
+                device=layer.weight.device,
+                dtype=layer.weight.dtype,
+            )
+            for layer in (linear.layer for linear in linears)
+        ]
+        # the LoRA layers keep no parent link: they are children here (for their weights) and in a `LoraAdapter`
+        with self.setup_adapter(target), ExitStack() as stack:
+            for lora in loras:
+                stack.enter_context(lora.no_parent_refresh())
+            super().__init__(*loras)
+        self.injected = False
+
+    @property
+    def loras(self) -> list[LinearLora]:
+        return [lora for lora in self if isinstance(lora, LinearLora)]
+
+    @property
+    def scale(self) -> float:
+        return self.loras[0].scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        for lora in self.loras:
+            lora.scale = value
+
+    def forward(self, *_: Any) -> Any:
+        raise TypeError("SAMLoraAdapter is not called directly: inject() it and call the SegmentAnything model")
+
+    def inject(self, parent: fl.Chain | None = None) -> "SAMLoraAdapter":
+        if self.injected:
+            raise RuntimeError(f"LoRA '{self.name}' is already injected")
+        holders = self._holders()
+        if any(isinstance(h, LoraAdapter) and self.name in h.names for h, _ in holders):
+            raise ValueError(f"a LoRA named '{self.name}' is already injected in this model: eject it first")
+        for (holder, layer), lora in zip(holders, self.loras, strict=True):
+            with lora.no_parent_refresh():
+                if isinstance(holder, LoraAdapter):
+                    holder.add_lora(lora)
+                else:
+                    LoraAdapter(layer, lora).inject(holder)
+        self.injected = True
+        return self
+
+    def eject(self) -> None:
+        if not self.injected:
+            raise RuntimeError(f"LoRA '{self.name}' is not injected")
+        for (holder, _), lora in zip(self._holders(), self.loras, strict=True):
+            assert isinstance(holder, LoraAdapter)
+            with lora.no_parent_refresh():
+                if holder.names == [self.name]:
+                    holder.eject()
+                else:
+                    holder.remove_lora(self.name)
+        self.injected = False
+
+    def _holders(self) -> list[tuple[fl.Chain, fl.Linear]]:
+        """For each target, where it is held now (other adapters may have been injected since)."""
+        by_path = {linear.path: linear for linear in base_linears(self.target)}
+        return [(by_path[p].holder, by_path[p].layer) for p in self.paths]
+
+    def lora_weights(self) -> dict[str, Any]:
+        """The weights keyed by target path: `{path}.down.weight`, `{path}.up.weight`."""
+        weights: dict[str, Any] = {}
+        for path, lora in zip(self.paths, self.loras, strict=True):
+            weights[f"{path}.down.weight"] = lora.down.weight
+            weights[f"{path}.up.weight"] = lora.up.weight
+        return weights
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the LoRA weights alone, with name, rank, scale and targets in the metadata, atomically."""
+        config = self.target.config
+        metadata = {
+            FORMAT_KEY: FORMAT_LORA,
+            CONFIG_KEY: json.dumps({"encoder_dim": config.encoder_dim, "prompt_dim": config.prompt_dim}),
+            "finesam.lora": json.dumps(
+                {
+                    "name": self.name,
+                    "rank": self.rank,
+                    "scale": self.scale,
+                    "include": list(self.include),
+                    "exclude": list(self.exclude),
+                }
+            ),
+        }
+        return write_safetensors({k: v.detach() for k, v in self.lora_weights().items()}, path, metadata)
+
+
+def read_lora_metadata(path: str | Path) -> dict[str, Any]:
+    """Name, rank, scale, include and exclude of a LoRA file written by `SAMLoraAdapter.save`."""
+    _, metadata = read_safetensors(path, tensors=False)
+    if metadata.get(FORMAT_KEY) != FORMAT_LORA or "finesam.lora" not in metadata:
+        raise CheckpointError(f"{path}: not a finesam LoRA file (no '{FORMAT_KEY}: {FORMAT_LORA}' metadata)")
+    return json.loads(metadata["finesam.lora"])
+
+
+def load_lora(
+    model: SegmentAnything, path: str | Path, name: str | None = None, scale: float | None = None
+) -> SAMLoraAdapter:
+    """A `SAMLoraAdapter` for `model` with the weights of `path` (not injected yet); `name` / `scale` override
+    the ones recorded in the file."""
+    info = read_lora_metadata(path)
+    tensors, _ = read_safetensors(path)
+    in_file = {key.removesuffix(".down.weight") for key in tensors if key.endswith(".down.weight")}
+    in_model = [linear.path for linear in base_linears(model)]
+    paths = [p for p in in_model if p in in_file] + sorted(in_file - set(in_model))  # the model's order
+    adapter = SAMLoraAdapter(
+        model,
+        name=info["name"] if name is None else name,
+        rank=int(info["rank"]),
+        scale=float(info["scale"]) if scale is None else scale,
+        include=info["include"],
+        exclude=info["exclude"],
+        paths=paths,
+    )
+    expected = adapter.lora_weights()
+    problems = [k for k in expected if k not in tensors or tensors[k].shape != expected[k].shape]
+    problems += [k for k in tensors if k not in expected]
+    if problems:
+        raise CheckpointError(f"{path}: LoRA weights do not fit this model: {', '.join(problems[:5])}")
+    for key, parameter in expected.items():
+        parameter.data.copy_(tensors[key])
+    return adapter
