@@ -46,6 +46,7 @@ class BaseLinear:
 def _unwrap(module: fl.Module, parent: fl.Chain) -> tuple[fl.Module, fl.Chain]:
     """The base module behind `module` (a child of `parent`), and the chain that directly holds it."""
     while isinstance(module, Adapter):
+        assert isinstance(module, fl.Chain)
         module, parent = module.target, module
     return module, parent
 
