@@ -1,0 +1,1 @@
+"""Fine-tuning: losses and the pieces a training loop is made of."""
