@@ -19,7 +19,7 @@ CONFIG_KEY = "finesam.config"
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Calls `write` on a temporary file beside `path`, then renames it: `path` is never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

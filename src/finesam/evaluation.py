@@ -1,0 +1,153 @@
+"""Evaluation: mIoU and boundary IoU (mBIoU) of configurations side by side (base, + HQ, + LoRA, ...).
+
+As in the HQ-SAM paper, each object is prompted with its ground-truth box (optionally a noisy box, or
+foreground points), the predicted mask is compared at the image's full resolution, and boundary IoU uses a
+dilation ratio of 0.02 of the image diagonal.
+"""
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from finesam.datasets import list_pairs
+from finesam.io import atomic_write
+from finesam.metrics import boundary_iou, mask_iou
+from finesam.model.sam import SegmentAnything
+from finesam.training.data import load_pair, mask_box, noisy_box, sample_generator
+
+PROMPTS = ("box", "noisy_box", "points")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """A named model setup: `setup()` injects its adapters, `teardown()` ejects them."""
+
+    name: str
+    setup: Callable[[], None]
+    teardown: Callable[[], None]
+
+
+def adapter_configuration(name: str, adapters: Sequence[Any], hq_mask_only: bool | None = None) -> Configuration:
+    """A configuration made of adapters injected in order (and ejected in reverse)."""
+
+    def setup() -> None:
+        for adapter in adapters:
+            if hq_mask_only is not None and hasattr(adapter, "hq_mask_only"):
+                adapter.hq_mask_only = hq_mask_only
+            adapter.inject()
+
+    def teardown() -> None:
+        for adapter in reversed(adapters):
+            adapter.eject()
+
+    return Configuration(name, setup, teardown)
+
+
+def object_prompt(mask: torch.Tensor, kind: str, g: torch.Generator, box_noise: float, points: int) -> dict[str, Any]:
+    """The prompt of one object, in pixels of the original image, from its ground-truth mask."""
+    box = mask_box(mask)
+    if box is None:
+        raise ValueError("empty ground-truth mask: nothing to prompt")
+    if kind == "box":
+        return {"boxes": box.tolist()}
+    if kind == "noisy_box":
+        height, width = mask.shape
+        noisy = noisy_box(box, box_noise, max(height, width), g)
+        noisy[0::2] = noisy[0::2].clamp(0, width)
+        noisy[1::2] = noisy[1::2].clamp(0, height)
+        return {"boxes": noisy.tolist()}
+    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+    chosen = torch.randperm(len(xs), generator=g)[:points]
+    return {"points": torch.stack([xs[chosen], ys[chosen]], -1).float().tolist(), "labels": [1] * len(chosen)}
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    miou: float
+    mbiou: float
+    count: int
+
+
+def evaluate(
+    model: SegmentAnything,
+    configurations: Sequence[Configuration],
+    data: Path,
+    prompt: str = "box",
+    box_noise: float = 0.1,
+    points: int = 1,
+    seed: int = 0,
+    limit: int | None = None,
+    dilation_ratio: float = 0.02,
+) -> list[Result]:
+    """mIoU / mBIoU of each configuration on the (image, mask) pairs of `data`.
+
+    Under `torchrun` each process takes every world-size-th sample and the results are gathered.
+    """
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown prompt kind {prompt!r} (one of {', '.join(PROMPTS)})")
+    pairs = list_pairs(data)[:limit]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(pairs), world))
+    scores: dict[str, list[tuple[int, float, float]]] = {}
+    for configuration in configurations:
+        configuration.setup()
+        try:
+            rows = []
+            for index in mine:
+                image, mask = load_pair(*pairs[index])
+                kwargs = object_prompt(mask, prompt, sample_generator(seed, 0, index, "eval"), box_noise, points)
+                predicted = model.predict(image, multimask_output=False, **kwargs).masks[0, 0].cpu()
+                truth = mask > 0.5
+                rows.append(
+                    (
+                        index,
+                        mask_iou(predicted, truth).item(),
+                        boundary_iou(predicted, truth, dilation_ratio=dilation_ratio).item(),
+                    )
+                )
+        finally:
+            configuration.teardown()
+        scores[configuration.name] = rows
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, scores)
+        scores = {name: sorted(r for part in gathered for r in part[name]) for name in scores}
+    return [
+        Result(
+            name,
+            sum(r[1] for r in rows) / max(len(rows), 1),
+            sum(r[2] for r in rows) / max(len(rows), 1),
+            len(rows),
+        )
+        for name, rows in scores.items()
+    ]
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    lines = ["| configuration | mIoU | mBIoU | objects |", "|---|---:|---:|---:|"]
+    lines += [f"| {r.name} | {r.miou:.4f} | {r.mbiou:.4f} | {r.count} |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: Sequence[Result], out: Path, details: dict[str, Any]) -> tuple[Path, Path]:
+    """`out/eval.md` (the table) and `out/eval.json` (the table and how it was made), atomically."""
+    table = markdown_table(results)
+    payload = {**details, "results": [r.__dict__ for r in results]}
+    markdown = atomic_write(out / "eval.md", lambda tmp: tmp.write_text(table))
+    data = atomic_write(out / "eval.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+    return markdown, data
+
+
+def distributed_from_environment() -> bool:
+    """Joins the `torchrun` process group when there is one (gloo on CPU, NCCL on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False

@@ -1,0 +1,146 @@
+"""Training samples: image + mask from a dataset folder, augmented, at the model's input frame, with a prompt.
+
+Every random choice of a sample comes from a generator seeded with (seed, epoch, index): a sample is the same
+whichever process draws it, and a resumed run sees exactly what an uninterrupted one would.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from PIL import Image
+from torch import Tensor
+
+from finesam.processing import PIXEL_MEAN, PIXEL_STD, as_rgb, resized_shape
+from finesam.training.config import DataConfig, PromptConfig
+
+
+def sample_generator(seed: int, epoch: int, index: int, stream: str = "") -> torch.Generator:
+    """A generator that depends only on (seed, epoch, index, stream)."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{index}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One training prompt in model-input pixels (as `SegmentAnything.decode` takes it)."""
+
+    points: Tensor | None = None  # (1, N, 2)
+    labels: Tensor | None = None  # (1, N)
+    boxes: Tensor | None = None  # (1, 4)
+    mask_input: Tensor | None = None  # (1, 1, L, L)
+
+
+@dataclass(frozen=True)
+class Sample:
+    pixels: Float[Tensor, "3 size size"]  # normalised and padded, as the encoder takes it
+    target: Float[Tensor, "1 low low"]  # the mask at the decoder's output resolution, in [0, 1]
+    prompt: Prompt
+    image_path: Path
+
+
+def load_pair(image_path: Path, mask_path: Path) -> tuple[Image.Image, Float[Tensor, "height width"]]:
+    image = as_rgb(Image.open(image_path))
+    mask = Image.open(mask_path)
+    mask = mask.convert("L") if mask.mode not in ("L", "1") else mask
+    target = torch.from_numpy(np.asarray(mask, dtype=np.float32) > 127.5).float()
+    if target.shape != (image.height, image.width):
+        raise ValueError(
+            f"{mask_path}: mask is {target.shape[1]}x{target.shape[0]}, image {image.width}x{image.height}"
+        )
+    return image, target
+
+
+def to_input_frame(
+    image: Image.Image, mask: Tensor, size: int, config: DataConfig, g: torch.Generator
+) -> tuple[Float[Tensor, "3 size size"], Float[Tensor, "size size"]]:
+    """Flip / large-scale jitter (when enabled), resize with the longest side at `size` x scale, then crop or pad
+    to `size` x `size`: the image normalised (padding 0 after normalisation, as SAM's), the mask in [0, 1]."""
+    if config.flip and torch.rand((), generator=g) < 0.5:
+        image, mask = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mask.flip(-1)
+    scale = 1.0
+    if config.scale_jitter is not None:
+        low, high = config.scale_jitter
+        scale = low + (high - low) * torch.rand((), generator=g).item()
+    height, width = resized_shape(image.height, image.width, max(1, round(size * scale)))
+    # the predictor's resize (PIL bilinear on uint8): without jitter, training sees what inference sees
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    pixels = torch.from_numpy(resized.copy()).permute(2, 0, 1).float()
+    mask = F.interpolate(mask[None, None], (height, width), mode="bilinear", align_corners=False)[0, 0]
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    pixels = (pixels - mean) / std
+    top = int(torch.randint(0, height - size + 1, (), generator=g)) if height > size else 0
+    left = int(torch.randint(0, width - size + 1, (), generator=g)) if width > size else 0
+    pixels, mask = pixels[:, top : top + size, left : left + size], mask[top : top + size, left : left + size]
+    pad = (0, size - pixels.shape[-1], 0, size - pixels.shape[-2])
+    return F.pad(pixels, pad), F.pad(mask, pad)
+
+
+def mask_box(mask: Tensor) -> Tensor | None:
+    """(x1, y1, x2, y2) of the pixels > 0.5 (pixel indices), or None for an empty mask."""
+    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+    if len(xs) == 0:
+        return None
+    return torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
+
+
+def noisy_box(box: Tensor, scale: float, size: int, g: torch.Generator) -> Tensor:
+    """Moves the centre by up to ±half the size and changes each side by up to ±its length (times `scale`)."""
+    centre, extent = (box[:2] + box[2:]) / 2, box[2:] - box[:2]
+    jitter = (torch.rand(4, generator=g) * 2 - 1) * torch.cat([extent / 2, extent]) * scale
+    centre, extent = centre + jitter[:2], extent + jitter[2:]
+    corners = torch.cat([centre - extent / 2, centre + extent / 2]).clamp(0, size)
+    return torch.cat([torch.minimum(corners[:2], corners[2:]), torch.maximum(corners[:2], corners[2:])])
+
+
+def noisy_mask(target: Tensor, value: float, g: torch.Generator) -> Tensor:
+    """Flips pixels near the mask's edges: Gaussian noise (sigma 1) where the mask differs from its 8x
+    down-and-up-sampled version, thresholded at 0.5; given as 0 / `value` (HQ-SAM's mask prompt)."""
+    low = target.shape[-1]
+    coarse = F.interpolate(target[None], (max(1, low // 8),) * 2, mode="bilinear", align_corners=False)
+    coarse = F.interpolate(coarse, (low, low), mode="bilinear", align_corners=False)[0]
+    edges = ((target - coarse).abs() >= 0.01).float()
+    noise = torch.randn(target.shape, generator=g) * edges
+    return ((target + noise) > 0.5).float()[None] * value
+
+
+def sample_prompt(mask: Tensor, target: Tensor, config: PromptConfig, size: int, g: torch.Generator) -> Prompt:
+    """A box, foreground points or a noisy mask (drawn uniformly among `config.kinds`) for `mask`."""
+    kind = config.kinds[int(torch.randint(0, len(config.kinds), (), generator=g))]
+    box = mask_box(mask)
+    if box is None:  # nothing left of the object (cropped away): the whole image
+        return Prompt(boxes=torch.tensor([[0.0, 0.0, float(size), float(size)]]))
+    if kind == "box":
+        return Prompt(boxes=noisy_box(box, config.box_noise_scale, size, g)[None])
+    if kind == "points":
+        ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+        chosen = torch.randperm(len(xs), generator=g)[: config.max_points]
+        points = torch.stack([xs[chosen], ys[chosen]], dim=-1).float()[None]
+        return Prompt(points=points, labels=torch.ones(1, points.shape[1], dtype=torch.long))
+    return Prompt(mask_input=noisy_mask(target, config.mask_prompt_value, g))
+
+
+class TrainingSet:
+    """The (image, mask) pairs of a dataset folder as training samples for a model of input size `size`."""
+
+    def __init__(
+        self, pairs: list[tuple[Path, Path]], data: DataConfig, prompts: PromptConfig, size: int, low: int, seed: int
+    ) -> None:
+        self.pairs, self.data, self.prompts = pairs, data, prompts
+        self.size, self.low, self.seed = size, low, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def sample(self, index: int, epoch: int) -> Sample:
+        g = sample_generator(self.seed, epoch, index)
+        image_path, mask_path = self.pairs[index]
+        image, mask = load_pair(image_path, mask_path)
+        pixels, mask = to_input_frame(image, mask, self.size, self.data, g)
+        target = F.interpolate(mask[None, None], (self.low, self.low), mode="bilinear", align_corners=False)[0]
+        return Sample(pixels, target, sample_prompt(mask, target, self.prompts, self.size, g), image_path)

@@ -1,0 +1,293 @@
+"""The training loop: adapters on a frozen base, checkpoints and exact resume, metrics, torchrun scale-out."""
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from finesam.datasets import list_pairs
+from finesam.io import atomic_write
+from finesam.model.sam import SegmentAnything
+from finesam.training.adapters import build_adapters, save_adapter
+from finesam.training.cache import EmbeddingCache
+from finesam.training.config import TrainConfig
+from finesam.training.data import Prompt, Sample, TrainingSet, sample_generator
+from finesam.training.loss import point_sampled_loss
+from finesam.training.plot import plot_loss
+from finesam.weights import load_checkpoint, weights_digest
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a `torchrun` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+class AdapterLoss(nn.Module):
+    """The trainable part seen by the optimiser and DistributedDataParallel: the adapters' parameters only.
+
+    The frozen base is held outside the module tree, so DDP neither broadcasts nor synchronises it.
+    """
+
+    def __init__(self, model: SegmentAnything, adapters: dict[str, Any], config: TrainConfig) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict(adapters)
+        self._model = [model]
+        self.config = config
+
+    def forward(
+        self, embeddings: Tensor, features: list[dict[str, Tensor]], samples: list[Sample], generators: list[Any]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        model, loss_config = self._model[0], self.config.loss
+        totals = []
+        for i, sample in enumerate(samples):
+            prompt: Prompt = sample.prompt
+            logits, _ = model.decode(
+                embeddings[i : i + 1],
+                points=prompt.points,
+                labels=prompt.labels,
+                boxes=prompt.boxes,
+                mask_input=None if prompt.mask_input is None else prompt.mask_input.to(embeddings.device),
+                image_features=features[i],
+            )
+            totals.append(
+                point_sampled_loss(
+                    logits[:, :1].float(),
+                    sample.target[None].to(logits.device),
+                    generators[i],
+                    num_points=loss_config.num_points,
+                    oversample_ratio=loss_config.oversample_ratio,
+                    importance_sample_ratio=loss_config.importance_sample_ratio,
+                )
+            )
+        bce = torch.stack([t.bce for t in totals]).mean()
+        dice = torch.stack([t.dice for t in totals]).mean()
+        return bce + dice, bce.detach(), dice.detach()
+
+
+class Trainer:
+    """Fine-tunes the adapters of a `TrainConfig` on a frozen base model (see docs/training.md)."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+        self.config, self.progress = config, progress
+        self.dist = Distributed.from_environment()
+        device = torch.device(config.run.device)
+        if self.dist.world > 1:
+            if device.type == "cuda":
+                device = torch.device("cuda", self.dist.local_rank)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device
+        torch.manual_seed(config.run.seed)  # new adapter weights: the same in every process
+        model, official_hq = load_checkpoint(config.model.weights, device)
+        model.eval()  # the base stays in inference behaviour (TinyViT BatchNorm statistics)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.model = model
+        self.adapters = build_adapters(config, model, official_hq)
+        for adapter in self.adapters.values():
+            adapter.to(device)
+            adapter.inject()
+            for parameter in adapter.parameters():
+                parameter.requires_grad_(True)
+        self.loss = AdapterLoss(model, self.adapters, config)
+        trainable = {id(p) for p in self.loss.parameters()}
+        self.encoder_trains = any(id(p) in trainable for p in model.image_encoder.parameters())
+        self.step_loss: nn.Module = (
+            DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None)
+            if self.dist.world > 1
+            else self.loss
+        )
+        optim = config.optim
+        self.optimizer = torch.optim.Adam(self.loss.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, optim.lr_drop_epoch, optim.gamma)
+
+        pairs = list_pairs(config.data.train)
+        if len(pairs) < optim.batch_size:
+            raise ValueError(f"{config.data.train}: {len(pairs)} samples, fewer than batch_size {optim.batch_size}")
+        if optim.batch_size % self.dist.world:
+            raise ValueError(f"batch_size {optim.batch_size} does not split over {self.dist.world} processes")
+        self.data = TrainingSet(
+            pairs, config.data, config.prompts, model.config.image_size, model.config.mask_input_size, config.run.seed
+        )
+        self.steps_per_epoch = len(pairs) // optim.batch_size  # the last incomplete batch is dropped
+        self.total_steps = self.steps_per_epoch * optim.epochs
+        self.out = config.run.out
+        self.cache = self._cache() if config.data.cache and not self.encoder_trains else None
+        self.step = 0
+        self.rows: list[dict[str, float]] = []
+        if resume:
+            self._resume()
+        elif (self.out / CHECKPOINT).exists():
+            raise ValueError(f"{self.out} already holds a run: resume it (--resume) or choose another [run] out")
+
+    def _cache(self) -> EmbeddingCache:
+        image_keys = sorted(self.model.use_context("image"))
+        key = {
+            "weights": weights_digest(self.model.image_encoder.state_dict()),
+            "size": self.model.config.image_size,
+            "dtype": str(self.model.image_encoder.dtype),
+            "features": image_keys,
+        }
+        return EmbeddingCache(self.out / "embedding-cache", key)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        state = {
+            "step": self.step,
+            "adapters": {name: adapter.state_dict() for name, adapter in self.adapters.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "metrics": self.rows,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.out / CHECKPOINT, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+    def _resume(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise ValueError(f"nothing to resume: {path} does not exist")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if sorted(state["adapters"]) != sorted(self.adapters):
+            raise ValueError(f"{path} trained {sorted(state['adapters'])}, the config trains {sorted(self.adapters)}")
+        for name, adapter in self.adapters.items():
+            adapter.load_state_dict(state["adapters"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.rows = [row for row in state["metrics"] if row["step"] <= self.step]
+
+    # -- one step -------------------------------------------------------------------------------------------
+
+    def _batch(self, step: int) -> tuple[int, list[int]]:
+        """The epoch of `step` and this process's share of its global batch (the same for any world size)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.data), generator=sample_generator(self.config.run.seed, epoch, -1, "order"))
+        size = self.config.optim.batch_size
+        batch = order[position * size : (position + 1) * size].tolist()
+        return epoch, batch[self.dist.rank :: self.dist.world]
+
+    def _encode(self, samples: list[Sample]) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """Embeddings and per-image features, from the cache where possible; with gradients only if an
+        adapter trains inside the encoder."""
+        results: list[tuple[Tensor, dict[str, Tensor]] | None] = [None] * len(samples)
+        if self.cache is not None:
+            results = [self.cache.get(s.image_path) for s in samples]
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            pixels = torch.stack([samples[i].pixels for i in missing]).to(self.device, self.model.image_encoder.dtype)
+            with torch.set_grad_enabled(self.encoder_trains):
+                embeddings = self.model.encode(pixels)
+            features = self.model.image_features()
+            for j, i in enumerate(missing):
+                mine = {k: v[j : j + 1] for k, v in features.items() if isinstance(v, Tensor)}
+                results[i] = (embeddings[j : j + 1], mine)
+                if self.cache is not None:
+                    self.cache.put(samples[i].image_path, embeddings[j : j + 1], mine)
+        done = [r for r in results if r is not None]
+        embeddings = torch.cat([e.to(self.device) for e, _ in done])
+        return embeddings, [{k: v.to(self.device) for k, v in f.items()} for _, f in done]
+
+    def train_step(self) -> dict[str, float]:
+        epoch, indices = self._batch(self.step)
+        samples = [self.data.sample(i, epoch) for i in indices]
+        embeddings, features = self._encode(samples)
+        generators = [sample_generator(self.config.run.seed, epoch, i, "loss") for i in indices]
+        loss, bce, dice = self.step_loss(embeddings, features, samples, generators)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        values = torch.stack([loss.detach(), bce, dice])
+        if self.dist.world > 1:
+            dist.all_reduce(values)
+            values /= self.dist.world
+        self.step += 1
+        if self.step % self.steps_per_epoch == 0:
+            self.scheduler.step()
+        return {"loss": values[0].item(), "bce": values[1].item(), "dice": values[2].item()}
+
+    # -- the run ----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Path]:
+        """Trains to the end (from where a resumed run stopped); returns the adapter files written."""
+        run = self.config.run
+        start, started = self.step, time.perf_counter()
+        while self.step < self.total_steps:
+            lr = self.optimizer.param_groups[0]["lr"]
+            values = self.train_step()
+            if self.step % run.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - started
+                rate = (self.step - start) * self.config.optim.batch_size / max(elapsed, 1e-9)
+                self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, **values}, rate)
+            if (self.step % run.checkpoint_every == 0 or self.step == self.total_steps) and self.dist.main:
+                self._checkpoint()
+        written: dict[str, Path] = {}
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            written = {name: save_adapter(name, a, self.out) for name, a in self.adapters.items()}
+            self._write_metrics()
+            if self.progress:
+                print(file=sys.stderr)
+        if self.dist.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return written
+
+    def _log(self, row: dict[str, float], rate: float) -> None:
+        if not self.dist.main:
+            return
+        self.rows.append({**row, "samples_per_s": rate})
+        self._write_metrics()
+        if self.progress:
+            width = len(str(self.total_steps))
+            line = (
+                f"step {self.step:{width}d}/{self.total_steps} epoch {math.ceil(row['epoch']):d}/"
+                f"{self.config.optim.epochs} loss {row['loss']:.4f} (bce {row['bce']:.4f} dice {row['dice']:.4f}) "
+                f"{rate:.2f} samples/s"
+            )
+            end = "\r" if sys.stderr.isatty() else "\n"
+            print(line, end=end, file=sys.stderr, flush=True)
+
+    def _write_metrics(self) -> None:
+        if not self.rows:
+            return
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.out / "metrics.csv", lambda tmp: tmp.write_text(text.getvalue()))
+        atomic_write(self.out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(self.rows, indent=1)))
+        plot_loss([int(r["step"]) for r in self.rows], [r["loss"] for r in self.rows], self.out / "loss.png")
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Path]:
+    """Runs a training configuration (see `Trainer`)."""
+    return Trainer(config, resume=resume, progress=progress).run()

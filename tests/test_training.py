@@ -1,0 +1,260 @@
+"""Fine-tuning: what trains, that it learns, exact resume after a kill, torchrun == one process, the cache.
+
+Runs on the small model of conftest (random official weights) and the synthetic thin-structure dataset.
+Tolerances: resume is bit-exact (`torch.equal`); a 2-process gloo run equals a 1-process run with the same
+global batch within 1e-5 max abs on every adapter weight (gradients are averaged in another order).
+"""
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finesam.evaluation import adapter_configuration, evaluate
+from finesam.hq import HQSAMAdapter, load_hq, save_hq
+from finesam.io import read_safetensors
+from finesam.lora import load_lora
+from finesam.metrics import boundary_iou, mask_iou
+from finesam.processing import preprocess_image
+from finesam.synthetic import write_dataset
+from finesam.training.config import load_config, parse_config
+from finesam.training.data import TrainingSet, load_pair
+from finesam.training.trainer import Trainer
+from finesam.weights import load_sam, save_sam
+
+from conftest import SMALL
+from test_cli import finesam
+
+SIZE = 96  # synthetic images: small and quick to draw
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, small) -> Path:
+    return save_sam(small, tmp_path_factory.mktemp("base") / "base.safetensors")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("synthetic")
+    return write_dataset(root / "train", 16, seed=0, size=(SIZE, SIZE)), write_dataset(
+        root / "val", 8, seed=100, size=(SIZE, SIZE)
+    )
+
+
+def write_config(path: Path, base: Path, train: Path, out: Path, extra: str = "", **optim: object) -> Path:
+    options = {"epochs": 2, "batch_size": 4, "lr": 1e-3, **optim}
+    path.write_text(
+        f"""
+[model]
+weights = "{base}"
+{extra}
+[data]
+train = "{train}"
+flip = false
+scale_jitter = false
+cache = true
+[loss]
+num_points = 256
+[optim]
+{chr(10).join(f"{k} = {v}" for k, v in options.items())}
+[run]
+out = "{out}"
+checkpoint_every = 3
+log_every = 1
+"""
+    )
+    return path
+
+
+def test_config_errors(tmp_path, base, data):
+    config = write_config(tmp_path / "ok.toml", base, data[0], tmp_path / "run", "[hq]")
+    assert load_config(config).optim.batch_size == 4
+    bad = {
+        "nothing to train": {"model": {"weights": "w"}, "data": {"train": "d"}},
+        "unknown keys \\['learning_rate'\\]": {
+            "model": {"weights": "w"},
+            "data": {"train": "d"},
+            "hq": {},
+            "optim": {"learning_rate": 1},
+        },
+        "cache = true needs": {"model": {"weights": "w"}, "data": {"train": "d", "cache": True}, "hq": {}},
+        "unknown sections": {"model": {"weights": "w"}, "data": {"train": "d"}, "hq": {}, "extra": {}},
+        "kinds: unknown": {"model": {"weights": "w"}, "data": {"train": "d"}, "hq": {}, "prompts": {"kinds": ["x"]}},
+    }
+    for message, content in bad.items():
+        with pytest.raises(ValueError, match=message):
+            parse_config(content)
+
+
+def test_samples_are_deterministic_and_match_inference_preprocessing(base, data, tmp_path):
+    config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", "[hq]"))
+    pairs = sorted((p, data[0] / "gt" / p.name) for p in (data[0] / "im").iterdir())
+    dataset = TrainingSet(pairs, config.data, config.prompts, SMALL.image_size, SMALL.mask_input_size, seed=0)
+    a, b = dataset.sample(3, epoch=1), dataset.sample(3, epoch=1)
+    assert torch.equal(a.pixels, b.pixels) and torch.equal(a.target, b.target)
+    kinds = {next(k for k in ("boxes", "points", "mask_input") if getattr(a.prompt, k) is not None)}
+    for index in range(len(pairs)):
+        sample = dataset.sample(index, epoch=0)
+        kinds.add(next(k for k in ("boxes", "points", "mask_input") if getattr(sample.prompt, k) is not None))
+        image, mask = load_pair(*pairs[index])
+        expected, (height, width) = preprocess_image(image, SMALL.image_size)
+        assert torch.equal(sample.pixels, expected[0])  # no augmentation: exactly what the predictor feeds
+        prompt = sample.prompt
+        if prompt.points is not None:  # foreground points, inside the object (the mask resized like the image)
+            resized = torch.nn.functional.interpolate(mask[None, None], (height, width), mode="bilinear")[0, 0]
+            for x, y in prompt.points[0].long().tolist():
+                assert resized[y, x] > 0.5
+        if prompt.boxes is not None:
+            assert (prompt.boxes >= 0).all() and (prompt.boxes <= SMALL.image_size).all()
+            assert (prompt.boxes[0, 2:] >= prompt.boxes[0, :2]).all()
+    assert kinds == {"boxes", "points", "mask_input"}
+
+
+def evaluate_val(model, adapters, val: Path) -> tuple[float, float]:
+    configuration = adapter_configuration("x", adapters, hq_mask_only=True)
+    (result,) = evaluate(model, [configuration], val)
+    return result.miou, result.mbiou
+
+
+def test_training_hq_learns_only_adapter_weights_and_beats_the_base(base, data, tmp_path):
+    config = load_config(
+        write_config(
+            tmp_path / "c.toml", base, data[0], tmp_path / "run", "[hq]\n[lora]\nrank = 4", epochs=12, batch_size=4
+        )
+    )
+    trainer = Trainer(config, progress=False)
+    model = trainer.model
+    base_state = {k: v.clone() for k, v in load_sam(base).state_dict().items()}
+    hq, lora = trainer.adapters["hq"], trainer.adapters["lora"]
+    trainable = {id(p) for p in trainer.optimizer.param_groups[0]["params"]}
+    assert trainable == {id(p) for p in [*hq.parameters(), *lora.parameters()]}
+    written = trainer.run()
+    for adapter in (lora, hq):
+        adapter.eject()
+    state = model.state_dict()  # the base after training: bit-identical
+    assert list(state) == list(base_state) and all(torch.equal(state[k], base_state[k]) for k in state)
+
+    rows = [row["loss"] for row in trainer.rows]
+    assert len(rows) == trainer.total_steps == 48
+    first, last = np.mean(rows[:8]), np.mean(rows[-8:])
+    assert last < 0.8 * first, (first, last)
+
+    fresh = load_sam(base)
+    before = evaluate_val(fresh, [], data[1])
+    after = evaluate_val(fresh, [load_hq(fresh, written["hq"]), load_lora(fresh, written["lora"])], data[1])
+    assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.1, (before, after)
+    for name in ("metrics.csv", "metrics.json", "loss.png", "checkpoint.pt"):
+        assert (tmp_path / "run" / name).is_file()
+    assert Image.open(tmp_path / "run" / "loss.png").size == (640, 360)
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(out / "hq.safetensors")[0]
+
+
+def test_resume_after_kill_gives_the_same_weights(base, data, tmp_path):
+    uninterrupted = write_config(tmp_path / "a.toml", base, data[0], tmp_path / "a", "[hq]", epochs=2, batch_size=2)
+    result = finesam("train", "--config", uninterrupted, "--quiet")
+    assert result.returncode == 0, result.stderr
+
+    killed = write_config(tmp_path / "b.toml", base, data[0], tmp_path / "b", "[hq]", epochs=2, batch_size=2)
+    command = [str(Path(sys.executable).with_name("finesam")), "train", "--config", str(killed), "--quiet"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    checkpoint = tmp_path / "b" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < step < 16
+    assert not (tmp_path / "b" / "hq.safetensors").exists()
+
+    again = finesam("train", "--config", killed, "--quiet")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    resumed = finesam("train", "--config", killed, "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = load_metrics(tmp_path / "a")
+    rows_b = load_metrics(tmp_path / "b")
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a] == list(range(1, 17))
+
+
+def load_metrics(out: Path) -> list[dict[str, float]]:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_torchrun_two_processes_equal_one(base, data, tmp_path):
+    one = write_config(tmp_path / "one.toml", base, data[0], tmp_path / "one", "[hq]", epochs=1, batch_size=4)
+    two = write_config(tmp_path / "two.toml", base, data[0], tmp_path / "two", "[hq]", epochs=1, batch_size=4)
+    result = finesam("train", "--config", one, "--quiet")
+    assert result.returncode == 0, result.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "finesam.cli", "train", "--config", str(two), "--quiet"]
+    distributed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert distributed.returncode == 0, distributed.stderr[-3000:]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max((a[k] - HQSAMAdapter(load_sam(base)).state_dict()[k]).abs().max().item() for k in a) > 1e-3
+
+
+def test_embedding_cache_hits_and_invalidates(base, data, tmp_path):
+    config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", "[hq]", epochs=1))
+    trainer = Trainer(config, progress=False)
+    trainer.run()
+    assert trainer.cache is not None and (trainer.cache.misses, trainer.cache.hits) == (16, 0)
+    samples = [trainer.data.sample(i, 1) for i in range(4)]
+    cached, features = trainer._encode(samples)
+    assert trainer.cache.hits == 4 and "early_vit_embedding" in features[0]
+    fresh = trainer.model.encode(torch.stack([s.pixels for s in samples]))
+    assert torch.equal(cached, fresh)
+    # a changed image is a miss, not a stale embedding
+    image = data[0] / "im" / "000000.png"
+    saved = image.read_bytes()
+    try:
+        Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+        assert trainer.cache.get(image) is None
+    finally:
+        image.write_bytes(saved)
+    # other encoder weights: another key
+    other = dataclasses.replace(config, run=dataclasses.replace(config.run, out=tmp_path / "other"))
+    changed = Trainer(other, progress=False)
+    with torch.no_grad():
+        next(changed.model.image_encoder.parameters()).add_(1.0)
+    assert changed._cache().encoder_key != trainer.cache.encoder_key
+
+
+def test_eval_matches_metrics_by_hand_and_writes_a_table(base, data, tmp_path, small):
+    model = load_sam(base)
+    (result,) = evaluate(model, [adapter_configuration("base", [])], data[1], limit=3)
+    ious, bious = [], []
+    for index in range(3):
+        image, mask = load_pair(data[1] / "im" / f"{index:06d}.png", data[1] / "gt" / f"{index:06d}.png")
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        box = [xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()]
+        predicted = model.predict(image, boxes=box).masks[0, 0]
+        ious.append(mask_iou(predicted, mask > 0.5).item())
+        bious.append(boundary_iou(predicted, mask > 0.5).item())
+    assert result.count == 3
+    assert result.miou == pytest.approx(np.mean(ious), abs=1e-6)
+    assert result.mbiou == pytest.approx(np.mean(bious), abs=1e-6)
+
+    hq_file = tmp_path / "hq.safetensors"
+    save_hq(HQSAMAdapter(model), hq_file)
+    out = finesam("eval", data[1], "--weights", base, "--hq", hq_file, "--limit", "3", "--out", tmp_path / "e")
+    assert out.returncode == 0, out.stderr
+    table = (tmp_path / "e" / "eval.md").read_text()
+    assert "| base |" in table and "| hq |" in table
+    assert f"{np.mean(ious):.4f}" in table.splitlines()[2]
+    bad = finesam("eval", data[1], "--weights", base, "--configs", "base,lora", "--out", tmp_path / "f")
+    assert bad.returncode == 2 and "unknown part" in bad.stderr
