@@ -101,6 +101,8 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
     With `hq_mask_only=False` the output is SAM's mask plus the HQ mask, with `True` the HQ mask alone
     (official `hq_token_only`); it can be changed while injected. With `multimask_output=True`, SAM's mask is
     the best of its three by predicted IoU, as in the official package. HQ-SAM outputs one mask per prompt.
+
+    `early_layer` (for variants) is the encoder layer whose output is fused; by default the official one.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         hq_mask_only: bool = False,
         device: Device | str | None = None,
         dtype: DType | None = None,
+        early_layer: fl.Module | None = None,
     ) -> None:
         _ensure_no_hq(target)
         config = target.config
@@ -120,7 +123,7 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
         self._rule = [HQOutputRule(hq_mask_only)]
         self._adapters: list[Adapter[Any]] = [
-            EarlyViTEmbedding(target.image_encoder.early_embedding_layer),
+            EarlyViTEmbedding(target.image_encoder.early_embedding_layer if early_layer is None else early_layer),
             HQFeatures(target.mask_decoder, fusion),
             HQOutputToken(target.ensure_find(OutputTokens), token),
             UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),
