@@ -21,7 +21,6 @@ from PIL import Image
 from finesam.evaluation import adapter_configuration, evaluate
 from finesam.hq import HQSAMAdapter, load_hq, save_hq
 from finesam.io import read_safetensors
-from finesam.lora import load_lora
 from finesam.metrics import boundary_iou, mask_iou
 from finesam.processing import preprocess_image
 from finesam.synthetic import write_dataset
@@ -124,24 +123,30 @@ def evaluate_val(model, adapters, val: Path) -> tuple[float, float]:
     return result.miou, result.mbiou
 
 
-def test_training_hq_learns_only_adapter_weights_and_beats_the_base(base, data, tmp_path):
-    config = load_config(
-        write_config(
-            tmp_path / "c.toml", base, data[0], tmp_path / "run", "[hq]\n[lora]\nrank = 4", epochs=12, batch_size=4
-        )
-    )
+def test_only_adapter_weights_train_and_the_base_is_untouched(base, data, tmp_path):
+    extra = "[hq]\n[lora]\nrank = 4\ntargets = ['decoder', 'encoder_attention']"
+    config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", extra, epochs=1))
     trainer = Trainer(config, progress=False)
-    model = trainer.model
+    assert trainer.encoder_trains and trainer.cache is None  # LoRA in the encoder: no cached embeddings
     base_state = {k: v.clone() for k, v in load_sam(base).state_dict().items()}
     hq, lora = trainer.adapters["hq"], trainer.adapters["lora"]
+    before = {k: v.clone() for k, v in [*hq.state_dict().items(), *lora.state_dict().items()]}
     trainable = {id(p) for p in trainer.optimizer.param_groups[0]["params"]}
     assert trainable == {id(p) for p in [*hq.parameters(), *lora.parameters()]}
-    written = trainer.run()
+    trainer.run()
+    assert all(p.grad is None for p in trainer.model.parameters() if id(p) not in trainable)
+    after = {k: v for k, v in [*hq.state_dict().items(), *lora.state_dict().items()]}
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # every adapter weight trained
     for adapter in (lora, hq):
         adapter.eject()
-    state = model.state_dict()  # the base after training: bit-identical
+    state = trainer.model.state_dict()  # the base after training: bit-identical
     assert list(state) == list(base_state) and all(torch.equal(state[k], base_state[k]) for k in state)
 
+
+def test_training_hq_lowers_the_loss_and_beats_the_base(base, data, tmp_path):
+    config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", "[hq]", epochs=12))
+    trainer = Trainer(config, progress=False)
+    written = trainer.run()
     rows = [row["loss"] for row in trainer.rows]
     assert len(rows) == trainer.total_steps == 48
     first, last = np.mean(rows[:8]), np.mean(rows[-8:])
@@ -149,7 +154,7 @@ def test_training_hq_learns_only_adapter_weights_and_beats_the_base(base, data, 
 
     fresh = load_sam(base)
     before = evaluate_val(fresh, [], data[1])
-    after = evaluate_val(fresh, [load_hq(fresh, written["hq"]), load_lora(fresh, written["lora"])], data[1])
+    after = evaluate_val(fresh, [load_hq(fresh, written["hq"])], data[1])
     assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.1, (before, after)
     for name in ("metrics.csv", "metrics.json", "loss.png", "checkpoint.pt"):
         assert (tmp_path / "run" / name).is_file()

@@ -120,7 +120,8 @@ def load_model(args: argparse.Namespace) -> SegmentAnything:
         adapter.inject()
     elif args.hq_only:
         raise UsageError("--hq-only needs HQ-SAM weights: --hq FILE, or an official HQ-SAM .pth as --weights")
-    return model.set_encoder_dtype(DTYPES[args.dtype])
+    model.set_encoder_dtype(DTYPES[args.dtype])
+    return model.compile_encoder() if getattr(args, "compile", False) else model
 
 
 def run_segment(args: argparse.Namespace) -> None:
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
     segment.add_argument(
         "--dtype", default="float32", choices=sorted(DTYPES), help="image-encoder precision (the decoder stays fp32)"
+    )
+    segment.add_argument(
+        "--compile", action="store_true", help="torch.compile the image encoder (slow first call; for many images)"
     )
     segment.set_defaults(run=run_segment)
 

@@ -238,17 +238,16 @@ class Trainer:
 
     def run(self) -> dict[str, Path]:
         """Trains to the end (from where a resumed run stopped); returns the adapter files written."""
-        run = self.config.run
         start, started = self.step, time.perf_counter()
-        while self.step < self.total_steps:
-            lr = self.optimizer.param_groups[0]["lr"]
-            values = self.train_step()
-            if self.step % run.log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - started
-                rate = (self.step - start) * self.config.optim.batch_size / max(elapsed, 1e-9)
-                self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, **values}, rate)
-            if (self.step % run.checkpoint_every == 0 or self.step == self.total_steps) and self.dist.main:
-                self._checkpoint()
+        # subnormal floats (tiny gradients) make CPU kernels 10-30x slower; flushing them to zero changes
+        # nothing measurable (they are below 1.2e-38)
+        flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
+        try:
+            while self.step < self.total_steps:
+                self._one_step(start, started)
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
         written: dict[str, Path] = {}
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +259,17 @@ class Trainer:
             dist.barrier()
             dist.destroy_process_group()
         return written
+
+    def _one_step(self, start: int, started: float) -> None:
+        run = self.config.run
+        lr = self.optimizer.param_groups[0]["lr"]
+        values = self.train_step()
+        if self.step % run.log_every == 0 or self.step == self.total_steps:
+            elapsed = time.perf_counter() - started
+            rate = (self.step - start) * self.config.optim.batch_size / max(elapsed, 1e-9)
+            self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, **values}, rate)
+        if (self.step % run.checkpoint_every == 0 or self.step == self.total_steps) and self.dist.main:
+            self._checkpoint()
 
     def _log(self, row: dict[str, float], rate: float) -> None:
         if not self.dist.main:
