@@ -7,6 +7,7 @@ stability score within 1e-4.
 """
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from finesam.weights import build_from_official
 
 from conftest import SMALL, photo
 from official import build_official, segment_anything, segment_anything_hq
+from test_cli import finesam
 from test_hq import with_adapter
 
 MIN_MASKS = 5
@@ -245,3 +247,53 @@ def test_nms_matches_reference_on_random_boxes():
     for threshold in (0.3, 0.7, 0.9):
         expected = _batched_nms(boxes, scores, torch.zeros(300), threshold)
         assert torch.equal(non_maximum_suppression(boxes, scores, threshold), expected)
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory, official_sam, dog):
+    directory = tmp_path_factory.mktemp("everything")
+    torch.save(official_sam.state_dict(), directory / "sam_small.pth")
+    Image.fromarray(dog).save(directory / "dog.png")
+    return directory / "sam_small.pth", directory / "dog.png"
+
+
+CLI_OPTIONS = ["--points-per-side", "8", "--pred-iou-thresh", "0.1", "--stability-score-thresh", "0.3"]
+CLI_OPTIONS += ["--stability-score-offset", "0.01"]
+
+
+@pytest.mark.parametrize("output_format", ["png", "coco"])
+def test_cli_everything_writes_the_official_masks(tmp_path, cli_inputs, official_sam, dog, output_format):
+    weights, image = cli_inputs
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "0999.png").write_bytes(b"from an earlier run")
+    result = finesam("everything", image, "--weights", weights, "--out", out, "--format", output_format, *CLI_OPTIONS)
+    assert result.returncode == 0, result.stderr
+    expected = segment_anything.SamAutomaticMaskGenerator(official_sam, **OPTIONS).generate(dog)
+    document = json.loads((out / "masks.json").read_text())
+    assert document["image"] == {"file_name": "dog.png", "height": dog.shape[0], "width": dog.shape[1]}
+    annotations = document["annotations"]
+    assert len(annotations) == len(expected) >= MIN_MASKS
+    assert f"{len(expected)} masks" in result.stdout
+    for i, (annotation, reference) in enumerate(zip(annotations, expected, strict=True)):
+        assert annotation["id"] == i
+        assert annotation["bbox"] == reference["bbox"] and annotation["crop_box"] == reference["crop_box"]
+        assert abs(annotation["predicted_iou"] - reference["predicted_iou"]) <= SCORE_TOLERANCE
+        if output_format == "png":
+            mask = np.asarray(Image.open(out / annotation["file"])) == 255
+        else:
+            mask = rle_to_mask(annotation["segmentation"])
+        assert mask_iou(mask, reference["segmentation"]) >= MIN_IOU
+    assert not (out / "masks" / "0999.png").exists() or output_format == "coco"
+    with Image.open(out / "overlay.png") as picture:
+        assert picture.size == (dog.shape[1], dog.shape[0])
+
+
+def test_cli_everything_errors(tmp_path, cli_inputs):
+    weights, image = cli_inputs
+    result = finesam("everything", image, "--weights", weights, "--out", tmp_path, "--points-per-side", "0")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("finesam everything: error: points_per_side 0 gives no point")
+    result = finesam("everything", image, "--weights", weights, "--out", tmp_path, "--hq-only")
+    assert result.returncode == 2 and "--hq-only needs HQ-SAM weights" in result.stderr
