@@ -90,3 +90,12 @@ def test_small_regions_match_opencv(mask, min_area, mode):
     actual, changed = remove_small_regions(mask, min_area, mode)
     assert changed == expected_changed
     assert np.array_equal(actual, expected)
+
+
+def test_small_islands_tie_keeps_the_one_opencv_numbers_first():
+    """Every island is small and two are the largest: OpenCV numbers regions by 2x2 blocks, not by pixels."""
+    mask = np.zeros((6, 7), dtype=bool)
+    mask[0, 5] = mask[1, 3] = mask[2, 1] = True
+    expected, _ = opencv_reference(mask, 2, "islands")
+    actual, changed = remove_small_regions(mask, 2, "islands")
+    assert changed and np.array_equal(actual, expected) and actual[1, 3] and actual.sum() == 1

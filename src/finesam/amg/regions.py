@@ -29,6 +29,18 @@ def remove_small_regions(
     else:
         big = ~small
         if not big.any():
-            big[np.argmax(sizes)] = True
+            big[_first_largest(regions, sizes) - 1] = True
         filled = np.concatenate(([False], big))
     return filled[regions], True
+
+
+def _first_largest(regions: np.ndarray, sizes: np.ndarray) -> int:
+    """The label of the largest region; among equals, the first in OpenCV's numbering, which scans the image by
+    2x2 blocks (rows of blocks, top to bottom): the official generator keeps that one."""
+    largest = np.flatnonzero(sizes == sizes.max()) + 1
+    if len(largest) == 1:
+        return int(largest[0])
+    rows, columns = np.indices(regions.shape)
+    block = (rows // 2) * ((regions.shape[1] + 1) // 2) + columns // 2
+    first_block = np.asarray(ndimage.minimum(block, regions, largest))
+    return int(largest[np.argmin(first_block)])  # two regions never start in one block: 8-connected
