@@ -42,6 +42,7 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_hq.py
 	$(BIN)/python benchmarks/bench_loading.py --size vit_b
 	$(BIN)/python benchmarks/bench_memory.py --size vit_b --count 20
+	$(BIN)/python benchmarks/bench_amg.py --size vit_b --points-per-side 8 --repeats 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,7 +4,8 @@ The official packages import torchvision at import time (for a PIL resize and fo
 generator), and segment_anything_hq imports timm for TinyViT, but their model code never needs them;
 torchvision has no CPU build that loads with our torch. `install_stand_ins` registers tiny modules in their
 place: `resize` is the PIL bilinear resize torchvision performs on PIL images, which is what `SamPredictor`
-uses.
+uses; `batched_nms` and `box_area` are plain reference versions of torchvision's, for the official
+`SamAutomaticMaskGenerator`.
 """
 
 import sys
@@ -28,8 +29,42 @@ def _resize(image: Image.Image, size: tuple[int, int] | list[int]) -> Image.Imag
     return image.resize((width, height), Image.Resampling.BILINEAR)
 
 
-def _unavailable(*_: Any, **__: Any) -> Any:
-    raise NotImplementedError("torchvision stand-in: not needed by the parity tests")
+def _box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """torchvision's `box_area`: (x2 - x1) * (y2 - y1) of x1, y1, x2, y2 boxes, in their dtype."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """torchvision's `batched_nms`, written plainly as the reference for the automatic mask generator tests.
+
+    Boxes of different categories never overlap (each category is shifted by more than the largest coordinate);
+    then greedy NMS: visit boxes by descending score (ties in input order), keep a box unless an already kept
+    box overlaps it with IoU > `iou_threshold`, computed in the boxes' precision as torchvision does. Returns the
+    kept indices by descending score.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64)
+    shifted = (boxes + (idxs.to(boxes) * (boxes.max() + 1))[:, None]).numpy()
+    area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
+    kept: list[int] = []
+    with np.errstate(invalid="ignore"):  # 0 / 0 for two empty boxes: NaN, which suppresses nothing
+        _greedy(shifted, area, torch.sort(scores, descending=True, stable=True).indices.tolist(), iou_threshold, kept)
+    return torch.tensor(kept, dtype=torch.int64)
+
+
+def _greedy(boxes: np.ndarray, area: np.ndarray, order: list[int], iou_threshold: float, kept: list[int]) -> None:
+    for i in order:
+        x1, y1, x2, y2 = boxes[i]
+        suppressed = False
+        for j in kept:
+            width = max(min(x2, boxes[j, 2]) - max(x1, boxes[j, 0]), 0)
+            height = max(min(y2, boxes[j, 3]) - max(y1, boxes[j, 1]), 0)
+            inter = width * height
+            if inter / (area[j] + area[i] - inter) > iou_threshold:
+                suppressed = True
+                break
+        if not suppressed:
+            kept.append(i)
 
 
 class _DropPath(torch.nn.Module):
@@ -57,7 +92,7 @@ def install_stand_ins() -> None:
         "torchvision.transforms": {},
         "torchvision.transforms.functional": {"resize": _resize, "to_pil_image": _to_pil_image},
         "torchvision.ops": {},
-        "torchvision.ops.boxes": {"batched_nms": _unavailable, "box_area": _unavailable},
+        "torchvision.ops.boxes": {"batched_nms": _batched_nms, "box_area": _box_area},
         "timm": {},
         "timm.models": {},
         "timm.models.layers": {

@@ -1,11 +1,24 @@
 """Drawing masks and prompts over an image: the picture people look at."""
 
+import colorsys
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 PALETTE = ((30, 144, 255), (255, 99, 71), (60, 179, 113), (238, 130, 238), (255, 215, 0), (0, 206, 209))
+GOLDEN_RATIO = (5**0.5 - 1) / 2
+
+
+def distinct_colours(count: int) -> list[tuple[int, int, int]]:
+    """`count` RGB colours, neighbours far apart: the palette, then hues a golden-ratio turn apart."""
+    colours = list(PALETTE[:count])
+    for i in range(count - len(colours)):
+        hue = (0.1 + i * GOLDEN_RATIO) % 1.0
+        saturation, value = (0.85, 0.95) if i % 2 == 0 else (0.6, 0.8)
+        red, green, blue = colorsys.hsv_to_rgb(hue, saturation, value)
+        colours.append((round(255 * red), round(255 * green), round(255 * blue)))
+    return colours
 
 
 def overlay(
@@ -14,14 +27,17 @@ def overlay(
     boxes: Sequence[Sequence[float]] = (),
     points: Sequence[tuple[float, float, int]] = (),
     alpha: float = 0.5,
+    colours: Sequence[tuple[int, int, int]] | None = None,
 ) -> Image.Image:
     """The image with each (H, W) boolean mask tinted in its own colour, boxes outlined, points marked.
 
-    Foreground points are drawn green, background points red.
+    Masks take `colours` in turn (by default the palette, repeated). Foreground points are drawn green,
+    background points red.
     """
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    palette = colours or PALETTE
     for i, mask in enumerate(masks):
-        colour = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
+        colour = np.array(palette[i % len(palette)], dtype=np.float32)
         base[mask] = (1 - alpha) * base[mask] + alpha * colour
     result = Image.fromarray(base.round().astype(np.uint8))
     draw = ImageDraw.Draw(result)
