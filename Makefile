@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # This machine kind has a local CPU wheel of this exact version; asking for plain `torch` pulls GBs of CUDA.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench bench-compile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_loading.py --size vit_b
 	$(BIN)/python benchmarks/bench_memory.py --size vit_b --count 20
 	$(BIN)/python benchmarks/bench_amg.py --size vit_b --points-per-side 8 --repeats 2
+
+# compiled mode: two ViT-B compilations, ~8 minutes on 2 cores
+bench-compile: $(VENV)/.test
+	$(BIN)/python benchmarks/bench_compile.py --size vit_b
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

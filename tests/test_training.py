@@ -22,10 +22,10 @@ from finesam.evaluation import adapter_configuration, evaluate
 from finesam.hq import HQSAMAdapter, load_hq, save_hq
 from finesam.io import read_safetensors
 from finesam.metrics import boundary_iou, mask_iou
-from finesam.processing import preprocess_image
+from finesam.processing import PIXEL_MEAN, PIXEL_STD, preprocess_image
 from finesam.synthetic import write_dataset
 from finesam.training.config import load_config, parse_config
-from finesam.training.data import TrainingSet, load_pair
+from finesam.training.data import TrainingSet, load_pair, sample_generator, to_input_frame
 from finesam.training.trainer import Trainer
 from finesam.weights import load_sam, save_sam
 
@@ -263,3 +263,25 @@ def test_eval_matches_metrics_by_hand_and_writes_a_table(base, data, tmp_path, s
     assert f"{np.mean(ious):.4f}" in table.splitlines()[2]
     bad = finesam("eval", data[1], "--weights", base, "--configs", "base,lora", "--out", tmp_path / "f")
     assert bad.returncode == 2 and "unknown part" in bad.stderr
+
+
+def test_augmentation_keeps_image_and_mask_aligned(data):
+    """Flips and large-scale jitter move image and mask together: the synthetic objects are painted bright
+    (max channel >= 136) on a darker background (<= 119), so the jittered mask must still cover bright pixels."""
+    config = dataclasses.replace(
+        parse_config({"model": {"weights": "w"}, "data": {"train": "d"}, "hq": {}}).data, scale_jitter=(0.5, 2.0)
+    )
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    flipped = set()
+    for index in range(8):
+        image, mask = load_pair(data[0] / "im" / f"{index:06d}.png", data[0] / "gt" / f"{index:06d}.png")
+        g = sample_generator(0, 0, index)
+        pixels, frame_mask = to_input_frame(image, mask, SMALL.image_size, config, g)
+        brightness = (pixels * std + mean).max(dim=0).values
+        inside, outside = brightness[frame_mask > 0.9], brightness[frame_mask < 0.1]
+        if inside.numel() == 0:  # the object was cropped away
+            continue
+        assert inside.mean() - outside.mean() > 30, index
+        flipped.add(bool(torch.rand((), generator=sample_generator(0, 0, index)) < 0.5))  # the first draw
+    assert flipped == {True, False}  # both cases were checked

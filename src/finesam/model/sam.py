@@ -146,9 +146,11 @@ class SegmentAnything(fl.Chain):
         ]
 
     def encode(self, pixels: Float[Tensor, "batch 3 size size"]) -> Float[Tensor, "batch dim grid grid"]:
-        """Runs the first stage (the image encoder and whatever adapts it) on preprocessed pixels."""
+        """Runs the first stage (the image encoder and whatever adapts it) on preprocessed pixels, cast to the
+        encoder's precision."""
         image = self._reset_image_features()  # a new image: nothing computed for the previous one applies
-        embedding = next(iter(self))(pixels)
+        encoder_dtype = self.image_encoder.dtype
+        embedding = next(iter(self))(pixels if encoder_dtype is None else pixels.to(encoder_dtype))
         embedding = embedding[0] if isinstance(embedding, tuple) else embedding  # a Passthrough returns a 1-tuple
         # the encoder may run in another precision than the decoder (see `set_encoder_dtype`)
         decoder_dtype = self.mask_decoder.dtype
