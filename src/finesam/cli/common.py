@@ -1,0 +1,77 @@
+"""What the sub-commands share: errors, argument types, loading the model, atomic outputs."""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from finesam.hq.weights import load_hq
+from finesam.model import SegmentAnything
+from finesam.weights import atomic_write, load_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs, reported without a traceback."""
+
+
+def floats(text: str, counts: tuple[int, ...], what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if len(values) not in counts:
+        raise argparse.ArgumentTypeError(f"{what} takes {' or '.join(map(str, counts))} numbers, got {text!r}")
+    return values
+
+
+def suffixed(path: Path, index: int, count: int) -> Path:
+    """`path` itself for a single output, else `stem_<index>` + suffix."""
+    return path if count == 1 else path.with_name(f"{path.stem}_{index}{path.suffix}")
+
+
+def save_mask(mask: np.ndarray, path: Path) -> Path:
+    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def save_array(array: np.ndarray, path: Path) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    return atomic_write(path, write)
+
+
+def write_json(data: Any, path: Path) -> Path:
+    text = json.dumps(data, indent=1)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
+
+    return atomic_write(path, write)
+
+
+def load_model(args: argparse.Namespace) -> SegmentAnything:
+    """The model of `--weights` on `--device` in `--dtype`, with the HQ adapter injected when there is one."""
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UsageError(f"--device {args.device} is not usable here: {str(e).splitlines()[0]}") from None
+    model, adapter = load_checkpoint(args.weights, device)
+    if args.hq is not None:
+        adapter = load_hq(model, args.hq)
+    if adapter is not None:
+        adapter.hq_mask_only = args.hq_only
+        adapter.inject()
+    elif args.hq_only:
+        raise UsageError("--hq-only needs HQ-SAM weights: --hq FILE, or an official HQ-SAM .pth as --weights")
+    model.set_encoder_dtype(DTYPES[args.dtype])
+    return model.compile_encoder() if getattr(args, "compile", False) else model

@@ -1,0 +1,176 @@
+"""`finesam convert`, `segment`, `download`, `demo`."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from finesam.cli.common import DTYPES, UsageError, floats, load_model, save_array, save_mask, suffixed
+from finesam.demo import cache_dir, demo
+from finesam.download import CHECKPOINTS, DownloadError, download
+from finesam.overlay import overlay
+from finesam.processing import as_rgb
+from finesam.weights import atomic_write, convert_checkpoint
+
+
+def _box(text: str) -> list[float]:
+    return floats(text, (4,), "--box X1,Y1,X2,Y2")
+
+
+def _point(text: str) -> list[float]:
+    values = floats(text, (2, 3), "--point X,Y[,LABEL]")
+    if len(values) == 3 and values[2] not in (0, 1):
+        raise argparse.ArgumentTypeError(f"--point LABEL must be 1 (foreground) or 0 (background), got {text!r}")
+    return values if len(values) == 3 else [*values, 1.0]
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    report = convert_checkpoint(args.checkpoint, args.out)
+    for path in report.written:
+        print(path)
+    print(report.summary(), file=sys.stderr)
+
+
+PROMPT_KEYS = {"box", "points", "labels", "multimask"}
+
+
+def read_prompt_file(path: Path) -> list[dict[str, Any]]:
+    """Prompts from JSON: a list (or {"prompts": [...]}) of {"box": [x1, y1, x2, y2], "points": [[x, y], ...],
+    "labels": [1, 0, ...], "multimask": bool}, each with a box and/or points."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read prompts from {path}: {e}") from None
+    prompts = data.get("prompts") if isinstance(data, dict) else data
+    if not isinstance(prompts, list) or not prompts:
+        raise UsageError(f'{path}: expected a non-empty list of prompts (or {{"prompts": [...]}})')
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, dict) or not ({"box", "points"} & prompt.keys()):
+            raise UsageError(f'{path}: prompt {i}: expected an object with "box" and/or "points"')
+        if unknown := sorted(prompt.keys() - PROMPT_KEYS):
+            raise UsageError(f"{path}: prompt {i}: unknown keys {unknown} (known: {sorted(PROMPT_KEYS)})")
+    return prompts
+
+
+def command_line_prompt(args: argparse.Namespace) -> dict[str, Any]:
+    prompt: dict[str, Any] = {"multimask": args.multimask}
+    if args.box:
+        prompt["box"] = args.box
+    if args.point:
+        prompt["points"] = [p[:2] for p in args.point]
+        prompt["labels"] = [int(p[2]) for p in args.point]
+    return prompt
+
+
+def run_segment(args: argparse.Namespace) -> None:
+    if args.prompts is not None and (args.box or args.point):
+        raise UsageError("give prompts either with --prompts or with --box/--point, not both")
+    if args.prompts is None and not args.box and not args.point:
+        raise UsageError("give at least one --box or --point (or --prompts PROMPTS.json)")
+    prompts = read_prompt_file(args.prompts) if args.prompts is not None else [command_line_prompt(args)]
+    try:
+        image = as_rgb(Image.open(args.image))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read image {args.image}: {e}") from None
+    model = load_model(args)
+    embedding = model.encode_image(image)  # once, for every prompt
+    results: list[tuple[torch.Tensor, float]] = []
+    for i, prompt in enumerate(prompts):
+        try:
+            prediction = model.predict(
+                embedding,
+                points=prompt.get("points"),
+                labels=prompt.get("labels"),
+                boxes=prompt.get("box"),
+                multimask_output=bool(prompt.get("multimask", args.multimask)),
+                return_logits=True,
+            )
+        except ValueError as e:
+            raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
+        logits, scores = prediction.best()
+        results += [(logits[j].float().cpu(), scores[j].item()) for j in range(len(scores))]
+    for i, (logits, score) in enumerate(results):
+        mask_path = save_mask(logits.numpy() > 0, suffixed(args.out, i, len(results)))
+        print(f"{mask_path}\tpredicted IoU {score:.4f}")
+        if args.logits is not None:
+            print(save_array(logits.numpy(), suffixed(args.logits, i, len(results))))
+    if args.overlay is not None:
+        boxes = [b for p in prompts for b in np.asarray(p.get("box", []), dtype=float).reshape(-1, 4).tolist()]
+        points = [
+            (x, y, int(label))
+            for p in prompts
+            for (x, y), label in zip(
+                p.get("points", []), p.get("labels") or [1] * len(p.get("points", [])), strict=False
+            )
+        ]
+        picture = overlay(image, [logits.numpy() > 0 for logits, _ in results], boxes=boxes, points=points)
+        print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
+
+
+def run_download(args: argparse.Namespace) -> None:
+    if args.name not in CHECKPOINTS:
+        raise UsageError(f"unknown checkpoint {args.name!r}; one of: {', '.join(CHECKPOINTS)}")
+    directory = args.dir if args.dir is not None else cache_dir()
+    try:
+        path = download(CHECKPOINTS[args.name], directory, progress=True)
+    except DownloadError as e:
+        raise UsageError(str(e)) from None
+    print(path)
+    report = convert_checkpoint(path, directory)
+    for written in report.written:
+        print(written)
+    print(report.summary(), file=sys.stderr)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    raise SystemExit(demo(args.out_dir))
+
+
+def add_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    convert = commands.add_parser("convert", help="official .pth checkpoint -> safetensors")
+    convert.add_argument("checkpoint", type=Path)
+    convert.add_argument("--out", type=Path, required=True, help="output directory")
+    convert.set_defaults(run=run_convert)
+
+    segment = commands.add_parser("segment", help="segment an image with box and point prompts")
+    segment.add_argument("image", type=Path)
+    segment.add_argument("--weights", type=Path, required=True, help="converted .safetensors or official .pth")
+    segment.add_argument("--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2")
+    segment.add_argument("--prompts", type=Path, metavar="PROMPTS.json", help="many prompts, the image encoded once")
+    segment.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y[,LABEL]")
+    segment.add_argument("--multimask", action="store_true", help="predict 3 masks, keep the best by predicted IoU")
+    segment.add_argument("--out", type=Path, required=True, metavar="MASK.png")
+    segment.add_argument("--logits", type=Path, metavar="LOGITS.npy", help="also save the float32 logits")
+    segment.add_argument(
+        "--hq", type=Path, metavar="HQ.safetensors", help="inject the HQ-SAM adapter with these weights"
+    )
+    segment.add_argument("--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone, not SAM's + HQ's")
+    segment.add_argument("--overlay", type=Path, metavar="OVERLAY.png", help="the image with masks and prompts drawn")
+    segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
+    segment.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="image-encoder precision (the decoder stays fp32)"
+    )
+    segment.add_argument(
+        "--compile", action="store_true", help="torch.compile the image encoder (slow first call; for many images)"
+    )
+    segment.set_defaults(run=run_segment)
+
+    listing = "\n".join(f"  {name:16s} {c.description}" for name, c in CHECKPOINTS.items())
+    fetch = commands.add_parser(
+        "download",
+        help="download an official checkpoint (verified, resumable) and convert it",
+        description=f"checkpoints:\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fetch.add_argument("name", metavar="NAME", help="one of the checkpoints listed above")
+    fetch.add_argument("--dir", type=Path, help="where to put it (default: $FINESAM_HOME or ~/.cache/finesam)")
+    fetch.set_defaults(run=run_download)
+
+    demo_command = commands.add_parser("demo", help="segment the example image (finds or downloads a checkpoint)")
+    demo_command.add_argument("--out-dir", type=Path, default=Path("out"))
+    demo_command.set_defaults(run=run_demo)
