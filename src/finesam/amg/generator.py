@@ -33,7 +33,6 @@ from finesam.amg.rle import RLE, mask_to_rle, masks_to_rle, rle_area, rle_to_mas
 from finesam.hq.layers import HQOutputRule
 from finesam.model.sam import ImageEmbedding, SegmentAnything
 from finesam.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks
-from finesam.prompts import prepare_prompts
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -273,22 +272,10 @@ class AutomaticMaskGenerator:
     ) -> Candidates:
         """Masks for a batch of points in one crop: boxes in crop coordinates, RLE over the whole image."""
         model = self.model
-        prompts = prepare_prompts(
-            points=points[:, None, :],
-            original_size=embedding.original_size,
-            input_size=embedding.input_size,
-            mask_input_size=model.config.mask_input_size,
-        )
-        low_res, iou = model.decode(
-            embedding.embedding,
-            points=prompts.points,
-            labels=prompts.labels,
-            multimask_output=self.multimask_output,
-            image_features=embedding.features,
-        )
-        embedding.features.update(model.image_features())  # keep what the decoder cached for this image
+        multimask = self.multimask_output
+        low_res, iou = model.decode_prompts(embedding, points=points[:, None, :], multimask_output=multimask)
         masks_per_point = low_res.shape[1]
-        low_res, iou = low_res.flatten(0, 1).float(), iou.flatten().float()
+        low_res, iou = low_res.flatten(0, 1), iou.flatten()
         point_of_mask = torch.from_numpy(points).repeat_interleave(masks_per_point, dim=0)
         # the predicted IoU needs no upscaling: filter first, then upscale the survivors a chunk at a time
         selected = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)

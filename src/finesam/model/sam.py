@@ -233,24 +233,18 @@ class SegmentAnything(fl.Chain):
         self._reset_context()
         return x
 
-    @torch.no_grad()
-    def predict(
+    def decode_prompts(
         self,
-        image: ImageLike | ImageEmbedding,
+        embedding: ImageEmbedding,
         *,
         points: Any = None,
         labels: Any = None,
         boxes: Any = None,
         mask_input: Any = None,
         multimask_output: bool = False,
-        return_logits: bool = False,
-    ) -> Prediction:
-        """Masks for one image and a batch of prompts, given in pixels of the original image.
-
-        `points` (N, 2) or (B, N, 2) with `labels` (1 foreground, 0 background; default all foreground),
-        `boxes` (4,) or (B, 4) as x1, y1, x2, y2, `mask_input` the `low_res_logits` of an earlier prediction.
-        """
-        embedding = image if isinstance(image, ImageEmbedding) else self.encode_image(image)
+    ) -> tuple[Float[Tensor, "batch masks low low"], Float[Tensor, "batch masks"]]:
+        """Low-resolution mask logits and predicted IoUs (float32) for prompts in pixels of the original image
+        (as `predict` takes them), on a cached embedding; what the decoder caches for the image is kept in it."""
         prompts: Prompts = prepare_prompts(
             points=points,
             labels=labels,
@@ -270,7 +264,28 @@ class SegmentAnything(fl.Chain):
             image_features=embedding.features,
         )
         embedding.features.update(self.image_features())  # keep what the decoder cached for this image
-        low_res, iou = low_res.float(), iou.float()
+        return low_res.float(), iou.float()
+
+    @torch.no_grad()
+    def predict(
+        self,
+        image: ImageLike | ImageEmbedding,
+        *,
+        points: Any = None,
+        labels: Any = None,
+        boxes: Any = None,
+        mask_input: Any = None,
+        multimask_output: bool = False,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Masks for one image and a batch of prompts, given in pixels of the original image.
+
+        `points` (N, 2) or (B, N, 2) with `labels` (1 foreground, 0 background; default all foreground),
+        `boxes` (4,) or (B, 4) as x1, y1, x2, y2, `mask_input` the `low_res_logits` of an earlier prediction.
+        """
+        embedding = image if isinstance(image, ImageEmbedding) else self.encode_image(image)
+        prompt = dict(points=points, labels=labels, boxes=boxes, mask_input=mask_input)
+        low_res, iou = self.decode_prompts(embedding, **prompt, multimask_output=multimask_output)
         resize = (self.config.image_size, embedding.input_size, embedding.original_size)
         if return_logits:
             return Prediction(postprocess_masks(low_res, *resize), iou, low_res)
