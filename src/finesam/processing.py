@@ -63,16 +63,25 @@ def as_rgb(image: ImageLike) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def resized_and_normalised(
+    image: Image.Image, shape: tuple[int, int], device: torch.device | str | None = None
+) -> Float[Tensor, "3 height width"]:
+    """An RGB image resized to (height, width) as the official predictor does (PIL bilinear on uint8), then
+    normalised with SAM's pixel mean and std."""
+    height, width = shape
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    pixels = torch.from_numpy(resized.copy()).to(device=device).permute(2, 0, 1).float()
+    mean = torch.tensor(PIXEL_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=device).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
 def preprocess_image(
     image: Image.Image, size: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
     """The model input for an RGB image (see `as_rgb`), and the (height, width) the image occupies inside it."""
     height, width = resized_shape(image.height, image.width, size)
-    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
-    pixels = torch.from_numpy(resized.copy()).to(device=device).permute(2, 0, 1).float()
-    mean = torch.tensor(PIXEL_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=device).view(3, 1, 1)
-    normalised = (pixels - mean) / std
+    normalised = resized_and_normalised(image, (height, width), device)
     padded = F.pad(normalised, (0, size - width, 0, size - height))
     return padded.unsqueeze(0).to(dtype=dtype), (height, width)
 

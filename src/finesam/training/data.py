@@ -15,7 +15,7 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
-from finesam.processing import PIXEL_MEAN, PIXEL_STD, as_rgb, resized_shape
+from finesam.processing import as_rgb, resized_and_normalised, resized_shape
 from finesam.training.config import DataConfig, PromptConfig
 
 
@@ -67,13 +67,8 @@ def to_input_frame(
         low, high = config.scale_jitter
         scale = low + (high - low) * torch.rand((), generator=g).item()
     height, width = resized_shape(image.height, image.width, max(1, round(size * scale)))
-    # the predictor's resize (PIL bilinear on uint8): without jitter, training sees what inference sees
-    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
-    pixels = torch.from_numpy(resized.copy()).permute(2, 0, 1).float()
+    pixels = resized_and_normalised(image, (height, width))  # without jitter: exactly what inference sees
     mask = F.interpolate(mask[None, None], (height, width), mode="bilinear", align_corners=False)[0, 0]
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    pixels = (pixels - mean) / std
     top = int(torch.randint(0, height - size + 1, (), generator=g)) if height > size else 0
     left = int(torch.randint(0, width - size + 1, (), generator=g)) if width > size else 0
     pixels, mask = pixels[:, top : top + size, left : left + size], mask[top : top + size, left : left + size]
