@@ -6,7 +6,6 @@ dilation ratio of 0.02 of the image diagonal.
 """
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,11 +142,3 @@ def write_report(results: Sequence[Result], out: Path, details: dict[str, Any]) 
     markdown = atomic_write(out / "eval.md", lambda tmp: tmp.write_text(table))
     data = atomic_write(out / "eval.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
     return markdown, data
-
-
-def distributed_from_environment() -> bool:
-    """Joins the `torchrun` process group when there is one (gloo on CPU, NCCL on GPUs)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return True
-    return False

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from finesam.cli.common import UsageError
+from finesam.distributed import Distributed
 from finesam.hq.weights import load_hq
 from finesam.model import SegmentAnything
 from finesam.weights import load_checkpoint
@@ -54,10 +55,10 @@ def evaluation_configurations(args: argparse.Namespace, model: SegmentAnything, 
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from finesam.evaluation import distributed_from_environment, evaluate, markdown_table, write_report
+    from finesam.evaluation import evaluate, markdown_table, write_report
 
-    distributed = distributed_from_environment()
-    model, hq = load_checkpoint(args.weights, args.device)
+    place = Distributed.from_environment()
+    model, hq = load_checkpoint(args.weights, place.join(torch.device(args.device)))
     if args.hq is not None:
         hq = load_hq(model, args.hq)
     configurations = evaluation_configurations(args, model, hq)
@@ -71,7 +72,7 @@ def run_eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         limit=args.limit,
     )
-    if not distributed or torch.distributed.get_rank() == 0:
+    if place.main:
         details = {"data": str(args.data), "weights": str(args.weights), "prompt": args.prompt, "seed": args.seed}
         print(markdown_table(results), end="")
         for path in write_report(results, args.out, details):

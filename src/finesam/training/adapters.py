@@ -68,7 +68,7 @@ def build_adapters(
 
 def save_adapter(name: str, adapter: Any, directory: Path) -> Path:
     """The trained weights of one adapter, in the file format its loader reads."""
-    if isinstance(adapter, HQSAMAdapter) and type(adapter) is HQSAMAdapter:
+    if type(adapter) is HQSAMAdapter:  # subclasses (variants) are saved as variants
         return save_hq(adapter, directory / "hq.safetensors")
     if isinstance(adapter, SAMLoraAdapter):
         return adapter.save(directory / f"{adapter.name}.lora.safetensors")

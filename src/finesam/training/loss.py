@@ -103,9 +103,13 @@ def uncertain_points(
     return points
 
 
-def _check_sampling(logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float) -> None:
+def _check_logits(logits: Tensor) -> None:
     if logits.ndim != 4 or logits.shape[1] != 1 or 0 in logits.shape:
         raise ValueError(f"logits must be (B, 1, h, w) with B, h, w > 0, got shape {tuple(logits.shape)}")
+
+
+def _check_sampling(logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float) -> None:
+    _check_logits(logits)
     if num_points < 1:
         raise ValueError(f"num_points must be at least 1, got {num_points}")
     if not oversample_ratio >= 1:
@@ -115,8 +119,7 @@ def _check_sampling(logits: Tensor, num_points: int, oversample_ratio: float, im
 
 
 def _check_targets(logits: Tensor, targets: Tensor) -> None:
-    if logits.ndim != 4 or logits.shape[1] != 1 or 0 in logits.shape:
-        raise ValueError(f"logits must be (B, 1, h, w) with B, h, w > 0, got shape {tuple(logits.shape)}")
+    _check_logits(logits)
     if targets.ndim != 4 or targets.shape[:2] != logits.shape[:2] or 0 in targets.shape:
         raise ValueError(
             f"targets must be (B, 1, H, W) with the logits' B = {logits.shape[0]}, got shape {tuple(targets.shape)}"

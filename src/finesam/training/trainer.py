@@ -4,10 +4,8 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from finesam.datasets import list_pairs
+from finesam.distributed import Distributed
 from finesam.io import atomic_write
 from finesam.model.sam import SegmentAnything
 from finesam.training.adapters import build_adapters, save_adapter
@@ -28,26 +27,6 @@ from finesam.training.plot import plot_loss
 from finesam.weights import load_checkpoint, weights_digest
 
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a `torchrun` job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environment(cls) -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 class AdapterLoss(nn.Module):
@@ -98,12 +77,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
         self.config, self.progress = config, progress
         self.dist = Distributed.from_environment()
-        device = torch.device(config.run.device)
-        if self.dist.world > 1:
-            if device.type == "cuda":
-                device = torch.device("cuda", self.dist.local_rank)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.device = device
+        self.device = device = self.dist.join(torch.device(config.run.device))
         torch.manual_seed(config.run.seed)  # new adapter weights: the same in every process
         model, official_hq = load_checkpoint(config.model.weights, device)
         model.eval()  # the base stays in inference behaviour (TinyViT BatchNorm statistics)
