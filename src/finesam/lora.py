@@ -103,8 +103,9 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
     ) -> None:
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        linears = select_linears(target, include, exclude)
-        if paths is not None:
+        if paths is None:
+            linears = select_linears(target, include, exclude)
+        else:
             by_path = {linear.path: linear for linear in base_linears(target)}
             missing = [p for p in paths if p not in by_path]
             if missing:
