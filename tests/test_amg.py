@@ -33,6 +33,9 @@ from test_hq import with_adapter
 MIN_MASKS = 5
 SCORE_TOLERANCE = 1e-4
 MIN_IOU = 0.999
+# A stability score is a ratio of pixel counts: logits within 1e-5 of the official ones still flip the few
+# pixels that sit on a threshold, so its difference is bounded in pixels of the mask.
+STABILITY_PIXELS = 8
 # Random weights give low predicted IoUs (about -0.1 to 0) and logits close to 0: thresholds to match.
 OPTIONS = dict(points_per_side=8, pred_iou_thresh=0.1, stability_score_thresh=0.3, stability_score_offset=0.01)
 
@@ -80,21 +83,22 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def assert_same_records(expected: list[dict], actual: list[dict]) -> dict[str, float]:
     """Record by record; returns the worst differences seen."""
     assert len(actual) == len(expected) >= MIN_MASKS
-    worst = {"iou": 1.0, "predicted_iou": 0.0, "stability_score": 0.0}
+    worst = {"iou": 1.0, "predicted_iou": 0.0, "stability_pixels": 0.0}
     for reference, ours in zip(expected, actual, strict=True):
         assert set(ours) == set(reference)
         assert ours["bbox"] == reference["bbox"]
         assert ours["crop_box"] == reference["crop_box"]
         assert np.allclose(ours["point_coords"], reference["point_coords"], rtol=0, atol=1e-9)
-        for key in ("predicted_iou", "stability_score"):
-            worst[key] = max(worst[key], abs(ours[key] - reference[key]))
+        worst["predicted_iou"] = max(worst["predicted_iou"], abs(ours["predicted_iou"] - reference["predicted_iou"]))
+        flipped = abs(ours["stability_score"] - reference["stability_score"]) * reference["area"]
+        worst["stability_pixels"] = max(worst["stability_pixels"], flipped)
         masks = [r["segmentation"] if isinstance(r["segmentation"], np.ndarray) else None for r in (reference, ours)]
         if masks[0] is not None and masks[1] is not None:
             worst["iou"] = min(worst["iou"], mask_iou(masks[0], masks[1]))
             assert ours["area"] == int(masks[1].sum())
     assert worst["iou"] >= MIN_IOU
     assert worst["predicted_iou"] <= SCORE_TOLERANCE
-    assert worst["stability_score"] <= SCORE_TOLERANCE
+    assert worst["stability_pixels"] <= STABILITY_PIXELS
     return worst
 
 

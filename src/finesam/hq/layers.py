@@ -5,13 +5,15 @@ embedding) and `hq_sam` (`hq_features`, `upscaled_embedding`, written while the 
 """
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from refiners.fluxion import layers as fl
 from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.mask_decoder import MaskProduct, MultiLayerPerceptron
+from finesam.model.mask_decoder import MultiLayerPerceptron
+from finesam.model.norm import LayerNorm2d
 from finesam.model.transformer import TOKENS
 
 
@@ -37,7 +39,7 @@ class UpscalingStack(fl.Chain):
     ) -> None:
         super().__init__(
             fl.ConvTranspose2d(in_dim, mid_dim, kernel_size=2, stride=2, device=device, dtype=dtype),
-            fl.LayerNorm2d(mid_dim, device=device, dtype=dtype),
+            LayerNorm2d(mid_dim, device=device, dtype=dtype),
             fl.GeLU(),
             fl.ConvTranspose2d(mid_dim, out_dim, kernel_size=2, stride=2, device=device, dtype=dtype),
         )
@@ -125,10 +127,39 @@ class HQMaskFeatures(fl.Chain):
     def __init__(self, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
         super().__init__(
             fl.Conv2d(dim // 8, dim // 4, kernel_size=3, padding=1, device=device, dtype=dtype),
-            fl.LayerNorm2d(dim // 4, device=device, dtype=dtype),
+            LayerNorm2d(dim // 4, device=device, dtype=dtype),
             fl.GeLU(),
             fl.Conv2d(dim // 4, dim // 8, kernel_size=3, padding=1, device=device, dtype=dtype),
         )
+
+
+class HQMaskProduct(fl.Chain):
+    """(HQ token weights w, SAM's upscaled features u, HQ features f) -> HQ mask logits w . (mask_features(u) + f).
+
+    The dot product with w is folded into the last (linear) convolution of the mask features: per prompt, the
+    3x3 convolution to D / 8 channels followed by a dot product becomes one 3x3 convolution to a single
+    channel, computed as nine 1x1 taps summed at their offsets. Same value up to float rounding, a fraction
+    of the work and no (B, D / 8, 4E, 4E) intermediate.
+    """
+
+    def __init__(self, mask_features: HQMaskFeatures) -> None:
+        super().__init__(mask_features)
+
+    def forward(self, *inputs: Tensor) -> Float[Tensor, "batch 1 height width"]:
+        # (B, 1, D/8) token weights, (B, D/8, H, W) SAM's upscaled features, (B or 1, D/8, H, W) HQ features
+        weights, upscaled, hq_features = inputs
+        *hidden, projection = self.ensure_find(HQMaskFeatures)
+        assert isinstance(projection, fl.Conv2d) and projection.bias is not None
+        for layer in hidden:
+            upscaled = layer(upscaled)
+        batch, channels, height, width = upscaled.shape
+        # (B, 1, D/8) x (D/8, C, 3, 3) -> (B, 9, C): per prompt, one C-vector per kernel offset
+        taps_weight = torch.einsum("bo,ockl->bklc", weights[:, 0], projection.weight).reshape(batch, 9, channels)
+        taps = (taps_weight @ upscaled.flatten(2)).reshape(batch, 9, height, width)
+        offsets = torch.eye(9, device=taps.device, dtype=taps.dtype).reshape(9, 1, 3, 3).transpose(0, 1)
+        logits = F.conv2d(taps, offsets, padding=1)
+        bias = (weights @ projection.bias)[..., None, None]  # (B, 1, 1, 1)
+        return logits + bias + (weights @ hq_features.flatten(2)).unflatten(-1, (height, width))
 
 
 class HQMaskPrediction(fl.Chain):
@@ -142,13 +173,10 @@ class HQMaskPrediction(fl.Chain):
                     fl.Slicing(dim=1, start=hq_token_index, end=hq_token_index + 1),
                     hq_token_mlp,
                 ),
-                fl.Chain(
-                    fl.UseContext("hq_sam", "upscaled_embedding"),
-                    mask_features,
-                    fl.Residual(fl.UseContext("hq_sam", "hq_features")),
-                ),
+                fl.UseContext("hq_sam", "upscaled_embedding"),
+                fl.UseContext("hq_sam", "hq_features"),
             ),
-            MaskProduct(),
+            HQMaskProduct(mask_features),
         )
 
 

@@ -9,6 +9,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from finesam.model.config import SAMConfig
+from finesam.model.norm import LayerNorm2d
 
 
 class PatchEmbedding(fl.Chain):
@@ -187,9 +188,9 @@ class Neck(fl.Chain):
         super().__init__(
             fl.Permute(0, 3, 1, 2),
             fl.Conv2d(dim, out_dim, kernel_size=1, use_bias=False, device=device, dtype=dtype),
-            fl.LayerNorm2d(out_dim, device=device, dtype=dtype),
+            LayerNorm2d(out_dim, device=device, dtype=dtype),
             fl.Conv2d(out_dim, out_dim, kernel_size=3, padding=1, use_bias=False, device=device, dtype=dtype),
-            fl.LayerNorm2d(out_dim, device=device, dtype=dtype),
+            LayerNorm2d(out_dim, device=device, dtype=dtype),
         )
 
 

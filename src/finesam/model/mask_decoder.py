@@ -9,6 +9,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from finesam.model.config import SAMConfig
+from finesam.model.norm import LayerNorm2d
 from finesam.model.transformer import IMAGE, TOKENS, TwoWayTransformer
 
 
@@ -83,10 +84,10 @@ class UpscaledImageEmbedding(fl.Chain):
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
         dim, grid = config.prompt_dim, config.embedding_size
         super().__init__(
-            fl.Transpose(1, 2),
-            fl.Reshape(dim, grid, grid),
+            fl.Reshape(grid, grid, dim),
+            fl.Permute(0, 3, 1, 2),  # a channels-last view, which the transposed convolution reads without a copy
             fl.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2, device=device, dtype=dtype),
-            fl.LayerNorm2d(dim // 4, device=device, dtype=dtype),
+            LayerNorm2d(dim // 4, device=device, dtype=dtype),
             fl.GeLU(),
             fl.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2, device=device, dtype=dtype),
             fl.GeLU(),

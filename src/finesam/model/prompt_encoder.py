@@ -14,6 +14,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from finesam.model.config import SAMConfig
+from finesam.model.norm import LayerNorm2d
 
 PADDING_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 0, 1, 2, 3
 
@@ -122,10 +123,10 @@ class MaskEncoder(fl.Chain):
         hidden = config.mask_in_channels
         super().__init__(
             fl.Conv2d(1, hidden // 4, kernel_size=2, stride=2, device=device, dtype=dtype),
-            fl.LayerNorm2d(hidden // 4, device=device, dtype=dtype),
+            LayerNorm2d(hidden // 4, device=device, dtype=dtype),
             fl.GeLU(),
             fl.Conv2d(hidden // 4, hidden, kernel_size=2, stride=2, device=device, dtype=dtype),
-            fl.LayerNorm2d(hidden, device=device, dtype=dtype),
+            LayerNorm2d(hidden, device=device, dtype=dtype),
             fl.GeLU(),
             fl.Conv2d(hidden, config.prompt_dim, kernel_size=1, device=device, dtype=dtype),
         )

@@ -203,8 +203,9 @@ class SegmentAnything(fl.Chain):
     ) -> tuple[Float[Tensor, "batch masks low low"], Float[Tensor, "batch masks"]]:
         """Runs every stage after the image encoder on an embedding, for a prompt as in `set_prompt`.
 
-        `image_features` restores what adapters computed with the embedding (`ImageEmbedding.features`);
-        by default the features of the last encoded image stay in use. On the CPU a batch of prompts for one
+        `image_features` restores what adapters computed with the embedding (`ImageEmbedding.features`), and
+        receives what they cache for the image while decoding (HQ-SAM's fused features); by default the
+        features of the last encoded image stay in use. On the CPU a batch of prompts for one
         image is decoded `prompt_chunk_size` prompts at a time: the per-prompt image tokens then stay in
         cache, which is faster than one large batch (and than one prompt at a time).
         """
@@ -214,12 +215,18 @@ class SegmentAnything(fl.Chain):
         batch = max((len(t) for t in prompt if t is not None), default=1)
         chunk = self.prompt_chunk_size if self.device is None or self.device.type == "cpu" else None
         if not chunk or batch <= chunk or image_embedding.shape[0] != 1:
-            return self._decode(image_embedding, *prompt, multimask_output)
-        parts = [
-            self._decode(image_embedding, *[None if t is None else t[i : i + chunk] for t in prompt], multimask_output)
-            for i in range(0, batch, chunk)
-        ]
-        return torch.cat([masks for masks, _ in parts]), torch.cat([iou for _, iou in parts])
+            result = self._decode(image_embedding, *prompt, multimask_output)
+        else:
+            parts = [
+                self._decode(
+                    image_embedding, *[None if t is None else t[i : i + chunk] for t in prompt], multimask_output
+                )
+                for i in range(0, batch, chunk)
+            ]
+            result = torch.cat([masks for masks, _ in parts]), torch.cat([iou for _, iou in parts])
+        if image_features is not None:
+            image_features.update(self.image_features())  # keep what the decoder cached for this image
+        return result
 
     def _decode(
         self,
@@ -263,7 +270,6 @@ class SegmentAnything(fl.Chain):
             multimask_output=multimask_output,
             image_features=embedding.features,
         )
-        embedding.features.update(self.image_features())  # keep what the decoder cached for this image
         return low_res.float(), iou.float()
 
     @torch.no_grad()
