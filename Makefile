@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # This machine kind has a local CPU wheel of this exact version; asking for plain `torch` pulls GBs of CUDA.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint bench bench-compile clean
+.PHONY: demo test test-slow lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,16 +37,12 @@ test: lint
 test-slow: $(VENV)/.test
 	$(BIN)/pytest -m slow
 
+# every speed figure against the official implementation, one table (ViT-B: ~15 minutes on 2 cores, with the
+# compiled mode), then automatic mask generation; `make bench SIZE=vit_h` for ViT-H
+SIZE ?= vit_b
 bench: $(VENV)/.test
-	$(BIN)/python benchmarks/bench_sam.py
-	$(BIN)/python benchmarks/bench_hq.py
-	$(BIN)/python benchmarks/bench_loading.py --size vit_b
-	$(BIN)/python benchmarks/bench_memory.py --size vit_b --count 20
-	$(BIN)/python benchmarks/bench_amg.py --size vit_b --points-per-side 8 --repeats 2
-
-# compiled mode: two ViT-B compilations, ~8 minutes on 2 cores
-bench-compile: $(VENV)/.test
-	$(BIN)/python benchmarks/bench_compile.py --size vit_b
+	$(BIN)/python benchmarks/bench.py --size $(SIZE) --compile
+	$(BIN)/python benchmarks/bench_amg.py --size $(SIZE) --points-per-side 8 --repeats 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

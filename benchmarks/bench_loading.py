@@ -59,6 +59,19 @@ def measure(body: str, **values: str) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run(size: str, folder: Path) -> tuple[float, dict[str, dict[str, float]]]:
+    """Writes a random `size` checkpoint and its conversion into `folder`; the weights' MB and, per path,
+    seconds and peak MB."""
+    pth = folder / f"random_{size}.pth"
+    state = random_official(size).state_dict()
+    weights_mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+    torch.save(state, pth)
+    del state
+    safetensors = convert_checkpoint(pth, folder).written[0]
+    paths = dict(pth=str(pth), safetensors=str(safetensors), size=size)
+    return weights_mb, {name: measure(body, **paths) for name, body in BODIES.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="vit_h", choices=sorted(OFFICIAL_BUILDERS))
@@ -67,16 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        pth = folder / f"random_{args.size}.pth"
-        state = random_official(args.size).state_dict()
-        weights_mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
-        torch.save(state, pth)
-        del state
-        safetensors = convert_checkpoint(pth, folder).written[0]
-        results = {
-            name: measure(body, pth=str(pth), safetensors=str(safetensors), size=args.size)
-            for name, body in BODIES.items()
-        }
+        weights_mb, results = run(args.size, folder)
     print(f"SAM {args.size}: {weights_mb:.0f} MB of fp32 weights, torch {torch.__version__}")
     print(f"{'path':32s} {'seconds':>8s} {'peak MB':>9s} {'peak / weights':>15s}")
     for name, numbers in results.items():

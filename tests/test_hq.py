@@ -9,7 +9,7 @@ import torch
 
 from finesam.conversion import CheckpointError
 from finesam.hq import HQSAMAdapter, convert_hq_state_dict, load_hq, save_hq
-from finesam.hq.layers import HQFeatureFusion
+from finesam.hq.layers import HQFeatureFusion, HQMaskFeatures, HQMaskProduct
 from finesam.hq.weights import is_hq_key
 from finesam.model import PRESETS, SAM_VIT_B, SegmentAnything
 from finesam.weights import build_from_official, convert_checkpoint, load_checkpoint, save_sam
@@ -70,6 +70,33 @@ def official_decode(official, embedding, interm, prompt, multimask: bool, hq_onl
         hq_token_only=hq_only,
         interm_embeddings=interm,
     )
+
+
+@pytest.mark.parametrize("hq_batch", [1, 3])
+def test_folded_hq_mask_product_equals_the_plain_one_with_gradients(official_hq, hq_batch):
+    """The dot product folded into the last convolution gives the official formula's values and gradients
+    (training goes through it): w . (mask_features(u) + f), for a batch of prompts on one image or on three."""
+    _, adapter = with_adapter(official_hq)
+    features = adapter.ensure_find(HQMaskFeatures)
+    g = torch.Generator().manual_seed(0)
+    channels, size = features[-1].out_channels, 4 * GRID
+    weights = torch.randn(3, 1, channels, generator=g, requires_grad=True)
+    upscaled = torch.randn(3, channels, size, size, generator=g)
+    hq_features = torch.randn(hq_batch, channels, size, size, generator=g)
+
+    def outputs_and_gradients(logits: torch.Tensor) -> list[torch.Tensor]:
+        loss = (logits * torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)).sum()
+        gradients = torch.autograd.grad(loss, [weights, *features.parameters()])
+        return [logits, *gradients]
+
+    plain = features(upscaled) + hq_features
+    expected = outputs_and_gradients((weights @ plain.flatten(2)).reshape(3, 1, size, size))
+    product = features.parent  # where the adapter uses the mask features
+    assert isinstance(product, HQMaskProduct)
+    actual = outputs_and_gradients(product(weights, upscaled, hq_features))
+    assert actual[0].shape == (3, 1, size, size)
+    for a, e in zip(actual, expected, strict=True):
+        assert max_diff(a, e) <= 1e-5 * max(1.0, e.abs().max().item())
 
 
 @torch.no_grad()

@@ -1,0 +1,334 @@
+"""Every speed figure of finesam against the official implementations, for one model size, as one table.
+
+    python benchmarks/bench.py [--size vit_b] [--repeats 3] [--compile] [--drift-count 50] [--skip loading,...]
+
+Same random weights and same inputs for both sides, in the same process (loading and memory: fresh child
+processes); official and finesam runs alternate after a warm-up of each, so both see the same load. Each row
+gives the median time of each side, the ratio finesam / official (lower is better), the goal and the
+deviation of finesam's output. Parts: encoder, bf16, compile (only with --compile: minutes), prompts, hq,
+loading, memory. Needs the official packages (`make test` installs them) and, for the photo rows, the shared
+test photos (`$FINESAM_TEST_IMAGES`; without them a random image is used).
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
+from finesam.hq import HQSAMAdapter, convert_hq_state_dict
+from finesam.metrics import mask_iou
+from finesam.model import SegmentAnything
+from finesam.weights import build_from_official
+
+import bench_loading
+import bench_memory
+from conftest import photo
+from official import HQSamPredictor, SamPredictor, build_official_tiny, random_official
+
+PARTS = ("encoder", "bf16", "compile", "prompts", "hq", "loading", "memory")
+PHOTOS = ("truck.jpg", "dog.jpg", "groceries.jpg")
+BOX = np.array([100.0, 200.0, 1500.0, 1000.0])
+
+
+@dataclass
+class Row:
+    figure: str
+    official: str
+    finesam: str
+    ratio: float | None
+    goal: str
+    deviation: str
+
+
+def paired_median_ms(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median times (ms) of two functions run alternately after a warm-up of each, so both see the same load."""
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for run, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            run()
+            bucket.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def timed(
+    figure: str, official: Callable[[], object], ours: Callable[[], object], repeats: int, goal: str, deviation: str
+) -> Row:
+    theirs_ms, ours_ms = paired_median_ms(official, ours, repeats)
+    return Row(figure, f"{theirs_ms:.1f} ms", f"{ours_ms:.1f} ms", ours_ms / theirs_ms, goal, deviation)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+def photos() -> list[Image.Image]:
+    try:
+        return [photo(name).convert("RGB") for name in PHOTOS]
+    except pytest.skip.Exception:
+        return [Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1800, 3), dtype=np.uint8))]
+
+
+class Bench:
+    def __init__(self, size: str, repeats: int, drift_count: int) -> None:
+        self.size, self.repeats, self.drift_count = size, repeats, drift_count
+        self.official = random_official(size, seed=0)
+        self.pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+        self.image = np.random.default_rng(0).integers(0, 256, (1200, 1800, 3), dtype=np.uint8)
+
+    def ours(self) -> SegmentAnything:
+        return build_from_official(self.official.state_dict())
+
+    def encoder(self) -> list[Row]:
+        ours = self.ours()
+        difference = (ours.encode(self.pixels) - self.official.image_encoder(self.pixels)).abs().max().item()
+        rows = [
+            timed(
+                f"1. image encoder {self.size}, fp32",
+                lambda: self.official.image_encoder(self.pixels),
+                lambda: ours.encode(self.pixels),
+                self.repeats,
+                "<= 0.70",
+                f"max abs {difference:.1e}",
+            )
+        ]
+        tiny_official = build_official_tiny(seed=0)
+        tiny = build_from_official(tiny_official.state_dict())
+        theirs = tiny_official.image_encoder(self.pixels)[0]  # segment_anything_hq's encoders also return features
+        difference = (tiny.encode(self.pixels) - theirs).abs().max().item()
+        run_official, run_ours = (lambda: tiny_official.image_encoder(self.pixels)), (lambda: tiny.encode(self.pixels))
+        rows.append(
+            timed("   image encoder TinyViT, fp32", run_official, run_ours, 5, "-", f"max abs {difference:.1e}")
+        )
+        return rows
+
+    def bf16(self) -> list[Row]:
+        fp32, bf16 = self.ours(), self.ours().set_encoder_dtype(torch.bfloat16)
+        cosines, ious = [], []
+        for image in photos():
+            reference, candidate = fp32.encode_image(image), bf16.encode_image(image)
+            cosines.append(cosine(candidate.embedding, reference.embedding))
+            width, height = image.size
+            box = np.array([0.1 * width, 0.15 * height, 0.8 * width, 0.9 * height])
+            masks = [m.predict(e, boxes=box).masks for m, e in ((fp32, reference), (bf16, candidate))]
+            ious.append(mask_iou(*masks).min().item())
+        row = timed(
+            "2. image encoder, bf16 (vs official fp32)",
+            lambda: self.official.image_encoder(self.pixels),
+            lambda: bf16.encode(self.pixels),
+            self.repeats,
+            "<= 0.45",
+            f"cos >= {min(cosines):.5f}, mask IoU >= {min(ious):.3f} ({len(ious)} photos)",
+        )
+        return [row]
+
+    def compile(self) -> list[Row]:
+        reference = self.ours().encode(self.pixels)
+        compiled = self.ours().set_encoder_dtype(torch.bfloat16).compile_encoder()
+        start = time.perf_counter()
+        embedding = compiled.encode(self.pixels)
+        compile_s = time.perf_counter() - start
+        deviation = f"cos {cosine(embedding, reference):.5f}, compile {compile_s:.0f} s"
+        run_official = lambda: self.official.image_encoder(self.pixels)  # noqa: E731
+        return [
+            timed(
+                "3. compiled encoder, bf16", run_official, lambda: compiled.encode(self.pixels), 3, "<= 0.35", deviation
+            )
+        ]
+
+    def prompts(self) -> list[Row]:
+        ours = self.ours()
+        predictor = SamPredictor(self.official)
+        predictor.set_image(self.image)
+        embedding = ours.encode_image(Image.fromarray(self.image))
+        boxes = torch.as_tensor(
+            predictor.transform.apply_boxes(np.stack([BOX + i for i in range(64)]), predictor.original_size)
+        ).float()
+        one = ours.decode(embedding.embedding, boxes=boxes[:1])[0]
+        theirs_one = predictor.predict_torch(None, None, boxes[:1], multimask_output=False)[2]
+        batched = ours.decode(embedding.embedding, boxes=boxes)[0]
+        singles = torch.cat([ours.decode(embedding.embedding, boxes=boxes[i : i + 1])[0] for i in range(64)])
+
+        def our_singles() -> None:
+            for i in range(64):
+                ours.decode(embedding.embedding, boxes=boxes[i : i + 1])
+
+        same = "identical masks" if torch.equal(batched > 0, singles > 0) else "MASKS DIFFER"
+        return [
+            timed(
+                "4. prompt + decoder, 1 box",
+                lambda: predictor.predict_torch(None, None, boxes[:1], multimask_output=False),
+                lambda: ours.decode(embedding.embedding, boxes=boxes[:1]),
+                20,
+                "<= 0.80",
+                f"max abs {(one - theirs_one).abs().max().item():.1e}",
+            ),
+            timed(
+                "4. 64 boxes in one call",
+                lambda: predictor.predict_torch(None, None, boxes, multimask_output=False),
+                lambda: ours.decode(embedding.embedding, boxes=boxes),
+                self.repeats,
+                "<= 0.40",
+                f"vs 64 single calls: {same}, max abs {(batched - singles).abs().max().item():.1e}",
+            ),
+            timed(
+                "   64 boxes: one call vs 64 calls (finesam)",
+                our_singles,
+                lambda: ours.decode(embedding.embedding, boxes=boxes),
+                self.repeats,
+                "<= 1.00",
+                "",
+            ),
+        ]
+
+    def hq(self) -> list[Row]:
+        official = random_official(self.size, seed=0, hq=True)
+        model = build_from_official(official.state_dict())
+        adapter = HQSAMAdapter(model)
+        adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
+        predictor = HQSamPredictor(official)
+        predictor.set_image(self.image)
+        boxes = torch.as_tensor(predictor.transform.apply_boxes(BOX[None], predictor.original_size)).float()
+        base = model.encode_image(Image.fromarray(self.image))
+        adapter.inject()
+        embedding = model.encode_image(Image.fromarray(self.image))
+        uncached = model.decode(embedding.embedding, boxes=boxes, image_features=dict(embedding.features))[0]
+        cached = model.decode(embedding.embedding, boxes=boxes, image_features=embedding.features)[0]  # now cached
+        theirs = predictor.predict_torch(None, None, boxes, multimask_output=False)[2]
+
+        def hq_prompt() -> object:
+            return model.decode(embedding.embedding, boxes=boxes, image_features=embedding.features)
+
+        hq_ms, base_ms = [], []
+        for _ in range(3):  # alternate blocks with and without the adapter, so both see the same load
+            adapter.eject()
+            base_ms.append(median_ms(lambda: model.decode(base.embedding, boxes=boxes), 10))
+            adapter.inject()
+            hq_ms.append(median_ms(hq_prompt, 10))
+        hq_median, base_median = statistics.median(hq_ms), statistics.median(base_ms)
+        return [
+            timed(
+                "5. HQ prompt + decoder, 1 box (vs official HQ)",
+                lambda: predictor.predict_torch(None, None, boxes, multimask_output=False),
+                hq_prompt,
+                20,
+                "-",
+                f"max abs {(cached - theirs).abs().max().item():.1e}",
+            ),
+            Row(
+                "5. HQ prompt vs base prompt (finesam)",
+                f"{base_median:.1f} ms (base)",
+                f"{hq_median:.1f} ms",
+                hq_median / base_median,
+                "<= 1.20",
+                f"cached vs recomputed HQ features: max abs {(cached - uncached).abs().max().item():.1e}",
+            ),
+        ]
+
+    def loading(self) -> list[Row]:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights_mb, results = bench_loading.run(self.size, Path(tmp))
+        ours, reference = results["finesam load_sam(.safetensors)"], results["torch.load(.pth)"]
+        builder = results["official builder(.pth)"]
+        deviation = (
+            f"peak {ours['peak_mb'] / weights_mb:.2f}x the {weights_mb:.0f} MB of weights "
+            f"(official builder {builder['peak_mb'] / weights_mb:.2f}x)"
+        )
+        return [
+            Row(
+                f"6. load {self.size} (vs torch.load .pth)",
+                f"{reference['seconds']:.2f} s",
+                f"{ours['seconds']:.2f} s",
+                ours["seconds"] / reference["seconds"],
+                "<= 0.30",
+                deviation,
+            )
+        ]
+
+    def memory(self) -> list[Row]:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = bench_memory.converted(self.size, Path(tmp))
+            peaks = {name: bench_memory.run(weights, f"torch.{name}", 1) for name in ("float32", "bfloat16")}
+            rss = bench_memory.run(weights, "torch.bfloat16", self.drift_count)["rss"]
+        rows = [
+            Row(
+                f"7. one prediction {self.size}, {name}",
+                "-",
+                f"+{numbers['peak_mb']:.0f} MB",
+                None,
+                "report",
+                f"over the {numbers['weights_mb']:.0f} MB resident model",
+            )
+            for name, numbers in peaks.items()
+        ]
+        drift = rss[-1] - rss[4]
+        rows.append(
+            Row(
+                f"7. RSS over {self.drift_count} predictions, bf16",
+                "-",
+                f"{drift:+.0f} MB",
+                None,
+                "no growth",
+                f"RSS after #5 {rss[4]:.0f} MB, after #{self.drift_count} {rss[-1]:.0f} MB",
+            )
+        )
+        return rows
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    print(f"\n{title}\n")
+    print("| figure | official | finesam | finesam / official | goal | deviation |")
+    print("|---|---:|---:|---:|---|---|")
+    for row in rows:
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
+        print(f"| {row.figure} | {row.official} | {row.finesam} | {ratio} | {row.goal} | {row.deviation} |")
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each slow stage (encoders, batches)")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled encoder (minutes)")
+    parser.add_argument("--drift-count", type=int, default=50, help="predictions for the memory drift")
+    parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out, of {','.join(PARTS)}")
+    args = parser.parse_args()
+    skip = {part for part in args.skip.split(",") if part}
+    if unknown := skip - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    bench = Bench(args.size, args.repeats, args.drift_count)
+    rows: list[Row] = []
+    for part in PARTS:
+        if part in skip or (part == "compile" and not args.compile):
+            continue
+        start = time.perf_counter()
+        rows += getattr(bench, part)()
+        print(f"{part}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    threads = torch.get_num_threads()
+    print_table(f"SAM {args.size}, torch {torch.__version__}, {threads} threads, CPU unless stated", rows)
+
+
+if __name__ == "__main__":
+    main()
