@@ -133,18 +133,21 @@ class MaskEncoder(fl.Chain):
 
 
 class NoMaskEmbedding(fl.Module):
-    """The learned dense embedding used when no mask prompt is given."""
+    """The learned dense embedding used when no mask prompt is given: one (1, D, E, E) map, the same for every
+    prompt, which broadcasts over the batch (the decoder then shares its image-side work among the prompts
+    until the image tokens first attend to them)."""
 
     def __init__(self, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(1, dim, device=device, dtype=dtype))
 
-    def forward(self, batch: int, grid_size: int) -> Float[Tensor, "batch dim grid grid"]:
-        return self.weight.reshape(1, -1, 1, 1).expand(batch, -1, grid_size, grid_size)
+    def forward(self, grid_size: int) -> Float[Tensor, "1 dim grid grid"]:
+        return self.weight.reshape(1, -1, 1, 1).expand(1, -1, grid_size, grid_size)
 
 
 class DenseEmbedding(fl.Chain):
-    """The mask prompt of the `sam` context through `MaskEncoder`, or the no-mask embedding when it is unset."""
+    """The mask prompt of the `sam` context through `MaskEncoder` (B, D, E, E), or the no-mask embedding
+    (1, D, E, E), shared by every prompt, when it is unset."""
 
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
         self.grid_size = config.embedding_size
@@ -153,12 +156,11 @@ class DenseEmbedding(fl.Chain):
             NoMaskEmbedding(config.prompt_dim, device=device, dtype=dtype),
         )
 
-    def forward(self, *_: Tensor) -> Float[Tensor, "batch dim grid grid"]:
-        context = self.use_context("sam")
-        mask = context["mask_prompt"]
+    def forward(self, *_: Tensor) -> Float[Tensor, "batch_or_1 dim grid grid"]:
+        mask = self.use_context("sam")["mask_prompt"]
         if mask is not None:
             return self.ensure_find(MaskEncoder)(mask)
-        return self.ensure_find(NoMaskEmbedding)(context["point_coords"].shape[0], self.grid_size)
+        return self.ensure_find(NoMaskEmbedding)(self.grid_size)
 
 
 class DensePositionalEncoding(fl.Module):
