@@ -1,16 +1,19 @@
 """Every speed figure of finesam against the official implementations, for one model size, as one table.
 
     python benchmarks/bench.py [--size vit_b] [--repeats 3] [--compile] [--drift-count 50] [--skip loading,...]
+                               [--device cuda]
 
 Same random weights and same inputs for both sides, in the same process (loading and memory: fresh child
 processes); official and finesam runs alternate after a warm-up of each, so both see the same load. Each row
 gives the median time of each side, the ratio finesam / official (lower is better), the goal and the
 deviation of finesam's output. Parts: encoder, bf16, compile (only with --compile: minutes), prompts, hq,
 loading, memory. Needs the official packages (`make test` installs them) and, for the photo rows, the shared
-test photos (`$FINESAM_TEST_IMAGES`; without them a random image is used).
+test photos (`$FINESAM_TEST_IMAGES`; without them a random image is used). On a GPU (`--device cuda`) every
+timed run ends with a synchronisation, and loading and memory (CPU process figures) are left out.
 """
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -50,34 +53,55 @@ class Row:
     deviation: str
 
 
+def synchronize() -> None:
+    """Waits for queued GPU work, so that a timed run ends when its results exist."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def paired_median_ms(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
     """Median times (ms) of two functions run alternately after a warm-up of each, so both see the same load."""
     first()
     second()
+    synchronize()
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for run, bucket in ((first, times[0]), (second, times[1])):
             start = time.perf_counter()
             run()
+            synchronize()
             bucket.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
     run()  # warm-up
+    synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
+        synchronize()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
 def timed(
-    figure: str, official: Callable[[], object], ours: Callable[[], object], repeats: int, goal: str, deviation: str
+    figure: str,
+    official: Callable[[], object],
+    ours: Callable[[], object],
+    repeats: int,
+    goal: str,
+    deviation: str,
+    per_second: str = "",
 ) -> Row:
+    """A paired timing as a row; with `per_second` (e.g. "images") the rate of each side is shown too."""
     theirs_ms, ours_ms = paired_median_ms(official, ours, repeats)
-    return Row(figure, f"{theirs_ms:.1f} ms", f"{ours_ms:.1f} ms", ours_ms / theirs_ms, goal, deviation)
+
+    def cell(ms: float) -> str:
+        return f"{ms:.1f} ms" + (f" ({1000 / ms:.2f} {per_second}/s)" if per_second else "")
+
+    return Row(figure, cell(theirs_ms), cell(ours_ms), ours_ms / theirs_ms, goal, deviation)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,14 +116,17 @@ def photos() -> list[Image.Image]:
 
 
 class Bench:
-    def __init__(self, size: str, repeats: int, drift_count: int) -> None:
-        self.size, self.repeats, self.drift_count = size, repeats, drift_count
-        self.official = random_official(size, seed=0)
-        self.pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    def __init__(self, size: str, repeats: int, drift_count: int, device: torch.device) -> None:
+        self.size, self.repeats, self.drift_count, self.device = size, repeats, drift_count, device
+        self.official = random_official(size, seed=0).to(device)
+        self.pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0)).to(device)
         self.image = np.random.default_rng(0).integers(0, 256, (1200, 1800, 3), dtype=np.uint8)
 
     def ours(self) -> SegmentAnything:
-        return build_from_official(self.official.state_dict())
+        return build_from_official(self.official.state_dict(), device=self.device)
+
+    def on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device)
 
     def encoder(self) -> list[Row]:
         ours = self.ours()
@@ -112,16 +139,16 @@ class Bench:
                 self.repeats,
                 "<= 0.70",
                 f"max abs {difference:.1e}",
+                per_second="images",
             )
         ]
-        tiny_official = build_official_tiny(seed=0)
-        tiny = build_from_official(tiny_official.state_dict())
+        tiny_official = build_official_tiny(seed=0).to(self.device)
+        tiny = build_from_official(tiny_official.state_dict(), device=self.device)
         theirs = tiny_official.image_encoder(self.pixels)[0]  # segment_anything_hq's encoders also return features
         difference = (tiny.encode(self.pixels) - theirs).abs().max().item()
         run_official, run_ours = (lambda: tiny_official.image_encoder(self.pixels)), (lambda: tiny.encode(self.pixels))
-        rows.append(
-            timed("   image encoder TinyViT, fp32", run_official, run_ours, 5, "-", f"max abs {difference:.1e}")
-        )
+        deviation = f"max abs {difference:.1e}"
+        rows.append(timed("   image encoder TinyViT, fp32", run_official, run_ours, 5, "-", deviation, "images"))
         return rows
 
     def bf16(self) -> list[Row]:
@@ -132,7 +159,7 @@ class Bench:
             cosines.append(cosine(candidate.embedding, reference.embedding))
             width, height = image.size
             box = np.array([0.1 * width, 0.15 * height, 0.8 * width, 0.9 * height])
-            masks = [m.predict(e, boxes=box).masks for m, e in ((fp32, reference), (bf16, candidate))]
+            masks = [m.predict(e, boxes=box).masks[0] for m, e in ((fp32, reference), (bf16, candidate))]  # (M, H, W)
             ious.append(mask_iou(*masks).min().item())
         row = timed(
             "2. image encoder, bf16 (vs official fp32)",
@@ -141,8 +168,20 @@ class Bench:
             self.repeats,
             "<= 0.45",
             f"cos >= {min(cosines):.5f}, mask IoU >= {min(ious):.3f} ({len(ious)} photos)",
+            per_second="images",
         )
-        return [row]
+        official_bf16 = copy.deepcopy(self.official.image_encoder).to(torch.bfloat16)
+        pixels = self.pixels.to(torch.bfloat16)
+        both_bf16 = timed(
+            "   image encoder, bf16 (vs official in bf16)",
+            lambda: official_bf16(pixels),
+            lambda: bf16.encode(self.pixels),
+            self.repeats,
+            "-",
+            f"official bf16 vs our fp32: cos {cosine(official_bf16(pixels), fp32.encode(self.pixels)):.5f}",
+            per_second="images",
+        )
+        return [row, both_bf16]
 
     def compile(self) -> list[Row]:
         reference = self.ours().encode(self.pixels)
@@ -152,11 +191,8 @@ class Bench:
         compile_s = time.perf_counter() - start
         deviation = f"cos {cosine(embedding, reference):.5f}, compile {compile_s:.0f} s"
         run_official = lambda: self.official.image_encoder(self.pixels)  # noqa: E731
-        return [
-            timed(
-                "3. compiled encoder, bf16", run_official, lambda: compiled.encode(self.pixels), 3, "<= 0.35", deviation
-            )
-        ]
+        run_ours = lambda: compiled.encode(self.pixels)  # noqa: E731
+        return [timed("3. compiled encoder, bf16", run_official, run_ours, 3, "<= 0.35", deviation, "images")]
 
     def prompts(self) -> list[Row]:
         ours = self.ours()
@@ -165,7 +201,8 @@ class Bench:
         embedding = ours.encode_image(Image.fromarray(self.image))
         boxes = torch.as_tensor(
             predictor.transform.apply_boxes(np.stack([BOX + i for i in range(64)]), predictor.original_size)
-        ).float()
+        )
+        boxes = self.on_device(boxes.float())
         one = ours.decode(embedding.embedding, boxes=boxes[:1])[0]
         theirs_one = predictor.predict_torch(None, None, boxes[:1], multimask_output=False)[2]
         batched = ours.decode(embedding.embedding, boxes=boxes)[0]
@@ -204,13 +241,15 @@ class Bench:
         ]
 
     def hq(self) -> list[Row]:
-        official = random_official(self.size, seed=0, hq=True)
-        model = build_from_official(official.state_dict())
+        official = random_official(self.size, seed=0, hq=True).to(self.device)
+        model = build_from_official(official.state_dict(), device=self.device)
         adapter = HQSAMAdapter(model)
         adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
         predictor = HQSamPredictor(official)
         predictor.set_image(self.image)
-        boxes = torch.as_tensor(predictor.transform.apply_boxes(BOX[None], predictor.original_size)).float()
+        boxes = self.on_device(
+            torch.as_tensor(predictor.transform.apply_boxes(BOX[None], predictor.original_size)).float()
+        )
         base = model.encode_image(Image.fromarray(self.image))
         adapter.inject()
         embedding = model.encode_image(Image.fromarray(self.image))
@@ -314,11 +353,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the compiled encoder (minutes)")
     parser.add_argument("--drift-count", type=int, default=50, help="predictions for the memory drift")
     parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out, of {','.join(PARTS)}")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU table (never part of the tests)")
     args = parser.parse_args()
     skip = {part for part in args.skip.split(",") if part}
     if unknown := skip - set(PARTS):
         parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    bench = Bench(args.size, args.repeats, args.drift_count)
+    device = torch.device(args.device)
+    if device.type != "cpu":
+        skip |= {"loading", "memory"}  # process RSS figures: CPU only
+    bench = Bench(args.size, args.repeats, args.drift_count, device)
     rows: list[Row] = []
     for part in PARTS:
         if part in skip or (part == "compile" and not args.compile):
@@ -326,8 +369,10 @@ def main() -> None:
         start = time.perf_counter()
         rows += getattr(bench, part)()
         print(f"{part}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    threads = torch.get_num_threads()
-    print_table(f"SAM {args.size}, torch {torch.__version__}, {threads} threads, CPU unless stated", rows)
+    where = f"{torch.get_num_threads()} CPU threads"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    print_table(f"SAM {args.size}, torch {torch.__version__}, {where}", rows)
 
 
 if __name__ == "__main__":
