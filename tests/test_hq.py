@@ -73,9 +73,11 @@ def official_decode(official, embedding, interm, prompt, multimask: bool, hq_onl
 
 
 @pytest.mark.parametrize("hq_batch", [1, 3])
-def test_folded_hq_mask_product_equals_the_plain_one_with_gradients(official_hq, hq_batch):
-    """The dot product folded into the last convolution gives the official formula's values and gradients
-    (training goes through it): w . (mask_features(u) + f), for a batch of prompts on one image or on three."""
+@pytest.mark.parametrize("band_rows", [64, 24, 1])
+def test_folded_hq_mask_product_equals_the_plain_one_with_gradients(official_hq, hq_batch, band_rows):
+    """The dot product folded into the last convolution, computed in bands of rows, gives the official formula's
+    values and gradients (training goes through it): w . (mask_features(u) + f), for a batch of prompts on one
+    image or on three, in one band (64 rows here), uneven bands and bands of one row."""
     _, adapter = with_adapter(official_hq)
     features = adapter.ensure_find(HQMaskFeatures)
     g = torch.Generator().manual_seed(0)
@@ -93,6 +95,7 @@ def test_folded_hq_mask_product_equals_the_plain_one_with_gradients(official_hq,
     expected = outputs_and_gradients((weights @ plain.flatten(2)).reshape(3, 1, size, size))
     product = features.parent  # where the adapter uses the mask features
     assert isinstance(product, HQMaskProduct)
+    product.band_rows = band_rows
     actual = outputs_and_gradients(product(weights, upscaled, hq_features))
     assert actual[0].shape == (3, 1, size, size)
     for a, e in zip(actual, expected, strict=True):

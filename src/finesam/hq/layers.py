@@ -140,26 +140,40 @@ class HQMaskProduct(fl.Chain):
     3x3 convolution to D / 8 channels followed by a dot product becomes one 3x3 convolution to a single
     channel, computed as nine 1x1 taps summed at their offsets. Same value up to float rounding, a fraction
     of the work and no (B, D / 8, 4E, 4E) intermediate.
+
+    The maps are computed `band_rows` rows at a time (with a halo of two rows): the per-prompt temporaries then
+    stay a few MB, which on the CPU keeps them in cache and out of the page-faulting path of large allocations.
     """
 
-    def __init__(self, mask_features: HQMaskFeatures) -> None:
+    def __init__(self, mask_features: HQMaskFeatures, band_rows: int = 64) -> None:
         super().__init__(mask_features)
+        self.band_rows = band_rows
 
     def forward(self, *inputs: Tensor) -> Float[Tensor, "batch 1 height width"]:
         # (B, 1, D/8) token weights, (B, D/8, H, W) SAM's upscaled features, (B or 1, D/8, H, W) HQ features
         weights, upscaled, hq_features = inputs
         *hidden, projection = self.ensure_find(HQMaskFeatures)
         assert isinstance(projection, fl.Conv2d) and projection.bias is not None
-        for layer in hidden:
-            upscaled = layer(upscaled)
-        batch, channels, height, width = upscaled.shape
+        batch, _, height, width = upscaled.shape
         # (B, 1, D/8) x (D/8, C, 3, 3) -> (B, 9, C): per prompt, one C-vector per kernel offset
-        taps_weight = torch.einsum("bo,ockl->bklc", weights[:, 0], projection.weight).reshape(batch, 9, channels)
-        taps = (taps_weight @ upscaled.flatten(2)).reshape(batch, 9, height, width)
-        offsets = torch.eye(9, device=taps.device, dtype=taps.dtype).reshape(9, 1, 3, 3).transpose(0, 1)
-        logits = F.conv2d(taps, offsets, padding=1)
+        taps_weight = torch.einsum("bo,ockl->bklc", weights[:, 0], projection.weight)
+        taps_weight = taps_weight.reshape(batch, 9, projection.in_channels)
+        offsets = torch.eye(9, device=upscaled.device, dtype=upscaled.dtype).reshape(9, 1, 3, 3).transpose(0, 1)
+        padded = F.pad(upscaled, (0, 0, 2, 2))  # two zero rows above and below: the first convolution's padding
+        bands = []
+        for top in range(0, height, self.band_rows):
+            bottom = min(top + self.band_rows, height)
+            features = padded[:, :, top : bottom + 4]  # rows top - 2 .. bottom + 1
+            for layer in hidden:  # 3x3 convolution (padding 1), LayerNorm2d, GELU
+                features = layer(features)
+            features = features[:, :, 1:-1]  # rows top - 1 .. bottom, whole: their inputs were all in the band
+            # outside the image the projection reads zeros (its padding), not features
+            outside = (int(top == 0), int(bottom == height))
+            features = F.pad(features[:, :, outside[0] : features.shape[2] - outside[1]], (0, 0, *outside))
+            taps = (taps_weight @ features.flatten(2)).reshape(batch, 9, bottom - top + 2, width)
+            bands.append(F.conv2d(taps, offsets, padding=(0, 1)))
         bias = (weights @ projection.bias)[..., None, None]  # (B, 1, 1, 1)
-        return logits + bias + (weights @ hq_features.flatten(2)).unflatten(-1, (height, width))
+        return torch.cat(bands, dim=2) + bias + (weights @ hq_features.flatten(2)).unflatten(-1, (height, width))
 
 
 class HQMaskPrediction(fl.Chain):
