@@ -18,23 +18,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 from finesam.amg import AutomaticMaskGenerator
 from finesam.weights import build_from_official
 
-from conftest import photo
+from bench import photos
 from official import random_official, segment_anything
 from test_amg import structured
-
-
-def image() -> np.ndarray:
-    try:
-        return np.asarray(photo("truck.jpg").convert("RGB"))
-    except pytest.skip.Exception:
-        return np.random.default_rng(0).integers(0, 256, (1200, 1800, 3), dtype=np.uint8)
 
 
 @torch.inference_mode()
@@ -50,7 +42,7 @@ def main() -> None:
 
     official = structured(random_official(args.size, seed=2))
     ours = build_from_official(official.state_dict())
-    pixels = image()
+    pixels = np.asarray(photos()[0])  # truck.jpg, or a random image without the shared photos
     options = dict(
         points_per_side=args.points_per_side,
         crop_n_layers=args.crop_n_layers,

@@ -10,7 +10,7 @@ removed (then NMS again).
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -324,27 +324,17 @@ class AutomaticMaskGenerator:
         if len(candidates) == 0:
             return candidates
         rles, boxes, unchanged = list(candidates.rles), candidates.boxes.clone(), []
-        changed_rles: dict[int, RLE] = {}
         for i, rle in enumerate(candidates.rles):
             mask, holes_filled = remove_small_regions(rle_to_mask(rle), self.min_mask_region_area, "holes")
             mask, islands_removed = remove_small_regions(mask, self.min_mask_region_area, "islands")
             unchanged.append(float(not (holes_filled or islands_removed)))
             if holes_filled or islands_removed:
-                changed_rles[i] = mask_to_rle(mask)
+                rles[i] = mask_to_rle(mask)
                 boxes[i] = boxes_from_masks(torch.from_numpy(mask)[None])[0]
         keep = non_maximum_suppression(
             boxes.float(), torch.tensor(unchanged), max(self.box_nms_thresh, self.crop_nms_thresh)
         )
-        for i, rle in changed_rles.items():
-            rles[i] = rle
-        return Candidates(
-            rles,
-            boxes,
-            candidates.iou_predictions,
-            candidates.stability_scores,
-            candidates.points,
-            candidates.crop_boxes,
-        ).select(keep)
+        return replace(candidates, rles=rles, boxes=boxes).select(keep)
 
     def _record(self, candidates: Candidates, i: int) -> MaskRecord:
         rle = candidates.rles[i]
