@@ -5,7 +5,6 @@ embedding) and `hq_sam` (`hq_features`, `upscaled_embedding`, written while the 
 """
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from refiners.fluxion import layers as fl
 from torch import Tensor
@@ -141,8 +140,10 @@ class HQMaskProduct(fl.Chain):
     channel, computed as nine 1x1 taps summed at their offsets. Same value up to float rounding, a fraction
     of the work and no (B, D / 8, 4E, 4E) intermediate.
 
-    The maps are computed `band_rows` rows at a time (with a halo of two rows): the per-prompt temporaries then
-    stay a few MB, which on the CPU keeps them in cache and out of the page-faulting path of large allocations.
+    The hidden features are computed `band_rows` rows at a time (reading one input row more on each side) in the
+    channels-last layout SAM's upscaling produces: the per-prompt temporaries then stay a few MB, which on the CPU
+    keeps them in cache and out of the page-faulting path of large allocations. Only the nine tap maps (zero
+    outside the image, the projection's padding) are kept whole.
     """
 
     def __init__(self, mask_features: HQMaskFeatures, band_rows: int = 64) -> None:
@@ -155,25 +156,25 @@ class HQMaskProduct(fl.Chain):
         *hidden, projection = self.ensure_find(HQMaskFeatures)
         assert isinstance(projection, fl.Conv2d) and projection.bias is not None
         batch, _, height, width = upscaled.shape
-        # (B, 1, D/8) x (D/8, C, 3, 3) -> (B, 9, C): per prompt, one C-vector per kernel offset
-        taps_weight = torch.einsum("bo,ockl->bklc", weights[:, 0], projection.weight)
-        taps_weight = taps_weight.reshape(batch, 9, projection.in_channels)
-        offsets = torch.eye(9, device=upscaled.device, dtype=upscaled.dtype).reshape(9, 1, 3, 3).transpose(0, 1)
-        padded = F.pad(upscaled, (0, 0, 2, 2))  # two zero rows above and below: the first convolution's padding
-        bands = []
+        # (B, D/8) x (D/8, C, 3, 3) -> (B, C, 9): per prompt, one C-vector per kernel offset
+        taps_weight = torch.einsum("bo,ockl->bckl", weights[:, 0], projection.weight).flatten(2)
+        # taps[b, k, 1 + y, 1 + x] = taps_weight[b, :, k] . hidden features at (y, x); zero outside the image,
+        # as the projection's padding
+        taps = upscaled.new_zeros(batch, 9, height + 2, width + 2)
         for top in range(0, height, self.band_rows):
             bottom = min(top + self.band_rows, height)
-            features = padded[:, :, top : bottom + 4]  # rows top - 2 .. bottom + 1
+            # one input row more on each side inside the image; the convolution pads the image's own borders
+            first, last = max(top - 1, 0), min(bottom + 1, height)
+            features = upscaled[:, :, first:last]
             for layer in hidden:  # 3x3 convolution (padding 1), LayerNorm2d, GELU
                 features = layer(features)
-            features = features[:, :, 1:-1]  # rows top - 1 .. bottom, whole: their inputs were all in the band
-            # outside the image the projection reads zeros (its padding), not features
-            outside = (int(top == 0), int(bottom == height))
-            features = F.pad(features[:, :, outside[0] : features.shape[2] - outside[1]], (0, 0, *outside))
-            taps = (taps_weight @ features.flatten(2)).reshape(batch, 9, bottom - top + 2, width)
-            bands.append(F.conv2d(taps, offsets, padding=(0, 1)))
-        bias = (weights @ projection.bias)[..., None, None]  # (B, 1, 1, 1)
-        return torch.cat(bands, dim=2) + bias + (weights @ hq_features.flatten(2)).unflatten(-1, (height, width))
+            features = features[:, :, top - first : bottom - first].permute(0, 2, 3, 1)  # (B, rows, W, C)
+            band = features.reshape(batch, -1, features.shape[-1]) @ taps_weight  # (B, rows * W, 9)
+            taps[:, :, top + 1 : bottom + 1, 1:-1] = band.view(batch, bottom - top, width, 9).permute(0, 3, 1, 2)
+        product = sum(taps[:, 3 * dy + dx, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3))
+        bias = weights[:, 0] @ projection.bias  # (B,)
+        hq_product = (weights @ hq_features.flatten(2)).unflatten(-1, (height, width))  # (B, 1, H, W)
+        return hq_product + (product + bias[:, None, None])[:, None]
 
 
 class HQMaskPrediction(fl.Chain):
