@@ -119,8 +119,10 @@ def test_segment_multimask_keeps_the_best_mask(tmp_path, converted, checkpoint, 
         ([], "give at least one --box or --point"),
     ],
 )
-def test_segment_rejects_bad_prompts_with_a_message(tmp_path, converted, image_path, args, message):
-    result = finesam("segment", image_path, "--weights", converted, *args, "--out", tmp_path / "m.png")
+def test_segment_rejects_bad_prompts_with_a_message(tmp_path, image_path, args, message):
+    # weights that do not exist: the prompts are refused before the model loads (and encodes the image)
+    absent = tmp_path / "absent.safetensors"
+    result = finesam("segment", image_path, "--weights", absent, *args, "--out", tmp_path / "m.png")
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -285,10 +287,11 @@ def test_prompts_file_encodes_once_and_writes_one_mask_per_prompt(tmp_path, conv
         ('[{"points": [[10, 10]], "labels": [3]}]', "prompt 0: labels must be 1 (foreground) or 0 (background)"),
     ],
 )
-def test_prompts_file_errors(tmp_path, converted, image_path, content, message):
+def test_prompts_file_errors(tmp_path, image_path, content, message):
     (tmp_path / "p.json").write_text(content)
+    absent = tmp_path / "absent.safetensors"  # every prompt is checked before the model loads
     result = finesam(
-        "segment", image_path, "--weights", converted, "--prompts", tmp_path / "p.json", "--out", tmp_path / "m.png"
+        "segment", image_path, "--weights", absent, "--prompts", tmp_path / "p.json", "--out", tmp_path / "m.png"
     )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("m*.png"))

@@ -15,6 +15,7 @@ from finesam.demo import cache_dir, demo
 from finesam.download import CHECKPOINTS, DownloadError, download
 from finesam.overlay import overlay
 from finesam.processing import as_rgb
+from finesam.prompts import prepare_prompts
 from finesam.weights import atomic_write, convert_checkpoint
 
 
@@ -67,6 +68,11 @@ def command_line_prompt(args: argparse.Namespace) -> dict[str, Any]:
     return prompt
 
 
+def _prompt(prompt: dict[str, Any]) -> dict[str, Any]:
+    """A prompt of the command line or of a prompts file as keyword arguments of `predict`."""
+    return {"points": prompt.get("points"), "labels": prompt.get("labels"), "boxes": prompt.get("box")}
+
+
 def run_segment(args: argparse.Namespace) -> None:
     if args.prompts is not None and (args.box or args.point):
         raise UsageError("give prompts either with --prompts or with --box/--point, not both")
@@ -77,21 +83,18 @@ def run_segment(args: argparse.Namespace) -> None:
         image = as_rgb(Image.open(args.image))
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read image {args.image}: {e}") from None
+    for i, prompt in enumerate(prompts):  # every prompt checked before the model loads and encodes the image
+        try:
+            size = (image.height, image.width)  # the checks do not depend on the model's input size
+            prepare_prompts(**_prompt(prompt), original_size=size, input_size=size, mask_input_size=0)
+        except ValueError as e:
+            raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
     model = load_model(args)
     embedding = model.encode_image(image)  # once, for every prompt
     results: list[tuple[torch.Tensor, float]] = []
-    for i, prompt in enumerate(prompts):
-        try:
-            prediction = model.predict(
-                embedding,
-                points=prompt.get("points"),
-                labels=prompt.get("labels"),
-                boxes=prompt.get("box"),
-                multimask_output=bool(prompt.get("multimask", args.multimask)),
-                return_logits=True,
-            )
-        except ValueError as e:
-            raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
+    for prompt in prompts:
+        multimask = bool(prompt.get("multimask", args.multimask))
+        prediction = model.predict(embedding, **_prompt(prompt), multimask_output=multimask, return_logits=True)
         logits, scores = prediction.best()
         results += [(logits[j].float().cpu(), scores[j].item()) for j in range(len(scores))]
     for i, (logits, score) in enumerate(results):
