@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from finesam.model import SegmentAnything
+from finesam.model.transformer import FewKeysDotProduct
 
 from conftest import SMALL, TOLERANCE, max_diff
 
@@ -146,3 +147,30 @@ def test_prompt_chunks_do_not_change_the_result(small, chunk):
         small.prompt_chunk_size = 2
     assert masks.shape == default_masks.shape == (7, 3, MASK, MASK)
     assert max_diff(masks, default_masks) <= TOLERANCE and max_diff(iou, default_iou) <= TOLERANCE
+
+
+@pytest.mark.parametrize("keys", [1, 7, 16, 40])  # 40: above max_keys, the per-head kernel
+@pytest.mark.parametrize("query_batch", [1, 3])  # 1: image tokens shared by every prompt (the first block)
+def test_few_keys_dot_product_equals_per_head_attention_with_gradients(keys, query_batch):
+    """All heads at once through block-diagonal keys and values give each head's softmax(q k^T / sqrt(d)) v
+    (computed in float64), in values and in gradients."""
+    g = torch.Generator().manual_seed(keys)
+    heads, head_dim, queries, batch = 8, 16, 300, 3
+    query = (torch.randn(query_batch, queries, heads * head_dim, generator=g) * 2).requires_grad_()
+    key = (torch.randn(batch, keys, heads * head_dim, generator=g) * 2).requires_grad_()
+    value = torch.randn(batch, keys, heads * head_dim, generator=g).requires_grad_()
+    upstream = torch.randn(batch, queries, heads * head_dim, generator=g)
+
+    def per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.double().unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))
+        weights = torch.softmax(q @ k.mT / head_dim**0.5, dim=-1)
+        return (weights @ v).transpose(1, 2).flatten(2)
+
+    actual = FewKeysDotProduct(num_heads=heads)(query, key, value)
+    actual_grads = torch.autograd.grad((actual * upstream).sum(), (query, key, value))
+    expected = per_head(query, key, value)
+    expected_grads = torch.autograd.grad((expected * upstream.double()).sum(), (query, key, value))
+    assert actual.shape == (batch, queries, heads * head_dim) and actual.dtype == torch.float32
+    assert max_diff(actual, expected) <= 1e-5
+    for grad, reference in zip(actual_grads, expected_grads, strict=True):
+        assert max_diff(grad, reference) <= 1e-4 * reference.abs().max().item()

@@ -5,7 +5,10 @@ to queries and keys come from the `mask_decoder` context: `query_pe` (the tokens
 decoder) and `key_pe` (the dense positional encoding, flattened to image tokens).
 """
 
+import torch
+from jaxtyping import Float
 from refiners.fluxion import layers as fl
+from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
@@ -19,6 +22,46 @@ def with_positional_encoding(index: int, key: str) -> fl.Chain:
 
 def _attention(dim: int, num_heads: int, downsample: int, device: Device | str | None, dtype: DType | None):
     return fl.Attention(dim, num_heads=num_heads, inner_dim=dim // downsample, device=device, dtype=dtype)
+
+
+def _block_diagonal(x: Float[Tensor, "batch length heads*head_dim"], heads: int) -> Tensor:
+    """(B, L, H * d) -> (B, H * d, H * L): head h's features feed only head h's L columns, zeros elsewhere."""
+    batch, length, dim = x.shape
+    one_hot = torch.eye(heads, device=x.device, dtype=x.dtype)
+    split = x.reshape(batch, length, heads, dim // heads)
+    return torch.einsum("blhd,hg->bhdgl", split, one_hot).reshape(batch, dim, heads * length)
+
+
+class FewKeysDotProduct(fl.ScaledDotProductAttention):
+    """Multi-head attention of many queries (the image tokens) over a few keys (the prompt tokens).
+
+    With a handful of keys, per-head kernels spend their time on per-row overheads (a softmax over 7 values,
+    4096 times per head). Here all heads are two matrix products with block-diagonal keys and values, and
+    the softmax runs over the key axis laid out as rows. Same formula as `ScaledDotProductAttention` up to
+    float rounding; above `max_keys` keys (many point prompts) it falls back to it, as the block-diagonal
+    products grow with heads x keys.
+    """
+
+    def __init__(self, num_heads: int, max_keys: int = 16) -> None:
+        super().__init__(num_heads=num_heads)
+        self.max_keys = max_keys
+
+    def _process_attention(
+        self,
+        query: Float[Tensor, "batch queries dim"],
+        key: Float[Tensor, "batch keys dim"],
+        value: Float[Tensor, "batch keys dim"],
+    ) -> Float[Tensor, "batch queries dim"]:
+        _, keys, dim = key.shape
+        if keys > self.max_keys:
+            return super()._process_attention(query, key, value)
+        heads = self.num_heads
+        scaled_keys = key * (dim // heads) ** -0.5
+        # (B, H * L, D) x (B, D, Q): the scores of every head, one row per (head, key)
+        scores = (_block_diagonal(scaled_keys, heads).mT @ query.mT).unflatten(1, (heads, keys))
+        weights = (scores - scores.amax(dim=2, keepdim=True)).exp()
+        weights = (weights / weights.sum(dim=2, keepdim=True)).flatten(1, 2)
+        return weights.mT @ _block_diagonal(value, heads).mT  # (B, Q, H * L) x (B, H * L, D)
 
 
 class TokenSelfAttention(fl.Chain):
@@ -81,6 +124,8 @@ class ImageToTokenAttention(fl.Chain):
     def __init__(
         self, dim: int, num_heads: int, downsample: int, device: Device | str | None = None, dtype: DType | None = None
     ) -> None:
+        attention = _attention(dim, num_heads, downsample, device, dtype)
+        attention.replace(attention.ensure_find(fl.ScaledDotProductAttention), FewKeysDotProduct(num_heads))
         super().__init__(
             fl.Parallel(
                 fl.GetArg(TOKENS),
@@ -93,7 +138,7 @@ class ImageToTokenAttention(fl.Chain):
                                 with_positional_encoding(TOKENS, "query_pe"),
                                 fl.GetArg(TOKENS),
                             ),
-                            _attention(dim, num_heads, downsample, device, dtype),
+                            attention,
                         ),
                     ),
                     fl.LayerNorm(dim, device=device, dtype=dtype),
