@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from finesam.model import SegmentAnything
+from finesam.model.activation import GeLU
 from finesam.model.transformer import FewKeysDotProduct
 
 from conftest import SMALL, TOLERANCE, max_diff
@@ -174,3 +175,18 @@ def test_few_keys_dot_product_equals_per_head_attention_with_gradients(keys, que
     assert max_diff(actual, expected) <= 1e-5
     for grad, reference in zip(actual_grads, expected_grads, strict=True):
         assert max_diff(grad, reference) <= 1e-4 * reference.abs().max().item()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "tokens"])
+def test_gelu_equals_the_exact_gelu_and_keeps_the_layout(layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, generator=g) * 3
+    x = {"channels_last": x.contiguous(memory_format=torch.channels_last), "contiguous": x, "tokens": x[0]}[layout]
+    x.requires_grad_()
+    actual = GeLU()(x)
+    expected = torch.nn.functional.gelu(x.detach().double().requires_grad_())
+    assert actual.shape == x.shape and actual.stride() == x.stride()
+    assert max_diff(actual, expected) <= 1e-6
+    upstream = torch.randn(x.shape, generator=g)
+    (grad,) = torch.autograd.grad((actual * upstream).sum(), x)
+    assert max_diff(grad, upstream * torch.func.grad(lambda t: torch.nn.functional.gelu(t).sum())(x.detach())) <= 1e-6

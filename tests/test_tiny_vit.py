@@ -9,6 +9,7 @@ import torch
 from finesam.conversion import infer_config
 from finesam.hq.weights import is_hq_key
 from finesam.model import SAM_VIT_TINY, SegmentAnythingTiny
+from finesam.model.tiny_vit import BatchNorm2d, Conv2dBN
 from finesam.weights import convert_checkpoint, from_official_state_dict, load_checkpoint, load_sam
 
 from conftest import TOLERANCE, max_diff
@@ -84,3 +85,35 @@ def test_converting_tiny_checkpoints(tmp_path, official_tiny, mobile_sam_state_d
         loaded.predict(image, boxes=[10, 20, 600, 700], return_logits=True).masks,
         direct.predict(image, boxes=[10, 20, 600, 700], return_logits=True).masks,
     )
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("groups", [1, 6])
+def test_conv_bn_folds_batchnorm_in_eval_mode_only(training, groups):
+    """In eval mode `Conv2dBN` folds BatchNorm into the convolution: same values and gradients as convolution
+    then BatchNorm; in training mode BatchNorm uses batch statistics (and updates its running ones) as usual."""
+    g = torch.Generator().manual_seed(groups)
+    layer = Conv2dBN(6, 12, 3, stride=2, groups=groups).train(training)
+    norm = layer.ensure_find(BatchNorm2d)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        norm.running_mean.copy_(torch.randn(12, generator=g))
+        norm.running_var.copy_(torch.rand(12, generator=g) + 0.5)
+    reference = torch.nn.Sequential(
+        torch.nn.Conv2d(6, 12, 3, 2, 1, groups=groups, bias=False), torch.nn.BatchNorm2d(12)
+    )
+    reference.load_state_dict({"0.weight": layer.Conv2d.weight, **{f"1.{k}": v for k, v in norm.state_dict().items()}})
+    reference.train(training)
+    x = torch.randn(2, 6, 15, 15, generator=g).contiguous(memory_format=torch.channels_last)
+    actual, expected = layer(x), reference(x)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert max_diff(actual, expected) <= 1e-5 * expected.abs().max().item()
+    upstream = torch.randn(expected.shape, generator=g)
+    ours = torch.autograd.grad((actual * upstream).sum(), [layer.Conv2d.weight, norm.weight, norm.bias])
+    theirs = torch.autograd.grad(
+        (expected * upstream).sum(), [reference[0].weight, reference[1].weight, reference[1].bias]
+    )
+    for grad, grad_reference in zip(ours, theirs, strict=True):
+        assert max_diff(grad, grad_reference) <= 1e-4 * grad_reference.abs().max().item()
+    assert torch.allclose(norm.running_mean, reference[1].running_mean)  # updated alike in training mode

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
+from finesam.model.activation import GeLU
 from finesam.model.mask_decoder import MultiLayerPerceptron
 from finesam.model.norm import LayerNorm2d
 from finesam.model.transformer import TOKENS
@@ -39,7 +40,7 @@ class UpscalingStack(fl.Chain):
         super().__init__(
             fl.ConvTranspose2d(in_dim, mid_dim, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(mid_dim, device=device, dtype=dtype),
-            fl.GeLU(),
+            GeLU(),
             fl.ConvTranspose2d(mid_dim, out_dim, kernel_size=2, stride=2, device=device, dtype=dtype),
         )
 
@@ -127,7 +128,7 @@ class HQMaskFeatures(fl.Chain):
         super().__init__(
             fl.Conv2d(dim // 8, dim // 4, kernel_size=3, padding=1, device=device, dtype=dtype),
             LayerNorm2d(dim // 4, device=device, dtype=dtype),
-            fl.GeLU(),
+            GeLU(),
             fl.Conv2d(dim // 4, dim // 8, kernel_size=3, padding=1, device=device, dtype=dtype),
         )
 

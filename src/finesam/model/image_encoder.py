@@ -8,6 +8,7 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
+from finesam.model.activation import GeLU
 from finesam.model.config import SAMConfig
 from finesam.model.norm import LayerNorm2d
 
@@ -144,7 +145,7 @@ class FeedForward(fl.Chain):
     def __init__(self, dim: int, hidden_dim: int, device: Device | str | None = None, dtype: DType | None = None):
         super().__init__(
             fl.Linear(dim, hidden_dim, device=device, dtype=dtype),
-            fl.GeLU(),
+            GeLU(),
             fl.Linear(hidden_dim, dim, device=device, dtype=dtype),
         )
 

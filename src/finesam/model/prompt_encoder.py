@@ -13,6 +13,7 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
+from finesam.model.activation import GeLU
 from finesam.model.config import SAMConfig
 from finesam.model.norm import LayerNorm2d
 
@@ -124,10 +125,10 @@ class MaskEncoder(fl.Chain):
         super().__init__(
             fl.Conv2d(1, hidden // 4, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(hidden // 4, device=device, dtype=dtype),
-            fl.GeLU(),
+            GeLU(),
             fl.Conv2d(hidden // 4, hidden, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(hidden, device=device, dtype=dtype),
-            fl.GeLU(),
+            GeLU(),
             fl.Conv2d(hidden, config.prompt_dim, kernel_size=1, device=device, dtype=dtype),
         )
 
