@@ -9,7 +9,7 @@ import torch
 from finesam.conversion import infer_config
 from finesam.hq.weights import is_hq_key
 from finesam.model import SAM_VIT_TINY, SegmentAnythingTiny
-from finesam.model.tiny_vit import BatchNorm2d, Conv2dBN
+from finesam.model.tiny_vit import BatchNorm2d, BiasedAttention, Conv2dBN, attention_bias_indices
 from finesam.weights import convert_checkpoint, from_official_state_dict, load_checkpoint, load_sam
 
 from conftest import TOLERANCE, max_diff
@@ -117,3 +117,24 @@ def test_conv_bn_folds_batchnorm_in_eval_mode_only(training, groups):
     for grad, grad_reference in zip(ours, theirs, strict=True):
         assert max_diff(grad, grad_reference) <= 1e-4 * grad_reference.abs().max().item()
     assert torch.allclose(norm.running_mean, reference[1].running_mean)  # updated alike in training mode
+
+
+def test_biased_attention_equals_the_formula_with_gradients_to_the_biases():
+    """softmax(q k^T / sqrt(d) + bias[head, offset]) v per window, with gradients to the learned biases (which
+    reach the fused attention kernel as a 4-D mask)."""
+    g = torch.Generator().manual_seed(0)
+    heads, key_dim, window, windows = 2, 8, 3, 4
+    attention = BiasedAttention(num_heads=heads, key_dim=key_dim, window=window)
+    with torch.no_grad():
+        attention.attention_biases.copy_(torch.randn(attention.attention_biases.shape, generator=g) * 2)
+    qkv = torch.randn(windows, window * window, heads * 3 * key_dim, generator=g).requires_grad_()
+    actual = attention(qkv)
+    q, k, v = qkv.double().view(windows, window * window, heads, -1).transpose(1, 2).split(key_dim, dim=3)
+    bias = attention.attention_biases.double()[:, attention_bias_indices(window)]
+    expected = (torch.softmax(q @ k.mT / key_dim**0.5 + bias, dim=-1) @ v).transpose(1, 2).flatten(2)
+    assert max_diff(actual, expected) <= 1e-5
+    parameters = [attention.attention_biases, qkv]
+    ours = torch.autograd.grad(actual.square().sum(), parameters)
+    reference = torch.autograd.grad(expected.square().sum(), parameters)
+    for grad, grad_reference in zip(ours, reference, strict=True):
+        assert max_diff(grad, grad_reference) <= 1e-4 * grad_reference.abs().max().item()
