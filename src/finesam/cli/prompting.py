@@ -83,9 +83,9 @@ def run_segment(args: argparse.Namespace) -> None:
         image = as_rgb(Image.open(args.image))
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read image {args.image}: {e}") from None
+    size = (image.height, image.width)  # the checks below do not depend on the model's input size
     for i, prompt in enumerate(prompts):  # every prompt checked before the model loads and encodes the image
         try:
-            size = (image.height, image.width)  # the checks do not depend on the model's input size
             prepare_prompts(**_prompt(prompt), original_size=size, input_size=size, mask_input_size=0)
         except ValueError as e:
             raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
