@@ -108,11 +108,16 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
 
 
+def random_image() -> np.ndarray:
+    """A random 1800x1200 RGB image, the size of the shared truck photo."""
+    return np.random.default_rng(0).integers(0, 256, (1200, 1800, 3), dtype=np.uint8)
+
+
 def photos() -> list[Image.Image]:
     try:
         return [photo(name).convert("RGB") for name in PHOTOS]
     except pytest.skip.Exception:
-        return [Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1800, 3), dtype=np.uint8))]
+        return [Image.fromarray(random_image())]
 
 
 class Bench:
@@ -120,7 +125,7 @@ class Bench:
         self.size, self.repeats, self.drift_count, self.device = size, repeats, drift_count, device
         self.official = random_official(size, seed=0).to(device)
         self.pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0)).to(device)
-        self.image = np.random.default_rng(0).integers(0, 256, (1200, 1800, 3), dtype=np.uint8)
+        self.image = random_image()
 
     def ours(self) -> SegmentAnything:
         return build_from_official(self.official.state_dict(), device=self.device)
