@@ -4,8 +4,12 @@ Tolerance: max abs difference <= TOLERANCE (1e-4) in fp32 on the early ViT embed
 logits and IoU predictions. "Bit-identical" checks use `torch.equal`.
 """
 
+import copy
+import warnings
+
 import pytest
 import torch
+from refiners.fluxion.layers.chain import ChainError
 
 from finesam.conversion import CheckpointError
 from finesam.hq import HQSAMAdapter, convert_hq_state_dict, load_hq, save_hq
@@ -345,6 +349,32 @@ def test_adapter_cannot_be_injected_twice_or_called(official_hq):
     adapter.eject()
     with pytest.raises(RuntimeError, match="not injected"):
         adapter.eject()
+
+
+def test_adapter_built_before_the_model_moved_says_how_to_fix_it(official_hq):
+    model, adapter = with_adapter(official_hq)
+    pixels, prompt = image_tensor(0).bfloat16(), prompt_kinds(0)["box"]
+    text, weights = repr(model), copy.deepcopy(adapter.state_dict())
+    adapter.to(device="meta")
+    with pytest.raises(ValueError, match=r"float32 on meta but the mask decoder they join is torch.float32 on cpu"):
+        adapter.inject()
+    assert not adapter.injected and repr(model) == text  # nothing was injected
+    adapter.to_empty(device="cpu").load_state_dict(weights)
+    model.to(dtype=torch.bfloat16)  # the adapter, built before, stays float32: it runs under autocast only
+    with pytest.warns(
+        UserWarning, match=r"float32 on cpu but the mask decoder they join is torch.bfloat16 on cpu: move the"
+    ):
+        adapter.inject()
+    with pytest.raises(ChainError, match="should be the same"):
+        model.decode(model.encode(pixels), **prompt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.decode(model.encode(pixels), **prompt)[0].isfinite().all()
+    adapter.eject()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # moved: no warning
+        adapter.to(dtype=torch.bfloat16).inject()
+    logits, iou = model.decode(model.encode(pixels), **prompt)
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all() and iou.isfinite().all()
 
 
 def test_hq_features_are_computed_once_per_image_and_reused(official_hq):

@@ -20,6 +20,7 @@ from refiners.fluxion.adapters import Adapter, LinearLora, LoraAdapter
 from finesam.conversion import CheckpointError
 from finesam.io import CONFIG_KEY, FORMAT_KEY, read_safetensors, write_safetensors
 from finesam.model.sam import SegmentAnything
+from finesam.placement import check_placement
 
 FORMAT_LORA = "lora"
 
@@ -156,6 +157,9 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
         holders = self._holders()
         if any(isinstance(h, LoraAdapter) and self.name in h.names for h, _ in holders):
             raise ValueError(f"a LoRA named '{self.name}' is already injected in this model: eject it first")
+        targets = zip(holders, self.loras, self.paths, strict=True)
+        joins = ((w, layer.weight, f"layer {path}") for (_, layer), lora, path in targets for w in lora.parameters())
+        check_placement(f"LoRA '{self.name}'", joins)
         for (holder, layer), lora in zip(holders, self.loras, strict=True):
             with lora.no_parent_refresh():
                 if isinstance(holder, LoraAdapter):

@@ -21,6 +21,7 @@ from finesam.hq.layers import (
 )
 from finesam.model.mask_decoder import MaskDecoder, MaskHead, MultimaskSelection, OutputTokens, UpscaledImageEmbedding
 from finesam.model.sam import SegmentAnything
+from finesam.placement import check_placement
 
 CONTEXT = "hq_sam"
 
@@ -157,6 +158,8 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         if self.injected:
             raise RuntimeError("this HQSAMAdapter is already injected")
         _ensure_no_hq(self.target)
+        decoder = next(self.target.mask_decoder.parameters())
+        check_placement("HQSAMAdapter", ((weight, decoder, "mask decoder") for weight in self.parameters()))
         for adapter in self._adapters:
             adapter.inject(self.target)  # searched from the root: leaf targets (OutputTokens) have no parent link
         self.target.set_context(CONTEXT, {"hq_features": None, "upscaled_embedding": None})
