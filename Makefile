@@ -38,11 +38,13 @@ test-slow: $(VENV)/.test
 	$(BIN)/pytest -m slow
 
 # every speed figure against the official implementation, one table (ViT-B: ~15 minutes on 2 cores, with the
-# compiled mode), then automatic mask generation; `make bench SIZE=vit_h` for ViT-H
+# compiled mode), then automatic mask generation and the encoders with reuse_freed_memory(); `make bench SIZE=vit_h`
+# for ViT-H
 SIZE ?= vit_b
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench.py --size $(SIZE) --compile
 	$(BIN)/python benchmarks/bench_amg.py --size $(SIZE) --points-per-side 8 --repeats 2
+	$(BIN)/python benchmarks/bench_allocator.py --sizes $(SIZE),vit_tiny
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

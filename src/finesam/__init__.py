@@ -1,5 +1,6 @@
 """finesam: High-Quality Segment Anything for the Refiners adapter framework."""
 
+from finesam.allocator import reuse_freed_memory
 from finesam.model import (
     SAM_VIT_B,
     SAM_VIT_H,
@@ -30,4 +31,5 @@ __all__ = [
     "SegmentAnythingH",
     "SegmentAnythingL",
     "SegmentAnythingTiny",
+    "reuse_freed_memory",
 ]

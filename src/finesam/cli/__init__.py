@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from finesam.allocator import reuse_freed_memory
 from finesam.cli import everything, finetune, prompting
 from finesam.cli.common import UsageError
 from finesam.conversion import CheckpointError
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    reuse_freed_memory()  # a process of our own: large tensors without fresh pages (see finesam.allocator)
     args = build_parser().parse_args(argv)
     try:
         with torch.inference_mode():

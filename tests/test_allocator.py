@@ -1,0 +1,54 @@
+"""`reuse_freed_memory` changes the whole process, so it is measured in real subprocesses: by the page faults
+of allocating and filling a 64 MB tensor, ten times in a row (16384 fresh 4 KB pages each time without it).
+With it, the heap first grows by a few such blocks (small allocations land between them) and then reuses one.
+"""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from finesam.allocator import reuse_freed_memory
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+
+PAGES = 64 * 2**20 // 4096
+
+SCRIPT = """
+import resource
+import torch
+{setup}
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    before = faults()
+    torch.ones(64 * 2**20 // 4).sum()
+    print(faults() - before)
+"""
+
+SETUPS = {
+    "default": "",
+    "reuse_freed_memory": "import finesam\nassert finesam.reuse_freed_memory()",
+    "finesam command": "import finesam.cli\ntry:\n    finesam.cli.main(['--help'])\nexcept SystemExit:\n    pass",
+}
+
+
+def faults_of_large_tensors(setup: str) -> list[int]:
+    script = SCRIPT.format(setup=setup)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    return [int(line) for line in done.stdout.split()[-10:]]
+
+
+def test_large_tensors_fault_every_page_by_default():
+    assert min(faults_of_large_tensors(SETUPS["default"])) >= PAGES // 2
+
+
+@pytest.mark.parametrize("setup", ["reuse_freed_memory", "finesam command"])
+def test_large_tensors_reuse_freed_memory(setup):
+    assert min(faults_of_large_tensors(SETUPS[setup])) < PAGES // 16
+
+
+def test_limit_must_be_positive():
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        reuse_freed_memory(0)
