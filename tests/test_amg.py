@@ -194,6 +194,14 @@ def test_hq_mask_only_needs_the_adapter(sam, dog):
 def test_bad_options_are_refused(sam, options, message):
     with pytest.raises(ValueError, match=message):
         AutomaticMaskGenerator(sam, **options)
+    with pytest.raises(ValueError, match=message):
+        AutomaticMaskGenerator.check_options(**options)  # the same check, without a model
+
+
+def test_good_options_pass_the_check_without_a_model():
+    AutomaticMaskGenerator.check_options(points_per_side=4, crop_n_layers=1, output_mode="coco_rle")
+    with pytest.raises(TypeError, match="points_per_sides"):
+        AutomaticMaskGenerator.check_options(points_per_sides=4)
 
 
 def test_point_grids_and_crops_match_official():
@@ -295,9 +303,15 @@ def test_cli_everything_writes_the_official_masks(tmp_path, cli_inputs, official
 
 def test_cli_everything_errors(tmp_path, cli_inputs):
     weights, image = cli_inputs
-    result = finesam("everything", image, "--weights", weights, "--out", tmp_path, "--points-per-side", "0")
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert result.stderr.startswith("finesam everything: error: points_per_side 0 gives no point")
+    absent = tmp_path / "absent.pth"  # options are checked before the model loads
+    for option, value, message in (
+        ("--points-per-side", "0", "points_per_side 0 gives no point"),
+        ("--points-per-batch", "0", "points_per_batch must be >= 1, got 0"),
+        ("--pred-iou-thresh", "nan", "pred_iou_thresh must be a finite number, got nan"),
+    ):
+        result = finesam("everything", image, "--weights", absent, "--out", tmp_path, option, value)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.startswith(f"finesam everything: error: {message}")
     result = finesam("everything", image, "--weights", weights, "--out", tmp_path, "--hq-only")
     assert result.returncode == 2 and "--hq-only needs HQ-SAM weights" in result.stderr

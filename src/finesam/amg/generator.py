@@ -11,7 +11,7 @@ removed (then NMS again).
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, cast
 
 import numpy as np
 import torch
@@ -205,6 +205,12 @@ class AutomaticMaskGenerator:
         self.output_mode = output_mode
         self.multimask_output = multimask_output
         self.hq_mask_only = hq_mask_only
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Raises the error the constructor would raise for these options (`ValueError` for a bad value,
+        `TypeError` for an unknown name), without a model: to check them before loading one."""
+        cls(cast(SegmentAnything, None), **options)  # the constructor checks and stores; it never uses the model
 
     @staticmethod
     def _checked_grid(grid: Any, layer: int) -> np.ndarray:

@@ -34,6 +34,7 @@ def run_everything(args: argparse.Namespace) -> None:
             "min_mask_region_area",
         )
     }
+    AutomaticMaskGenerator.check_options(**options)  # before the model loads
     model = load_model(args)
     records = AutomaticMaskGenerator(model, **options, output_mode="uncompressed_rle").generate(image)
     annotations: list[dict[str, Any]] = []
