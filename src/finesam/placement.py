@@ -12,6 +12,7 @@ def check_placement(adapter: str, joins: Iterable[tuple[Tensor, Tensor, str]]) -
     on the same device in the same dtype, as they are not after a model was moved with `.to()` but not the
     adapter built before it: raises `ValueError` for another device, and warns once for another dtype (which
     runs under `torch.autocast` only). Both messages say how to move the adapter."""
+    other_dtype = ""
     for weight, base, joined in joins:
         if weight.device == base.device and weight.dtype == base.dtype:
             continue
@@ -22,5 +23,6 @@ def check_placement(adapter: str, joins: Iterable[tuple[Tensor, Tensor, str]]) -
         )
         if weight.device != base.device:
             raise ValueError(message)
-        warnings.warn(f"{message}; outside torch.autocast the model will fail", stacklevel=3)
-        return
+        other_dtype = other_dtype or message
+    if other_dtype:
+        warnings.warn(f"{other_dtype}; outside torch.autocast the model will fail", stacklevel=3)
