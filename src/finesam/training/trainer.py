@@ -1,6 +1,7 @@
 """The training loop: adapters on a frozen base, checkpoints and exact resume, metrics, torchrun scale-out."""
 
 import csv
+import gc
 import io
 import json
 import math
@@ -231,6 +232,10 @@ class Trainer:
                 print(file=sys.stderr)
         if self.dist.world > 1:
             dist.barrier()
+            # DDP's reducer holds the process group: let both go while Python is fully alive, not at interpreter
+            # exit, where gloo's worker threads may abort the process
+            self.step_loss = self.loss
+            gc.collect()
             dist.destroy_process_group()
         return written
 
