@@ -1,7 +1,10 @@
 """Shared fixtures: a small configuration, the official model with random weights, and ours converted from it."""
 
+import copy
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,3 +55,26 @@ def small(official_small) -> SegmentAnything:
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def inject_after_the_model_moved(model: SegmentAnything, adapter: Any, device_error: str, dtype_warning: str) -> None:
+    """The placement check of `adapter.inject()`, for an adapter built before its model moved: on another
+    device (meta) it refuses with `device_error` and injects nothing; back on the CPU after the model went to
+    bf16 it injects with `dtype_warning`."""
+    text, weights = repr(model), copy.deepcopy(adapter.state_dict())
+    adapter.to(device="meta")
+    with pytest.raises(ValueError, match=device_error):
+        adapter.inject()
+    assert not adapter.injected and repr(model) == text  # nothing was injected
+    adapter.to_empty(device="cpu").load_state_dict(weights)
+    model.to(dtype=torch.bfloat16)  # the adapter, built before, stays float32: it runs under autocast only
+    with pytest.warns(UserWarning, match=dtype_warning):
+        adapter.inject()
+
+
+def inject_moved_adapter(adapter: Any) -> None:
+    """Injects `adapter` (ejected) after moving it to bf16, as the placement messages say: no warning."""
+    adapter.eject()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter.to(dtype=torch.bfloat16).inject()

@@ -4,9 +4,6 @@ Tolerance: max abs difference <= TOLERANCE (1e-4) in fp32 on the early ViT embed
 logits and IoU predictions. "Bit-identical" checks use `torch.equal`.
 """
 
-import copy
-import warnings
-
 import pytest
 import torch
 from refiners.fluxion.layers.chain import ChainError
@@ -18,7 +15,7 @@ from finesam.hq.weights import is_hq_key
 from finesam.model import PRESETS, SAM_VIT_B, SegmentAnything
 from finesam.weights import build_from_official, convert_checkpoint, load_checkpoint, save_sam
 
-from conftest import SMALL, TOLERANCE, max_diff
+from conftest import SMALL, TOLERANCE, inject_after_the_model_moved, inject_moved_adapter, max_diff
 from official import HQSamPredictor, build_official, random_official
 from test_predict import PHOTOS, assert_matches_official_predictor
 
@@ -354,25 +351,17 @@ def test_adapter_cannot_be_injected_twice_or_called(official_hq):
 def test_adapter_built_before_the_model_moved_says_how_to_fix_it(official_hq):
     model, adapter = with_adapter(official_hq)
     pixels, prompt = image_tensor(0).bfloat16(), prompt_kinds(0)["box"]
-    text, weights = repr(model), copy.deepcopy(adapter.state_dict())
-    adapter.to(device="meta")
-    with pytest.raises(ValueError, match=r"float32 on meta but the mask decoder they join is torch.float32 on cpu"):
-        adapter.inject()
-    assert not adapter.injected and repr(model) == text  # nothing was injected
-    adapter.to_empty(device="cpu").load_state_dict(weights)
-    model.to(dtype=torch.bfloat16)  # the adapter, built before, stays float32: it runs under autocast only
-    with pytest.warns(
-        UserWarning, match=r"float32 on cpu but the mask decoder they join is torch.bfloat16 on cpu: move the"
-    ):
-        adapter.inject()
+    inject_after_the_model_moved(
+        model,
+        adapter,
+        r"float32 on meta but the mask decoder they join is torch.float32 on cpu",
+        r"float32 on cpu but the mask decoder they join is torch.bfloat16 on cpu: move the",
+    )
     with pytest.raises(ChainError, match="should be the same"):
         model.decode(model.encode(pixels), **prompt)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.decode(model.encode(pixels), **prompt)[0].isfinite().all()
-    adapter.eject()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # moved: no warning
-        adapter.to(dtype=torch.bfloat16).inject()
+    inject_moved_adapter(adapter)
     logits, iou = model.decode(model.encode(pixels), **prompt)
     assert logits.dtype == torch.bfloat16 and logits.isfinite().all() and iou.isfinite().all()
 

@@ -7,7 +7,6 @@ in fp32 (the two compute the same sum in a different order). "Unchanged" / "bit-
 import copy
 import dataclasses
 import json
-import warnings
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from finesam.lora import TARGETS, SAMLoraAdapter, base_linears, load_lora, read_
 from finesam.model import SegmentAnything
 from finesam.weights import build_from_official, save_sam
 
-from conftest import SMALL, max_diff
+from conftest import SMALL, inject_after_the_model_moved, inject_moved_adapter, max_diff
 from official import build_official
 
 MERGED_TOLERANCE = 1e-5
@@ -228,19 +227,13 @@ def test_bad_lora_files_and_arguments(model, tmp_path):
 
 def test_lora_built_before_the_model_moved_says_how_to_fix_it(model):
     adapter = SAMLoraAdapter(model)
-    text, weights = repr(model), copy.deepcopy(adapter.state_dict())
-    adapter.to(device="meta")
-    with pytest.raises(ValueError, match=r"weights of LoRA 'lora' are torch.float32 on meta but the layer MaskDecoder"):
-        adapter.inject()
-    assert not adapter.injected and repr(model) == text  # nothing was injected
-    adapter.to_empty(device="cpu").load_state_dict(weights)
-    model.to(dtype=torch.bfloat16)  # the LoRA, built before, stays float32: it runs under autocast only
-    with pytest.warns(UserWarning, match=r"float32 on cpu but the layer .* is torch.bfloat16 on cpu: move the adapter"):
-        adapter.inject()
-    adapter.eject()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # moved: no warning
-        adapter.to(dtype=torch.bfloat16).inject()
+    inject_after_the_model_moved(
+        model,
+        adapter,
+        r"weights of LoRA 'lora' are torch.float32 on meta but the layer MaskDecoder",
+        r"float32 on cpu but the layer .* is torch.bfloat16 on cpu: move the adapter",
+    )
+    inject_moved_adapter(adapter)
     assert outputs(model)[1].dtype == torch.bfloat16
 
 
