@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-from finesam.hq import HQSAMAdapter, convert_hq_state_dict
-from finesam.metrics import mask_iou
+from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
+from finesam.evaluation.metrics import mask_iou
 from finesam.model import SegmentAnything
 from finesam.weights import build_from_official
 

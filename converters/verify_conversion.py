@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from finesam.conversion import infer_config
-from finesam.example import HOUSE_BOX, SUN_POINT, example_image
+from finesam.cli.example import HOUSE_BOX, SUN_POINT, example_image
 from finesam.model.config import preset_name
 from finesam.weights import build_from_official, load_official_state_dict, load_sam
+from finesam.weights.conversion import infer_config
 
 from official import OFFICIAL_BUILDERS, SamPredictor
 

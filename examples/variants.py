@@ -4,7 +4,7 @@ Train one with `finesam train` ([variant] adapter = "variants:HQFromBlock", with
 and compare it with `finesam eval --variant variants:HQFromBlock --variant-weights ...`.
 """
 
-from finesam.hq import HQSAMAdapter
+from finesam.adapters.hq import HQSAMAdapter
 from finesam.model import SegmentAnything
 from finesam.model.image_encoder import TransformerBlock
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finesam.conversion import CheckpointError, convert_state_dict, infer_config
 from finesam.model import PRESETS, SAM_VIT_B, SegmentAnything
 from finesam.model.image_encoder import TransformerBlock
 from finesam.weights import atomic_write, build_from_official, convert_checkpoint, load_official_state_dict, load_sam
+from finesam.weights.conversion import CheckpointError, convert_state_dict, infer_config
 
 from conftest import SMALL, TOLERANCE, max_diff
 from official import random_official

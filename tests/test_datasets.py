@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from finesam.datasets import list_pairs
+from finesam.data.pairs import list_pairs
 
 
 def layout(root: Path, images: list[str], masks: list[str]) -> Path:

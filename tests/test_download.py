@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finesam.download import Checkpoint, DownloadError, download
+from finesam.weights.download import Checkpoint, DownloadError, download
 
 from conftest import SMALL
 from official import build_official, build_official_tiny

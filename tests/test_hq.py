@@ -8,12 +8,12 @@ import pytest
 import torch
 from refiners.fluxion.layers.chain import ChainError
 
-from finesam.conversion import CheckpointError
-from finesam.hq import HQSAMAdapter, convert_hq_state_dict, load_hq, save_hq
-from finesam.hq.layers import HQFeatureFusion, HQMaskFeatures, HQMaskProduct
-from finesam.hq.weights import is_hq_key
+from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict, load_hq, save_hq
+from finesam.adapters.hq.layers import HQFeatureFusion, HQMaskFeatures, HQMaskProduct
 from finesam.model import PRESETS, SAM_VIT_B, SegmentAnything
 from finesam.weights import build_from_official, convert_checkpoint, load_checkpoint, save_sam
+from finesam.weights.conversion import CheckpointError
+from finesam.weights.hq import is_hq_key
 
 from conftest import SMALL, TOLERANCE, inject_after_the_model_moved, inject_moved_adapter, max_diff
 from official import HQSamPredictor, build_official, random_official

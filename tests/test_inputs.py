@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finesam.hq import HQSAMAdapter, convert_hq_state_dict
-from finesam.processing import as_rgb
+from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
+from finesam.model.processing import as_rgb
 from finesam.weights import build_from_official
 
 from conftest import SMALL, TOLERANCE, max_diff, photo

@@ -11,12 +11,12 @@ import json
 import pytest
 import torch
 
-from finesam.conversion import CheckpointError
-from finesam.hq import HQSAMAdapter, convert_hq_state_dict
-from finesam.io import read_safetensors
-from finesam.lora import TARGETS, SAMLoraAdapter, base_linears, load_lora, read_lora_metadata, select_linears
+from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
+from finesam.adapters.lora import TARGETS, SAMLoraAdapter, base_linears, load_lora, read_lora_metadata, select_linears
 from finesam.model import SegmentAnything
 from finesam.weights import build_from_official, save_sam
+from finesam.weights.conversion import CheckpointError
+from finesam.weights.io import read_safetensors
 
 from conftest import SMALL, inject_after_the_model_moved, inject_moved_adapter, max_diff
 from official import build_official

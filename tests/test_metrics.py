@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from finesam.metrics import boundary_dilation, boundary_iou, mask_boundary, mask_iou, summarise
+from finesam.evaluation.metrics import boundary_dilation, boundary_iou, mask_boundary, mask_iou, summarise
 
 
 def square(size: int, top: int, left: int, side: int, width: int | None = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ ViT-B runs in the default suite (test_predict.py, test_hq.py). Tolerance: TOLERA
 import pytest
 import torch
 
-from finesam.hq import HQSAMAdapter, convert_hq_state_dict
+from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
 from finesam.weights import build_from_official
 
 from official import random_official

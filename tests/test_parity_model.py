@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from finesam.model import SegmentAnything
-from finesam.model.activation import GeLU
+from finesam.model.layers import GeLU
 from finesam.model.transformer import FewKeysDotProduct
 
 from conftest import SMALL, TOLERANCE, max_diff

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from finesam.placement import check_placement
+from finesam.adapters.placement import check_placement
 
 
 def test_another_device_is_refused_even_after_another_dtype():

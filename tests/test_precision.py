@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from finesam.hq import HQSAMAdapter, convert_hq_state_dict
+from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
 from finesam.weights import build_from_official
 
 from conftest import SMALL, photo

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from finesam.model import SAM_VIT_B, SegmentAnything
-from finesam.processing import preprocess_image, scale_coordinates
+from finesam.model.processing import preprocess_image, scale_coordinates
 from finesam.weights import build_from_official
 
 from conftest import SMALL, TOLERANCE, max_diff, photo

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from finesam.model import ImageEmbedding
-from finesam.processing import postprocess_masks, resized_shape, scale_coordinates
+from finesam.model.processing import postprocess_masks, resized_shape, scale_coordinates
 
 from conftest import SMALL
 from official import SamPredictor

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finesam.datasets import list_pairs
-from finesam.synthetic import BACKGROUND_MAX, FOREGROUND_MIN, KINDS, make_sample, sample_seed, write_dataset
+from finesam.data.pairs import list_pairs
+from finesam.data.synthetic import BACKGROUND_MAX, FOREGROUND_MIN, KINDS, make_sample, sample_seed, write_dataset
 
 
 def arrays(seed: int, size: tuple[int, int] = (96, 96), kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:

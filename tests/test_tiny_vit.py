@@ -6,11 +6,11 @@ Random weights with BatchNorm statistics perturbed, eval mode. Tolerance: TOLERA
 import pytest
 import torch
 
-from finesam.conversion import infer_config
-from finesam.hq.weights import is_hq_key
 from finesam.model import SAM_VIT_TINY, SegmentAnythingTiny
 from finesam.model.tiny_vit import BatchNorm2d, BiasedAttention, Conv2dBN, attention_bias_indices
 from finesam.weights import convert_checkpoint, from_official_state_dict, load_checkpoint, load_sam
+from finesam.weights.conversion import infer_config
+from finesam.weights.hq import is_hq_key
 
 from conftest import TOLERANCE, max_diff
 from official import SamPredictor, build_official_tiny, mobile_sam_from

@@ -18,16 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
+from finesam.adapters.hq import HQSAMAdapter, load_hq, save_hq
+from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
-from finesam.hq import HQSAMAdapter, load_hq, save_hq
-from finesam.io import read_safetensors
-from finesam.metrics import boundary_iou, mask_iou
-from finesam.processing import PIXEL_MEAN, PIXEL_STD, preprocess_image
-from finesam.synthetic import write_dataset
+from finesam.evaluation.metrics import boundary_iou, mask_iou
+from finesam.model.processing import PIXEL_MEAN, PIXEL_STD, preprocess_image
 from finesam.training.config import load_config, parse_config
 from finesam.training.data import TrainingSet, load_pair, sample_generator, to_input_frame
 from finesam.training.trainer import Trainer
 from finesam.weights import load_sam, save_sam
+from finesam.weights.io import read_safetensors
 
 from conftest import SMALL
 from test_cli import finesam

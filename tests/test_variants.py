@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finesam.hq import HQSAMAdapter
-from finesam.synthetic import write_dataset
+from finesam.adapters.hq import HQSAMAdapter
+from finesam.data.synthetic import write_dataset
 from finesam.weights import build_from_official
 
 from conftest import SMALL

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from finesam.adapters.hq import hq_mask_only_set_to
 from finesam.amg.geometry import (
     box_area,
     box_near_crop_edge,
@@ -30,9 +31,8 @@ from finesam.amg.geometry import (
 )
 from finesam.amg.regions import remove_small_regions
 from finesam.amg.rle import RLE, mask_to_rle, masks_to_rle, rle_area, rle_to_mask, to_coco
-from finesam.hq.layers import HQOutputRule
+from finesam.model.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks
 from finesam.model.sam import ImageEmbedding, SegmentAnything
-from finesam.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -236,14 +236,8 @@ class AutomaticMaskGenerator:
         if self.hq_mask_only is None:
             yield
             return
-        rule = self.model.find(HQOutputRule)
-        if rule is None:
-            raise ValueError("hq_mask_only needs the HQ-SAM adapter injected in the model")
-        before, rule.hq_mask_only = rule.hq_mask_only, self.hq_mask_only
-        try:
+        with hq_mask_only_set_to(self.model, self.hq_mask_only):
             yield
-        finally:
-            rule.hq_mask_only = before
 
     def _generate(self, image: np.ndarray) -> Candidates:
         height, width = image.shape[:2]

@@ -9,7 +9,7 @@ import torch
 from finesam.allocator import reuse_freed_memory
 from finesam.cli import everything, finetune, prompting
 from finesam.cli.common import UsageError
-from finesam.conversion import CheckpointError
+from finesam.weights import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finesam.hq.weights import load_hq
 from finesam.model import SegmentAnything
-from finesam.weights import atomic_write, load_checkpoint
+from finesam.weights import atomic_write, holds_hq, load_hq, load_sam
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,10 +64,10 @@ def load_model(args: argparse.Namespace) -> SegmentAnything:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--device {args.device} is not usable here: {str(e).splitlines()[0]}") from None
-    model, adapter = load_checkpoint(args.weights, device)
-    if args.hq is not None:
-        adapter = load_hq(model, args.hq)
-    if adapter is not None:
+    model = load_sam(args.weights, device)
+    hq = args.hq if args.hq is not None else (args.weights if holds_hq(args.weights) else None)
+    if hq is not None:
+        adapter = load_hq(model, hq)
         adapter.hq_mask_only = args.hq_only
         adapter.inject()
     elif args.hq_only:

@@ -10,8 +10,8 @@ from PIL import Image
 
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask, to_coco
 from finesam.cli.common import DTYPES, UsageError, load_model, save_mask, write_json
-from finesam.overlay import distinct_colours, overlay
-from finesam.processing import as_rgb
+from finesam.cli.overlay import distinct_colours, overlay
+from finesam.model.processing import as_rgb
 from finesam.weights import atomic_write
 
 

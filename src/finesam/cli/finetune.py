@@ -8,10 +8,9 @@ from typing import Any
 import torch
 
 from finesam.cli.common import UsageError
-from finesam.distributed import Distributed
-from finesam.hq.weights import load_hq
 from finesam.model import SegmentAnything
-from finesam.weights import load_checkpoint
+from finesam.training.distributed import Distributed
+from finesam.weights import holds_hq, load_hq, load_lora, load_sam
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -27,7 +26,6 @@ def run_train(args: argparse.Namespace) -> None:
 def evaluation_configurations(args: argparse.Namespace, model: SegmentAnything, hq: Any) -> list[Any]:
     """The named configurations of `--configs` (default: base, then each adapter added in turn)."""
     from finesam.evaluation import adapter_configuration
-    from finesam.lora import load_lora
     from finesam.training.adapters import build_variant
     from finesam.training.config import VariantConfig
 
@@ -58,9 +56,9 @@ def run_eval(args: argparse.Namespace) -> None:
     from finesam.evaluation import evaluate, markdown_table, write_report
 
     place = Distributed.from_environment()
-    model, hq = load_checkpoint(args.weights, place.join(torch.device(args.device)))
-    if args.hq is not None:
-        hq = load_hq(model, args.hq)
+    model = load_sam(args.weights, place.join(torch.device(args.device)))
+    hq_weights = args.hq if args.hq is not None else (args.weights if holds_hq(args.weights) else None)
+    hq = None if hq_weights is None else load_hq(model, hq_weights)
     configurations = evaluation_configurations(args, model, hq)
     results = evaluate(
         model,
@@ -80,7 +78,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> None:
-    from finesam.synthetic import write_dataset
+    from finesam.data.synthetic import write_dataset
 
     print(write_dataset(args.out, args.count, seed=args.seed, size=(args.size, args.size)))
 

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from finesam.cli.common import DTYPES, UsageError, floats, load_model, save_array, save_mask, suffixed
-from finesam.demo import cache_dir, demo
-from finesam.download import CHECKPOINTS, DownloadError, download
-from finesam.overlay import overlay
-from finesam.processing import as_rgb
-from finesam.prompts import prepare_prompts
+from finesam.cli.demo import cache_dir, demo
+from finesam.cli.overlay import overlay
+from finesam.model.processing import as_rgb
+from finesam.model.prompts import prepare_prompts
 from finesam.weights import atomic_write, convert_checkpoint
+from finesam.weights.download import CHECKPOINTS, DownloadError, download
 
 
 def _box(text: str) -> list[float]:

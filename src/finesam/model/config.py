@@ -1,116 +1,241 @@
-"""Hyper-parameters of a Segment Anything model, and the official presets."""
+"""Hyper-parameters of a Segment Anything model: one config per encoder family, one for the prompt side, and
+the official presets."""
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeAlias
+
+
+def _problems(config: object, checks: list[tuple[bool, str]]) -> None:
+    failed = [message for ok, message in checks if not ok]
+    if failed:
+        raise ValueError(f"invalid {type(config).__name__}: " + "; ".join(failed))
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """The plain ViT of SAM ViT-B/L/H: windowed attention blocks with a few global ones. Defaults: ViT-B."""
+
+    family: ClassVar[str] = "vit"
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    global_attention_blocks: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _problems(
+            self,
+            [
+                (self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
+                (
+                    all(0 <= i < self.depth for i in self.global_attention_blocks),
+                    f"global_attention_blocks {self.global_attention_blocks} must be in 0..{self.depth - 1}",
+                ),
+            ],
+        )
+
+    @property
+    def early_embedding_block(self) -> int:
+        """Index of the first global-attention block, whose output HQ-SAM fuses with the final embedding."""
+        return min(self.global_attention_blocks)
+
+    @property
+    def early_embedding_dim(self) -> int:
+        return self.dim
+
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    """TinyViT (MobileSAM, Light HQ-SAM): a convolutional stage, then three attention stages.
+
+    `dims` and `depths` cover the four stages; `heads` and `windows` the three attention stages.
+    """
+
+    family: ClassVar[str] = "tiny_vit"
+    patch_size: ClassVar[int] = 16  # stem /4, two patch mergings /2: the embedding grid is the input / 16
+    dims: tuple[int, int, int, int] = (64, 128, 160, 320)
+    depths: tuple[int, int, int, int] = (2, 2, 6, 2)
+    heads: tuple[int, int, int] = (4, 5, 10)
+    windows: tuple[int, int, int] = (7, 14, 7)
+    mbconv_expand: float = 4.0
+
+    def __post_init__(self) -> None:
+        _problems(
+            self,
+            [
+                (len(self.dims) == len(self.depths) == 4, "dims and depths need 4 entries (one per stage)"),
+                (len(self.heads) == len(self.windows) == 3, "heads and windows need 3 entries (attention stages)"),
+                (
+                    all(d % h == 0 for d, h in zip(self.dims[1:], self.heads, strict=False)),
+                    f"dims {self.dims[1:]} are not divisible by heads {self.heads}",
+                ),
+            ],
+        )
+
+    @property
+    def dim(self) -> int:
+        """Width of the last stage, which the neck projects to the prompt dimension."""
+        return self.dims[3]
+
+    @property
+    def early_embedding_dim(self) -> int:
+        """HQ-SAM fuses the output of stage 1 (after its patch merging): `dims[2]` channels."""
+        return self.dims[2]
+
+
+EncoderConfig: TypeAlias = ViTConfig | TinyViTConfig
+ENCODER_FAMILIES: dict[str, type[EncoderConfig]] = {c.family: c for c in (ViTConfig, TinyViTConfig)}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The prompt encoder and the mask decoder (the same in every official release)."""
+
+    prompt_dim: int = 256
+    mask_in_channels: int = 16
+    depth: int = 2
+    heads: int = 8
+    mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+    def __post_init__(self) -> None:
+        _problems(
+            self,
+            [
+                (self.prompt_dim % 8 == 0, f"prompt_dim {self.prompt_dim} must be a multiple of 8 (mask features)"),
+                (self.mask_in_channels % 4 == 0, f"mask_in_channels {self.mask_in_channels} must be a multiple of 4"),
+                (self.prompt_dim % self.heads == 0, f"prompt_dim {self.prompt_dim} is not divisible by {self.heads}"),
+            ],
+        )
+
+    @property
+    def num_mask_tokens(self) -> int:
+        return self.num_multimask_outputs + 1
 
 
 @dataclass(frozen=True)
 class SAMConfig:
-    """Everything needed to build a `SegmentAnything` of any size.
+    """Everything needed to build a `SegmentAnything`: the encoder of one family, the decoder, the input size.
 
-    The defaults are the official ViT-B values; `SAM_VIT_B`, `SAM_VIT_L` and `SAM_VIT_H` are the three releases.
-    Smaller configurations (for tests or experiments) change the fields freely.
+    `SAM_VIT_B`, `SAM_VIT_L`, `SAM_VIT_H` and `SAM_VIT_TINY` are the official releases; smaller
+    configurations (tests, experiments) change the fields freely.
     """
 
+    encoder: EncoderConfig = field(default_factory=ViTConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     image_size: int = 1024
-    patch_size: int = 16
-    encoder_dim: int = 768
-    encoder_depth: int = 12
-    encoder_heads: int = 12
-    global_attention_blocks: tuple[int, ...] = (2, 5, 8, 11)
-    window_size: int = 14
-    mlp_ratio: float = 4.0
-    prompt_dim: int = 256
-    mask_in_channels: int = 16
-    decoder_depth: int = 2
-    decoder_heads: int = 8
-    decoder_mlp_dim: int = 2048
-    num_multimask_outputs: int = 3
-    iou_head_depth: int = 3
-    iou_head_hidden_dim: int = 256
-    # "vit" (SAM ViT-B/L/H) or "tiny_vit" (MobileSAM / Light HQ-SAM); the tiny_* fields describe the latter's
-    # four stages (the first is convolutional, so its head count is unused)
-    encoder_type: str = "vit"
-    tiny_dims: tuple[int, ...] = (64, 128, 160, 320)
-    tiny_depths: tuple[int, ...] = (2, 2, 6, 2)
-    tiny_heads: tuple[int, ...] = (2, 4, 5, 10)
-    tiny_windows: tuple[int, ...] = (7, 7, 14, 7)
-    tiny_mbconv_expand: float = 4.0
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        if self.image_size % self.patch_size:
-            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.encoder_type == "vit" and self.encoder_dim % self.encoder_heads:
-            problems.append(f"encoder_dim {self.encoder_dim} is not divisible by encoder_heads {self.encoder_heads}")
-        if self.encoder_type == "vit" and any(not 0 <= i < self.encoder_depth for i in self.global_attention_blocks):
-            problems.append(
-                f"global_attention_blocks {self.global_attention_blocks} out of range 0..{self.encoder_depth - 1}"
-            )
-        if self.prompt_dim % 8:
-            problems.append(f"prompt_dim {self.prompt_dim} must be a multiple of 8 (mask features are prompt_dim / 8)")
-        if self.mask_in_channels % 4:
-            problems.append(f"mask_in_channels {self.mask_in_channels} must be a multiple of 4")
-        if self.encoder_type not in ("vit", "tiny_vit"):
-            problems.append(f"encoder_type {self.encoder_type!r} is not 'vit' or 'tiny_vit'")
-        if len({len(self.tiny_dims), len(self.tiny_depths), len(self.tiny_heads), len(self.tiny_windows), 4}) != 1:
-            problems.append("tiny_dims, tiny_depths, tiny_heads and tiny_windows must have 4 entries")
-        if problems:
-            raise ValueError("invalid SAMConfig: " + "; ".join(problems))
+        patch = self.encoder.patch_size
+        _problems(self, [(self.image_size % patch == 0, f"image_size {self.image_size} is not a multiple of {patch}")])
 
     @property
     def embedding_size(self) -> int:
         """Side of the image embedding grid (64 for the official models)."""
-        return self.image_size // self.patch_size
+        return self.image_size // self.encoder.patch_size
 
     @property
     def mask_input_size(self) -> int:
         """Side of the low-resolution masks (256 for the official models)."""
         return 4 * self.embedding_size
 
-    @property
-    def num_mask_tokens(self) -> int:
-        return self.num_multimask_outputs + 1
-
-    @property
-    def encoder_block_with_early_embedding(self) -> int:
-        """Index of the first global-attention block, whose output HQ-SAM fuses with the final embedding."""
-        return min(self.global_attention_blocks)
-
-    @property
-    def early_embedding_dim(self) -> int:
-        """Channels of the early embedding HQ-SAM uses: the ViT width, or TinyViT's stage-1 output (160)."""
-        return self.tiny_dims[2] if self.encoder_type == "tiny_vit" else self.encoder_dim
-
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "encoder": {"family": self.encoder.family, **asdict(self.encoder)},
+            "decoder": asdict(self.decoder),
+            "image_size": self.image_size,
+            "name": self.name,
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SAMConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown SAMConfig fields: {unknown}")
+        """The inverse of `to_dict`; also reads the flat layout of files written before configs were nested."""
         values = dict(values)
-        for key in ("global_attention_blocks", "tiny_dims", "tiny_depths", "tiny_heads", "tiny_windows"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
+        if "encoder" not in values:
+            values = _nested(values)
+        encoder, decoder = dict(values.pop("encoder")), dict(values.pop("decoder", {}))
+        family = encoder.pop("family", None)
+        if family not in ENCODER_FAMILIES:
+            raise ValueError(f"unknown encoder family {family!r} (one of {', '.join(ENCODER_FAMILIES)})")
+        _check_fields(cls, values, "SAMConfig")
+        kind = ENCODER_FAMILIES[family]
+        _check_fields(kind, encoder, kind.__name__)
+        _check_fields(DecoderConfig, decoder, "DecoderConfig")
+        tuples = {k: tuple(v) for k, v in encoder.items() if isinstance(v, list)}
+        return cls(encoder=kind(**{**encoder, **tuples}), decoder=DecoderConfig(**decoder), **values)
+
+
+def _check_fields(kind: type, values: dict[str, Any], what: str) -> None:
+    unknown = sorted(set(values) - {f.name for f in fields(kind)})
+    if unknown:
+        raise ValueError(f"unknown {what} fields: {unknown}")
+
+
+_FLAT_DECODER = {
+    "prompt_dim": "prompt_dim",
+    "mask_in_channels": "mask_in_channels",
+    "decoder_depth": "depth",
+    "decoder_heads": "heads",
+    "decoder_mlp_dim": "mlp_dim",
+    "num_multimask_outputs": "num_multimask_outputs",
+    "iou_head_depth": "iou_head_depth",
+    "iou_head_hidden_dim": "iou_head_hidden_dim",
+}
+_FLAT_VIT = {
+    "encoder_dim": "dim",
+    "encoder_depth": "depth",
+    "encoder_heads": "heads",
+    "global_attention_blocks": "global_attention_blocks",
+    "window_size": "window_size",
+    "mlp_ratio": "mlp_ratio",
+    "patch_size": "patch_size",
+}
+_FLAT_TINY = {"tiny_dims": "dims", "tiny_depths": "depths", "tiny_mbconv_expand": "mbconv_expand"}
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """The flat configuration of finesam 0.1 files (`encoder_type` plus `tiny_*` fields) as nested values."""
+    family = flat.pop("encoder_type", "vit")
+    decoder = {new: flat.pop(old) for old, new in _FLAT_DECODER.items() if old in flat}
+    encoder: dict[str, Any] = {"family": family}
+    if family == "tiny_vit":
+        encoder |= {new: flat.pop(old) for old, new in _FLAT_TINY.items() if old in flat}
+        for old, new in (("tiny_heads", "heads"), ("tiny_windows", "windows")):
+            if old in flat:
+                encoder[new] = list(flat.pop(old))[1:]  # the convolutional stage had an unused entry
+        for old in _FLAT_VIT:
+            flat.pop(old, None)  # meaningless for TinyViT
+    else:
+        encoder |= {new: flat.pop(old) for old, new in _FLAT_VIT.items() if old in flat}
+        for old in (*_FLAT_TINY, "tiny_heads", "tiny_windows"):
+            flat.pop(old, None)
+    return {**flat, "encoder": encoder, "decoder": decoder}
 
 
 SAM_VIT_B = SAMConfig(name="vit_b")
-SAM_VIT_L = SAMConfig(
-    encoder_dim=1024, encoder_depth=24, encoder_heads=16, global_attention_blocks=(5, 11, 17, 23), name="vit_l"
-)
-SAM_VIT_H = SAMConfig(
-    encoder_dim=1280, encoder_depth=32, encoder_heads=16, global_attention_blocks=(7, 15, 23, 31), name="vit_h"
-)
+SAM_VIT_L = SAMConfig(ViTConfig(dim=1024, depth=24, heads=16, global_attention_blocks=(5, 11, 17, 23)), name="vit_l")
+SAM_VIT_H = SAMConfig(ViTConfig(dim=1280, depth=32, heads=16, global_attention_blocks=(7, 15, 23, 31)), name="vit_h")
 # MobileSAM and Light HQ-SAM (`vit_t` / `vit_tiny`): TinyViT-5M at 1024, the same prompt encoder and decoder
-SAM_VIT_TINY = SAMConfig(encoder_type="tiny_vit", encoder_dim=320, name="vit_tiny")
+SAM_VIT_TINY = SAMConfig(TinyViTConfig(), name="vit_tiny")
 PRESETS: dict[str, SAMConfig] = {c.name: c for c in (SAM_VIT_B, SAM_VIT_L, SAM_VIT_H, SAM_VIT_TINY)}
 
 
 def preset_name(config: SAMConfig) -> str:
-    """The official name (`vit_b`, `vit_l`, `vit_h`) of a configuration, or `custom`."""
+    """The official name (`vit_b`, `vit_l`, `vit_h`, `vit_tiny`) of a configuration, or `custom`."""
     return next((name for name, preset in PRESETS.items() if preset == config), "custom")
+
+
+def describe(config: SAMConfig) -> str:
+    """One line for people: `SAM vit_b (ViT 768x12, input 1024)`."""
+    encoder = config.encoder
+    shape = (
+        f"TinyViT {'/'.join(map(str, encoder.dims))}"
+        if isinstance(encoder, TinyViTConfig)
+        else f"ViT {encoder.dim}x{encoder.depth}"
+    )
+    return f"SAM {preset_name(config)} ({shape}, input {config.image_size})"

@@ -8,9 +8,8 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.activation import GeLU
-from finesam.model.config import SAMConfig
-from finesam.model.norm import LayerNorm2d
+from finesam.model.config import ViTConfig
+from finesam.model.layers import GeLU, LayerNorm2d
 
 
 class PatchEmbedding(fl.Chain):
@@ -198,25 +197,32 @@ class Neck(fl.Chain):
 class ImageEncoder(fl.Chain):
     """ViT image encoder: (B, 3, S, S) normalised, padded image -> (B, prompt_dim, S/16, S/16) image embedding."""
 
-    def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        grid = config.embedding_size
-        dim = config.encoder_dim
+    def __init__(
+        self,
+        config: ViTConfig,
+        image_size: int,
+        out_dim: int,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        grid = image_size // config.patch_size
+        dim = config.dim
         super().__init__(
             PatchEmbedding(config.patch_size, dim, device=device, dtype=dtype),
             PositionEmbedding(grid, dim, device=device, dtype=dtype),
             TransformerBlocks(
                 TransformerBlock(
                     dim,
-                    config.encoder_heads,
+                    config.heads,
                     int(dim * config.mlp_ratio),
                     grid,
                     window_size=None if i in config.global_attention_blocks else config.window_size,
                     device=device,
                     dtype=dtype,
                 )
-                for i in range(config.encoder_depth)
+                for i in range(config.depth)
             ),
-            Neck(dim, config.prompt_dim, device=device, dtype=dtype),
+            Neck(dim, out_dim, device=device, dtype=dtype),
         )
         self.config = config
 
@@ -224,4 +230,4 @@ class ImageEncoder(fl.Chain):
     def early_embedding_layer(self) -> fl.Module:
         """The first global-attention block: HQ-SAM's early embedding is its output."""
         blocks = [block for block, _ in self.walk(TransformerBlock)]
-        return blocks[self.config.encoder_block_with_early_embedding]
+        return blocks[self.config.early_embedding_block]

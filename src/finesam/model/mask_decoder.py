@@ -8,9 +8,8 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.activation import GeLU
 from finesam.model.config import SAMConfig
-from finesam.model.norm import LayerNorm2d
+from finesam.model.layers import GeLU, LayerNorm2d
 from finesam.model.transformer import IMAGE, TOKENS, TwoWayTransformer
 
 
@@ -49,7 +48,7 @@ class DecoderTokens(fl.Chain):
         super().__init__(
             fl.UseContext("mask_decoder", "sparse_prompt_embedding"),
             fl.Concatenate(
-                OutputTokens(1 + config.num_mask_tokens, config.prompt_dim, device=device, dtype=dtype),
+                OutputTokens(1 + config.decoder.num_mask_tokens, config.decoder.prompt_dim, device=device, dtype=dtype),
                 fl.Identity(),
                 dim=1,
             ),
@@ -83,7 +82,7 @@ class UpscaledImageEmbedding(fl.Chain):
     """Image tokens back to a grid, upscaled 4x to `prompt_dim / 8` channels: the per-pixel mask features."""
 
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        dim, grid = config.prompt_dim, config.embedding_size
+        dim, grid = config.decoder.prompt_dim, config.embedding_size
         super().__init__(
             fl.Reshape(grid, grid, dim),
             fl.Permute(0, 3, 1, 2),  # a channels-last view, which the transposed convolution reads without a copy
@@ -99,14 +98,14 @@ class MaskHypernetworks(fl.Concatenate):
     """One MLP per mask token, mapping it to the weights of its mask over the mask features."""
 
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        dim = config.prompt_dim
+        dim = config.decoder.prompt_dim
         super().__init__(
             *(
                 fl.Chain(
                     fl.Slicing(dim=1, start=1 + i, end=2 + i),
                     MultiLayerPerceptron(dim, dim, dim // 8, 3, device=device, dtype=dtype),
                 )
-                for i in range(config.num_mask_tokens)
+                for i in range(config.decoder.num_mask_tokens)
             ),
             dim=1,
         )
@@ -144,10 +143,10 @@ class IoUHead(fl.Chain):
             fl.Slicing(dim=1, start=0, end=1),
             fl.Squeeze(1),
             MultiLayerPerceptron(
-                config.prompt_dim,
-                config.iou_head_hidden_dim,
-                config.num_mask_tokens,
-                config.iou_head_depth,
+                config.decoder.prompt_dim,
+                config.decoder.iou_head_hidden_dim,
+                config.decoder.num_mask_tokens,
+                config.decoder.iou_head_depth,
                 device=device,
                 dtype=dtype,
             ),
@@ -171,10 +170,10 @@ class MaskDecoder(fl.Chain):
         super().__init__(
             fl.Parallel(DecoderTokens(config, device=device, dtype=dtype), ImageTokens()),
             TwoWayTransformer(
-                config.prompt_dim,
-                config.decoder_depth,
-                config.decoder_heads,
-                config.decoder_mlp_dim,
+                config.decoder.prompt_dim,
+                config.decoder.depth,
+                config.decoder.heads,
+                config.decoder.mlp_dim,
                 device=device,
                 dtype=dtype,
             ),

@@ -13,28 +13,23 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.activation import GeLU
 from finesam.model.config import SAMConfig
-from finesam.model.norm import LayerNorm2d
+from finesam.model.layers import GeLU, LayerNorm2d
+from finesam.model.prompts import Prompts
 
 PADDING_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 0, 1, 2, 3
 
 
-def labelled_points(
-    points: Float[Tensor, "batch num_points 2"] | None,
-    labels: Int[Tensor, "batch num_points"] | None,
-    boxes: Float[Tensor, "batch 4"] | None,
-    batch: int = 1,
-) -> tuple[Float[Tensor, "batch n 2"], Int[Tensor, "batch n"]]:
+def labelled_points(prompts: Prompts) -> tuple[Float[Tensor, "batch n 2"], Int[Tensor, "batch n"]]:
     """Merges points and boxes into one labelled point sequence, in the order the official encoder embeds them.
 
     Points come first; a padding point is appended when there is no box; box corners come last.
-    Without points or boxes the sequence is empty, for `batch` prompts (mask-only prompts).
+    Without points or boxes the sequence is empty, for each prompt of the batch (mask-only prompts).
     """
+    points, labels, boxes = prompts.points, prompts.labels, prompts.boxes
     coords: list[Tensor] = []
     kinds: list[Tensor] = []
-    if points is not None:
-        assert labels is not None, "points need labels"
+    if points is not None and labels is not None:
         coords.append(points)
         kinds.append(labels.long())
         if boxes is None:
@@ -45,7 +40,7 @@ def labelled_points(
         corners = torch.tensor([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL], device=boxes.device)
         kinds.append(corners.expand(boxes.shape[0], 2))
     if not coords:
-        return torch.zeros(batch, 0, 2), torch.zeros(batch, 0, dtype=torch.long)
+        return torch.zeros(prompts.batch_size, 0, 2), torch.zeros(prompts.batch_size, 0, dtype=torch.long)
     return torch.cat(coords, dim=1), torch.cat(kinds, dim=1)
 
 
@@ -102,13 +97,13 @@ class PointEncoder(fl.Chain):
                         fl.Chain(
                             fl.GetArg(0),
                             PixelToUnit(config.image_size),
-                            FourierPositionalEncoding(config.prompt_dim, device=device, dtype=dtype),
+                            FourierPositionalEncoding(config.decoder.prompt_dim, device=device, dtype=dtype),
                         ),
                         fl.GetArg(1),
                     ),
                     ZeroPaddingPoints(),
                 ),
-                PointTypeEmbedding(config.prompt_dim, device=device, dtype=dtype),
+                PointTypeEmbedding(config.decoder.prompt_dim, device=device, dtype=dtype),
             )
         )
 
@@ -121,7 +116,7 @@ class MaskEncoder(fl.Chain):
     """Downscales a low-resolution mask prompt (B, 1, 4E, 4E) to a dense embedding (B, D, E, E)."""
 
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        hidden = config.mask_in_channels
+        hidden = config.decoder.mask_in_channels
         super().__init__(
             fl.Conv2d(1, hidden // 4, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(hidden // 4, device=device, dtype=dtype),
@@ -129,7 +124,7 @@ class MaskEncoder(fl.Chain):
             fl.Conv2d(hidden // 4, hidden, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(hidden, device=device, dtype=dtype),
             GeLU(),
-            fl.Conv2d(hidden, config.prompt_dim, kernel_size=1, device=device, dtype=dtype),
+            fl.Conv2d(hidden, config.decoder.prompt_dim, kernel_size=1, device=device, dtype=dtype),
         )
 
 
@@ -154,7 +149,7 @@ class DenseEmbedding(fl.Chain):
         self.grid_size = config.embedding_size
         super().__init__(
             MaskEncoder(config, device=device, dtype=dtype),
-            NoMaskEmbedding(config.prompt_dim, device=device, dtype=dtype),
+            NoMaskEmbedding(config.decoder.prompt_dim, device=device, dtype=dtype),
         )
 
     def forward(self, *_: Tensor) -> Float[Tensor, "batch_or_1 dim grid grid"]:

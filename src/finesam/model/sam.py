@@ -5,20 +5,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from refiners.fluxion import layers as fl
 from refiners.fluxion.context import Contexts
 from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAM_VIT_TINY, SAMConfig
+from finesam.model.config import (
+    SAM_VIT_B,
+    SAM_VIT_H,
+    SAM_VIT_L,
+    SAM_VIT_TINY,
+    EncoderConfig,
+    SAMConfig,
+    TinyViTConfig,
+    ViTConfig,
+)
 from finesam.model.image_encoder import ImageEncoder
 from finesam.model.mask_decoder import MaskDecoder
+from finesam.model.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks, preprocess_image
 from finesam.model.prompt_encoder import PromptEncoder, labelled_points
+from finesam.model.prompts import Prompts, prepare_prompts
 from finesam.model.tiny_vit import TinyViTEncoder
-from finesam.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks, preprocess_image
-from finesam.prompts import Prompts, prepare_prompts
+
+# the encoder chain of each family: no code branches on a family name
+
+ENCODERS: dict[type[EncoderConfig], type[ImageEncoder | TinyViTEncoder]] = {
+    ViTConfig: ImageEncoder,
+    TinyViTConfig: TinyViTEncoder,
+}
 
 
 @dataclass(frozen=True)
@@ -61,9 +77,9 @@ class SegmentAnything(fl.Chain):
     def __init__(
         self, config: SAMConfig = SAM_VIT_B, device: Device | str | None = None, dtype: DType | None = None
     ) -> None:
-        encoder = TinyViTEncoder if config.encoder_type == "tiny_vit" else ImageEncoder
+        encoder = ENCODERS[type(config.encoder)]
         super().__init__(
-            encoder(config, device=device, dtype=dtype),
+            encoder(config.encoder, config.image_size, config.decoder.prompt_dim, device=device, dtype=dtype),  # type: ignore[arg-type]
             PromptEncoder(config, device=device, dtype=dtype),
             MaskDecoder(config, device=device, dtype=dtype),
         )
@@ -85,9 +101,8 @@ class SegmentAnything(fl.Chain):
 
     @property
     def image_encoder(self) -> ImageEncoder | TinyViTEncoder:
-        encoder = self.find(ImageEncoder) or self.find(TinyViTEncoder)
-        assert encoder is not None, "no image encoder in this model"
-        return encoder
+        """The encoder of the configured family (`ImageEncoder` for ViT, `TinyViTEncoder` for TinyViT)."""
+        return self.ensure_find(ENCODERS[type(self.config.encoder)])
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
@@ -97,16 +112,15 @@ class SegmentAnything(fl.Chain):
     def mask_decoder(self) -> MaskDecoder:
         return self.ensure_find(MaskDecoder)
 
-    def set_prompt(
-        self,
-        points: Float[Tensor, "batch n 2"] | None = None,
-        labels: Int[Tensor, "batch n"] | None = None,
-        boxes: Float[Tensor, "batch 4"] | None = None,
-        mask_input: Float[Tensor, "batch 1 low low"] | None = None,
-        multimask_output: bool = False,
-    ) -> None:
-        """Puts a prompt, in model-input pixel coordinates, in the `sam` context for the next forward pass."""
-        coords, kinds = labelled_points(points, labels, boxes, batch=1 if mask_input is None else len(mask_input))
+    def set_prompt(self, prompts: Prompts, multimask_output: bool = False) -> None:
+        """Puts prompts, in model-input pixel coordinates, in the `sam` context for the next forward pass.
+
+        Args:
+            prompts: a batch of prompts (points with labels, boxes, mask inputs).
+            multimask_output: three masks per prompt instead of one.
+        """
+        coords, kinds = labelled_points(prompts)
+        mask_input = prompts.mask_input
         device = self.device
         self.set_context(
             "sam",
@@ -194,46 +208,43 @@ class SegmentAnything(fl.Chain):
     def decode(
         self,
         image_embedding: Float[Tensor, "batch dim grid grid"],
-        points: Float[Tensor, "batch n 2"] | None = None,
-        labels: Int[Tensor, "batch n"] | None = None,
-        boxes: Float[Tensor, "batch 4"] | None = None,
-        mask_input: Float[Tensor, "batch 1 low low"] | None = None,
+        prompts: Prompts,
         multimask_output: bool = False,
         image_features: dict[str, Any] | None = None,
     ) -> tuple[Float[Tensor, "batch masks low low"], Float[Tensor, "batch masks"]]:
-        """Runs every stage after the image encoder on an embedding, for a prompt as in `set_prompt`.
+        """Runs every stage after the image encoder on an embedding, for prompts as in `set_prompt`.
 
-        `image_features` restores what adapters computed with the embedding (`ImageEmbedding.features`), and
-        receives what they cache for the image while decoding (HQ-SAM's fused features); by default the
-        features of the last encoded image stay in use. On the CPU a batch of prompts for one
-        image is decoded `prompt_chunk_size` prompts at a time: the per-prompt image tokens then stay in
-        cache, which is faster than one large batch (and than one prompt at a time).
+        On the CPU a batch of prompts for one image is decoded `prompt_chunk_size` prompts at a time: the
+        per-prompt image tokens then stay in cache, which is faster than one large batch.
+
+        Args:
+            image_embedding: one embedding (shared by every prompt) or one per prompt.
+            prompts: prompts in pixels of the model input.
+            multimask_output: three masks per prompt instead of one.
+            image_features: what adapters computed with the embedding (`ImageEmbedding.features`); it also
+                receives what they cache for the image while decoding (HQ-SAM's fused features). By default
+                the features of the last encoded image stay in use.
+
+        Returns:
+            Low-resolution mask logits and predicted IoUs.
         """
         if image_features is not None:
             self._reset_image_features().update(image_features)
-        prompt = (points, labels, boxes, mask_input)
-        batch = max((len(t) for t in prompt if t is not None), default=1)
+        batch = prompts.batch_size
         chunk = self.prompt_chunk_size if self.device is None or self.device.type == "cpu" else None
         if not chunk or batch <= chunk or image_embedding.shape[0] != 1:
-            result = self._decode(image_embedding, *prompt, multimask_output)
+            result = self._decode(image_embedding, prompts, multimask_output)
         else:
             parts = [
-                self._decode(
-                    image_embedding, *[None if t is None else t[i : i + chunk] for t in prompt], multimask_output
-                )
-                for i in range(0, batch, chunk)
+                self._decode(image_embedding, prompts[i : i + chunk], multimask_output) for i in range(0, batch, chunk)
             ]
             result = torch.cat([masks for masks, _ in parts]), torch.cat([iou for _, iou in parts])
         if image_features is not None:
             image_features.update(self.image_features())  # keep what the decoder cached for this image
         return result
 
-    def _decode(
-        self,
-        image_embedding: Tensor,
-        *prompt: Any,
-    ) -> tuple[Tensor, Tensor]:
-        self.set_prompt(*prompt)  # points, labels, boxes, mask_input, multimask_output
+    def _decode(self, image_embedding: Tensor, prompts: Prompts, multimask_output: bool) -> tuple[Tensor, Tensor]:
+        self.set_prompt(prompts, multimask_output)
         x: Any = image_embedding
         for stage in list(self)[1:]:
             x = stage(*x) if isinstance(x, tuple) else stage(x)
@@ -252,7 +263,7 @@ class SegmentAnything(fl.Chain):
     ) -> tuple[Float[Tensor, "batch masks low low"], Float[Tensor, "batch masks"]]:
         """Low-resolution mask logits and predicted IoUs (float32) for prompts in pixels of the original image
         (as `predict` takes them), on a cached embedding; what the decoder caches for the image is kept in it."""
-        prompts: Prompts = prepare_prompts(
+        prompts = prepare_prompts(
             points=points,
             labels=labels,
             boxes=boxes,
@@ -261,15 +272,7 @@ class SegmentAnything(fl.Chain):
             input_size=embedding.input_size,
             mask_input_size=self.config.mask_input_size,
         )
-        low_res, iou = self.decode(
-            embedding.embedding,
-            points=prompts.points,
-            labels=prompts.labels,
-            boxes=prompts.boxes,
-            mask_input=prompts.mask_input,
-            multimask_output=multimask_output,
-            image_features=embedding.features,
-        )
+        low_res, iou = self.decode(embedding.embedding, prompts, multimask_output, image_features=embedding.features)
         return low_res.float(), iou.float()
 
     @torch.no_grad()

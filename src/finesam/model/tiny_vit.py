@@ -15,9 +15,9 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.activation import GeLU
-from finesam.model.config import SAMConfig
+from finesam.model.config import TinyViTConfig
 from finesam.model.image_encoder import Neck, WindowMerge, WindowPartition
+from finesam.model.layers import GeLU
 
 
 class BatchNorm2d(torch.nn.BatchNorm2d, fl.WeightedModule):
@@ -230,20 +230,28 @@ class TinyViTStage(fl.Chain):
 class TinyViTEncoder(fl.Chain):
     """TinyViT image encoder: (B, 3, S, S) normalised, padded image -> (B, prompt_dim, S/16, S/16).
 
-    The output of stage 1 (after its patch merging, `tiny_dims[2]` channels at S/16) is HQ-SAM's early embedding.
+    The output of stage 1 (after its patch merging, `dims[2]` channels at S/16) is HQ-SAM's early embedding.
     """
 
-    def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        dims, depths = config.tiny_dims, config.tiny_depths
+    def __init__(
+        self,
+        config: TinyViTConfig,
+        image_size: int,
+        out_dim: int,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        del image_size  # no TinyViT layer depends on the input size (same signature as `ImageEncoder`)
+        dims, depths = config.dims, config.depths
         stages: list[fl.Module] = [
             MBConvStage(
-                *(MBConv(dims[0], config.tiny_mbconv_expand, device=device, dtype=dtype) for _ in range(depths[0])),
+                *(MBConv(dims[0], config.mbconv_expand, device=device, dtype=dtype) for _ in range(depths[0])),
                 PatchMerging(dims[0], dims[1], device=device, dtype=dtype),
             )
         ]
         for i in (1, 2, 3):
             blocks = [
-                TinyViTBlock(dims[i], config.tiny_heads[i], config.tiny_windows[i], device=device, dtype=dtype)
+                TinyViTBlock(dims[i], config.heads[i - 1], config.windows[i - 1], device=device, dtype=dtype)
                 for _ in range(depths[i])
             ]
             if i < 3:
@@ -252,7 +260,7 @@ class TinyViTEncoder(fl.Chain):
         super().__init__(
             ConvStem(dims[0], device=device, dtype=dtype),
             *stages,
-            Neck(dims[3], config.prompt_dim, device=device, dtype=dtype),
+            Neck(dims[3], out_dim, device=device, dtype=dtype),
         )
 
     @property

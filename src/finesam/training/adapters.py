@@ -1,20 +1,17 @@
 """The adapters a training run trains: HQ-SAM, LoRA, a user-defined variant; built, loaded and saved."""
 
 import importlib
-import json
-from pathlib import Path
 from typing import Any
 
 from refiners.fluxion import layers as fl
 from refiners.fluxion.adapters import Adapter
 
-from finesam.hq import HQSAMAdapter, load_hq, save_hq
-from finesam.io import FORMAT_KEY, read_safetensors, write_safetensors
-from finesam.lora import TARGETS, SAMLoraAdapter, load_lora
+from finesam.adapters.hq import HQSAMAdapter
+from finesam.adapters.lora import TARGETS, SAMLoraAdapter
 from finesam.model.sam import SegmentAnything
 from finesam.training.config import TrainConfig, VariantConfig
-
-FORMAT_VARIANT = "variant"
+from finesam.weights import holds_hq, load_hq, load_lora
+from finesam.weights.io import read_safetensors
 
 
 def import_adapter(spec: str) -> type:
@@ -38,19 +35,20 @@ def build_variant(model: SegmentAnything, config: VariantConfig) -> Any:
     return adapter
 
 
-def build_adapters(
-    config: TrainConfig, model: SegmentAnything, official_hq: HQSAMAdapter | None = None
-) -> dict[str, Any]:
+def build_adapters(config: TrainConfig, model: SegmentAnything) -> dict[str, Any]:
     """The adapters of `config` for `model`, not injected, in injection order (hq, lora, variant).
 
-    `official_hq` is the HQ adapter that came with an official HQ-SAM `.pth` given as the base weights.
+    Without an `[hq] init`, the HQ adapter starts from the HQ weights of the base checkpoint when it is an
+    official HQ-SAM `.pth`, else from scratch.
     """
     adapters: dict[str, Any] = {}
     if config.hq is not None:
         if config.hq.init is not None:
             adapters["hq"] = load_hq(model, config.hq.init)
+        elif holds_hq(config.model.weights):
+            adapters["hq"] = load_hq(model, config.model.weights)
         else:
-            adapters["hq"] = official_hq if official_hq is not None else HQSAMAdapter(model)
+            adapters["hq"] = HQSAMAdapter(model)
         adapters["hq"].hq_mask_only = config.hq.hq_mask_only
     if config.lora is not None:
         lora = config.lora
@@ -64,13 +62,3 @@ def build_adapters(
     if config.variant is not None:
         adapters["variant"] = build_variant(model, config.variant)
     return adapters
-
-
-def save_adapter(name: str, adapter: Any, directory: Path) -> Path:
-    """The trained weights of one adapter, in the file format its loader reads."""
-    if type(adapter) is HQSAMAdapter:  # subclasses (variants) are saved as variants
-        return save_hq(adapter, directory / "hq.safetensors")
-    if isinstance(adapter, SAMLoraAdapter):
-        return adapter.save(directory / f"{adapter.name}.lora.safetensors")
-    metadata = {FORMAT_KEY: FORMAT_VARIANT, "finesam.variant": json.dumps({"class": type(adapter).__qualname__})}
-    return write_safetensors(adapter.state_dict(), directory / f"{name}.safetensors", metadata)

@@ -12,8 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from finesam.conversion import CheckpointError
-from finesam.io import read_safetensors, write_safetensors
+from finesam.weights.io import CheckpointError, format_metadata, read_safetensors, write_safetensors
 
 
 class EmbeddingCache:
@@ -45,4 +44,4 @@ class EmbeddingCache:
 
     def put(self, image: Path, embedding: Tensor, features: dict[str, Tensor]) -> None:
         tensors = {"embedding": embedding.contiguous(), **{k: v.contiguous() for k, v in features.items()}}
-        write_safetensors(tensors, self._path(image), {"finesam.format": "embedding_cache"})
+        write_safetensors(tensors, self._path(image), format_metadata("embedding_cache"))

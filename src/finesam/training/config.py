@@ -11,6 +11,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib  # pyright: ignore[reportMissingImports]
 
+from finesam.training.loss import IMPORTANCE_SAMPLE_RATIO, NUM_POINTS, OVERSAMPLE_RATIO
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -28,7 +30,7 @@ class LoraConfig:
     name: str = "lora"
     rank: int = 16
     scale: float = 1.0
-    targets: tuple[str, ...] = ("decoder",)  # names in `finesam.lora.TARGETS`, or ancestor class names
+    targets: tuple[str, ...] = ("decoder",)  # names in `finesam.adapters.lora.TARGETS`, or ancestor class names
     exclude: tuple[str, ...] = ()
     init: Path | None = None  # a saved LoRA file to start from
 
@@ -58,9 +60,9 @@ class PromptConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    num_points: int = 112 * 112
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
+    num_points: int = NUM_POINTS
+    oversample_ratio: float = OVERSAMPLE_RATIO
+    importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO
 
 
 @dataclass(frozen=True)

@@ -4,55 +4,28 @@ Every random choice of a sample comes from a generator seeded with (seed, epoch,
 whichever process draws it, and a resumed run sees exactly what an uninterrupted one would.
 """
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
-from finesam.processing import as_rgb, resized_and_normalised, resized_shape
+from finesam.data.pairs import load_pair
+from finesam.data.sampling import foreground_points, mask_box, noisy_box, sample_generator
+from finesam.model.processing import resized_and_normalised, resized_shape
+from finesam.model.prompts import Prompts
 from finesam.training.config import DataConfig, PromptConfig
-
-
-def sample_generator(seed: int, epoch: int, index: int, stream: str = "") -> torch.Generator:
-    """A generator that depends only on (seed, epoch, index, stream)."""
-    digest = hashlib.sha256(f"{seed}/{epoch}/{index}/{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One training prompt in model-input pixels (as `SegmentAnything.decode` takes it)."""
-
-    points: Tensor | None = None  # (1, N, 2)
-    labels: Tensor | None = None  # (1, N)
-    boxes: Tensor | None = None  # (1, 4)
-    mask_input: Tensor | None = None  # (1, 1, L, L)
 
 
 @dataclass(frozen=True)
 class Sample:
     pixels: Float[Tensor, "3 size size"]  # normalised and padded, as the encoder takes it
     target: Float[Tensor, "1 low low"]  # the mask at the decoder's output resolution, in [0, 1]
-    prompt: Prompt
+    prompt: Prompts  # in model-input pixels, a batch of one
     image_path: Path
-
-
-def load_pair(image_path: Path, mask_path: Path) -> tuple[Image.Image, Float[Tensor, "height width"]]:
-    image = as_rgb(Image.open(image_path))
-    mask = Image.open(mask_path)
-    mask = mask.convert("L") if mask.mode not in ("L", "1") else mask
-    target = torch.from_numpy(np.asarray(mask, dtype=np.float32) > 127.5).float()
-    if target.shape != (image.height, image.width):
-        raise ValueError(
-            f"{mask_path}: mask is {target.shape[1]}x{target.shape[0]}, image {image.width}x{image.height}"
-        )
-    return image, target
 
 
 def to_input_frame(
@@ -76,23 +49,6 @@ def to_input_frame(
     return F.pad(pixels, pad), F.pad(mask, pad)
 
 
-def mask_box(mask: Tensor) -> Tensor | None:
-    """(x1, y1, x2, y2) of the pixels > 0.5 (pixel indices), or None for an empty mask."""
-    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
-    if len(xs) == 0:
-        return None
-    return torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
-
-
-def noisy_box(box: Tensor, scale: float, size: int, g: torch.Generator) -> Tensor:
-    """Moves the centre by up to ±half the size and changes each side by up to ±its length (times `scale`)."""
-    centre, extent = (box[:2] + box[2:]) / 2, box[2:] - box[:2]
-    jitter = (torch.rand(4, generator=g) * 2 - 1) * torch.cat([extent / 2, extent]) * scale
-    centre, extent = centre + jitter[:2], extent + jitter[2:]
-    corners = torch.cat([centre - extent / 2, centre + extent / 2]).clamp(0, size)
-    return torch.cat([torch.minimum(corners[:2], corners[2:]), torch.maximum(corners[:2], corners[2:])])
-
-
 def noisy_mask(target: Tensor, value: float, g: torch.Generator) -> Tensor:
     """Flips pixels near the mask's edges: Gaussian noise (sigma 1) where the mask differs from its 8x
     down-and-up-sampled version, thresholded at 0.5; given as 0 / `value` (HQ-SAM's mask prompt)."""
@@ -104,20 +60,18 @@ def noisy_mask(target: Tensor, value: float, g: torch.Generator) -> Tensor:
     return ((target + noise) > 0.5).float()[None] * value
 
 
-def sample_prompt(mask: Tensor, target: Tensor, config: PromptConfig, size: int, g: torch.Generator) -> Prompt:
+def sample_prompt(mask: Tensor, target: Tensor, config: PromptConfig, size: int, g: torch.Generator) -> Prompts:
     """A box, foreground points or a noisy mask (drawn uniformly among `config.kinds`) for `mask`."""
     kind = config.kinds[int(torch.randint(0, len(config.kinds), (), generator=g))]
     box = mask_box(mask)
     if box is None:  # nothing left of the object (cropped away): the whole image
-        return Prompt(boxes=torch.tensor([[0.0, 0.0, float(size), float(size)]]))
+        return Prompts(boxes=torch.tensor([[0.0, 0.0, float(size), float(size)]]))
     if kind == "box":
-        return Prompt(boxes=noisy_box(box, config.box_noise_scale, size, g)[None])
+        return Prompts(boxes=noisy_box(box, config.box_noise_scale, size, g)[None])
     if kind == "points":
-        ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
-        chosen = torch.randperm(len(xs), generator=g)[: config.max_points]
-        points = torch.stack([xs[chosen], ys[chosen]], dim=-1).float()[None]
-        return Prompt(points=points, labels=torch.ones(1, points.shape[1], dtype=torch.long))
-    return Prompt(mask_input=noisy_mask(target, config.mask_prompt_value, g))
+        points = foreground_points(mask, config.max_points, g)[None]
+        return Prompts(points=points, labels=torch.ones(1, points.shape[1], dtype=torch.long))
+    return Prompts(mask_input=noisy_mask(target, config.mask_prompt_value, g))
 
 
 class TrainingSet:

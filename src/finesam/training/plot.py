@@ -4,7 +4,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from finesam.io import atomic_write
+from finesam.weights.io import atomic_write
 
 
 def plot_loss(steps: list[int], losses: list[float], path: Path, size: tuple[int, int] = (640, 360)) -> Path:

@@ -15,17 +15,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finesam.datasets import list_pairs
-from finesam.distributed import Distributed
-from finesam.io import atomic_write
+from finesam.data.pairs import list_pairs
+from finesam.data.sampling import sample_generator
+from finesam.model.prompts import Prompts
 from finesam.model.sam import SegmentAnything
-from finesam.training.adapters import build_adapters, save_adapter
+from finesam.training.adapters import build_adapters
 from finesam.training.cache import EmbeddingCache
 from finesam.training.config import TrainConfig
-from finesam.training.data import Prompt, Sample, TrainingSet, sample_generator
+from finesam.training.data import Sample, TrainingSet
+from finesam.training.distributed import Distributed
 from finesam.training.loss import point_sampled_loss
 from finesam.training.plot import plot_loss
-from finesam.weights import load_checkpoint, weights_digest
+from finesam.weights import load_sam, save_adapter
+from finesam.weights.io import atomic_write
+from finesam.weights.loading import weights_digest
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -48,15 +51,10 @@ class AdapterLoss(nn.Module):
         model, loss_config = self._model[0], self.config.loss
         totals = []
         for i, sample in enumerate(samples):
-            prompt: Prompt = sample.prompt
-            logits, _ = model.decode(
-                embeddings[i : i + 1],
-                points=prompt.points,
-                labels=prompt.labels,
-                boxes=prompt.boxes,
-                mask_input=None if prompt.mask_input is None else prompt.mask_input.to(embeddings.device),
-                image_features=features[i],
-            )
+            prompt = sample.prompt
+            mask_input = None if prompt.mask_input is None else prompt.mask_input.to(embeddings.device)
+            prompts = Prompts(prompt.points, prompt.labels, prompt.boxes, mask_input)
+            logits, _ = model.decode(embeddings[i : i + 1], prompts, image_features=features[i])
             totals.append(
                 point_sampled_loss(
                     logits[:, :1].float(),
@@ -80,12 +78,12 @@ class Trainer:
         self.dist = Distributed.from_environment()
         self.device = device = self.dist.join(torch.device(config.run.device))
         torch.manual_seed(config.run.seed)  # new adapter weights: the same in every process
-        model, official_hq = load_checkpoint(config.model.weights, device)
+        model = load_sam(config.model.weights, device)
         model.eval()  # the base stays in inference behaviour (TinyViT BatchNorm statistics)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self.model = model
-        self.adapters = build_adapters(config, model, official_hq)
+        self.adapters = build_adapters(config, model)
         for adapter in self.adapters.values():
             adapter.to(device)
             adapter.inject()
@@ -226,7 +224,7 @@ class Trainer:
         written: dict[str, Path] = {}
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            written = {name: save_adapter(name, a, self.out) for name, a in self.adapters.items()}
+            written = {name: save_adapter(a, self.out, name) for name, a in self.adapters.items()}
             self._write_metrics()
             if self.progress:
                 print(file=sys.stderr)

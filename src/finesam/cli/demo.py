@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finesam.download import CHECKPOINTS, DownloadError, download
-from finesam.example import HOUSE_BOX, SUN_POINT, example_image
-from finesam.hq.weights import load_hq
+from finesam.cli.example import HOUSE_BOX, SUN_POINT, example_image
+from finesam.cli.overlay import overlay
 from finesam.model import SegmentAnything
-from finesam.overlay import overlay
-from finesam.weights import atomic_write, convert_checkpoint, describe, load_sam
+from finesam.model.config import describe
+from finesam.weights import atomic_write, convert_checkpoint, load_hq, load_sam
+from finesam.weights.download import CHECKPOINTS, DownloadError, download
 
 # smallest first: the demo prefers it
 DEMO_CHECKPOINTS = [
@@ -81,7 +81,7 @@ def demo(out_dir: Path) -> int:
     weights, hq_weights = _converted(checkpoint)
     model = load_sam(weights)
     adapter = load_hq(model, hq_weights) if hq_weights.is_file() else None
-    print(f"model: {describe(model)}{' + HQ-SAM adapter' if adapter else ''}")
+    print(f"model: {describe(model.config)}{' + HQ-SAM adapter' if adapter else ''}")
     image = example_image()
     panels = [("SAM", _segment(model, image))]
     if adapter is not None:

@@ -11,10 +11,16 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.activation import GeLU
+from finesam.model.layers import GeLU, LayerNorm2d
 from finesam.model.mask_decoder import MultiLayerPerceptron
-from finesam.model.norm import LayerNorm2d
 from finesam.model.transformer import TOKENS
+
+# The contexts HQ-SAM uses, declared here once.
+CONTEXT = "hq_sam"  # written while the decoder runs
+CONTEXT_KEYS = ("hq_features", "upscaled_embedding")
+EARLY_EMBEDDING = "early_vit_embedding"  # in the model's `image` context, captured while encoding
+HQ_FEATURES, HQ_FEATURES_KEY = "hq_features", "hq_features_key"  # `image` context: the fused features, cached
+IMAGE_KEYS = (EARLY_EMBEDDING, HQ_FEATURES, HQ_FEATURES_KEY)
 
 
 class HQToken(fl.Parameter):
@@ -82,7 +88,7 @@ class HQFeatureFusion(fl.Sum):
         super().__init__(
             EmbeddingEncoder(dim, device=device, dtype=dtype),
             fl.Chain(
-                ImageFeature("early_vit_embedding"),
+                ImageFeature(EARLY_EMBEDDING),
                 fl.Permute(0, 3, 1, 2),
                 CompressViTFeatures(vit_dim, dim, device=device, dtype=dtype),
             ),
@@ -112,12 +118,12 @@ class CachedHQFeatures(fl.Chain):
         embedding = inputs[0]  # (B, D, E, E)
         image = self.use_context("image")
         inference = not torch.is_grad_enabled()
-        cached = image.get("hq_features")
-        if inference and cached is not None and image.get("hq_features_key") == self._key():
+        cached = image.get(HQ_FEATURES)
+        if inference and cached is not None and image.get(HQ_FEATURES_KEY) == self._key():
             return cached
         features = self.ensure_find(HQFeatureFusion)(embedding)
         if inference:
-            image.update(hq_features=features, hq_features_key=self._key())
+            image.update({HQ_FEATURES: features, HQ_FEATURES_KEY: self._key()})
         return features
 
 
@@ -189,8 +195,8 @@ class HQMaskPrediction(fl.Chain):
                     fl.Slicing(dim=1, start=hq_token_index, end=hq_token_index + 1),
                     hq_token_mlp,
                 ),
-                fl.UseContext("hq_sam", "upscaled_embedding"),
-                fl.UseContext("hq_sam", "hq_features"),
+                fl.UseContext(CONTEXT, "upscaled_embedding"),
+                fl.UseContext(CONTEXT, "hq_features"),
             ),
             HQMaskProduct(mask_features),
         )

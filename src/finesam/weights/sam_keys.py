@@ -8,14 +8,12 @@ official model. The configuration (ViT-B/L/H or any other size) is read off the 
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from refiners.fluxion import layers as fl
 from torch import Tensor
 
-from finesam.model.config import SAMConfig
+from finesam.model.config import DecoderConfig, SAMConfig, TinyViTConfig, ViTConfig
 from finesam.model.image_encoder import ImageEncoder, Neck, RelativePositionAttention, TransformerBlock
 from finesam.model.mask_decoder import IoUHead, MaskHypernetworks, OutputTokens, UpscaledImageEmbedding
 from finesam.model.prompt_encoder import FourierPositionalEncoding, MaskEncoder, NoMaskEmbedding, PointTypeEmbedding
@@ -41,11 +39,8 @@ from finesam.model.transformer import (
     TwoWayAttentionBlock,
     TwoWayTransformer,
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not have the expected layout."""
-
+from finesam.weights.io import CheckpointError
+from finesam.weights.key_map import Rule, apply_rules, rules_for
 
 UNUSED_KEY = re.compile(r"image_encoder\.(norm_head|head)\.")
 
@@ -53,14 +48,6 @@ UNUSED_KEY = re.compile(r"image_encoder\.(norm_head|head)\.")
 def is_unused_key(key: str) -> bool:
     """Keys SAM never uses: the ImageNet classifier head TinyViT checkpoints carry (`norm_head`, `head`)."""
     return UNUSED_KEY.match(key) is not None
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One finesam tensor made from one or more official tensors."""
-
-    sources: tuple[str, ...]
-    combine: Callable[..., Tensor] = lambda t: t
 
 
 def _count(state_dict: Mapping[str, Tensor], pattern: str) -> int:
@@ -79,19 +66,19 @@ def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SA
             raise CheckpointError(f"not a SAM checkpoint: key {key!r} is missing")
         return tuple(state_dict[key].shape)
 
-    decoder: dict[str, Any] = {
-        "prompt_dim": shape("image_encoder.neck.0.weight")[0],
-        "mask_in_channels": shape("prompt_encoder.mask_downscaling.3.weight")[0],
-        "decoder_depth": _count(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight"),
-        "decoder_heads": decoder_heads,
-        "decoder_mlp_dim": shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
-        "num_multimask_outputs": shape("mask_decoder.mask_tokens.weight")[0] - 1,
-        "iou_head_depth": _count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
-        "iou_head_hidden_dim": shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
-    }
+    decoder = DecoderConfig(
+        prompt_dim=shape("image_encoder.neck.0.weight")[0],
+        mask_in_channels=shape("prompt_encoder.mask_downscaling.3.weight")[0],
+        depth=_count(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight"),
+        heads=decoder_heads,
+        mlp_dim=shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
+        num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1,
+        iou_head_depth=_count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
+        iou_head_hidden_dim=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
+    )
     if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
-        return SAMConfig(encoder_type="tiny_vit", **_tiny_vit_fields(state_dict, shape), **decoder)
-    encoder_dim, _, patch, _ = shape("image_encoder.patch_embed.proj.weight")
+        return SAMConfig(_tiny_vit_config(state_dict, shape), decoder)  # input size not in the weights: 1024
+    dim, _, patch, _ = shape("image_encoder.patch_embed.proj.weight")
     grid = shape("image_encoder.pos_embed")[1]
     depth = _count(state_dict, r"image_encoder\.blocks\.(\d+)\.norm1\.weight")
     rel_pos = [shape(f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
@@ -99,39 +86,36 @@ def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SA
     windows = {(length + 1) // 2 for length, _ in rel_pos if length != 2 * grid - 1}
     if len(windows) > 1:
         raise CheckpointError(f"blocks use different window sizes {sorted(windows)}; finesam supports one")
-    head_dim = rel_pos[0][1] if rel_pos else encoder_dim
-    return SAMConfig(
-        image_size=grid * patch,
-        patch_size=patch,
-        encoder_dim=encoder_dim,
-        encoder_depth=depth,
-        encoder_heads=encoder_dim // head_dim,
+    head_dim = rel_pos[0][1] if rel_pos else dim
+    encoder = ViTConfig(
+        dim=dim,
+        depth=depth,
+        heads=dim // head_dim,
         global_attention_blocks=global_blocks,
-        window_size=windows.pop() if windows else 14,
-        mlp_ratio=shape("image_encoder.blocks.0.mlp.lin1.weight")[0] / encoder_dim,
-        **decoder,
+        window_size=windows.pop() if windows else ViTConfig.window_size,
+        mlp_ratio=shape("image_encoder.blocks.0.mlp.lin1.weight")[0] / dim,
+        patch_size=patch,
     )
+    return SAMConfig(encoder, decoder, image_size=grid * patch)
 
 
-def _tiny_vit_fields(state_dict: Mapping[str, Tensor], shape: Callable[[str], tuple[int, ...]]) -> dict[str, Any]:
-    """TinyViT stage widths, depths, heads and windows. The input size (1024) is not visible in the weights,
-    nor are the first (convolutional) stage's unused head count and window, kept at their defaults."""
-    defaults = SAMConfig()
+def _tiny_vit_config(state_dict: Mapping[str, Tensor], shape: Callable[[str], tuple[int, ...]]) -> TinyViTConfig:
+    """TinyViT stage widths, depths, and the heads and windows of its attention stages."""
     dims = [shape("image_encoder.layers.0.blocks.0.conv1.c.weight")[1]]
-    heads, windows = [defaults.tiny_heads[0]], [defaults.tiny_windows[0]]
+    heads, windows = [], []
     for s in (1, 2, 3):
         num_heads, num_offsets = shape(f"image_encoder.layers.{s}.blocks.0.attn.attention_biases")
         dims.append(shape(f"image_encoder.layers.{s}.blocks.0.attn.qkv.weight")[1])
         heads.append(num_heads)
         windows.append(math.isqrt(num_offsets))  # one offset per (|dy|, |dx|): window x window of them
-    return {
-        "encoder_dim": dims[3],
-        "tiny_dims": tuple(dims),
-        "tiny_depths": tuple(_count(state_dict, rf"image_encoder\.layers\.{s}\.blocks\.(\d+)\..*") for s in range(4)),
-        "tiny_heads": tuple(heads),
-        "tiny_windows": tuple(windows),
-        "tiny_mbconv_expand": shape("image_encoder.layers.0.blocks.0.conv1.c.weight")[0] / dims[0],
-    }
+    depths = [_count(state_dict, rf"image_encoder\.layers\.{s}\.blocks\.(\d+)\..*") for s in range(4)]
+    return TinyViTConfig(
+        dims=(dims[0], dims[1], dims[2], dims[3]),
+        depths=(depths[0], depths[1], depths[2], depths[3]),
+        heads=(heads[0], heads[1], heads[2]),
+        windows=(windows[0], windows[1], windows[2]),
+        mbconv_expand=shape("image_encoder.layers.0.blocks.0.conv1.c.weight")[0] / dims[0],
+    )
 
 
 def _vit_modules(encoder: ImageEncoder) -> list[tuple[str, fl.Module]]:
@@ -242,24 +226,6 @@ def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
     return pairs
 
 
-def rules_for(root: torch.nn.Module, pairs: list[tuple[str, fl.Module]]) -> dict[str, Rule]:
-    """One-to-one rules for (official prefix, module of `root`) pairs: every parameter keeps its name."""
-    names = {id(module): name for name, module in root.named_modules()}
-    return {
-        f"{names[id(module)]}.{tensor}": Rule((f"{prefix}.{tensor}",))
-        for prefix, module in pairs
-        for tensor in _persistent_tensors(module)
-    }
-
-
-def _persistent_tensors(module: torch.nn.Module) -> list[str]:
-    """Names of a module's own parameters and saved buffers (BatchNorm statistics, for instance)."""
-    buffers = [
-        name for name, _ in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set
-    ]
-    return [name for name, _ in module.named_parameters(recurse=False)] + buffers
-
-
 def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
     """For every key of `model.state_dict()`, the official key(s) it is made from."""
     names = {id(module): name for name, module in model.named_modules()}
@@ -282,51 +248,6 @@ def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
         ("mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight"), lambda *ts: torch.cat(ts)
     )
     return rules
-
-
-def _listing(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def apply_rules(
-    official: Mapping[str, Tensor],
-    rules: Mapping[str, Rule],
-    expected: Mapping[str, Tensor],
-    ignore: Callable[[str], bool] = lambda _: False,
-) -> dict[str, Tensor]:
-    """Builds the `expected` tensors from an official `state_dict`, checking every key and shape.
-
-    Raises `CheckpointError` naming the missing, unexpected (not `ignore`d) and mis-shaped keys.
-    """
-    missing = sorted({s for rule in rules.values() for s in rule.sources if s not in official})
-    used = {s for rule in rules.values() for s in rule.sources}
-    unexpected = sorted(k for k in official if k not in used and not ignore(k))
-    converted: dict[str, Tensor] = {}
-    misshaped: list[str] = []
-    if not missing:
-        for target, rule in rules.items():
-            try:
-                tensor = rule.combine(*(official[s] for s in rule.sources))
-            except RuntimeError as e:
-                misshaped.append(f"{'+'.join(rule.sources)} ({e})")
-                continue
-            if tensor.shape != expected[target].shape:
-                sources = " + ".join(f"{s} {tuple(official[s].shape)}" for s in rule.sources)
-                misshaped.append(f"{sources} -> expected {tuple(expected[target].shape)}")
-                continue
-            converted[target] = tensor.to(expected[target].dtype).contiguous()
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys: {_listing(misshaped)}")
-    if problems:
-        raise CheckpointError("checkpoint does not match the expected layout; " + "; ".join(problems))
-    assert converted.keys() == expected.keys()
-    return converted
 
 
 def convert_state_dict(

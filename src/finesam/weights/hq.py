@@ -1,26 +1,25 @@
 """HQ-SAM weights: the official HQ keys -> `HQSAMAdapter`, and the adapter's own safetensors file."""
 
-import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from refiners.fluxion import layers as fl
 from torch import Tensor
 
-from finesam.conversion import CheckpointError, Rule, apply_rules, rules_for
-from finesam.hq.adapter import HQSAMAdapter
-from finesam.hq.layers import CompressViTFeatures, EmbeddingEncoder, HQMaskFeatures, HQToken, HQTokenMLP
-from finesam.io import (
-    CONFIG_KEY,
-    FORMAT_KEY,
-    OFFICIAL_SUFFIXES,
+from finesam.adapters.hq.adapter import HQSAMAdapter
+from finesam.adapters.hq.layers import CompressViTFeatures, EmbeddingEncoder, HQMaskFeatures, HQToken, HQTokenMLP
+from finesam.model.sam import SegmentAnything
+from finesam.weights.io import (
+    CheckpointError,
     check_tensors,
+    format_metadata,
+    is_official,
     load_official_state_dict,
-    read_safetensors,
+    read_format,
     write_safetensors,
 )
-from finesam.model.sam import SegmentAnything
+from finesam.weights.key_map import Rule, apply_rules, rules_for
 
 FORMAT_HQ = "hq_sam"
 HQ_KEY = re.compile(r"mask_decoder\.(hf_token|hf_mlp|compress_vit_feat|embedding_encoder|embedding_maskfeature)\.")
@@ -29,6 +28,16 @@ HQ_KEY = re.compile(r"mask_decoder\.(hf_token|hf_mlp|compress_vit_feat|embedding
 def is_hq_key(key: str) -> bool:
     """Whether an official checkpoint key belongs to the HQ-SAM additions (25 keys in every release)."""
     return HQ_KEY.match(key) is not None
+
+
+def has_hq_keys(keys: Iterable[str]) -> bool:
+    """Whether official checkpoint keys include HQ-SAM's."""
+    return any(is_hq_key(k) for k in keys)
+
+
+def holds_hq(path: str | Path) -> bool:
+    """Whether `path` is an official HQ-SAM checkpoint (its HQ part loads with `load_hq`)."""
+    return is_official(path) and has_hq_keys(load_official_state_dict(path))
 
 
 def hq_key_map(adapter: HQSAMAdapter) -> dict[str, Rule]:
@@ -53,41 +62,61 @@ def hq_key_map(adapter: HQSAMAdapter) -> dict[str, Rule]:
     return rules_for(adapter, pairs)
 
 
+def hq_from_state_dict(model: SegmentAnything, official: Mapping[str, Tensor]) -> HQSAMAdapter:
+    """An `HQSAMAdapter` for `model` (not injected) with the HQ weights of an official HQ-SAM `state_dict`."""
+    adapter = HQSAMAdapter(model)
+    adapter.load_state_dict(convert_hq_state_dict(official, adapter))
+    return adapter
+
+
 def convert_hq_state_dict(official: Mapping[str, Tensor], adapter: HQSAMAdapter) -> dict[str, Tensor]:
     """The adapter's weights from an official HQ-SAM `state_dict` (its SAM keys are ignored)."""
-    if not any(is_hq_key(k) for k in official):
+    if not has_hq_keys(official):
         raise CheckpointError("the checkpoint has no HQ-SAM weights (no mask_decoder.hf_token, ...)")
     return apply_rules(official, hq_key_map(adapter), adapter.state_dict(), ignore=lambda k: not is_hq_key(k))
 
 
+def adapter_config(model: SegmentAnything) -> dict[str, int]:
+    """What an adapter file records of the model it was made for (its shapes depend on these)."""
+    config = model.config
+    return {"encoder_dim": config.encoder.dim, "prompt_dim": config.decoder.prompt_dim}
+
+
 def save_hq(adapter: HQSAMAdapter, path: str | Path) -> Path:
-    """Writes only the adapter's weights (a few MB) to a safetensors file, atomically."""
-    config = adapter.target.config
-    metadata = {
-        FORMAT_KEY: FORMAT_HQ,
-        CONFIG_KEY: json.dumps({"encoder_dim": config.encoder_dim, "prompt_dim": config.prompt_dim}),
-    }
+    """Writes only the adapter's weights (a few MB) to a safetensors file, atomically.
+
+    Returns:
+        `path`.
+    """
+    metadata = format_metadata(FORMAT_HQ, config=adapter_config(adapter.target))
     return write_safetensors(adapter.state_dict(), path, metadata)
 
 
 def load_hq_weights(path: str | Path, adapter: HQSAMAdapter) -> dict[str, Tensor]:
     """Weights for `adapter` from a file written by `save_hq` or an official HQ-SAM `.pth`."""
     path = Path(path)
-    if path.suffix in OFFICIAL_SUFFIXES:
+    if is_official(path):
         try:
             return convert_hq_state_dict(load_official_state_dict(path), adapter)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
-    tensors, metadata = read_safetensors(path)
-    if metadata.get(FORMAT_KEY) != FORMAT_HQ:
-        raise CheckpointError(f"{path}: not a finesam HQ-SAM file (no '{FORMAT_KEY}: {FORMAT_HQ}' metadata)")
-    vit_dim = adapter.target.config.encoder_dim
+    tensors, _ = read_format(path, FORMAT_HQ)
+    vit_dim = adapter.target.config.encoder.early_embedding_dim
     check_tensors(path, tensors, adapter.state_dict(), what=f"an HQ adapter for this model (ViT width {vit_dim})")
     return tensors
 
 
 def load_hq(model: SegmentAnything, path: str | Path, hq_mask_only: bool = False) -> HQSAMAdapter:
-    """An `HQSAMAdapter` for `model` with the weights of `path` (not injected yet)."""
+    """An `HQSAMAdapter` for `model` with the weights of `path` (not injected yet).
+
+    Args:
+        model: the base model the adapter is for.
+        path: a file written by `save_hq` (`*.hq.safetensors`) or an official HQ-SAM `.pth`.
+        hq_mask_only: the HQ mask alone instead of SAM's mask plus the HQ mask (official `hq_token_only`).
+
+    Raises:
+        CheckpointError: the file is unreadable or its weights do not fit `model`.
+    """
     adapter = HQSAMAdapter(model, hq_mask_only=hq_mask_only)
     adapter.load_state_dict(load_hq_weights(path, adapter))
     return adapter

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finesam.io import atomic_write
+from finesam.weights.io import atomic_write
 
 KINDS = ("wire", "mesh", "ring", "hair")
 BACKGROUND_MAX = 119

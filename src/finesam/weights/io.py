@@ -1,22 +1,67 @@
 """Safe weight I/O: `torch.load(weights_only=True)`, memory-mapped safetensors, atomic writes."""
 
+import json
 import os
 import pickle
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from finesam.conversion import CheckpointError
+from finesam.text import listing
 
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not have the expected layout."""
+
+
+# safetensors metadata: `finesam.format` names the kind of file, `finesam.<section>` holds a JSON value
 FORMAT_KEY = "finesam.format"
-CONFIG_KEY = "finesam.config"
+FORMATS = {
+    "sam": "SAM",
+    "hq_sam": "HQ-SAM",
+    "lora": "LoRA",
+    "variant": "variant adapter",
+    "embedding_cache": "embedding cache",
+}
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def is_official(path: str | Path) -> bool:
+    """Whether `path` names an official (PyTorch pickle) checkpoint rather than a safetensors file."""
+    return Path(path).suffix in OFFICIAL_SUFFIXES
+
+
+def format_metadata(kind: str, **sections: object) -> dict[str, str]:
+    """The metadata of a finesam file of `kind` (one of `FORMATS`), each section JSON-encoded."""
+    assert kind in FORMATS, kind
+    return {FORMAT_KEY: kind, **{f"finesam.{name}": json.dumps(value) for name, value in sections.items()}}
+
+
+def _section(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value  # finesam 0.1 wrote the weights digest as a bare string
+
+
+def read_format(path: str | Path, kind: str, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors (unless `tensors=False`) and decoded metadata sections of a finesam file of `kind`.
+
+    Raises:
+        CheckpointError: the file is unreadable or not of that kind.
+    """
+    loaded, metadata = read_safetensors(path, tensors)
+    if metadata.get(FORMAT_KEY) != kind:
+        raise CheckpointError(f"{path}: not a finesam {FORMATS[kind]} file (no '{FORMAT_KEY}: {kind}' metadata)")
+    sections = {k.removeprefix("finesam."): _section(v) for k, v in metadata.items() if k != FORMAT_KEY}
+    return loaded, sections
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
@@ -88,6 +133,6 @@ def check_tensors(path: str | Path, tensors: Mapping[str, Tensor], expected: Map
     ]
     if missing or unexpected or misshaped:
         raise CheckpointError(
-            f"{path}: weights do not match {what}; missing {missing[:8]}, unexpected {unexpected[:8]}, "
-            f"mis-shaped {misshaped[:8]}"
+            f"{path}: weights do not match {what}; missing [{listing(missing)}], unexpected "
+            f"[{listing(unexpected)}], mis-shaped [{listing(misshaped)}]"
         )

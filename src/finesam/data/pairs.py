@@ -3,8 +3,16 @@ files share their stems (`im/0001.jpg` goes with `gt/0001.png`)."""
 
 from pathlib import Path
 
+import numpy as np
+import torch
+from jaxtyping import Float
+from PIL import Image
+from torch import Tensor
+
+from finesam.model.processing import as_rgb
+from finesam.text import listing
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-_SHOWN = 5  # offenders named in an error message
 
 
 def _by_stem(folder: Path) -> dict[str, list[Path]]:
@@ -13,11 +21,6 @@ def _by_stem(folder: Path) -> dict[str, list[Path]]:
         if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
             files.setdefault(path.stem, []).append(path)
     return files
-
-
-def _some(names: list[str]) -> str:
-    shown = ", ".join(names[:_SHOWN])
-    return shown + (f", ... ({len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")
 
 
 def list_pairs(root: Path) -> list[tuple[Path, Path]]:
@@ -39,13 +42,27 @@ def list_pairs(root: Path) -> list[tuple[Path, Path]]:
     for folder, files in zip(folders, (images, masks), strict=True):
         twice = sorted(p.name for stem in sorted(files) if len(files[stem]) > 1 for p in files[stem])
         if twice:
-            problems.append(f"{len(twice)} files in {folder} share a stem: {_some(twice)}")
+            problems.append(f"{len(twice)} files in {folder} share a stem: {listing(twice, 5)}")
     unmatched = sorted(images[stem][0].name for stem in set(images) - set(masks))
     if unmatched:
-        problems.append(f"{len(unmatched)} of {len(images)} images have no mask in {folders[1]}: {_some(unmatched)}")
+        problems.append(
+            f"{len(unmatched)} of {len(images)} images have no mask in {folders[1]}: {listing(unmatched, 5)}"
+        )
     stray = sorted(masks[stem][0].name for stem in set(masks) - set(images))
     if stray:
-        problems.append(f"{len(stray)} masks in {folders[1]} have no image in {folders[0]}: {_some(stray)}")
+        problems.append(f"{len(stray)} masks in {folders[1]} have no image in {folders[0]}: {listing(stray, 5)}")
     if problems:
         raise ValueError(f"{root}: " + "; ".join(problems))
     return [(images[stem][0], masks[stem][0]) for stem in sorted(images)]
+
+
+def load_pair(image_path: Path, mask_path: Path) -> tuple[Image.Image, Float[Tensor, "height width"]]:
+    image = as_rgb(Image.open(image_path))
+    mask = Image.open(mask_path)
+    mask = mask.convert("L") if mask.mode not in ("L", "1") else mask
+    target = torch.from_numpy(np.asarray(mask, dtype=np.float32) > 127.5).float()
+    if target.shape != (image.height, image.width):
+        raise ValueError(
+            f"{mask_path}: mask is {target.shape[1]}x{target.shape[0]}, image {image.width}x{image.height}"
+        )
+    return image, target

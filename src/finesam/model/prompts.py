@@ -3,24 +3,41 @@
 Every problem raises a `ValueError` that says what was wrong, before anything reaches the model.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from finesam.processing import scale_coordinates
+from finesam.model.processing import scale_coordinates
 
 
 @dataclass(frozen=True)
 class Prompts:
-    """A batch of B prompts in the coordinates of the model input (the resized image)."""
+    """A batch of B prompts in pixels of the model input (the resized image), as the model takes them.
 
-    points: Tensor | None  # (B, N, 2) float32
-    labels: Tensor | None  # (B, N) int64, 0 = background, 1 = foreground
-    boxes: Tensor | None  # (B, 4) float32, x1 y1 x2 y2
-    mask_input: Tensor | None  # (B, 1, M, M) low-resolution logits
+    `prepare_prompts` makes one from user input in pixels of the original image, checking everything.
+    """
+
+    points: Float[Tensor, "batch n 2"] | None = None
+    labels: Int[Tensor, "batch n"] | None = None  # 0 = background, 1 = foreground
+    boxes: Float[Tensor, "batch 4"] | None = None  # x1 y1 x2 y2
+    mask_input: Float[Tensor, "batch 1 low low"] | None = None  # low-resolution logits of an earlier prediction
+
+    def __post_init__(self) -> None:
+        if self.points is not None and self.labels is None:
+            raise ValueError("points need labels (1 foreground, 0 background)")
+
+    @property
+    def batch_size(self) -> int:
+        return max((len(t) for t in (self.points, self.boxes, self.mask_input) if t is not None), default=1)
+
+    def __getitem__(self, index: slice) -> "Prompts":
+        """Prompts `index` of the batch (a slice)."""
+        values = (getattr(self, f.name) for f in fields(self))
+        return Prompts(*(None if t is None else t[index] for t in values))
 
 
 def _array(value: Any, name: str) -> np.ndarray:

@@ -6,23 +6,18 @@ the base model with every adapter looked through, so names (and saved files) are
 adapter or other LoRAs are injected or not, and in whichever order.
 """
 
-import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from refiners.fluxion import layers as fl
 from refiners.fluxion.adapters import Adapter, LinearLora, LoraAdapter
 
-from finesam.conversion import CheckpointError
-from finesam.io import CONFIG_KEY, FORMAT_KEY, read_safetensors, write_safetensors
+from finesam.adapters.placement import check_placement
 from finesam.model.sam import SegmentAnything
-from finesam.placement import check_placement
-
-FORMAT_LORA = "lora"
+from finesam.text import listing
 
 # Where LoRA goes, by ancestor class names. The default adapts the two-way transformer of the mask decoder
 # (token self-attention, both cross-attentions, token MLP): cheap, and it trains on cached image embeddings.
@@ -110,7 +105,7 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
             by_path = {linear.path: linear for linear in base_linears(target)}
             missing = [p for p in paths if p not in by_path]
             if missing:
-                raise CheckpointError(f"LoRA targets not found in this model: {', '.join(missing[:5])}")
+                raise ValueError(f"LoRA targets not found in this model: {listing(missing, 5)}")
             linears = [by_path[p] for p in paths]
         if not linears:
             raise ValueError(f"no linear layer matches include={list(include)} exclude={list(exclude)}")
@@ -193,58 +188,3 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
             weights[f"{path}.down.weight"] = lora.down.weight
             weights[f"{path}.up.weight"] = lora.up.weight
         return weights
-
-    def save(self, path: str | Path) -> Path:
-        """Writes the LoRA weights alone, with name, rank, scale and targets in the metadata, atomically."""
-        config = self.target.config
-        metadata = {
-            FORMAT_KEY: FORMAT_LORA,
-            CONFIG_KEY: json.dumps({"encoder_dim": config.encoder_dim, "prompt_dim": config.prompt_dim}),
-            "finesam.lora": json.dumps(
-                {
-                    "name": self.name,
-                    "rank": self.rank,
-                    "scale": self.scale,
-                    "include": list(self.include),
-                    "exclude": list(self.exclude),
-                }
-            ),
-        }
-        return write_safetensors({k: v.detach() for k, v in self.lora_weights().items()}, path, metadata)
-
-
-def read_lora_metadata(path: str | Path) -> dict[str, Any]:
-    """Name, rank, scale, include and exclude of a LoRA file written by `SAMLoraAdapter.save`."""
-    _, metadata = read_safetensors(path, tensors=False)
-    if metadata.get(FORMAT_KEY) != FORMAT_LORA or "finesam.lora" not in metadata:
-        raise CheckpointError(f"{path}: not a finesam LoRA file (no '{FORMAT_KEY}: {FORMAT_LORA}' metadata)")
-    return json.loads(metadata["finesam.lora"])
-
-
-def load_lora(
-    model: SegmentAnything, path: str | Path, name: str | None = None, scale: float | None = None
-) -> SAMLoraAdapter:
-    """A `SAMLoraAdapter` for `model` with the weights of `path` (not injected yet); `name` / `scale` override
-    the ones recorded in the file."""
-    info = read_lora_metadata(path)
-    tensors, _ = read_safetensors(path)
-    in_file = {key.removesuffix(".down.weight") for key in tensors if key.endswith(".down.weight")}
-    in_model = [linear.path for linear in base_linears(model)]
-    paths = [p for p in in_model if p in in_file] + sorted(in_file - set(in_model))  # the model's order
-    adapter = SAMLoraAdapter(
-        model,
-        name=info["name"] if name is None else name,
-        rank=int(info["rank"]),
-        scale=float(info["scale"]) if scale is None else scale,
-        include=info["include"],
-        exclude=info["exclude"],
-        paths=paths,
-    )
-    expected = adapter.lora_weights()
-    problems = [k for k in expected if k not in tensors or tensors[k].shape != expected[k].shape]
-    problems += [k for k in tensors if k not in expected]
-    if problems:
-        raise CheckpointError(f"{path}: LoRA weights do not fit this model: {', '.join(problems[:5])}")
-    for key, parameter in expected.items():
-        parameter.data.copy_(tensors[key])
-    return adapter

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from finesam.datasets import list_pairs
-from finesam.io import atomic_write
-from finesam.metrics import boundary_iou, mask_iou
+from finesam.data.pairs import list_pairs, load_pair
+from finesam.data.sampling import foreground_points, mask_box, noisy_box, sample_generator
+from finesam.evaluation.metrics import DEFAULT_DILATION_RATIO, boundary_iou, mask_iou
 from finesam.model.sam import SegmentAnything
-from finesam.training.data import load_pair, mask_box, noisy_box, sample_generator
+from finesam.weights.io import atomic_write
 
 PROMPTS = ("box", "noisy_box", "points")
 
@@ -61,9 +61,8 @@ def object_prompt(mask: torch.Tensor, kind: str, g: torch.Generator, box_noise: 
         noisy[0::2] = noisy[0::2].clamp(0, width)
         noisy[1::2] = noisy[1::2].clamp(0, height)
         return {"boxes": noisy.tolist()}
-    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
-    chosen = torch.randperm(len(xs), generator=g)[:points]
-    return {"points": torch.stack([xs[chosen], ys[chosen]], -1).float().tolist(), "labels": [1] * len(chosen)}
+    chosen = foreground_points(mask, points, g)
+    return {"points": chosen.tolist(), "labels": [1] * len(chosen)}
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def evaluate(
     points: int = 1,
     seed: int = 0,
     limit: int | None = None,
-    dilation_ratio: float = 0.02,
+    dilation_ratio: float = DEFAULT_DILATION_RATIO,
 ) -> list[Result]:
     """mIoU / mBIoU of each configuration on the (image, mask) pairs of `data`.
 

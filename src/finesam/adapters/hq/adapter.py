@@ -1,6 +1,7 @@
 """`HQSAMAdapter`: HQ-SAM injected into a frozen `SegmentAnything`, and ejected again, without editing it."""
 
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from refiners.fluxion import layers as fl
@@ -8,7 +9,11 @@ from refiners.fluxion.adapters import Adapter
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.hq.layers import (
+from finesam.adapters.hq.layers import (
+    CONTEXT,
+    CONTEXT_KEYS,
+    EARLY_EMBEDDING,
+    IMAGE_KEYS,
     CachedHQFeatures,
     CompressViTFeatures,
     EmbeddingEncoder,
@@ -19,11 +24,9 @@ from finesam.hq.layers import (
     HQToken,
     HQTokenMLP,
 )
+from finesam.adapters.placement import check_placement
 from finesam.model.mask_decoder import MaskDecoder, MaskHead, MultimaskSelection, OutputTokens, UpscaledImageEmbedding
 from finesam.model.sam import SegmentAnything
-from finesam.placement import check_placement
-
-CONTEXT = "hq_sam"
 
 
 class EarlyViTEmbedding(fl.Chain, Adapter[fl.Module]):
@@ -31,7 +34,7 @@ class EarlyViTEmbedding(fl.Chain, Adapter[fl.Module]):
 
     def __init__(self, target: fl.Module) -> None:
         with self.setup_adapter(target):
-            super().__init__(target, fl.SetContext("image", "early_vit_embedding"))
+            super().__init__(target, fl.SetContext("image", EARLY_EMBEDDING))
 
 
 class HQFeatures(fl.Chain, Adapter[MaskDecoder]):
@@ -118,9 +121,9 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         config = target.config
         device = target.device if device is None else device
         dtype = target.mask_decoder.dtype if dtype is None else dtype  # the HQ parts run with the decoder
-        dim = config.prompt_dim
+        dim = config.decoder.prompt_dim
         token, token_mlp = HQToken(dim, device=device, dtype=dtype), HQTokenMLP(dim, device=device, dtype=dtype)
-        fusion = HQFeatureFusion(config.early_embedding_dim, dim, device=device, dtype=dtype)
+        fusion = HQFeatureFusion(config.encoder.early_embedding_dim, dim, device=device, dtype=dtype)
         mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
         self._rule = [HQOutputRule(hq_mask_only)]
         self._adapters: list[Adapter[Any]] = [
@@ -129,7 +132,8 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
             HQOutputToken(target.ensure_find(OutputTokens), token),
             UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),
             HQMaskHead(
-                target.ensure_find(MaskHead), HQMaskPrediction(token_mlp, mask_features, 1 + config.num_mask_tokens)
+                target.ensure_find(MaskHead),
+                HQMaskPrediction(token_mlp, mask_features, 1 + config.decoder.num_mask_tokens),
             ),
             HQMaskSelection(target.ensure_find(MultimaskSelection), self._rule[0]),
         ]
@@ -162,9 +166,9 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         check_placement("HQSAMAdapter", ((weight, decoder, "mask decoder") for weight in self.parameters()))
         for adapter in self._adapters:
             adapter.inject(self.target)  # searched from the root: leaf targets (OutputTokens) have no parent link
-        self.target.set_context(CONTEXT, {"hq_features": None, "upscaled_embedding": None})
+        self.target.set_context(CONTEXT, dict.fromkeys(CONTEXT_KEYS))
         # in place: the `image` dict is shared by the whole tree (and SetContext ignores an empty context)
-        self.target.use_context("image").setdefault("early_vit_embedding", None)
+        self.target.use_context("image").setdefault(EARLY_EMBEDDING, None)
         self.injected = True
         return self
 
@@ -174,6 +178,24 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         for adapter in reversed(self._adapters):
             adapter.eject()
         _drop_context(self.target, CONTEXT)
-        for key in ("early_vit_embedding", "hq_features", "hq_features_key"):
+        for key in IMAGE_KEYS:
             _drop_context(self.target, "image", key)
         self.injected = False
+
+
+@contextmanager
+def hq_mask_only_set_to(model: SegmentAnything, hq_mask_only: bool) -> Iterator[None]:
+    """Sets the output of the HQ-SAM adapter injected in `model` for the block (the HQ mask alone, or SAM's
+    mask plus the HQ mask), then restores it.
+
+    Raises:
+        ValueError: no HQ-SAM adapter is injected in `model`.
+    """
+    rule = model.find(HQOutputRule)
+    if rule is None:
+        raise ValueError("hq_mask_only needs the HQ-SAM adapter injected in the model")
+    before, rule.hq_mask_only = rule.hq_mask_only, hq_mask_only
+    try:
+        yield
+    finally:
+        rule.hq_mask_only = before

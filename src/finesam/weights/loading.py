@@ -1,0 +1,158 @@
+"""SAM weights: an official `state_dict` or `.pth`, or a finesam `.safetensors` file, to a `SegmentAnything`."""
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from finesam.model.config import SAMConfig
+from finesam.model.sam import SegmentAnything
+from finesam.model.tiny_vit import BiasedAttention
+from finesam.weights.hq import has_hq_keys, hq_from_state_dict, save_hq
+from finesam.weights.io import (
+    CheckpointError,
+    check_tensors,
+    format_metadata,
+    is_official,
+    load_official_state_dict,
+    read_format,
+    write_safetensors,
+)
+from finesam.weights.sam_keys import convert_state_dict, infer_config, is_unused_key
+
+FORMAT_SAM = "sam"
+
+
+def sam_from_state_dict(state_dict: Mapping[str, Tensor], device: torch.device | str = "cpu") -> SegmentAnything:
+    """A `SegmentAnything` holding the SAM weights of an official `state_dict` of any size (the converter's
+    in-memory form; files go through `load_sam`).
+
+    The HQ-SAM keys of an HQ-SAM checkpoint are left aside (its SAM part is a complete SAM), and so is the
+    unused classifier head of TinyViT checkpoints.
+
+    Raises:
+        CheckpointError: a missing, unexpected or mis-shaped key, named.
+    """
+    model = SegmentAnything(infer_config(state_dict), device="meta")
+    weights = convert_state_dict(state_dict, model, ignore=lambda k: has_hq_keys([k]) or is_unused_key(k))
+    return _assign(model, weights, device)
+
+
+def _assign(model: SegmentAnything, weights: Mapping[str, Tensor], device: torch.device | str) -> SegmentAnything:
+    """Puts loaded tensors into a model built on `meta`, and rebuilds the buffers checkpoints do not store."""
+    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, assign=True)
+    for module in model.modules():
+        if isinstance(module, BiasedAttention):
+            module.rebuild_buffers(device)
+    meta = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    assert not meta, f"buffers left on the meta device: {meta}"
+    return model.eval()
+
+
+def weights_digest(state_dict: Mapping[str, Tensor]) -> str:
+    """SHA-256 of the names, dtypes, shapes and bytes of every tensor: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
+        digest.update(f"{key}|{tensor.dtype}|{tuple(state_dict[key].shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_sam(model: SegmentAnything, path: str | Path) -> Path:
+    """Writes the model's weights and configuration to a safetensors file, atomically.
+
+    Args:
+        model: the base model (adapters ejected: their weights go to files of their own).
+        path: the file to write.
+
+    Returns:
+        `path`.
+    """
+    state_dict = model.state_dict()
+    metadata = format_metadata(FORMAT_SAM, config=model.config.to_dict(), weights_sha256=weights_digest(state_dict))
+    return write_safetensors(state_dict, path, metadata)
+
+
+def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SegmentAnything:
+    """Loads a SAM of any size from a converted `.safetensors` file or an official `.pth` (SAM, MobileSAM or the
+    SAM part of HQ-SAM; its HQ part loads with `load_hq`).
+
+    Args:
+        path: the weights file.
+        device: where the model goes.
+        dtype: the image encoder's precision (e.g. `torch.bfloat16`, see `SegmentAnything.set_encoder_dtype`);
+            the decoder stays float32.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        CheckpointError: the file is unreadable, unsafe to unpickle, or does not hold SAM weights.
+    """
+    path = Path(path)
+    if is_official(path):
+        model = sam_from_state_dict(load_official_state_dict(path), device)
+    else:
+        tensors, sections = read_format(path, FORMAT_SAM)
+        if "config" not in sections:
+            raise CheckpointError(f"{path}: not a finesam SAM file (no 'finesam.config' metadata)")
+        model = SegmentAnything(SAMConfig.from_dict(sections["config"]), device="meta")
+        check_tensors(path, tensors, model.state_dict(), what="the model in its metadata")
+        model = _assign(model, tensors, device)
+    return model if dtype is None else model.set_encoder_dtype(dtype)
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    written: list[Path]  # the base model, then the HQ adapter if the checkpoint has one
+    base_digest: str
+    same_base_as: list[Path]  # finesam SAM files beside the output with identical base weights
+    dropped: list[str]  # checkpoint keys SAM does not use (TinyViT's classifier head)
+
+    def summary(self) -> str:
+        note = f"dropped {len(self.dropped)} unused keys ({', '.join(self.dropped)}); " if self.dropped else ""
+        return note + self._base_summary()
+
+    def _base_summary(self) -> str:
+        if len(self.written) == 1:
+            return f"SAM weights sha256 {self.base_digest}"
+        if self.same_base_as:
+            others = ", ".join(str(p) for p in self.same_base_as)
+            return f"the SAM part equals {others}: with that file, only {self.written[1]} is needed"
+        return (
+            f"the SAM part (sha256 {self.base_digest}) matches no SAM file in {self.written[0].parent}; "
+            "convert the plain SAM release there to compare"
+        )
+
+
+def _digest_of(path: Path) -> str | None:
+    try:
+        return read_format(path, FORMAT_SAM, tensors=False)[1].get("weights_sha256")
+    except ValueError:
+        return None  # another kind of file (HQ, LoRA) or unreadable: not a base to compare with
+
+
+def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> ConversionReport:
+    """`CHECKPOINT.pth` -> `OUT_DIR/CHECKPOINT.safetensors`, plus `OUT_DIR/CHECKPOINT.hq.safetensors` for HQ-SAM.
+
+    Args:
+        checkpoint: an official SAM, MobileSAM or HQ-SAM checkpoint.
+        out_dir: where the converted files go (created if needed).
+
+    Returns:
+        What was written, and whether its SAM part equals a SAM file already in `out_dir`.
+    """
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    state_dict = load_official_state_dict(checkpoint)
+    model = sam_from_state_dict(state_dict)
+    base = out_dir / f"{checkpoint.stem}.safetensors"
+    written = [save_sam(model, base)]
+    if has_hq_keys(state_dict):
+        written.append(save_hq(hq_from_state_dict(model, state_dict), out_dir / f"{checkpoint.stem}.hq.safetensors"))
+    digest = weights_digest(model.state_dict())
+    same = [other for other in sorted(out_dir.glob("*.safetensors")) if other != base and _digest_of(other) == digest]
+    return ConversionReport(written, digest, same, sorted(k for k in state_dict if is_unused_key(k)))
