@@ -1,7 +1,9 @@
 """What the sub-commands share: errors, argument types, loading the model, atomic outputs."""
 
 import argparse
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finesam.adapters.hq import HQSAMAdapter
 from finesam.model import SegmentAnything
 from finesam.weights import atomic_write, holds_hq, load_hq, load_sam
 
@@ -57,8 +60,9 @@ def write_json(data: Any, path: Path) -> Path:
     return atomic_write(path, write)
 
 
-def load_model(args: argparse.Namespace) -> SegmentAnything:
-    """The model of `--weights` on `--device` in `--dtype`, with the HQ adapter injected when there is one."""
+def load_base(args: argparse.Namespace) -> tuple[SegmentAnything, HQSAMAdapter | None]:
+    """The model of `--weights` on `--device` in `--dtype`, and the HQ adapter of `--hq` (or of an official
+    HQ-SAM `.pth` given as `--weights`), not injected; `--hq-only` set on it."""
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
@@ -66,11 +70,27 @@ def load_model(args: argparse.Namespace) -> SegmentAnything:
         raise UsageError(f"--device {args.device} is not usable here: {str(e).splitlines()[0]}") from None
     model = load_sam(args.weights, device)
     hq = args.hq if args.hq is not None else (args.weights if holds_hq(args.weights) else None)
-    if hq is not None:
-        adapter = load_hq(model, hq)
-        adapter.hq_mask_only = args.hq_only
-        adapter.inject()
-    elif args.hq_only:
+    adapter = None if hq is None else load_hq(model, hq, hq_mask_only=args.hq_only)
+    if adapter is None and args.hq_only:
         raise UsageError("--hq-only needs HQ-SAM weights: --hq FILE, or an official HQ-SAM .pth as --weights")
     model.set_encoder_dtype(DTYPES[args.dtype])
+    return model, adapter
+
+
+def load_model(args: argparse.Namespace) -> SegmentAnything:
+    """The model of `load_base`, with the HQ adapter injected when there is one (and compiled with --compile)."""
+    model, adapter = load_base(args)
+    if adapter is not None:
+        adapter.inject()
     return model.compile_encoder() if getattr(args, "compile", False) else model
+
+
+def inference(run: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """A command body that only infers: it runs under `torch.inference_mode()`."""
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> None:
+        with torch.inference_mode():
+            run(args)
+
+    return wrapped

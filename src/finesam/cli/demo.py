@@ -6,15 +6,18 @@ Checkpoints are looked up in `$FINESAM_CHECKPOINT` (one file) or else in the cac
 With an HQ-SAM checkpoint the picture shows SAM's masks and HQ-SAM's side by side.
 """
 
+import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from finesam.cli.example import HOUSE_BOX, SUN_POINT, example_image
+from finesam.cli.options import Commands, add_command
 from finesam.cli.overlay import overlay
 from finesam.model import SegmentAnything
 from finesam.model.config import describe
@@ -139,3 +142,15 @@ def _side_by_side(panels: list[tuple[str, Image.Image]]) -> Image.Image:
         draw.rectangle([(i * width, 0), (i * width + 12 + 9 * len(title), 24)], fill="black")
         draw.text((i * width + 6, 6), title, fill="white")
     return canvas
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    with torch.inference_mode():
+        status = demo(args.out_dir)
+    raise SystemExit(status)
+
+
+def add_commands(commands: Commands) -> None:
+    command = add_command(commands, "demo", "segment the example image (finds or downloads a checkpoint)")
+    command.add_argument("--out-dir", type=Path, default=Path("out"), help="where the pictures go")
+    command.set_defaults(run=run_demo)

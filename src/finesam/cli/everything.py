@@ -1,7 +1,6 @@
 """`finesam everything`: automatic mask generation."""
 
 import argparse
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -9,31 +8,20 @@ import numpy as np
 from PIL import Image
 
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask, to_coco
-from finesam.cli.common import DTYPES, UsageError, load_model, save_mask, write_json
+from finesam.cli.common import UsageError, inference, load_model, save_mask, write_json
+from finesam.cli.options import Commands, add_command, generator_arguments, generator_options, model_options
 from finesam.cli.overlay import distinct_colours, overlay
 from finesam.model.processing import as_rgb
 from finesam.weights import atomic_write
 
 
+@inference
 def run_everything(args: argparse.Namespace) -> None:
     try:
         image = as_rgb(Image.open(args.image))
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read image {args.image}: {e}") from None
-    options = {
-        name: getattr(args, name)
-        for name in (
-            "points_per_side",
-            "points_per_batch",
-            "pred_iou_thresh",
-            "stability_score_thresh",
-            "stability_score_offset",
-            "box_nms_thresh",
-            "crop_n_layers",
-            "crop_nms_thresh",
-            "min_mask_region_area",
-        )
-    }
+    options = generator_arguments(args)
     AutomaticMaskGenerator.check_options(**options)  # before the model loads
     model = load_model(args)
     records = AutomaticMaskGenerator(model, **options, output_mode="uncompressed_rle").generate(image)
@@ -71,41 +59,19 @@ def _remove_stale_masks(directory: Path, count: int) -> None:
             path.unlink()
 
 
-def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    everything = commands.add_parser(
+def add_commands(commands: Commands) -> None:
+    everything = add_command(
+        commands,
         "everything",
-        help="segment everything: automatic masks from a grid of points (official SamAutomaticMaskGenerator)",
+        "segment everything: automatic masks from a grid of points (official SamAutomaticMaskGenerator)",
+        (model_options(), generator_options()),
     )
-    everything.add_argument("image", type=Path)
-    everything.add_argument("--weights", type=Path, required=True, help="converted .safetensors or official .pth")
-    everything.add_argument(
-        "--hq", type=Path, metavar="HQ.safetensors", help="inject the HQ-SAM adapter with these weights"
-    )
-    everything.add_argument("--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone")
+    everything.add_argument("image", type=Path, help="the image (any format PIL reads)")
     everything.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     everything.add_argument(
         "--format",
         choices=["png", "coco"],
         default="png",
-        help="png: DIR/masks/0000.png ... and DIR/masks.json; coco: DIR/masks.json with COCO RLE (default: png)",
-    )
-    for name, kind in (
-        ("points_per_side", int),
-        ("points_per_batch", int),
-        ("pred_iou_thresh", float),
-        ("stability_score_thresh", float),
-        ("stability_score_offset", float),
-        ("box_nms_thresh", float),
-        ("crop_n_layers", int),
-        ("crop_nms_thresh", float),
-        ("min_mask_region_area", int),
-    ):
-        default = inspect.signature(AutomaticMaskGenerator).parameters[name].default
-        everything.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, default=default, help=f"(default: {default:g})"
-        )
-    everything.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
-    everything.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPES), help="image-encoder precision (the decoder stays fp32)"
+        help="png: DIR/masks/0000.png ... and DIR/masks.json; coco: DIR/masks.json with COCO RLE",
     )
     everything.set_defaults(run=run_everything)

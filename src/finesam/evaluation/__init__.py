@@ -1,6 +1,7 @@
 """Evaluation: mIoU and boundary IoU of model configurations side by side (it does not depend on training)."""
 
 from finesam.evaluation.evaluate import (
+    PROMPTS,
     Configuration,
     Result,
     adapter_configuration,
@@ -9,4 +10,4 @@ from finesam.evaluation.evaluate import (
     write_report,
 )
 
-__all__ = ["Configuration", "Result", "adapter_configuration", "evaluate", "markdown_table", "write_report"]
+__all__ = ["PROMPTS", "Configuration", "Result", "adapter_configuration", "evaluate", "markdown_table", "write_report"]

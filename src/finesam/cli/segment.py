@@ -1,8 +1,7 @@
-"""`finesam convert`, `segment`, `download`, `demo`."""
+"""`finesam segment`: masks from box and point prompts, the image encoded once for all of them."""
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finesam.cli.common import DTYPES, UsageError, floats, load_model, save_array, save_mask, suffixed
-from finesam.cli.demo import cache_dir, demo
+from finesam.cli.common import UsageError, floats, inference, load_model, save_array, save_mask, suffixed
+from finesam.cli.options import Commands, add_command, model_options
 from finesam.cli.overlay import overlay
 from finesam.model.processing import as_rgb
 from finesam.model.prompts import prepare_prompts
-from finesam.weights import atomic_write, convert_checkpoint
-from finesam.weights.download import CHECKPOINTS, DownloadError, download
+from finesam.weights import atomic_write
 
 
 def _box(text: str) -> list[float]:
@@ -28,13 +26,6 @@ def _point(text: str) -> list[float]:
     if len(values) == 3 and values[2] not in (0, 1):
         raise argparse.ArgumentTypeError(f"--point LABEL must be 1 (foreground) or 0 (background), got {text!r}")
     return values if len(values) == 3 else [*values, 1.0]
-
-
-def run_convert(args: argparse.Namespace) -> None:
-    report = convert_checkpoint(args.checkpoint, args.out)
-    for path in report.written:
-        print(path)
-    print(report.summary(), file=sys.stderr)
 
 
 PROMPT_KEYS = {"box", "points", "labels", "multimask"}
@@ -73,6 +64,7 @@ def _prompt(prompt: dict[str, Any]) -> dict[str, Any]:
     return {"points": prompt.get("points"), "labels": prompt.get("labels"), "boxes": prompt.get("box")}
 
 
+@inference
 def run_segment(args: argparse.Namespace) -> None:
     if args.prompts is not None and (args.box or args.point):
         raise UsageError("give prompts either with --prompts or with --box/--point, not both")
@@ -115,65 +107,26 @@ def run_segment(args: argparse.Namespace) -> None:
         print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
 
 
-def run_download(args: argparse.Namespace) -> None:
-    if args.name not in CHECKPOINTS:
-        raise UsageError(f"unknown checkpoint {args.name!r}; one of: {', '.join(CHECKPOINTS)}")
-    directory = args.dir if args.dir is not None else cache_dir()
-    try:
-        path = download(CHECKPOINTS[args.name], directory, progress=True)
-    except DownloadError as e:
-        raise UsageError(str(e)) from None
-    print(path)
-    report = convert_checkpoint(path, directory)
-    for written in report.written:
-        print(written)
-    print(report.summary(), file=sys.stderr)
-
-
-def run_demo(args: argparse.Namespace) -> None:
-    raise SystemExit(demo(args.out_dir))
-
-
-def add_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    convert = commands.add_parser("convert", help="official .pth checkpoint -> safetensors")
-    convert.add_argument("checkpoint", type=Path)
-    convert.add_argument("--out", type=Path, required=True, help="output directory")
-    convert.set_defaults(run=run_convert)
-
-    segment = commands.add_parser("segment", help="segment an image with box and point prompts")
-    segment.add_argument("image", type=Path)
-    segment.add_argument("--weights", type=Path, required=True, help="converted .safetensors or official .pth")
-    segment.add_argument("--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2")
+def add_commands(commands: Commands) -> None:
+    segment = add_command(commands, "segment", "segment an image with box and point prompts", (model_options(),))
+    segment.add_argument("image", type=Path, help="the image (any format PIL reads)")
+    segment.add_argument(
+        "--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2", help="a box prompt; repeat for more"
+    )
+    segment.add_argument(
+        "--point",
+        type=_point,
+        action="append",
+        default=[],
+        metavar="X,Y[,LABEL]",
+        help="a click, label 1 foreground (the default) or 0 background; repeat for more; goes with every box",
+    )
     segment.add_argument("--prompts", type=Path, metavar="PROMPTS.json", help="many prompts, the image encoded once")
-    segment.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y[,LABEL]")
     segment.add_argument("--multimask", action="store_true", help="predict 3 masks, keep the best by predicted IoU")
-    segment.add_argument("--out", type=Path, required=True, metavar="MASK.png")
+    segment.add_argument("--out", type=Path, required=True, metavar="MASK.png", help="the mask (255 = object)")
     segment.add_argument("--logits", type=Path, metavar="LOGITS.npy", help="also save the float32 logits")
-    segment.add_argument(
-        "--hq", type=Path, metavar="HQ.safetensors", help="inject the HQ-SAM adapter with these weights"
-    )
-    segment.add_argument("--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone, not SAM's + HQ's")
     segment.add_argument("--overlay", type=Path, metavar="OVERLAY.png", help="the image with masks and prompts drawn")
-    segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
-    segment.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPES), help="image-encoder precision (the decoder stays fp32)"
-    )
     segment.add_argument(
         "--compile", action="store_true", help="torch.compile the image encoder (slow first call; for many images)"
     )
     segment.set_defaults(run=run_segment)
-
-    listing = "\n".join(f"  {name:16s} {c.description}" for name, c in CHECKPOINTS.items())
-    fetch = commands.add_parser(
-        "download",
-        help="download an official checkpoint (verified, resumable) and convert it",
-        description=f"checkpoints:\n{listing}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    fetch.add_argument("name", metavar="NAME", help="one of the checkpoints listed above")
-    fetch.add_argument("--dir", type=Path, help="where to put it (default: $FINESAM_HOME or ~/.cache/finesam)")
-    fetch.set_defaults(run=run_download)
-
-    demo_command = commands.add_parser("demo", help="segment the example image (finds or downloads a checkpoint)")
-    demo_command.add_argument("--out-dir", type=Path, default=Path("out"))
-    demo_command.set_defaults(run=run_demo)

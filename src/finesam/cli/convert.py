@@ -1,0 +1,53 @@
+"""`finesam convert` and `finesam download`: official checkpoints to finesam files."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from finesam.cli.common import UsageError
+from finesam.cli.demo import cache_dir
+from finesam.cli.options import Commands, add_command
+from finesam.weights import convert_checkpoint
+from finesam.weights.download import CHECKPOINTS, DownloadError, download
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    report = convert_checkpoint(args.checkpoint, args.out)
+    for path in report.written:
+        print(path)
+    print(report.summary(), file=sys.stderr)
+
+
+def run_download(args: argparse.Namespace) -> None:
+    if args.name not in CHECKPOINTS:
+        raise UsageError(f"unknown checkpoint {args.name!r}; one of: {', '.join(CHECKPOINTS)}")
+    directory = args.dir if args.dir is not None else cache_dir()
+    try:
+        path = download(CHECKPOINTS[args.name], directory, progress=True)
+    except DownloadError as e:
+        raise UsageError(str(e)) from None
+    print(path)
+    report = convert_checkpoint(path, directory)
+    for written in report.written:
+        print(written)
+    print(report.summary(), file=sys.stderr)
+
+
+def add_commands(commands: Commands) -> None:
+    convert = add_command(commands, "convert", "official .pth checkpoint -> safetensors")
+    convert.add_argument("checkpoint", type=Path, help="an official SAM, MobileSAM or HQ-SAM checkpoint")
+    convert.add_argument("--out", type=Path, required=True, help="output directory")
+    convert.set_defaults(run=run_convert)
+
+    listing = "\n".join(f"  {name:16s} {c.description}" for name, c in CHECKPOINTS.items())
+    download_command = add_command(
+        commands,
+        "download",
+        "download an official checkpoint (verified, resumable) and convert it",
+        description=f"download an official checkpoint (verified, resumable) and convert it\n\ncheckpoints:\n{listing}",
+    )
+    download_command.add_argument("name", metavar="NAME", help="one of the checkpoints listed above")
+    download_command.add_argument(
+        "--dir", type=Path, help="where to put it (default: $FINESAM_HOME or ~/.cache/finesam)"
+    )
+    download_command.set_defaults(run=run_download)

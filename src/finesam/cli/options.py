@@ -1,0 +1,75 @@
+"""Options shared by several commands, declared once (argparse parents), and the help format of every command."""
+
+import argparse
+import inspect
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from finesam.amg import AutomaticMaskGenerator
+from finesam.cli.common import DTYPES
+
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+# the official generator's options (scripts/amg.py), in its order; their defaults are the constructor's
+GENERATOR_OPTIONS: dict[str, tuple[type, str]] = {
+    "points_per_side": (int, "points sampled along one side of the image (and of each crop)"),
+    "points_per_batch": (int, "points prompted at once (memory vs speed)"),
+    "pred_iou_thresh": (float, "keep masks whose predicted IoU is at least this"),
+    "stability_score_thresh": (float, "keep masks whose stability score is at least this"),
+    "stability_score_offset": (float, "logit offset of the stability score"),
+    "box_nms_thresh": (float, "IoU above which overlapping masks of one crop are suppressed"),
+    "crop_n_layers": (int, "layers of smaller crops segmented again (0: the whole image only)"),
+    "crop_nms_thresh": (float, "IoU above which masks of different crops are suppressed"),
+    "min_mask_region_area": (int, "remove holes and islands smaller than this many pixels (0: off)"),
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, when it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if shown and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_command(
+    commands: Commands, name: str, help: str, parents: tuple[argparse.ArgumentParser, ...] = (), description: str = ""
+) -> argparse.ArgumentParser:
+    """A sub-command named `name` with the shared help format and option groups."""
+    return commands.add_parser(
+        name, help=help, description=description or help, parents=list(parents), formatter_class=HelpFormatter
+    )
+
+
+def model_options(hq_help: str = "inject the HQ-SAM adapter with these weights") -> argparse.ArgumentParser:
+    """--weights, --hq, --hq-only, --device, --dtype: the model a command runs."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("model")
+    group.add_argument("--weights", type=Path, required=True, help="converted .safetensors or official .pth")
+    group.add_argument("--hq", type=Path, metavar="HQ.safetensors", help=f"{hq_help} (or an official HQ-SAM .pth)")
+    group.add_argument(
+        "--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone instead of SAM's mask + the HQ mask"
+    )
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    group.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="image-encoder precision (the decoder stays fp32)"
+    )
+    return options
+
+
+def generator_options() -> argparse.ArgumentParser:
+    """The automatic mask generator's options, with its defaults."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("automatic mask generator")
+    defaults = inspect.signature(AutomaticMaskGenerator).parameters
+    for name, (kind, text) in GENERATOR_OPTIONS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=defaults[name].default, help=text)
+    return options
+
+
+def generator_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The generator options of parsed arguments, as `AutomaticMaskGenerator` keyword arguments."""
+    return {name: getattr(args, name) for name in GENERATOR_OPTIONS}
