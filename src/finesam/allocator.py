@@ -2,8 +2,8 @@
 
 By default glibc serves every allocation above 32 MB (ViT MLP activations, TinyViT's 256-channel maps) with
 a fresh `mmap` and gives it back to the kernel when freed, so each large tensor is paid again in page faults:
-the kernel zeroes every 4 KB page on first touch. On the 2-core benchmark machine, reusing freed memory took
-TinyViT encodings to 0.70x the time and ViT-B ones to 0.84-0.97x (`benchmarks/bench_allocator.py`).
+the kernel zeroes every 4 KB page on first touch. What reusing freed memory saves is measured by
+`benchmarks/bench_allocator.py` (docs/performance.md).
 """
 
 import ctypes

@@ -136,12 +136,26 @@ class SegmentAnything(fl.Chain):
 
     @torch.no_grad()
     def encode_image(self, image: ImageLike) -> ImageEmbedding:
-        """Encodes an image (PIL of any mode, or a numpy array; see `as_rgb`) once, for any number of prompts."""
+        """Encodes an image once, for any number of prompts.
+
+        Args:
+            image: PIL of any mode (EXIF-oriented) or a numpy array (H, W), (H, W, 3) or (H, W, 4); see `as_rgb`.
+
+        Returns:
+            The embedding, with the sizes and adapter features that decoding needs.
+        """
         return self.encode_images([image])[0]
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[ImageLike]) -> list[ImageEmbedding]:
-        """Encodes several images in one batch through the image encoder."""
+        """Encodes several images in one batch through the image encoder.
+
+        Args:
+            images: as `encode_image` takes them, of any sizes.
+
+        Returns:
+            One embedding per image, in order.
+        """
         if not images:
             raise ValueError("no image to encode")
         rgb = [as_rgb(image) for image in images]
@@ -261,8 +275,17 @@ class SegmentAnything(fl.Chain):
         mask_input: Any = None,
         multimask_output: bool = False,
     ) -> tuple[Float[Tensor, "batch masks low low"], Float[Tensor, "batch masks"]]:
-        """Low-resolution mask logits and predicted IoUs (float32) for prompts in pixels of the original image
-        (as `predict` takes them), on a cached embedding; what the decoder caches for the image is kept in it."""
+        """Low-resolution mask logits and predicted IoUs for prompts on a cached embedding; what the decoder
+        caches for the image (HQ-SAM's fused features) is kept in the embedding.
+
+        Args:
+            embedding: from `encode_image`.
+            points, labels, boxes, mask_input: as `predict` takes them, in pixels of the original image.
+            multimask_output: three masks per prompt instead of one.
+
+        Returns:
+            float32 logits (B, C, 256, 256) and predicted IoUs (B, C).
+        """
         prompts = prepare_prompts(
             points=points,
             labels=labels,
@@ -287,10 +310,22 @@ class SegmentAnything(fl.Chain):
         multimask_output: bool = False,
         return_logits: bool = False,
     ) -> Prediction:
-        """Masks for one image and a batch of prompts, given in pixels of the original image.
+        """Masks for one image and a batch of B prompts, given in pixels of the original image.
 
-        `points` (N, 2) or (B, N, 2) with `labels` (1 foreground, 0 background; default all foreground),
-        `boxes` (4,) or (B, 4) as x1, y1, x2, y2, `mask_input` the `low_res_logits` of an earlier prediction.
+        Args:
+            image: an image (as `encode_image` takes it) or its `ImageEmbedding`, to prompt many times.
+            points: (N, 2) or (B, N, 2) x, y clicks.
+            labels: (N,) or (B, N): 1 foreground, 0 background (default: all foreground).
+            boxes: (4,) or (B, 4) as x1, y1, x2, y2.
+            mask_input: the `low_res_logits` of an earlier prediction, to refine it.
+            multimask_output: three candidate masks per prompt instead of one.
+            return_logits: float logits at the original size instead of boolean masks.
+
+        Returns:
+            A `Prediction`: masks (B, C, H, W), iou_predictions (B, C), low_res_logits (B, C, 256, 256).
+
+        Raises:
+            ValueError: a prompt is malformed or outside the image; the message says what is wrong.
         """
         embedding = image if isinstance(image, ImageEmbedding) else self.encode_image(image)
         prompt = dict(points=points, labels=labels, boxes=boxes, mask_input=mask_input)

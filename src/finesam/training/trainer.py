@@ -212,7 +212,7 @@ class Trainer:
     def run(self) -> dict[str, Path]:
         """Trains to the end (from where a resumed run stopped); returns the adapter files written."""
         start, started = self.step, time.perf_counter()
-        # subnormal floats (tiny gradients) make CPU kernels 10-30x slower; flushing them to zero changes
+        # subnormal floats (tiny gradients) make CPU kernels much slower; flushing them to zero changes
         # nothing measurable (they are below 1.2e-38)
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
