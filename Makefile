@@ -17,7 +17,7 @@ $(VENV)/.base: pyproject.toml | $(BIN)/python
 	touch $@
 
 # The official packages are the parity reference; --no-deps because their torchvision import is stubbed
-# in tests/official.py (there is no CPU torchvision for this torch).
+# in reference/official.py (there is no CPU torchvision for this torch).
 $(VENV)/.test: $(VENV)/.base
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps segment_anything==1.0 segment_anything_hq==0.3

@@ -7,13 +7,15 @@ Same random weights and same inputs for both sides, in the same process (loading
 processes); official and finesam runs alternate after a warm-up of each, so both see the same load. Each row
 gives the median time of each side, the ratio finesam / official (lower is better), the goal and the
 deviation of finesam's output. Parts: encoder, bf16, compile (only with --compile: minutes), prompts, hq,
-loading, memory. Needs the official packages (`make test` installs them) and, for the photo rows, the shared
-test photos (`$FINESAM_TEST_IMAGES`; without them a random image is used). On a GPU (`--device cuda`) every
-timed run ends with a synchronisation, and loading and memory (CPU process figures) are left out.
+loading, memory. Needs the official packages (`make test` installs them) and, for the photo rows, the photos
+of `$FINESAM_BENCH_IMAGES` (default: ../shared/images beside the project; without them a random image is
+used, and said). On a GPU (`--device cuda`) every timed run ends with a synchronisation, and loading and
+memory (CPU process figures) are left out.
 """
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -23,22 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "reference"), str(Path(__file__).resolve().parent)]
+from finesam.adapters.hq import HQSAMAdapter
 from finesam.evaluation.metrics import mask_iou
 from finesam.model import SegmentAnything
-from finesam.weights import build_from_official
+from finesam.model.prompts import Prompts
+from finesam.weights.hq import convert_hq_state_dict
+from finesam.weights.loading import sam_from_state_dict
 
 import bench_loading
 import bench_memory
-from conftest import photo
 from official import HQSamPredictor, SamPredictor, build_official_tiny, random_official
 
 PARTS = ("encoder", "bf16", "compile", "prompts", "hq", "loading", "memory")
+# the photos of the published figures (docs/performance.md); not part of the project
+IMAGES = Path(os.environ.get("FINESAM_BENCH_IMAGES", Path(__file__).resolve().parents[2] / "shared" / "images"))
 PHOTOS = ("truck.jpg", "dog.jpg", "groceries.jpg")
 BOX = np.array([100.0, 200.0, 1500.0, 1000.0])
 
@@ -114,10 +118,12 @@ def random_image() -> np.ndarray:
 
 
 def photos() -> list[Image.Image]:
-    try:
-        return [photo(name).convert("RGB") for name in PHOTOS]
-    except pytest.skip.Exception:
+    """The benchmark photos found in `IMAGES` (truck.jpg first), or a random image when there are none."""
+    found = [IMAGES / name for name in PHOTOS if (IMAGES / name).is_file()]
+    if not found:
+        print(f"no benchmark photos in {IMAGES} (set FINESAM_BENCH_IMAGES): a random image", file=sys.stderr)
         return [Image.fromarray(random_image())]
+    return [Image.open(path).convert("RGB") for path in found]
 
 
 class Bench:
@@ -128,7 +134,7 @@ class Bench:
         self.image = random_image()
 
     def ours(self) -> SegmentAnything:
-        return build_from_official(self.official.state_dict(), device=self.device)
+        return sam_from_state_dict(self.official.state_dict(), device=self.device)
 
     def on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device)
@@ -148,7 +154,7 @@ class Bench:
             )
         ]
         tiny_official = build_official_tiny(seed=0).to(self.device)
-        tiny = build_from_official(tiny_official.state_dict(), device=self.device)
+        tiny = sam_from_state_dict(tiny_official.state_dict(), device=self.device)
         theirs = tiny_official.image_encoder(self.pixels)[0]  # segment_anything_hq's encoders also return features
         difference = (tiny.encode(self.pixels) - theirs).abs().max().item()
         run_official, run_ours = (lambda: tiny_official.image_encoder(self.pixels)), (lambda: tiny.encode(self.pixels))
@@ -208,21 +214,22 @@ class Bench:
             predictor.transform.apply_boxes(np.stack([BOX + i for i in range(64)]), predictor.original_size)
         )
         boxes = self.on_device(boxes.float())
-        one = ours.decode(embedding.embedding, boxes=boxes[:1])[0]
+        all_boxes, first_box = Prompts(boxes=boxes), Prompts(boxes=boxes[:1])
+        one = ours.decode(embedding.embedding, first_box)[0]
         theirs_one = predictor.predict_torch(None, None, boxes[:1], multimask_output=False)[2]
-        batched = ours.decode(embedding.embedding, boxes=boxes)[0]
-        singles = torch.cat([ours.decode(embedding.embedding, boxes=boxes[i : i + 1])[0] for i in range(64)])
+        batched = ours.decode(embedding.embedding, all_boxes)[0]
+        singles = torch.cat([ours.decode(embedding.embedding, all_boxes[i : i + 1])[0] for i in range(64)])
 
         def our_singles() -> None:
             for i in range(64):
-                ours.decode(embedding.embedding, boxes=boxes[i : i + 1])
+                ours.decode(embedding.embedding, all_boxes[i : i + 1])
 
         same = "identical masks" if torch.equal(batched > 0, singles > 0) else "MASKS DIFFER"
         return [
             timed(
                 "4. prompt + decoder, 1 box",
                 lambda: predictor.predict_torch(None, None, boxes[:1], multimask_output=False),
-                lambda: ours.decode(embedding.embedding, boxes=boxes[:1]),
+                lambda: ours.decode(embedding.embedding, first_box),
                 20,
                 "<= 0.80",
                 f"max abs {(one - theirs_one).abs().max().item():.1e}",
@@ -230,7 +237,7 @@ class Bench:
             timed(
                 "4. 64 boxes in one call",
                 lambda: predictor.predict_torch(None, None, boxes, multimask_output=False),
-                lambda: ours.decode(embedding.embedding, boxes=boxes),
+                lambda: ours.decode(embedding.embedding, all_boxes),
                 self.repeats,
                 "<= 0.40",
                 f"vs 64 single calls: {same}, max abs {(batched - singles).abs().max().item():.1e}",
@@ -238,7 +245,7 @@ class Bench:
             timed(
                 "   64 boxes: one call vs 64 calls (finesam)",
                 our_singles,
-                lambda: ours.decode(embedding.embedding, boxes=boxes),
+                lambda: ours.decode(embedding.embedding, all_boxes),
                 self.repeats,
                 "<= 1.00",
                 "",
@@ -247,7 +254,7 @@ class Bench:
 
     def hq(self) -> list[Row]:
         official = random_official(self.size, seed=0, hq=True).to(self.device)
-        model = build_from_official(official.state_dict(), device=self.device)
+        model = sam_from_state_dict(official.state_dict(), device=self.device)
         adapter = HQSAMAdapter(model)
         adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
         predictor = HQSamPredictor(official)
@@ -258,17 +265,18 @@ class Bench:
         base = model.encode_image(Image.fromarray(self.image))
         adapter.inject()
         embedding = model.encode_image(Image.fromarray(self.image))
-        uncached = model.decode(embedding.embedding, boxes=boxes, image_features=dict(embedding.features))[0]
-        cached = model.decode(embedding.embedding, boxes=boxes, image_features=embedding.features)[0]  # now cached
+        box = Prompts(boxes=boxes)
+        uncached = model.decode(embedding.embedding, box, image_features=dict(embedding.features))[0]
+        cached = model.decode(embedding.embedding, box, image_features=embedding.features)[0]  # now cached
         theirs = predictor.predict_torch(None, None, boxes, multimask_output=False)[2]
 
         def hq_prompt() -> object:
-            return model.decode(embedding.embedding, boxes=boxes, image_features=embedding.features)
+            return model.decode(embedding.embedding, box, image_features=embedding.features)
 
         hq_ms, base_ms = [], []
         for _ in range(3):  # alternate blocks with and without the adapter, so both see the same load
             adapter.eject()
-            base_ms.append(median_ms(lambda: model.decode(base.embedding, boxes=boxes), 10))
+            base_ms.append(median_ms(lambda: model.decode(base.embedding, box), 10))
             adapter.inject()
             hq_ms.append(median_ms(hq_prompt, 10))
         hq_median, base_median = statistics.median(hq_ms), statistics.median(base_ms)

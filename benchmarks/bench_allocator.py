@@ -21,18 +21,18 @@ HERE = Path(__file__).resolve().parent
 CHILD = """
 import json, resource, statistics, sys, time
 import torch
-sys.path[:0] = [{tests!r}]
+sys.path[:0] = [{reference!r}]
 import finesam
 if {reuse}:
     assert finesam.reuse_freed_memory()
-from finesam.weights import build_from_official
+from finesam.weights.loading import sam_from_state_dict
 from official import build_official_tiny, random_official
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 official = build_official_tiny(seed=0) if {size!r} == "vit_tiny" else random_official({size!r}, seed=0)
-ours = build_from_official(official.state_dict())
+ours = sam_from_state_dict(official.state_dict())
 pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
 sides = {{"official": lambda: official.image_encoder(pixels), "finesam": lambda: ours.encode(pixels)}}
 runs = {{name: [] for name in sides}}
@@ -54,7 +54,7 @@ print(json.dumps({{**result, "peak_mb": peak}}))
 
 
 def measure(size: str, reuse: bool, repeats: int) -> dict:
-    script = CHILD.format(tests=str(HERE.parent / "tests"), reuse=reuse, size=size, repeats=repeats)
+    script = CHILD.format(reference=str(HERE.parent / "reference"), reuse=reuse, size=size, repeats=repeats)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -6,9 +6,9 @@ random weights, same photo, runs interleaved.
 Prints the median time of each generator, their masks per second and the speed-up (official / finesam).
 Random weights predict low IoUs and logits near 0, so the IoU and stability filters are off by default (every
 candidate mask is upscaled and thresholded by both generators) and the decoder's transposed-convolution
-kernels are made spatially constant as in tests/test_amg.py, so that the masks follow the photo. Needs the
-official package (`make test` installs it) and the shared test photos (`$FINESAM_TEST_IMAGES`); without them
-a random image is used.
+kernels are made spatially constant (`official.structured`, as in tests/test_amg.py), so that the masks follow
+the photo. Needs the official package (`make test` installs it) and the benchmark photos
+(`$FINESAM_BENCH_IMAGES`, see bench.py); without them a random image is used.
 """
 
 import argparse
@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "reference"), str(Path(__file__).resolve().parent)]
 from finesam.amg import AutomaticMaskGenerator
-from finesam.weights import build_from_official
+from finesam.weights.loading import sam_from_state_dict
 
 from bench import photos
-from official import random_official, segment_anything
-from test_amg import structured
+from official import random_official, segment_anything, structured
 
 
 @torch.inference_mode()
@@ -41,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     official = structured(random_official(args.size, seed=2))
-    ours = build_from_official(official.state_dict())
-    pixels = np.asarray(photos()[0])  # truck.jpg, or a random image without the shared photos
+    ours = sam_from_state_dict(official.state_dict())
+    pixels = np.asarray(photos()[0])  # truck.jpg, or a random image without the benchmark photos
     options = dict(
         points_per_side=args.points_per_side,
         crop_n_layers=args.crop_n_layers,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests")]
+REFERENCE = str(Path(__file__).resolve().parents[1] / "reference")  # official.py
+sys.path[:0] = [REFERENCE]
 from finesam.weights import convert_checkpoint
 
 from official import OFFICIAL_BUILDERS, random_official
@@ -26,7 +27,7 @@ MEASURE = """
 import json, sys, time
 def peak_kb():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {reference!r})
 import torch, official, finesam.weights
 before = peak_kb()
 start = time.perf_counter()
@@ -53,8 +54,7 @@ BODIES = {
 
 def measure(body: str, **values: str) -> dict[str, float]:
     """Seconds and peak RSS growth (MB, beyond the imports) of `body` in a fresh process."""
-    tests = str(Path(__file__).resolve().parents[1] / "tests")
-    script = MEASURE.format(tests=tests, body=body.format(**values))
+    script = MEASURE.format(reference=REFERENCE, body=body.format(**values))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests")]
-from finesam.weights import build_from_official, save_sam
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "reference")]
+from finesam.weights import save_sam
+from finesam.weights.loading import sam_from_state_dict
 
 from official import build_official_tiny, random_official
 
@@ -54,7 +55,7 @@ def run(weights: Path, dtype: str, count: int) -> dict:
 
 def converted(size: str, folder: Path) -> Path:
     official = build_official_tiny() if size == "vit_tiny" else random_official(size)
-    return save_sam(build_from_official(official.state_dict()), folder / f"{size}.safetensors")
+    return save_sam(sam_from_state_dict(official.state_dict()), folder / f"{size}.safetensors")
 
 
 def main() -> None:

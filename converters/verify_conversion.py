@@ -14,11 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
 from finesam.cli.example import HOUSE_BOX, SUN_POINT, example_image
 from finesam.model.config import preset_name
-from finesam.weights import build_from_official, load_official_state_dict, load_sam
-from finesam.weights.conversion import infer_config
+from finesam.weights import load_sam
+from finesam.weights.io import load_official_state_dict
+from finesam.weights.loading import sam_from_state_dict
+from finesam.weights.sam_keys import infer_config
 
 from official import OFFICIAL_BUILDERS, SamPredictor
 
@@ -40,7 +42,7 @@ def main() -> int:
         return 1
     official = OFFICIAL_BUILDERS[name]()
     official.load_state_dict(state_dict)
-    ours = load_sam(args.converted) if args.converted else build_from_official(state_dict)
+    ours = load_sam(args.converted) if args.converted else sam_from_state_dict(state_dict)
     image = Image.open(args.image).convert("RGB") if args.image else example_image()
     width, height = image.size
     box = (

@@ -23,12 +23,11 @@ from finesam.amg.geometry import (
     point_grid,
 )
 from finesam.model import SegmentAnything
-from finesam.weights import build_from_official
+from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL, photo
-from official import build_official, segment_anything, segment_anything_hq
-from test_cli import finesam
-from test_hq import with_adapter
+from helpers import finesam, with_adapter
+from official import build_official, segment_anything, segment_anything_hq, structured
 
 MIN_MASKS = 5
 SCORE_TOLERANCE = 1e-4
@@ -40,20 +39,6 @@ STABILITY_PIXELS = 8
 OPTIONS = dict(points_per_side=8, pred_iou_thresh=0.1, stability_score_thresh=0.3, stability_score_offset=0.01)
 
 
-def structured(official):
-    """The official model with every transposed-convolution kernel of its decoder made spatially constant.
-
-    With plain random weights each image token upscales to the same checkerboard-like pattern, so every mask
-    spans the whole image and NMS leaves one; without that pattern the masks follow the photo and the point,
-    and dozens of distinct masks survive.
-    """
-    with torch.no_grad():
-        for module in official.mask_decoder.modules():
-            if isinstance(module, torch.nn.ConvTranspose2d):
-                module.weight.copy_(module.weight[:, :, :1, :1].expand_as(module.weight))
-    return official
-
-
 @pytest.fixture(scope="module")
 def official_sam():
     return structured(build_official(SMALL, seed=2))
@@ -61,7 +46,7 @@ def official_sam():
 
 @pytest.fixture(scope="module")
 def sam(official_sam) -> SegmentAnything:
-    return build_from_official(official_sam.state_dict())
+    return sam_from_state_dict(official_sam.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +55,9 @@ def official_hq():
 
 
 @pytest.fixture(scope="module")
-def dog() -> np.ndarray:
+def astronaut() -> np.ndarray:
     """The photo at half size: the official generator upscales every candidate mask to the image size."""
-    return np.asarray(photo("dog.jpg").convert("RGB").resize((400, 267), Image.Resampling.BILINEAR))
+    return np.asarray(photo("astronaut_crop").resize((400, 267), Image.Resampling.BILINEAR))
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,17 +95,17 @@ def assert_same_records(expected: list[dict], actual: list[dict]) -> dict[str, f
         pytest.param({"min_mask_region_area": 400, "box_nms_thresh": 0.9}, id="small regions"),
     ],
 )
-def test_matches_official_generator(official_sam, sam, dog, options):
+def test_matches_official_generator(official_sam, sam, astronaut, options):
     settings = {**OPTIONS, **options}
-    expected = segment_anything.SamAutomaticMaskGenerator(official_sam, **settings).generate(dog)
-    actual = AutomaticMaskGenerator(sam, **settings).generate(dog)
+    expected = segment_anything.SamAutomaticMaskGenerator(official_sam, **settings).generate(astronaut)
+    actual = AutomaticMaskGenerator(sam, **settings).generate(astronaut)
     assert_same_records(expected, actual)
     if "crop_n_layers" in options:  # some masks come from the crops, some from the whole image
         assert len({tuple(r["crop_box"]) for r in actual}) > 1
 
 
 @pytest.mark.parametrize("hq_only", [False, True])
-def test_matches_official_hq_generator(official_hq, dog, hq_only):
+def test_matches_official_hq_generator(official_hq, astronaut, hq_only):
     model, adapter = with_adapter(official_hq)
     adapter.inject()
     # the HQ masks of these weights hardly depend on the point: without NMS they all stay (one per point)
@@ -128,23 +113,23 @@ def test_matches_official_hq_generator(official_hq, dog, hq_only):
     reference = segment_anything_hq.SamAutomaticMaskGenerator(official_hq, **settings)
     if hq_only:  # the official generator has no option for it: its predictor does
         reference.predictor.predict_torch = functools.partial(reference.predictor.predict_torch, hq_token_only=True)
-    expected = reference.generate(dog)
-    actual = AutomaticMaskGenerator(model, **settings, hq_mask_only=hq_only).generate(dog)
+    expected = reference.generate(astronaut)
+    actual = AutomaticMaskGenerator(model, **settings, hq_mask_only=hq_only).generate(astronaut)
     assert_same_records(expected, actual)
     assert adapter.hq_mask_only is False  # the generator's setting lasts for the call
 
 
-def test_output_modes_hold_the_same_masks(sam, dog):
+def test_output_modes_hold_the_same_masks(sam, astronaut):
     generators = {
         mode: AutomaticMaskGenerator(sam, **OPTIONS, output_mode=mode)
         for mode in ("binary_mask", "uncompressed_rle", "coco_rle")
     }
-    records = {mode: generator.generate(dog) for mode, generator in generators.items()}
+    records = {mode: generator.generate(astronaut) for mode, generator in generators.items()}
     binary = records["binary_mask"]
     assert len(binary) >= MIN_MASKS
     for mode in ("uncompressed_rle", "coco_rle"):
         for a, b in zip(binary, records[mode], strict=True):
-            assert b["segmentation"]["size"] == [dog.shape[0], dog.shape[1]]
+            assert b["segmentation"]["size"] == [astronaut.shape[0], astronaut.shape[1]]
             assert np.array_equal(rle_to_mask(b["segmentation"]), a["segmentation"])
             assert {k: v for k, v in a.items() if k != "segmentation"} == {
                 k: v for k, v in b.items() if k != "segmentation"
@@ -152,25 +137,27 @@ def test_output_modes_hold_the_same_masks(sam, dog):
     assert isinstance(records["coco_rle"][0]["segmentation"]["counts"], str)
 
 
-def test_official_coco_output_is_ours(official_sam, sam, dog):
-    expected = segment_anything.SamAutomaticMaskGenerator(official_sam, **OPTIONS, output_mode="coco_rle").generate(dog)
-    actual = AutomaticMaskGenerator(sam, **OPTIONS, output_mode="coco_rle").generate(dog)
+def test_official_coco_output_is_ours(official_sam, sam, astronaut):
+    expected = segment_anything.SamAutomaticMaskGenerator(official_sam, **OPTIONS, output_mode="coco_rle").generate(
+        astronaut
+    )
+    actual = AutomaticMaskGenerator(sam, **OPTIONS, output_mode="coco_rle").generate(astronaut)
     assert len(actual) == len(expected) >= MIN_MASKS
     for reference, ours in zip(expected, actual, strict=True):
         assert ours["segmentation"]["size"] == reference["segmentation"]["size"]
         assert mask_iou(rle_to_mask(ours["segmentation"]), rle_to_mask(reference["segmentation"])) >= MIN_IOU
 
 
-def test_accepts_pil_and_numpy(sam, dog):
+def test_accepts_pil_and_numpy(sam, astronaut):
     generator = AutomaticMaskGenerator(sam, **OPTIONS)
-    from_pil = generator.generate(Image.fromarray(dog))
-    from_numpy = generator.generate(dog)
+    from_pil = generator.generate(Image.fromarray(astronaut))
+    from_numpy = generator.generate(astronaut)
     assert [r["bbox"] for r in from_pil] == [r["bbox"] for r in from_numpy]
 
 
-def test_hq_mask_only_needs_the_adapter(sam, dog):
+def test_hq_mask_only_needs_the_adapter(sam, astronaut):
     with pytest.raises(ValueError, match="HQ-SAM adapter"):
-        AutomaticMaskGenerator(sam, points_per_side=2, hq_mask_only=True).generate(dog)
+        AutomaticMaskGenerator(sam, points_per_side=2, hq_mask_only=True).generate(astronaut)
 
 
 @pytest.mark.parametrize(
@@ -262,11 +249,11 @@ def test_nms_matches_reference_on_random_boxes():
 
 
 @pytest.fixture(scope="module")
-def cli_inputs(tmp_path_factory, official_sam, dog):
+def cli_inputs(tmp_path_factory, official_sam, astronaut):
     directory = tmp_path_factory.mktemp("everything")
     torch.save(official_sam.state_dict(), directory / "sam_small.pth")
-    Image.fromarray(dog).save(directory / "dog.png")
-    return directory / "sam_small.pth", directory / "dog.png"
+    Image.fromarray(astronaut).save(directory / "astronaut.png")
+    return directory / "sam_small.pth", directory / "astronaut.png"
 
 
 CLI_OPTIONS = ["--points-per-side", "8", "--pred-iou-thresh", "0.1", "--stability-score-thresh", "0.3"]
@@ -274,16 +261,20 @@ CLI_OPTIONS += ["--stability-score-offset", "0.01"]
 
 
 @pytest.mark.parametrize("output_format", ["png", "coco"])
-def test_cli_everything_writes_the_official_masks(tmp_path, cli_inputs, official_sam, dog, output_format):
+def test_cli_everything_writes_the_official_masks(tmp_path, cli_inputs, official_sam, astronaut, output_format):
     weights, image = cli_inputs
     out = tmp_path / "out"
     (out / "masks").mkdir(parents=True)
     (out / "masks" / "0999.png").write_bytes(b"from an earlier run")
     result = finesam("everything", image, "--weights", weights, "--out", out, "--format", output_format, *CLI_OPTIONS)
     assert result.returncode == 0, result.stderr
-    expected = segment_anything.SamAutomaticMaskGenerator(official_sam, **OPTIONS).generate(dog)
+    expected = segment_anything.SamAutomaticMaskGenerator(official_sam, **OPTIONS).generate(astronaut)
     document = json.loads((out / "masks.json").read_text())
-    assert document["image"] == {"file_name": "dog.png", "height": dog.shape[0], "width": dog.shape[1]}
+    assert document["image"] == {
+        "file_name": "astronaut.png",
+        "height": astronaut.shape[0],
+        "width": astronaut.shape[1],
+    }
     annotations = document["annotations"]
     assert len(annotations) == len(expected) >= MIN_MASKS
     assert f"{len(expected)} masks" in result.stdout
@@ -298,7 +289,7 @@ def test_cli_everything_writes_the_official_masks(tmp_path, cli_inputs, official
         assert mask_iou(mask, reference["segmentation"]) >= MIN_IOU
     assert not (out / "masks" / "0999.png").exists() or output_format == "coco"
     with Image.open(out / "overlay.png") as picture:
-        assert picture.size == (dog.shape[1], dog.shape[0])
+        assert picture.size == (astronaut.shape[1], astronaut.shape[0])
 
 
 def test_cli_everything_errors(tmp_path, cli_inputs):

@@ -1,9 +1,6 @@
 """The `finesam` command, run as a real subprocess: convert, segment, demo, and its error messages."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import SMALL, TOLERANCE, photo
+from helpers import finesam
 from official import HQSamPredictor, SamPredictor, build_official
-
-FINESAM = Path(sys.executable).with_name("finesam")
-
-
-def finesam(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [str(FINESAM)] if FINESAM.exists() else [sys.executable, "-m", "finesam.cli"]
-    return subprocess.run(
-        [*command, *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +31,20 @@ def converted(checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def image_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("images") / "groceries.png"
-    photo("groceries.jpg").save(path)
+    path = tmp_path_factory.mktemp("images") / "rocket.png"
+    photo("rocket").save(path)
     return path
+
+
+def assert_mask_is_the_official_one(mask_file: Path, logits: np.ndarray) -> None:
+    """The mask written (0 / 255) is the official `logits > 0`, except at pixels whose official logit is within
+    TOLERANCE of 0: logits agree within TOLERANCE, so float rounding may put those (a few in a photo, with
+    random weights) on either side. At least 99% of the pixels are decided."""
+    mask = np.asarray(Image.open(mask_file))
+    assert mask.shape == logits.shape and np.isin(mask, (0, 255)).all()
+    decided = np.abs(logits) > TOLERANCE
+    assert decided.mean() >= 0.99
+    assert np.array_equal(mask[decided], np.where(logits > 0, 255, 0)[decided])
 
 
 def official_predict(official, image_path, **kwargs):
@@ -104,7 +104,7 @@ def test_segment_multimask_keeps_the_best_mask(tmp_path, converted, checkpoint, 
             out,
         )
         assert result.returncode == 0, result.stderr
-        assert np.array_equal(np.asarray(Image.open(out)), np.where(expected_logits[best] > 0, 255, 0))
+        assert_mask_is_the_official_one(out, expected_logits[best])
         assert f"predicted IoU {expected_iou[best]:.4f}" in result.stdout
 
 
@@ -223,7 +223,7 @@ def test_segment_with_hq(tmp_path, hq_checkpoint, image_path, official_hq, hq_on
         )
         assert result.returncode == 0, result.stderr
         assert np.abs(np.load(tmp_path / "hq.npy") - expected[0]).max() <= TOLERANCE
-        assert np.array_equal(np.asarray(Image.open(out)), np.where(expected[0] > 0, 255, 0))
+        assert_mask_is_the_official_one(out, expected[0])
         assert f"predicted IoU {iou[0]:.4f}" in result.stdout
 
 
@@ -267,7 +267,7 @@ def test_prompts_file_encodes_once_and_writes_one_mask_per_prompt(tmp_path, conv
     for i, kwargs in enumerate(official_kwargs):
         logits, iou, _ = official_predict(official_small, image_path, **kwargs)
         best = int(iou.argmax())
-        assert np.array_equal(np.asarray(Image.open(tmp_path / f"mask_{i}.png")), np.where(logits[best] > 0, 255, 0))
+        assert_mask_is_the_official_one(tmp_path / f"mask_{i}.png", logits[best])
     picture = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB")).astype(int)
     original = np.asarray(Image.open(image_path).convert("RGB")).astype(int)
     assert picture.shape == original.shape

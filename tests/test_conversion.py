@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from finesam.model import PRESETS, SAM_VIT_B, SegmentAnything
 from finesam.model.image_encoder import TransformerBlock
-from finesam.weights import atomic_write, build_from_official, convert_checkpoint, load_official_state_dict, load_sam
-from finesam.weights.conversion import CheckpointError, convert_state_dict, infer_config
+from finesam.model.prompts import Prompts
+from finesam.weights import CheckpointError, atomic_write, convert_checkpoint, load_sam, save_sam
+from finesam.weights.io import load_official_state_dict, read_safetensors
+from finesam.weights.loading import sam_from_state_dict
+from finesam.weights.sam_keys import convert_state_dict, infer_config
 
 from conftest import SMALL, TOLERANCE, max_diff
 from official import random_official
@@ -30,14 +33,14 @@ def test_presets_are_the_official_hyper_parameters(name):
 def test_round_trip_for_each_size(name):
     """Every official tensor lands where the official model uses it: blocks and decoder agree numerically."""
     official = random_official(name, seed=7)
-    model = build_from_official(official.state_dict())
+    model = sam_from_state_dict(official.state_dict())
     assert model.config == PRESETS[name]
     blocks = [block for block, _ in model.image_encoder.walk(TransformerBlock)]
-    assert [i for i, b in enumerate(blocks) if b.is_global] == list(PRESETS[name].global_attention_blocks)
-    tokens = torch.randn(1, 64, 64, model.config.encoder_dim, generator=torch.Generator().manual_seed(1))
-    for i in (0, PRESETS[name].global_attention_blocks[0]):  # a windowed and a global block
+    assert [i for i, b in enumerate(blocks) if b.is_global] == list(PRESETS[name].encoder.global_attention_blocks)
+    tokens = torch.randn(1, 64, 64, model.config.encoder.dim, generator=torch.Generator().manual_seed(1))
+    for i in (0, PRESETS[name].encoder.global_attention_blocks[0]):  # a windowed and a global block
         assert max_diff(blocks[i](tokens), official.image_encoder.blocks[i](tokens)) <= TOLERANCE
-    neck_in = torch.randn(1, 64, 64, model.config.encoder_dim, generator=torch.Generator().manual_seed(2))
+    neck_in = torch.randn(1, 64, 64, model.config.encoder.dim, generator=torch.Generator().manual_seed(2))
     assert (
         max_diff(model.image_encoder.layer("Neck")(neck_in), official.image_encoder.neck(neck_in.permute(0, 3, 1, 2)))
         <= TOLERANCE
@@ -46,7 +49,9 @@ def test_round_trip_for_each_size(name):
     box = torch.tensor([[100.0, 200.0, 700.0, 900.0]])
     sparse, dense = official.prompt_encoder(points=None, boxes=box, masks=None)
     expected = official.mask_decoder(embedding, official.prompt_encoder.get_dense_pe(), sparse, dense, True)
-    for actual, wanted in zip(model.decode(embedding, boxes=box, multimask_output=True), expected, strict=True):
+    for actual, wanted in zip(
+        model.decode(embedding, Prompts(boxes=box), multimask_output=True), expected, strict=True
+    ):
         assert max_diff(actual, wanted) <= TOLERANCE
 
 
@@ -56,7 +61,7 @@ def test_file_round_trip_keeps_every_tensor(tmp_path, official_small):
     written = convert_checkpoint(checkpoint, tmp_path / "out").written
     assert written == [tmp_path / "out" / "tiny_sam.safetensors"]
     loaded = load_sam(written[0])
-    direct = build_from_official(official_small.state_dict())
+    direct = sam_from_state_dict(official_small.state_dict())
     assert loaded.config == SMALL
     assert loaded.state_dict().keys() == direct.state_dict().keys()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in direct.state_dict().items())
@@ -135,7 +140,7 @@ def _edited(state_dict, drop=(), add=None, replace=None):
 )
 def test_layout_errors_name_the_keys(official_small, edit, message):
     with pytest.raises(CheckpointError, match=message):
-        build_from_official(_edited(official_small.state_dict(), **edit))
+        sam_from_state_dict(_edited(official_small.state_dict(), **edit))
 
 
 def test_every_problem_is_listed_at_once(official_small):
@@ -178,3 +183,17 @@ def test_vit_b_preset_class_matches_config():
     from finesam import SegmentAnythingB
 
     assert SegmentAnythingB(device="meta").config == SAM_VIT_B
+
+
+def test_written_files_are_plain_safetensors_with_aligned_tensors(small, tmp_path):
+    """Memory-mapped weights are used where they lie: each tensor whose size allows it starts at a 64-byte
+    boundary (CPU kernels round differently on unaligned operands), and safetensors' own reader agrees."""
+    path = save_sam(small, tmp_path / "small.safetensors")
+    tensors, _ = read_safetensors(path)
+    expected = small.state_dict()
+    theirs = load_file(path)
+    assert theirs.keys() == expected.keys() == tensors.keys()
+    assert all(torch.equal(theirs[k], expected[k]) and torch.equal(tensors[k], expected[k]) for k in expected)
+    sized = [k for k, v in tensors.items() if v.nbytes % 64 == 0]
+    assert len(sized) > len(tensors) // 2
+    assert [k for k in sized if tensors[k].data_ptr() % 64] == []

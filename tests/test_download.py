@@ -15,8 +15,8 @@ from PIL import Image
 from finesam.weights.download import Checkpoint, DownloadError, download
 
 from conftest import SMALL
+from helpers import finesam
 from official import build_official, build_official_tiny
-from test_cli import finesam
 
 
 class CheckpointServer(ThreadingHTTPServer):

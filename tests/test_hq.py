@@ -4,30 +4,25 @@ Tolerance: max abs difference <= TOLERANCE (1e-4) in fp32 on the early ViT embed
 logits and IoU predictions. "Bit-identical" checks use `torch.equal`.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from refiners.fluxion.layers.chain import ChainError
 
-from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict, load_hq, save_hq
+from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.hq.layers import HQFeatureFusion, HQMaskFeatures, HQMaskProduct
 from finesam.model import PRESETS, SAM_VIT_B, SegmentAnything
-from finesam.weights import build_from_official, convert_checkpoint, load_checkpoint, save_sam
-from finesam.weights.conversion import CheckpointError
-from finesam.weights.hq import is_hq_key
+from finesam.model.prompts import Prompts
+from finesam.weights import CheckpointError, convert_checkpoint, holds_hq, load_hq, load_sam, save_hq, save_sam
+from finesam.weights.hq import convert_hq_state_dict, is_hq_key
+from finesam.weights.loading import sam_from_state_dict
 
-from conftest import SMALL, TOLERANCE, inject_after_the_model_moved, inject_moved_adapter, max_diff
-from official import HQSamPredictor, build_official, random_official
-from test_predict import PHOTOS, assert_matches_official_predictor
+from conftest import PHOTOS, SMALL, TOLERANCE, inject_after_the_model_moved, inject_moved_adapter, max_diff
+from helpers import assert_matches_official_hq_predictor, with_adapter
+from official import build_official, random_official
 
 GRID, MASK = SMALL.embedding_size, SMALL.mask_input_size
-
-
-def with_adapter(official, hq_mask_only: bool = False) -> tuple[SegmentAnything, HQSAMAdapter]:
-    """Our base model and an HQ adapter (not injected) with the weights of an official HQ-SAM model."""
-    model = build_from_official(official.state_dict())
-    adapter = HQSAMAdapter(model, hq_mask_only=hq_mask_only)
-    adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
-    return model, adapter
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +123,11 @@ def test_decoder_matches_official_hq(official_hq, hq, kind, multimask, hq_only):
     embedding, interm = official_hq.image_encoder(pixels)
     prompt = prompt_kinds(2)[kind]
     expected_masks, expected_iou = official_decode(official_hq, embedding, interm, prompt, multimask, hq_only)
-    masks, iou = model.decode(model.encode(pixels), multimask_output=multimask, **prompt)
+    masks, iou = model.decode(model.encode(pixels), Prompts(**prompt), multimask_output=multimask)
     assert masks.shape == expected_masks.shape == (len(masks), 1, MASK, MASK)
     assert expected_masks.abs().max() > 0.5
     assert max_diff(masks, expected_masks) <= TOLERANCE
     assert max_diff(iou, expected_iou) <= TOLERANCE
-
-
-def assert_matches_official_hq_predictor(official, model, adapter, image, hq_only: bool, multimasks=(True, False)):
-    adapter.hq_mask_only = hq_only
-    assert_matches_official_predictor(
-        official, model, image, multimasks, predictor_class=HQSamPredictor, hq_token_only=hq_only
-    )
 
 
 @pytest.mark.parametrize("name", ["landscape", "portrait"])
@@ -166,7 +154,7 @@ def test_hq_weights_for_each_size(name):
     adapter.inject()
     g = torch.Generator().manual_seed(4)
     embedding = torch.randn(1, 256, 64, 64, generator=g)
-    early = torch.randn(1, 64, 64, model.config.encoder_dim, generator=g)
+    early = torch.randn(1, 64, 64, model.config.encoder.dim, generator=g)
     model.use_context("image")["early_vit_embedding"] = early
     features = model.ensure_find(HQFeatureFusion)(embedding)
     decoder = official.mask_decoder
@@ -174,7 +162,9 @@ def test_hq_weights_for_each_size(name):
     assert max_diff(features, expected) <= TOLERANCE
     box = {"boxes": torch.tensor([[100.0, 200.0, 700.0, 900.0]])}
     expected_masks, expected_iou = official_decode(official, embedding, [early], box, True, False)
-    masks, iou = model.decode(embedding, multimask_output=True, image_features={"early_vit_embedding": early}, **box)
+    masks, iou = model.decode(
+        embedding, Prompts(**box), multimask_output=True, image_features={"early_vit_embedding": early}
+    )
     assert max_diff(masks, expected_masks) <= TOLERANCE
     assert max_diff(iou, expected_iou) <= TOLERANCE
 
@@ -225,7 +215,9 @@ def test_training_the_adapter_leaves_the_base_untouched(official_hq):
     with torch.no_grad():
         embedding = model.encode(pixels)
     features = model.image_features()
-    masks, _ = model.decode(embedding, boxes=torch.tensor([[20.0, 30.0, 200.0, 180.0]]), image_features=features)
+    masks, _ = model.decode(
+        embedding, Prompts(boxes=torch.tensor([[20.0, 30.0, 200.0, 180.0]])), image_features=features
+    )
     masks.sigmoid().mean().backward()
     assert all(p.grad is None for p in model.parameters() if id(p) not in trainable)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters() if p.requires_grad)
@@ -259,7 +251,7 @@ def test_switching_hq_mask_only_while_injected(official_hq, hq):
     for hq_only in (True, False, True):
         adapter.hq_mask_only = hq_only
         expected, _ = official_decode(official_hq, embedding, interm, prompt, False, hq_only)
-        assert max_diff(model.decode(ours_embedding, **prompt)[0], expected) <= TOLERANCE
+        assert max_diff(model.decode(ours_embedding, Prompts(**prompt))[0], expected) <= TOLERANCE
 
 
 def test_cached_embeddings_across_inject_and_eject(official_hq):
@@ -284,7 +276,7 @@ def test_adapter_weights_file_round_trip(tmp_path, official_hq, hq):
     model, adapter = hq
     path = save_hq(adapter, tmp_path / "small.hq.safetensors")
     assert path.stat().st_size < 2 * sum(p.numel() * 4 for p in adapter.parameters())  # only the adapter's weights
-    fresh_model = build_from_official(official_hq.state_dict())
+    fresh_model = sam_from_state_dict(official_hq.state_dict())
     fresh = load_hq(fresh_model, path).inject()
     assert fresh.state_dict().keys() == adapter.state_dict().keys()
     image = PHOTOS["square"]()
@@ -297,7 +289,7 @@ def test_adapter_weights_file_round_trip(tmp_path, official_hq, hq):
 def test_adapter_weights_errors(tmp_path, official_hq, hq):
     model, adapter = hq
     path = save_hq(adapter, tmp_path / "small.hq.safetensors")
-    wider = SegmentAnything(SMALL.__class__(**{**SMALL.to_dict(), "encoder_dim": 128}))
+    wider = SegmentAnything(dataclasses.replace(SMALL, encoder=dataclasses.replace(SMALL.encoder, dim=128)))
     with pytest.raises(CheckpointError, match=r"ViT width 128.*CompressViTFeatures\.ConvTranspose2d_1\.weight \(64"):
         load_hq(wider, path)
     with pytest.raises(ValueError, match="already has an HQ-SAM adapter injected"):
@@ -327,9 +319,10 @@ def test_convert_official_hq_checkpoint(tmp_path, official_hq):
     report = convert_checkpoint(hq_checkpoint, out)
     assert report.same_base_as == [out / "sam_small.safetensors"]
     assert "only" in report.summary() and "sam_hq_small.hq.safetensors" in report.summary()
-    _, adapter = load_checkpoint(hq_checkpoint)
+    assert holds_hq(hq_checkpoint) and not holds_hq(sam_checkpoint)
+    adapter = load_hq(load_sam(hq_checkpoint), hq_checkpoint)
     assert adapter is not None and not adapter.injected
-    converted = load_hq(build_from_official(state_dict), report.written[1])
+    converted = load_hq(sam_from_state_dict(state_dict), report.written[1])
     assert all(torch.equal(converted.state_dict()[k], v) for k, v in adapter.state_dict().items())
 
 
@@ -357,12 +350,15 @@ def test_adapter_built_before_the_model_moved_says_how_to_fix_it(official_hq):
         r"float32 on meta but the mask decoder they join is torch.float32 on cpu",
         r"float32 on cpu but the mask decoder they join is torch.bfloat16 on cpu: move the",
     )
-    with pytest.raises(ChainError, match="should be the same"):
-        model.decode(model.encode(pixels), **prompt)
+    # torch words the dtype mismatch per kernel: "Input type (c10::BFloat16) and bias type (float) should be the
+    # same" (convolution), "expected scalar type BFloat16 but found Float" (transposed convolution, which the HQ
+    # fusion meets first)
+    with pytest.raises(ChainError, match=r"BFloat16.*(should be the same|but found Float)"):
+        model.decode(model.encode(pixels), Prompts(**prompt))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.decode(model.encode(pixels), **prompt)[0].isfinite().all()
+        assert model.decode(model.encode(pixels), Prompts(**prompt))[0].isfinite().all()
     inject_moved_adapter(adapter)
-    logits, iou = model.decode(model.encode(pixels), **prompt)
+    logits, iou = model.decode(model.encode(pixels), Prompts(**prompt))
     assert logits.dtype == torch.bfloat16 and logits.isfinite().all() and iou.isfinite().all()
 
 

@@ -13,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
 from finesam.model.processing import as_rgb
-from finesam.weights import build_from_official
 
 from conftest import SMALL, TOLERANCE, max_diff, photo
+from helpers import with_adapter
 from official import HQSamPredictor, build_official
 
 BOX = [40, 30, 300, 250]
@@ -29,7 +28,7 @@ def masks(model, image, **prompt):
 
 @pytest.fixture(scope="module")
 def rgb() -> Image.Image:
-    return photo("dog.jpg")
+    return photo("chelsea")
 
 
 def test_rgba_la_palette_and_grayscale_match_their_rgb_versions(small, rgb):
@@ -105,7 +104,7 @@ def test_huge_image_memory_stays_bounded():
     script = textwrap.dedent(
         """
         import resource, sys, numpy as np, torch
-        sys.path.insert(0, "tests")
+        sys.path[:0] = ["tests", "reference"]
         from conftest import SMALL
         from finesam.model import SegmentAnything
         model = SegmentAnything(SMALL).eval()
@@ -126,7 +125,7 @@ def test_huge_image_memory_stays_bounded():
 
 
 def test_batch_of_images_equals_one_by_one(small):
-    images = [photo("truck.jpg"), photo("tennis.png"), np.asarray(photo("groceries.jpg"))]
+    images = [photo("coffee"), photo("astronaut"), np.asarray(photo("rocket"))]
     batched = small.encode_images(images)
     for image, embedding in zip(images, batched, strict=True):
         single = small.encode_image(image)
@@ -137,16 +136,14 @@ def test_batch_of_images_equals_one_by_one(small):
 @pytest.fixture(scope="module")
 def hq_pair():
     official = build_official(SMALL, seed=1, hq=True)
-    model = build_from_official(official.state_dict())
-    adapter = HQSAMAdapter(model)
-    adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
+    model, adapter = with_adapter(official)
     adapter.inject()
     return official, model
 
 
 def test_hq_batch_of_images_keeps_per_image_features(hq_pair):
     _, model = hq_pair
-    images = [photo("truck.jpg"), photo("tennis.png")]
+    images = [photo("coffee"), photo("astronaut")]
     batched = model.encode_images(images)
     for image, embedding in zip(images, batched, strict=True):
         single = model.encode_image(image)
@@ -162,7 +159,7 @@ def test_hq_batch_of_images_keeps_per_image_features(hq_pair):
 
 def test_hq_mask_input_refinement_and_batches_match_official(hq_pair):
     official, model = hq_pair
-    image = photo("groceries.jpg")
+    image = photo("rocket")
     predictor = HQSamPredictor(official)
     predictor.set_image(np.asarray(image))
     embedding = model.encode_image(image)

@@ -11,12 +11,16 @@ import json
 import pytest
 import torch
 
-from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
-from finesam.adapters.lora import TARGETS, SAMLoraAdapter, base_linears, load_lora, read_lora_metadata, select_linears
+from finesam.adapters.hq import HQSAMAdapter
+from finesam.adapters.lora import TARGETS, SAMLoraAdapter, base_linears, select_linears
 from finesam.model import SegmentAnything
-from finesam.weights import build_from_official, save_sam
-from finesam.weights.conversion import CheckpointError
+from finesam.model.config import DecoderConfig
+from finesam.model.prompts import Prompts
+from finesam.weights import CheckpointError, load_lora, save_lora, save_sam
+from finesam.weights.hq import convert_hq_state_dict
 from finesam.weights.io import read_safetensors
+from finesam.weights.loading import sam_from_state_dict
+from finesam.weights.lora import read_lora_metadata
 
 from conftest import SMALL, inject_after_the_model_moved, inject_moved_adapter, max_diff
 from official import build_official
@@ -31,7 +35,7 @@ def official_hq():
 
 @pytest.fixture
 def model(official_hq) -> SegmentAnything:
-    return build_from_official(official_hq.state_dict())
+    return sam_from_state_dict(official_hq.state_dict())
 
 
 def hq_adapter(model: SegmentAnything, official_hq) -> HQSAMAdapter:
@@ -48,7 +52,7 @@ def outputs(model: SegmentAnything) -> tuple[torch.Tensor, ...]:
     points = torch.tensor([[[100.0, 120.0], [20.0, 200.0]]] * 2)
     labels = torch.tensor([[1, 0], [1, 1]])
     embedding = model.encode(pixels)
-    logits, iou = model.decode(embedding, points=points, labels=labels, boxes=boxes, multimask_output=True)
+    logits, iou = model.decode(embedding, Prompts(points=points, labels=labels, boxes=boxes), multimask_output=True)
     return embedding, logits, iou
 
 
@@ -98,7 +102,7 @@ def test_default_targets_are_the_decoder_transformer(model):
     assert len(linears) == 2 * (3 * 4 + 2) + 4
     assert all(p.startswith("MaskDecoder.TwoWayTransformer.") for p in (lin.path for lin in linears))
     # ViT: qkv + output projection in every block
-    assert len(select_linears(model, TARGETS["encoder_attention"])) == 2 * SMALL.encoder_depth
+    assert len(select_linears(model, TARGETS["encoder_attention"])) == 2 * SMALL.encoder.depth
     excluded = select_linears(model, TARGETS["decoder"], exclude=("TokenFeedForward",))
     assert len(excluded) == len(linears) - 2 * 2
 
@@ -183,7 +187,7 @@ def test_save_and_load(model, official_hq, tmp_path):
     randomise(adapter, seed=5)
     hq = hq_adapter(model, official_hq).inject()  # saved while HQ is injected, loaded without it
     adapter.inject()
-    file = adapter.save(tmp_path / "wires.lora.safetensors")
+    file = save_lora(adapter, tmp_path / "wires.lora.safetensors")
     expected = outputs(model)
     adapter.eject()
     hq.eject()
@@ -198,15 +202,15 @@ def test_save_and_load(model, official_hq, tmp_path):
     }
     tensors, metadata = read_safetensors(file)
     assert len(tensors) == 2 * len(adapter.paths)
-    assert json.loads(metadata["finesam.config"])["prompt_dim"] == SMALL.prompt_dim
+    assert json.loads(metadata["finesam.config"])["prompt_dim"] == SMALL.decoder.prompt_dim
 
-    fresh = build_from_official(official_hq.state_dict())
+    fresh = sam_from_state_dict(official_hq.state_dict())
     loaded = load_lora(fresh, file)
     assert (loaded.name, loaded.rank, loaded.scale, loaded.paths) == ("wires", 3, 0.8, adapter.paths)
     loaded.inject()
     hq_adapter(fresh, official_hq).inject()
     assert_same(outputs(fresh), expected)
-    assert load_lora(build_from_official(official_hq.state_dict()), file, name="x", scale=2.0).scale == 2.0
+    assert load_lora(sam_from_state_dict(official_hq.state_dict()), file, name="x", scale=2.0).scale == 2.0
 
 
 def test_bad_lora_files_and_arguments(model, tmp_path):
@@ -214,11 +218,11 @@ def test_bad_lora_files_and_arguments(model, tmp_path):
         SAMLoraAdapter(model, rank=0)
     with pytest.raises(ValueError, match="no linear layer"):
         SAMLoraAdapter(model, include=("NoSuchLayer",))
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(ValueError, match="LoRA targets not found in this model"):
         SAMLoraAdapter(model, paths=["MaskDecoder.Nothing.Linear"])
-    file = SAMLoraAdapter(model, rank=2).save(tmp_path / "a.safetensors")
+    file = save_lora(SAMLoraAdapter(model, rank=2), tmp_path / "a.safetensors")
     # same layers, other widths
-    other = SegmentAnything(dataclasses.replace(SMALL, prompt_dim=128, decoder_mlp_dim=256))
+    other = SegmentAnything(dataclasses.replace(SMALL, decoder=DecoderConfig(prompt_dim=128, mlp_dim=256)))
     with pytest.raises(CheckpointError, match="do not fit"):
         load_lora(other, file)
     with pytest.raises(CheckpointError, match="not a finesam LoRA file"):
@@ -242,7 +246,7 @@ def test_only_lora_weights_train(model):
         p.requires_grad_(False)
     adapter = SAMLoraAdapter(model, rank=4).inject()
     embedding = model.encode(torch.randn(1, 3, SMALL.image_size, SMALL.image_size))
-    logits, _ = model.decode(embedding, boxes=torch.tensor([[10.0, 10.0, 100.0, 100.0]]))
+    logits, _ = model.decode(embedding, Prompts(boxes=torch.tensor([[10.0, 10.0, 100.0, 100.0]])))
     logits.sum().backward()
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in adapter.parameters()}
     assert all(p.grad is not None for p in adapter.parameters())

@@ -6,12 +6,13 @@ ViT-B runs in the default suite (test_predict.py, test_hq.py). Tolerance: TOLERA
 import pytest
 import torch
 
-from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
-from finesam.weights import build_from_official
+from finesam.adapters.hq import HQSAMAdapter
+from finesam.weights.hq import convert_hq_state_dict
+from finesam.weights.loading import sam_from_state_dict
 
+from conftest import PHOTOS
+from helpers import assert_matches_official_hq_predictor, assert_matches_official_predictor
 from official import random_official
-from test_hq import assert_matches_official_hq_predictor
-from test_predict import PHOTOS, assert_matches_official_predictor
 
 
 @pytest.mark.slow
@@ -19,7 +20,7 @@ from test_predict import PHOTOS, assert_matches_official_predictor
 @torch.no_grad()
 def test_full_size_matches_official_predictor(name):
     official = random_official(name, seed=11)
-    model = build_from_official(official.state_dict())
+    model = sam_from_state_dict(official.state_dict())
     assert_matches_official_predictor(official, model, PHOTOS["portrait"]())
 
 
@@ -28,7 +29,7 @@ def test_full_size_matches_official_predictor(name):
 @torch.no_grad()
 def test_full_size_hq_matches_official_predictor(name):
     official = random_official(name, seed=13, hq=True)
-    model = build_from_official(official.state_dict())
+    model = sam_from_state_dict(official.state_dict())
     adapter = HQSAMAdapter(model)
     adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
     adapter.inject()

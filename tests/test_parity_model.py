@@ -8,6 +8,7 @@ import torch
 
 from finesam.model import SegmentAnything
 from finesam.model.layers import GeLU
+from finesam.model.prompts import Prompts
 from finesam.model.transformer import FewKeysDotProduct
 
 from conftest import SMALL, TOLERANCE, max_diff
@@ -21,7 +22,7 @@ def official_prompt(official, points=None, labels=None, boxes=None, masks=None):
 
 
 def our_prompt(model: SegmentAnything, **prompt) -> dict[str, torch.Tensor]:
-    model.set_prompt(**prompt)
+    model.set_prompt(Prompts(**prompt))
     model.prompt_encoder(torch.zeros(1))
     embeddings = dict(model.use_context("mask_decoder"))
     model._reset_context()
@@ -80,7 +81,7 @@ def test_prompt_embeddings_match(official_small, small, kind, batch):
 @pytest.mark.parametrize("batch", [1, 4])
 @torch.no_grad()
 def test_decoder_matches(official_small, small, kind, multimask, batch):
-    embedding = torch.randn(1, SMALL.prompt_dim, GRID, GRID, generator=torch.Generator().manual_seed(2))
+    embedding = torch.randn(1, SMALL.decoder.prompt_dim, GRID, GRID, generator=torch.Generator().manual_seed(2))
     prompt = random_prompts(seed=10 + batch, batch=batch)[kind]
     sparse, dense = official_prompt(official_small, **prompt)
     expected_masks, expected_iou = official_small.mask_decoder(
@@ -92,9 +93,8 @@ def test_decoder_matches(official_small, small, kind, multimask, batch):
     )
     masks, iou = small.decode(
         embedding,
-        mask_input=prompt.get("masks"),
+        Prompts(mask_input=prompt.get("masks"), **{k: v for k, v in prompt.items() if k != "masks"}),
         multimask_output=multimask,
-        **{k: v for k, v in prompt.items() if k != "masks"},
     )
     assert masks.shape == (batch, 3 if multimask else 1, MASK, MASK)
     assert expected_masks.abs().max() > 0.05
@@ -105,11 +105,11 @@ def test_decoder_matches(official_small, small, kind, multimask, batch):
 @torch.no_grad()
 def test_batched_image_embeddings_pair_with_prompts(small):
     """B images with B prompts decode as B independent (image, prompt) pairs."""
-    embeddings = torch.randn(3, SMALL.prompt_dim, GRID, GRID, generator=torch.Generator().manual_seed(3))
+    embeddings = torch.randn(3, SMALL.decoder.prompt_dim, GRID, GRID, generator=torch.Generator().manual_seed(3))
     boxes = random_prompts(seed=4, batch=3)["box"]["boxes"]
-    masks, iou = small.decode(embeddings, boxes=boxes)
+    masks, iou = small.decode(embeddings, Prompts(boxes=boxes))
     for i in range(3):
-        single_masks, single_iou = small.decode(embeddings[i : i + 1], boxes=boxes[i : i + 1])
+        single_masks, single_iou = small.decode(embeddings[i : i + 1], Prompts(boxes=boxes[i : i + 1]))
         assert max_diff(masks[i : i + 1], single_masks) <= TOLERANCE
         assert max_diff(iou[i : i + 1], single_iou) <= TOLERANCE
 
@@ -119,7 +119,7 @@ def test_full_chain_forward_equals_official_pipeline(official_small, small):
     """Called as a chain, `SegmentAnything` runs image -> masks for the prompt in its context."""
     image = torch.randn(1, 3, SMALL.image_size, SMALL.image_size, generator=torch.Generator().manual_seed(5))
     box = torch.tensor([[30.0, 40.0, 200.0, 180.0]])
-    small.set_prompt(boxes=box, multimask_output=True)
+    small.set_prompt(Prompts(boxes=box), multimask_output=True)
     masks, iou = small(image)
     sparse, dense = official_prompt(official_small, boxes=box)
     expected_masks, expected_iou = official_small.mask_decoder(
@@ -137,13 +137,13 @@ def test_full_chain_forward_equals_official_pipeline(official_small, small):
 @pytest.mark.parametrize("chunk", [None, 1, 3])
 @torch.no_grad()
 def test_prompt_chunks_do_not_change_the_result(small, chunk):
-    embedding = torch.randn(1, SMALL.prompt_dim, GRID, GRID, generator=torch.Generator().manual_seed(6))
+    embedding = torch.randn(1, SMALL.decoder.prompt_dim, GRID, GRID, generator=torch.Generator().manual_seed(6))
     prompt = random_prompts(seed=7, batch=7)["points+mask"]
-    kwargs = {"points": prompt["points"], "labels": prompt["labels"], "mask_input": prompt["masks"]}
-    default_masks, default_iou = small.decode(embedding, multimask_output=True, **kwargs)  # chunks of 2
+    prompts = Prompts(points=prompt["points"], labels=prompt["labels"], mask_input=prompt["masks"])
+    default_masks, default_iou = small.decode(embedding, prompts, multimask_output=True)  # chunks of 2
     small.prompt_chunk_size = chunk
     try:
-        masks, iou = small.decode(embedding, multimask_output=True, **kwargs)
+        masks, iou = small.decode(embedding, prompts, multimask_output=True)
     finally:
         small.prompt_chunk_size = 2
     assert masks.shape == default_masks.shape == (7, 3, MASK, MASK)

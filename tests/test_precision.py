@@ -11,8 +11,9 @@ import dataclasses
 import pytest
 import torch
 
-from finesam.adapters.hq import HQSAMAdapter, convert_hq_state_dict
-from finesam.weights import build_from_official
+from finesam.adapters.hq import HQSAMAdapter
+from finesam.weights.hq import convert_hq_state_dict
+from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL, photo
 from official import build_official
@@ -20,15 +21,15 @@ from official import build_official
 
 @pytest.fixture(scope="module")
 def pair(official_small):
-    bf16 = build_from_official(official_small.state_dict()).set_encoder_dtype(torch.bfloat16)
-    return build_from_official(official_small.state_dict()), bf16
+    bf16 = sam_from_state_dict(official_small.state_dict()).set_encoder_dtype(torch.bfloat16)
+    return sam_from_state_dict(official_small.state_dict()), bf16
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a & b).sum() / (a | b).sum()).item()
 
 
-@pytest.mark.parametrize("name", ["truck.jpg", "dog.jpg", "tennis.png", "groceries.jpg"])
+@pytest.mark.parametrize("name", ["coffee", "chelsea", "astronaut", "rocket"])
 def test_bf16_encoder_stays_close_to_fp32(pair, name):
     fp32, bf16 = pair
     image = photo(name)
@@ -43,11 +44,11 @@ def test_bf16_encoder_stays_close_to_fp32(pair, name):
 
 def test_bf16_encoder_with_hq_and_mask_prompts():
     official = build_official(SMALL, seed=1, hq=True)
-    model = build_from_official(official.state_dict()).set_encoder_dtype(torch.bfloat16)
+    model = sam_from_state_dict(official.state_dict()).set_encoder_dtype(torch.bfloat16)
     adapter = HQSAMAdapter(model)
     adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
     adapter.inject()
-    image = photo("groceries.jpg")
+    image = photo("rocket")
     embedding = model.encode_image(image)
     assert embedding.features["early_vit_embedding"].dtype == torch.float32
     first = model.predict(embedding, points=[[400, 260]], multimask_output=True)
@@ -56,7 +57,9 @@ def test_bf16_encoder_with_hq_and_mask_prompts():
 
 
 TINY = dataclasses.replace(
-    SMALL, image_size=128, encoder_dim=32, encoder_depth=2, encoder_heads=2, global_attention_blocks=(1,), window_size=4
+    SMALL,
+    image_size=128,
+    encoder=dataclasses.replace(SMALL.encoder, dim=32, depth=2, heads=2, global_attention_blocks=(1,), window_size=4),
 )
 
 
@@ -66,9 +69,9 @@ def test_compiled_encoder_matches_eager():
     cosine >= 0.9999; adapters injected afterwards still take effect (recompilation)."""
     official = build_official(TINY, seed=2, hq=True)
     pixels = torch.randn(2, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(0))
-    eager = build_from_official(official.state_dict())
+    eager = sam_from_state_dict(official.state_dict())
     reference = eager.encode(pixels)
-    compiled = build_from_official(official.state_dict()).compile_encoder()
+    compiled = sam_from_state_dict(official.state_dict()).compile_encoder()
     assert (compiled.encode(pixels) - reference).abs().max() <= 1e-4
     adapter = HQSAMAdapter(compiled)
     adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
@@ -76,7 +79,7 @@ def test_compiled_encoder_matches_eager():
     compiled.encode(pixels)
     _, interm = official.image_encoder(pixels)
     assert (compiled.image_features()["early_vit_embedding"] - interm[0]).abs().max() <= 1e-4
-    bf16 = build_from_official(official.state_dict()).set_encoder_dtype(torch.bfloat16).compile_encoder()
+    bf16 = sam_from_state_dict(official.state_dict()).set_encoder_dtype(torch.bfloat16).compile_encoder()
     embedding = bf16.encode(pixels.to(torch.bfloat16))  # pixels in the encoder's precision, as encode_image does
     cosine = torch.nn.functional.cosine_similarity(embedding.flatten(), reference.flatten(), dim=0)
     assert cosine >= 0.9999

@@ -7,45 +7,14 @@ TOLERANCE (1e-4, fp32): full-resolution logits, IoU predictions and low-resoluti
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from finesam.model import SAM_VIT_B, SegmentAnything
 from finesam.model.processing import preprocess_image, scale_coordinates
-from finesam.weights import build_from_official
+from finesam.weights.loading import sam_from_state_dict
 
-from conftest import SMALL, TOLERANCE, max_diff, photo
+from conftest import PHOTOS, SMALL, TOLERANCE, max_diff
+from helpers import assert_matches_official_predictor, assert_same_prediction, ours, prompts_for
 from official import SamPredictor, build_official
-
-PHOTOS = {
-    "landscape": lambda: photo("truck.jpg"),
-    "portrait": lambda: photo("dog.jpg").transpose(Image.Transpose.ROTATE_90),
-    "square": lambda: photo("tennis.png"),
-    "small landscape": lambda: photo("groceries.jpg"),
-}
-
-
-def prompts_for(image: Image.Image) -> dict[str, dict[str, np.ndarray]]:
-    w, h = image.size
-    points = np.array([[0.5 * w, 0.5 * h], [0.2 * w, 0.7 * h]])
-    labels = np.array([1, 0])
-    box = np.array([0.1 * w, 0.2 * h, 0.8 * w, 0.9 * h])
-    return {
-        "point": {"point_coords": points[:1], "point_labels": labels[:1]},
-        "points": {"point_coords": points, "point_labels": labels},
-        "box": {"box": box},
-        "points+box": {"point_coords": points, "point_labels": labels, "box": box},
-    }
-
-
-def ours(kwargs: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-    return {"points": kwargs.get("point_coords"), "labels": kwargs.get("point_labels"), "boxes": kwargs.get("box")}
-
-
-def assert_same_prediction(official_out, prediction) -> None:
-    logits, iou, low_res = official_out
-    assert max_diff(prediction.masks[0], torch.from_numpy(logits)) <= TOLERANCE
-    assert max_diff(prediction.iou_predictions[0], torch.from_numpy(iou)) <= TOLERANCE
-    assert max_diff(prediction.low_res_logits[0], torch.from_numpy(low_res)) <= TOLERANCE
 
 
 @pytest.mark.parametrize("name", list(PHOTOS))
@@ -60,25 +29,6 @@ def test_preprocessing_is_identical(official_small, name):
     coords = np.array([[0.0, 0.0], [image.width, image.height], [13.7, 91.2]])
     expected_coords = predictor.transform.apply_coords(coords, (image.height, image.width))
     assert np.array_equal(scale_coordinates(coords, (image.height, image.width), input_size), expected_coords)
-
-
-def assert_matches_official_predictor(
-    official, model, image: Image.Image, multimasks=(True, False), predictor_class=SamPredictor, **options
-) -> None:
-    """Embedding, then every prompt kind of `prompts_for`, against the official predictor on the same weights.
-
-    `options` go to the official `predict` only (e.g. `hq_token_only` for HQ-SAM's predictor).
-    """
-    predictor = predictor_class(official)
-    predictor.set_image(np.asarray(image))
-    embedding = model.encode_image(image)
-    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
-    for kwargs in prompts_for(image).values():
-        for multimask in multimasks:
-            expected = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True, **options)
-            prediction = model.predict(embedding, **ours(kwargs), multimask_output=multimask, return_logits=True)
-            assert prediction.masks.shape[-2:] == (image.height, image.width)
-            assert_same_prediction(expected, prediction)  # shapes included
 
 
 @pytest.mark.parametrize("name", list(PHOTOS))
@@ -151,5 +101,5 @@ def test_cached_embedding_gives_the_same_masks_as_the_image(small):
 def test_full_size_vit_b_matches_official_at_1024():
     """The full ViT-B encoder (windowed + global blocks, 64x64 grid) end to end on a real photo."""
     official = build_official(SAM_VIT_B, seed=3)
-    model: SegmentAnything = build_from_official(official.state_dict())
+    model: SegmentAnything = sam_from_state_dict(official.state_dict())
     assert_matches_official_predictor(official, model, PHOTOS["landscape"](), multimasks=(True,))

@@ -6,16 +6,24 @@ Random weights with BatchNorm statistics perturbed, eval mode. Tolerance: TOLERA
 import pytest
 import torch
 
+from finesam.adapters.hq import HQSAMAdapter
 from finesam.model import SAM_VIT_TINY, SegmentAnythingTiny
+from finesam.model.sam import SegmentAnything
 from finesam.model.tiny_vit import BatchNorm2d, BiasedAttention, Conv2dBN, attention_bias_indices
-from finesam.weights import convert_checkpoint, from_official_state_dict, load_checkpoint, load_sam
-from finesam.weights.conversion import infer_config
-from finesam.weights.hq import is_hq_key
+from finesam.weights import convert_checkpoint, holds_hq, load_hq, load_sam
+from finesam.weights.hq import has_hq_keys, hq_from_state_dict, is_hq_key
+from finesam.weights.loading import sam_from_state_dict
+from finesam.weights.sam_keys import infer_config
 
-from conftest import TOLERANCE, max_diff
+from conftest import PHOTOS, TOLERANCE, max_diff
+from helpers import assert_matches_official_hq_predictor, assert_matches_official_predictor
 from official import SamPredictor, build_official_tiny, mobile_sam_from
-from test_hq import assert_matches_official_hq_predictor
-from test_predict import PHOTOS, assert_matches_official_predictor
+
+
+def from_official_state_dict(state_dict) -> tuple[SegmentAnything, HQSAMAdapter | None]:
+    """Our model, and the HQ adapter (not injected) when the checkpoint is an HQ-SAM one."""
+    model = sam_from_state_dict(state_dict)
+    return model, hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,9 @@ def test_converting_tiny_checkpoints(tmp_path, official_tiny, mobile_sam_state_d
     assert [p.name for p in light.written] == ["sam_hq_vit_tiny.safetensors", "sam_hq_vit_tiny.hq.safetensors"]
     assert light.same_base_as == [tmp_path / "out" / "mobile_sam.safetensors"]  # Light HQ-SAM's base is MobileSAM here
     loaded = load_sam(light.written[0])  # built on meta: the attention-bias index tables are rebuilt
-    direct, _ = load_checkpoint(tmp_path / "sam_hq_vit_tiny.pth")
+    assert holds_hq(tmp_path / "sam_hq_vit_tiny.pth")
+    direct = load_sam(tmp_path / "sam_hq_vit_tiny.pth")
+    assert not load_hq(direct, tmp_path / "sam_hq_vit_tiny.pth").injected
     image = PHOTOS["square"]()
     assert torch.equal(
         loaded.predict(image, boxes=[10, 20, 600, 700], return_logits=True).masks,

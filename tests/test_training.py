@@ -18,19 +18,21 @@ import pytest
 import torch
 from PIL import Image
 
-from finesam.adapters.hq import HQSAMAdapter, load_hq, save_hq
+from finesam.adapters.hq import HQSAMAdapter
+from finesam.data.pairs import load_pair
+from finesam.data.sampling import sample_generator
 from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
 from finesam.evaluation.metrics import boundary_iou, mask_iou
 from finesam.model.processing import PIXEL_MEAN, PIXEL_STD, preprocess_image
 from finesam.training.config import load_config, parse_config
-from finesam.training.data import TrainingSet, load_pair, sample_generator, to_input_frame
+from finesam.training.data import TrainingSet, to_input_frame
 from finesam.training.trainer import Trainer
-from finesam.weights import load_sam, save_sam
+from finesam.weights import load_hq, load_sam, save_hq, save_sam
 from finesam.weights.io import read_safetensors
 
 from conftest import SMALL
-from test_cli import finesam
+from helpers import finesam, write_config
 
 SIZE = 96  # synthetic images: small and quick to draw
 
@@ -46,31 +48,6 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     return write_dataset(root / "train", 16, seed=0, size=(SIZE, SIZE)), write_dataset(
         root / "val", 8, seed=100, size=(SIZE, SIZE)
     )
-
-
-def write_config(path: Path, base: Path, train: Path, out: Path, extra: str = "", **optim: object) -> Path:
-    options = {"epochs": 2, "batch_size": 4, "lr": 1e-3, **optim}
-    path.write_text(
-        f"""
-[model]
-weights = "{base}"
-{extra}
-[data]
-train = "{train}"
-flip = false
-scale_jitter = false
-cache = true
-[loss]
-num_points = 256
-[optim]
-{chr(10).join(f"{k} = {v}" for k, v in options.items())}
-[run]
-out = "{out}"
-checkpoint_every = 3
-log_every = 1
-"""
-    )
-    return path
 
 
 def test_config_errors(tmp_path, base, data):

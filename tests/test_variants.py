@@ -10,12 +10,12 @@ import torch
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.data.synthetic import write_dataset
-from finesam.weights import build_from_official
+from finesam.model.prompts import Prompts
+from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL
+from helpers import finesam, write_config
 from official import build_official
-from test_cli import finesam
-from test_training import write_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -29,15 +29,15 @@ def hq_logits(model, adapter) -> torch.Tensor:
     embedding = model.encode(
         torch.randn(1, 3, SMALL.image_size, SMALL.image_size, generator=torch.Generator().manual_seed(0))
     )
-    logits, _ = model.decode(embedding, boxes=torch.tensor([[20.0, 30.0, 200.0, 220.0]]))
+    logits, _ = model.decode(embedding, Prompts(boxes=torch.tensor([[20.0, 30.0, 200.0, 220.0]])))
     adapter.eject()
     return logits
 
 
 def test_variant_on_the_official_block_is_hq_sam():
-    model = build_from_official(build_official(SMALL, seed=5).state_dict())
+    model = sam_from_state_dict(build_official(SMALL, seed=5).state_dict())
     reference = HQSAMAdapter(model, hq_mask_only=True)
-    official_block = HQFromBlock(model, block=SMALL.encoder_block_with_early_embedding)
+    official_block = HQFromBlock(model, block=SMALL.encoder.early_embedding_block)
     official_block.load_state_dict(reference.state_dict())
     other_block = HQFromBlock(model, block=0)
     other_block.load_state_dict(reference.state_dict())
@@ -45,7 +45,7 @@ def test_variant_on_the_official_block_is_hq_sam():
     assert torch.equal(hq_logits(model, official_block), expected)
     assert (hq_logits(model, other_block) - expected).abs().max() > 1e-3
     with pytest.raises(ValueError, match="block must be"):
-        HQFromBlock(model, block=SMALL.encoder_depth)
+        HQFromBlock(model, block=SMALL.encoder.depth)
 
 
 def test_variant_trains_and_evaluates_with_the_cli(tmp_path, small):

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from finesam.text import listing
@@ -116,10 +115,56 @@ def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, 
         raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
 
 
+ALIGNMENT = 64  # bytes: where the CPU kernels expect their operands (a cache line)
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """Writes tensors and metadata to a safetensors file, atomically."""
-    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
-    return atomic_write(Path(path), lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+    """Writes tensors and metadata to a safetensors file, atomically, with every tensor whose size allows it
+    at a 64-byte aligned offset.
+
+    Memory-mapped weights are used where they lie, and some CPU kernels round differently on unaligned
+    operands: aligned, a converted file computes bit for bit what the official `.pth` does. The file is plain
+    safetensors (the header is padded with spaces, as the format allows; the data has no holes).
+    """
+    blobs = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # sizes that are multiples of the alignment first: each of them then starts aligned
+    order = sorted(blobs, key=lambda k: (blobs[k].nbytes % ALIGNMENT != 0, k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in order:
+        tensor = blobs[key]
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"{key}: cannot write dtype {tensor.dtype} to safetensors")
+        header[key] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-(8 + len(encoded)) % ALIGNMENT)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for key in order:
+                if blobs[key].numel():
+                    f.write(blobs[key].reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    return atomic_write(Path(path), write)
 
 
 def check_tensors(path: str | Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:

@@ -1,4 +1,5 @@
-"""Access to the official `segment_anything` and `segment_anything_hq` packages for parity tests.
+"""Access to the official `segment_anything` and `segment_anything_hq` packages: the reference that the parity
+tests, the benchmarks and the conversion check compare finesam with.
 
 The official packages import torchvision at import time (for a PIL resize and for NMS in the automatic mask
 generator), and segment_anything_hq imports timm for TinyViT, but their model code never needs them;
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finesam.model.config import SAMConfig
+from finesam.model.config import SAMConfig, ViTConfig
 
 
 def _to_pil_image(array: np.ndarray) -> Image.Image:
@@ -111,7 +112,9 @@ def install_stand_ins() -> None:
 install_stand_ins()
 
 import segment_anything  # noqa: E402
+import segment_anything.modeling  # noqa: E402
 import segment_anything_hq  # noqa: E402
+import segment_anything_hq.modeling  # noqa: E402
 from segment_anything.modeling import MaskDecoder  # noqa: E402
 from segment_anything_hq.modeling import MaskDecoderHQ  # noqa: E402
 
@@ -126,46 +129,47 @@ def build_official(config: SAMConfig, seed: int = 0, hq: bool = False) -> Any:  
     Zero- and one-initialised tensors (norms, biases, tokens, relative positions) get noise too, so that a
     weight mapped to the wrong place changes the output.
     """
-    package = segment_anything_hq.modeling if hq else segment_anything.modeling
+    package: Any = segment_anything_hq.modeling if hq else segment_anything.modeling  # either package's classes
+    encoder, decoder = config.encoder, config.decoder
+    if not isinstance(encoder, ViTConfig):
+        raise TypeError("build_official builds the ViT models (TinyViT: build_official_tiny)")
     torch.manual_seed(seed)
-    grid = config.image_size // config.patch_size
+    grid = config.embedding_size
     transformer = package.TwoWayTransformer(
-        depth=config.decoder_depth,
-        embedding_dim=config.prompt_dim,
-        mlp_dim=config.decoder_mlp_dim,
-        num_heads=config.decoder_heads,
+        depth=decoder.depth,
+        embedding_dim=decoder.prompt_dim,
+        mlp_dim=decoder.mlp_dim,
+        num_heads=decoder.heads,
     )
     decoder_options: dict[str, Any] = dict(
-        num_multimask_outputs=config.num_multimask_outputs,
+        num_multimask_outputs=decoder.num_multimask_outputs,
         transformer=transformer,
-        transformer_dim=config.prompt_dim,
-        iou_head_depth=config.iou_head_depth,
-        iou_head_hidden_dim=config.iou_head_hidden_dim,
+        transformer_dim=decoder.prompt_dim,
+        iou_head_depth=decoder.iou_head_depth,
+        iou_head_hidden_dim=decoder.iou_head_hidden_dim,
     )
     sam = package.Sam(
         image_encoder=package.ImageEncoderViT(
             img_size=config.image_size,
-            patch_size=config.patch_size,
-            embed_dim=config.encoder_dim,
-            depth=config.encoder_depth,
-            num_heads=config.encoder_heads,
-            mlp_ratio=config.mlp_ratio,
-            out_chans=config.prompt_dim,
+            patch_size=encoder.patch_size,
+            embed_dim=encoder.dim,
+            depth=encoder.depth,
+            num_heads=encoder.heads,
+            mlp_ratio=encoder.mlp_ratio,
+            out_chans=decoder.prompt_dim,
             qkv_bias=True,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
             use_rel_pos=True,
-            window_size=config.window_size,
-            global_attn_indexes=config.global_attention_blocks,
+            window_size=encoder.window_size,
+            global_attn_indexes=encoder.global_attention_blocks,
         ),
         prompt_encoder=package.PromptEncoder(
-            embed_dim=config.prompt_dim,
+            embed_dim=decoder.prompt_dim,
             image_embedding_size=(grid, grid),
             input_image_size=(config.image_size, config.image_size),
-            mask_in_chans=config.mask_in_channels,
+            mask_in_chans=decoder.mask_in_channels,
         ),
-        mask_decoder=(
-            MaskDecoderHQ(**decoder_options, vit_dim=config.encoder_dim) if hq else MaskDecoder(**decoder_options)
-        ),
+        mask_decoder=(MaskDecoderHQ(**decoder_options, vit_dim=encoder.dim) if hq else MaskDecoder(**decoder_options)),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
@@ -184,6 +188,21 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
         scale = 0.1 if constant else 0.02
         noise = torch.randn(tensor.shape, generator=generator) * scale
         tensor.add_(noise.to(tensor.dtype))
+
+
+def structured(official: Any) -> Any:
+    """The official model with every transposed-convolution kernel of its decoder made spatially constant (in
+    place; returned for convenience), for the automatic mask generator's tests and benchmark.
+
+    With plain random weights each image token upscales to the same checkerboard-like pattern, so every mask
+    spans the whole image and NMS leaves one; without that pattern the masks follow the photo and the point,
+    and dozens of distinct masks survive.
+    """
+    with torch.no_grad():
+        for module in official.mask_decoder.modules():
+            if isinstance(module, torch.nn.ConvTranspose2d):
+                module.weight.copy_(module.weight[:, :, :1, :1].expand_as(module.weight))
+    return official
 
 
 OFFICIAL_BUILDERS = {
@@ -254,8 +273,9 @@ def mobile_sam_from(tiny_hq: Any) -> Any:
         transformer_dim=256,
     )
     decoder.load_state_dict({k: v for k, v in tiny_hq.mask_decoder.state_dict().items() if k in decoder.state_dict()})
+    encoder: Any = _EncoderOnly(tiny_hq.image_encoder)  # an encoder of the other package, in the role of SAM's
     return segment_anything.modeling.Sam(
-        image_encoder=_EncoderOnly(tiny_hq.image_encoder),
+        image_encoder=encoder,
         prompt_encoder=tiny_hq.prompt_encoder,
         mask_decoder=decoder,
         pixel_mean=[123.675, 116.28, 103.53],

@@ -1,0 +1,124 @@
+"""Helpers shared by several test modules (no test module imports another): the `finesam` command as a
+subprocess, parity with the official predictors, our model with an HQ adapter from official weights, and a
+training configuration file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from finesam.adapters.hq import HQSAMAdapter
+from finesam.model import SegmentAnything
+from finesam.weights.hq import convert_hq_state_dict
+from finesam.weights.loading import sam_from_state_dict
+
+from conftest import TOLERANCE, max_diff
+from official import HQSamPredictor, SamPredictor
+
+FINESAM = Path(sys.executable).with_name("finesam")
+
+
+def finesam(
+    *args: object, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs the `finesam` command (or `python -m finesam.cli` without the script) with `env` added, in `cwd`."""
+    command = [str(FINESAM)] if FINESAM.exists() else [sys.executable, "-m", "finesam.cli"]
+    return subprocess.run(
+        [*command, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def prompts_for(image: Image.Image) -> dict[str, dict[str, np.ndarray]]:
+    """Every prompt kind, as the official `SamPredictor.predict` takes it, placed relative to the image size."""
+    w, h = image.size
+    points = np.array([[0.5 * w, 0.5 * h], [0.2 * w, 0.7 * h]])
+    labels = np.array([1, 0])
+    box = np.array([0.1 * w, 0.2 * h, 0.8 * w, 0.9 * h])
+    return {
+        "point": {"point_coords": points[:1], "point_labels": labels[:1]},
+        "points": {"point_coords": points, "point_labels": labels},
+        "box": {"box": box},
+        "points+box": {"point_coords": points, "point_labels": labels, "box": box},
+    }
+
+
+def ours(kwargs: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """The official predictor's prompt arguments as `SegmentAnything.predict` takes them."""
+    return {"points": kwargs.get("point_coords"), "labels": kwargs.get("point_labels"), "boxes": kwargs.get("box")}
+
+
+def assert_same_prediction(official_out, prediction) -> None:
+    logits, iou, low_res = official_out
+    assert max_diff(prediction.masks[0], torch.from_numpy(logits)) <= TOLERANCE
+    assert max_diff(prediction.iou_predictions[0], torch.from_numpy(iou)) <= TOLERANCE
+    assert max_diff(prediction.low_res_logits[0], torch.from_numpy(low_res)) <= TOLERANCE
+
+
+def assert_matches_official_predictor(
+    official, model, image: Image.Image, multimasks=(True, False), predictor_class=SamPredictor, **options
+) -> None:
+    """Embedding, then every prompt kind of `prompts_for`, against the official predictor on the same weights.
+
+    `options` go to the official `predict` only (e.g. `hq_token_only` for HQ-SAM's predictor).
+    """
+    predictor = predictor_class(official)
+    predictor.set_image(np.asarray(image))
+    embedding = model.encode_image(image)
+    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
+    for kwargs in prompts_for(image).values():
+        for multimask in multimasks:
+            expected = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True, **options)
+            prediction = model.predict(embedding, **ours(kwargs), multimask_output=multimask, return_logits=True)
+            assert prediction.masks.shape[-2:] == (image.height, image.width)
+            assert_same_prediction(expected, prediction)  # shapes included
+
+
+def with_adapter(official, hq_mask_only: bool = False) -> tuple[SegmentAnything, HQSAMAdapter]:
+    """Our base model and an HQ adapter (not injected) with the weights of an official HQ-SAM model."""
+    model = sam_from_state_dict(official.state_dict())
+    adapter = HQSAMAdapter(model, hq_mask_only=hq_mask_only)
+    adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
+    return model, adapter
+
+
+def assert_matches_official_hq_predictor(official, model, adapter, image, hq_only: bool, multimasks=(True, False)):
+    adapter.hq_mask_only = hq_only
+    assert_matches_official_predictor(
+        official, model, image, multimasks, predictor_class=HQSamPredictor, hq_token_only=hq_only
+    )
+
+
+def write_config(path: Path, base: Path, train: Path, out: Path, extra: str = "", **optim: object) -> Path:
+    """A training configuration: `base` weights, the `train` dataset, `out` as the run folder; `extra` adds
+    sections (`[hq]`, `[lora]`, ...) and `optim` overrides the optimiser settings."""
+    options = {"epochs": 2, "batch_size": 4, "lr": 1e-3, **optim}
+    path.write_text(
+        f"""
+[model]
+weights = "{base}"
+{extra}
+[data]
+train = "{train}"
+flip = false
+scale_jitter = false
+cache = true
+[loss]
+num_points = 256
+[optim]
+{chr(10).join(f"{k} = {v}" for k, v in options.items())}
+[run]
+out = "{out}"
+checkpoint_every = 3
+log_every = 1
+"""
+    )
+    return path

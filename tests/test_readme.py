@@ -1,0 +1,92 @@
+"""Every command line of the README's "Command line" block, run as written (optional parts with and without)
+in a folder laid out as the README assumes, on random weights: the front door keeps working."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMALL, photo
+from helpers import finesam, write_config
+from official import build_official
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands() -> list[list[str]]:
+    """The block's commands, continuation lines joined and comments dropped; a line with `[optional]` parts
+    gives two commands: without them, and with each (its first alternative where it says `a|b`)."""
+    block = README.read_text().split("## Command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        bare = re.sub(r"\s*\[[^\]]*\]", "", line)
+        commands.append(shlex.split(bare))
+        if "[" in line:
+            full = re.sub(r"\[([^\]]*)\]", lambda m: re.sub(r"(\S+)\|\S+", r"\1", m.group(1)), line)
+            commands.append(shlex.split(full))
+    return commands
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, official_small) -> Path:
+    """The files the README's lines name: official checkpoints (random weights of a small SAM and HQ-SAM),
+    a photo, a prompts file, and a small training configuration at `configs/hq_sam.toml`."""
+    root = tmp_path_factory.mktemp("readme")
+    torch.save(official_small.state_dict(), root / "sam_vit_b_01ec64.pth")
+    torch.save(build_official(SMALL, seed=0, hq=True).state_dict(), root / "sam_hq_vit_b.pth")
+    photo("rocket").resize((1800, 1200)).save(root / "truck.jpg")  # the size of the README's truck.jpg
+    (root / "prompts.json").write_text('[{"box": [75, 275, 500, 400]}, {"points": [[300, 200]], "multimask": true}]')
+    (root / "configs").mkdir()
+    write_config(
+        root / "configs" / "hq_sam.toml",
+        base=Path("../weights/sam_vit_b_01ec64.safetensors"),
+        train=Path("../data/train"),
+        out=Path("../runs/hq"),
+        extra="[hq]\n",
+        epochs=1,
+    )
+    return root
+
+
+def test_the_readme_has_the_commands_this_test_knows():
+    names = [command[1] for command in readme_commands()]
+    assert {"download", "convert", "segment", "everything", "demo", "synth", "train", "eval"} <= set(names)
+
+
+def test_every_readme_command_line_runs(workspace):
+    values = {
+        "W": "weights/sam_vit_b_01ec64.safetensors",
+        "HQ": "weights/sam_hq_vit_b.hq.safetensors",
+        "truck.jpg": str(workspace / "truck.jpg"),
+    }
+    env = {
+        "FINESAM_CHECKPOINT": str(workspace / "sam_hq_vit_b.pth"),
+        "FINESAM_HOME": str(workspace / "cache"),
+        "FINESAM_MIRROR": "http://127.0.0.1:9/",
+    }
+    ran = []
+    for command in readme_commands():
+        assert command[0] == "finesam"
+        args = [values.get(a, a) for a in command[1:]]
+        if args[0] == "eval":  # a validation set beside the training set
+            assert finesam("synth", workspace / "data/val", "--count", "2", env=env, cwd=workspace).returncode == 0
+        if args[0] == "synth":
+            args += ["--count", "4"]  # the README's 64 would only take longer
+        if args[0] == "everything":
+            args += ["--points-per-side", "4"]  # 32 x 32 points (x 5 crops) take minutes on 2 cores
+        result = finesam(*args, env=env, cwd=workspace)
+        if args[0] == "download":  # nothing listens on the mirror: a clear error, nothing left behind
+            assert result.returncode == 2 and "cannot connect" in result.stderr, result.stderr
+            continue
+        assert result.returncode == 0, f"finesam {' '.join(args)}\n{result.stderr[-2000:]}"
+        ran.append(args[0])
+    assert (workspace / "truck_mask.png").is_file() and (workspace / "hq_mask.png").is_file()
+    assert (workspace / "truck_masks" / "masks.json").is_file() and (workspace / "out" / "demo_overlay.png").is_file()
+    assert (workspace / "runs" / "hq" / "hq.safetensors").is_file() and (workspace / "eval" / "eval.md").is_file()
+    assert set(ran) == {"convert", "segment", "everything", "demo", "synth", "train", "eval"}
