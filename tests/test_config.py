@@ -101,3 +101,11 @@ def test_a_sam_file_of_finesam_0_1_loads_and_is_recognised_as_the_same_base(tmp_
     _, metadata = read_safetensors(report.written[0])
     assert json.loads(metadata["finesam.weights_sha256"]) == report.base_digest  # written as JSON now
     assert read_format(report.written[0], "sam", tensors=False)[1]["weights_sha256"] == report.base_digest
+
+
+def test_bare_text_sections_of_finesam_0_1_stay_text(tmp_path):
+    """A 0.1 digest made of decimal digits only is still the digest's text, not a number."""
+    path = write_safetensors(
+        {"x": torch.zeros(1)}, tmp_path / "old.safetensors", {FORMAT_KEY: "sam", "finesam.d": "0123"}
+    )
+    assert read_format(path, "sam", tensors=False)[1]["d"] == "0123"

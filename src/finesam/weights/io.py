@@ -44,10 +44,14 @@ def format_metadata(kind: str, **sections: object) -> dict[str, str]:
 
 
 def _section(value: str) -> Any:
+    # finesam writes objects, lists and strings; finesam 0.1 wrote the weights digest as a bare string
+    # (which could read as a JSON number), so anything else stays the text it is
+    if not value.startswith(("{", "[", '"')):
+        return value
     try:
         return json.loads(value)
     except ValueError:
-        return value  # finesam 0.1 wrote the weights digest as a bare string
+        return value
 
 
 def read_format(path: str | Path, kind: str, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
