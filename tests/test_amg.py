@@ -265,7 +265,9 @@ def test_cli_everything_writes_the_official_masks(tmp_path, cli_inputs, official
     weights, image = cli_inputs
     out = tmp_path / "out"
     (out / "masks").mkdir(parents=True)
-    (out / "masks" / "0999.png").write_bytes(b"from an earlier run")
+    (out / "masks" / "0998.png").write_bytes(b"ours, from an earlier run")
+    (out / "masks.json").write_text(json.dumps({"annotations": [{"id": 998, "file": "masks/0998.png"}]}))
+    (out / "masks" / "0999.png").write_bytes(b"someone else's")
     result = finesam("everything", image, "--weights", weights, "--out", out, "--format", output_format, *CLI_OPTIONS)
     assert result.returncode == 0, result.stderr
     expected = segment_anything.SamAutomaticMaskGenerator(official_sam, **OPTIONS).generate(astronaut)
@@ -287,7 +289,9 @@ def test_cli_everything_writes_the_official_masks(tmp_path, cli_inputs, official
         else:
             mask = rle_to_mask(annotation["segmentation"])
         assert mask_iou(mask, reference["segmentation"]) >= MIN_IOU
-    assert not (out / "masks" / "0999.png").exists() or output_format == "coco"
+    # the earlier run's mask that this run did not write again is gone; a file we never wrote stays
+    assert not (out / "masks" / "0998.png").exists()
+    assert (out / "masks" / "0999.png").read_bytes() == b"someone else's"
     with Image.open(out / "overlay.png") as picture:
         assert picture.size == (astronaut.shape[1], astronaut.shape[0])
 

@@ -1,6 +1,8 @@
 """`finesam everything`: automatic mask generation."""
 
 import argparse
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from finesam.cli.common import UsageError, inference, load_model, save_mask, wri
 from finesam.cli.options import Commands, add_command, generator_arguments, generator_options, model_options
 from finesam.cli.overlay import distinct_colours, overlay
 from finesam.model.processing import as_rgb
-from finesam.weights import atomic_write
+from finesam.weights import atomic_write, check_output
 
 
 @inference
@@ -23,6 +25,10 @@ def run_everything(args: argparse.Namespace) -> None:
         raise UsageError(f"cannot read image {args.image}: {e}") from None
     options = generator_arguments(args)
     AutomaticMaskGenerator.check_options(**options)  # before the model loads
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    for output in (args.out / "masks.json", args.out / "overlay.png"):  # refused before the model loads
+        check_output(output)
     model = load_model(args)
     records = AutomaticMaskGenerator(model, **options, output_mode="uncompressed_rle").generate(image)
     annotations: list[dict[str, Any]] = []
@@ -39,8 +45,7 @@ def run_everything(args: argparse.Namespace) -> None:
         else:
             annotation["segmentation"] = to_coco(rle)
         annotations.append(annotation)
-    if args.format == "png":
-        _remove_stale_masks(args.out / "masks", len(records))
+    _remove_stale_masks(args.out, {a["file"] for a in annotations if "file" in a})
     document = {
         "image": {"file_name": args.image.name, "height": image.height, "width": image.width},
         "annotations": annotations,
@@ -52,10 +57,17 @@ def run_everything(args: argparse.Namespace) -> None:
     print(atomic_write(args.out / "overlay.png", lambda tmp: picture.save(tmp, format="PNG")))
 
 
-def _remove_stale_masks(directory: Path, count: int) -> None:
-    """Mask files of an earlier run into the same directory that this run did not overwrite."""
-    for path in directory.glob("[0-9][0-9][0-9][0-9]*.png"):
-        if path.stem.isdigit() and int(path.stem) >= count:
+def _remove_stale_masks(out: Path, written: set[str]) -> None:
+    """The mask files an earlier run recorded in `out/masks.json` that this run did not write again; files
+    that no masks.json of ours names are never touched."""
+    try:
+        earlier = json.loads((out / "masks.json").read_text())["annotations"]
+        recorded = {a["file"] for a in earlier if isinstance(a, dict) and isinstance(a.get("file"), str)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for name in recorded - written:
+        path = out / name
+        if re.fullmatch(r"masks/\d{4,}\.png", name) and path.is_file():
             path.unlink()
 
 

@@ -14,7 +14,7 @@ from finesam.cli.options import Commands, add_command, model_options
 from finesam.cli.overlay import overlay
 from finesam.model.processing import as_rgb
 from finesam.model.prompts import prepare_prompts
-from finesam.weights import atomic_write
+from finesam.weights import atomic_write, check_output
 
 
 def _box(text: str) -> list[float]:
@@ -81,6 +81,9 @@ def run_segment(args: argparse.Namespace) -> None:
             prepare_prompts(**_prompt(prompt), original_size=size, input_size=size, mask_input_size=0)
         except ValueError as e:
             raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
+    for output in (args.out, args.logits, args.overlay):  # refused before the model loads
+        if output is not None:
+            check_output(output)
     model = load_model(args)
     embedding = model.encode_image(image)  # once, for every prompt
     results: list[tuple[torch.Tensor, float]] = []

@@ -1,5 +1,6 @@
 """Safe weight I/O: `torch.load(weights_only=True)`, memory-mapped safetensors, atomic writes."""
 
+import glob
 import json
 import os
 import pickle
@@ -67,14 +68,60 @@ def read_format(path: str | Path, kind: str, tensors: bool = True) -> tuple[dict
     return loaded, sections
 
 
+def check_output(path: str | Path) -> Path:
+    """Raises `ValueError` when `path` cannot be written as a file: it exists and is not a regular file
+    (a folder, a FIFO, a device), or its folder exists and is not writable. Cheap: call it before long work."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, a device, ...)"
+        raise ValueError(f"{path}: exists and is {kind}; refusing to replace it")
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write in {folder}")
+    return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporaries of `path` left by writers that no longer run (a killed conversion, say)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name.removeprefix(f".{path.name}.").split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Calls `write` on a temporary file beside `path`, then renames it: `path` is never half-written."""
+    """Calls `write` on a temporary file beside `path`, then renames it: `path` is never half-written.
+
+    The file gets the permissions a plain `open` would give (the umask's, or those of the file it replaces);
+    a target that is not a regular file is refused (`check_output`), and temporaries of `path` left by dead
+    writers are removed.
+    """
+    check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
