@@ -13,7 +13,7 @@ from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.model import SegmentAnything
-from finesam.weights import atomic_write, holds_hq, load_hq, load_sam
+from finesam.weights import atomic_write, hq_weights_for, load_hq, load_sam
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,7 +69,7 @@ def load_base(args: argparse.Namespace) -> tuple[SegmentAnything, HQSAMAdapter |
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--device {args.device} is not usable here: {str(e).splitlines()[0]}") from None
     model = load_sam(args.weights, device)
-    hq = args.hq if args.hq is not None else (args.weights if holds_hq(args.weights) else None)
+    hq = hq_weights_for(args.weights, args.hq)
     adapter = None if hq is None else load_hq(model, hq, hq_mask_only=args.hq_only)
     if adapter is None and args.hq_only:
         raise UsageError("--hq-only needs HQ-SAM weights: --hq FILE, or an official HQ-SAM .pth as --weights")

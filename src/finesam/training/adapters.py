@@ -10,7 +10,7 @@ from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.lora import TARGETS, SAMLoraAdapter
 from finesam.model.sam import SegmentAnything
 from finesam.training.config import TrainConfig, VariantConfig
-from finesam.weights import holds_hq, load_hq, load_lora
+from finesam.weights import hq_weights_for, load_hq, load_lora
 from finesam.weights.io import read_safetensors
 
 
@@ -43,12 +43,8 @@ def build_adapters(config: TrainConfig, model: SegmentAnything) -> dict[str, Any
     """
     adapters: dict[str, Any] = {}
     if config.hq is not None:
-        if config.hq.init is not None:
-            adapters["hq"] = load_hq(model, config.hq.init)
-        elif holds_hq(config.model.weights):
-            adapters["hq"] = load_hq(model, config.model.weights)
-        else:
-            adapters["hq"] = HQSAMAdapter(model)
+        source = hq_weights_for(config.model.weights, config.hq.init)
+        adapters["hq"] = HQSAMAdapter(model) if source is None else load_hq(model, source)
         adapters["hq"].hq_mask_only = config.hq.hq_mask_only
     if config.lora is not None:
         lora = config.lora

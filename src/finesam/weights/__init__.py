@@ -4,7 +4,7 @@ Loading is safe (memory-mapped safetensors, or `torch.load(weights_only=True)`) 
 """
 
 from finesam.weights.adapter_files import save_adapter
-from finesam.weights.hq import holds_hq, load_hq, save_hq
+from finesam.weights.hq import holds_hq, hq_weights_for, load_hq, save_hq
 from finesam.weights.io import CheckpointError, atomic_write, check_output
 from finesam.weights.loading import ConversionReport, convert_checkpoint, load_sam, save_sam
 from finesam.weights.lora import load_lora, save_lora
@@ -16,6 +16,7 @@ __all__ = [
     "check_output",
     "convert_checkpoint",
     "holds_hq",
+    "hq_weights_for",
     "load_hq",
     "load_lora",
     "load_sam",

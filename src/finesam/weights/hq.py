@@ -40,6 +40,14 @@ def holds_hq(path: str | Path) -> bool:
     return is_official(path) and has_hq_keys(load_official_state_dict(path))
 
 
+def hq_weights_for(base: Path, given: Path | None = None) -> Path | None:
+    """The HQ weights that go with the base weights `base`: `given` when there is such a file, else `base`
+    itself when it is an official HQ-SAM checkpoint, else None."""
+    if given is not None:
+        return given
+    return base if holds_hq(base) else None
+
+
 def hq_key_map(adapter: HQSAMAdapter) -> dict[str, Rule]:
     """For every key of `adapter.state_dict()`, the official HQ-SAM key it is made from."""
 
