@@ -153,6 +153,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
     written = [save_sam(model, base)]
     if has_hq_keys(state_dict):
         written.append(save_hq(hq_from_state_dict(model, state_dict), out_dir / f"{checkpoint.stem}.hq.safetensors"))
-    digest = weights_digest(model.state_dict())
+    digest = _digest_of(base)  # computed once, by save_sam
+    assert digest is not None
     same = [other for other in sorted(out_dir.glob("*.safetensors")) if other != base and _digest_of(other) == digest]
     return ConversionReport(written, digest, same, sorted(k for k in state_dict if is_unused_key(k)))
