@@ -100,9 +100,15 @@ def _running(pid: int) -> bool:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process umask. Linux reports it in /proc; elsewhere reading it means setting it for an instant
+    (which another thread creating a file in that instant would see)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
