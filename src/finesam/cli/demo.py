@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
+from finesam.cli.common import inference
 from finesam.cli.example import HOUSE_BOX, SUN_POINT, example_image
 from finesam.cli.options import Commands, add_command
 from finesam.cli.overlay import overlay
@@ -144,10 +144,9 @@ def _side_by_side(panels: list[tuple[str, Image.Image]]) -> Image.Image:
     return canvas
 
 
+@inference
 def run_demo(args: argparse.Namespace) -> None:
-    with torch.inference_mode():
-        status = demo(args.out_dir)
-    raise SystemExit(status)
+    raise SystemExit(demo(args.out_dir))
 
 
 def add_commands(commands: Commands) -> None:

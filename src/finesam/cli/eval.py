@@ -19,7 +19,6 @@ from finesam.weights import load_lora
 
 def evaluation_configurations(args: argparse.Namespace, model: SegmentAnything, hq: Any) -> list[Any]:
     """The named configurations of `--configs` (default: base, then each adapter added in turn)."""
-
     parts: dict[str, Any] = {}
     if hq is not None:
         parts["hq"] = hq
