@@ -145,7 +145,7 @@ def test_segment_reports_unreadable_inputs(tmp_path, converted, image_path):
     result = finesam(
         "segment", tmp_path / "broken.png", "--weights", converted, "--box", "1,1,5,5", "--out", tmp_path / "m.png"
     )
-    assert result.returncode == 2 and "cannot read image" in result.stderr
+    assert result.returncode == 2 and "broken.png: not a readable image" in result.stderr
 
 
 def test_demo_without_checkpoint_says_what_to_download(tmp_path):

@@ -90,7 +90,7 @@ def test_missing_file_and_garbage_are_reported(tmp_path):
         load_sam(tmp_path / "absent.pth")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(os.urandom(256))
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
         load_sam(garbage)
 
 

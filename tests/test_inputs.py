@@ -4,6 +4,7 @@ the official predictors (TOLERANCE, 1e-4) where they accept the input.
 """
 
 import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -179,3 +180,40 @@ def test_hq_mask_input_refinement_and_batches_match_official(hq_pair):
     for i, box in enumerate(boxes):
         single, _, _ = predictor.predict(box=box, multimask_output=False, return_logits=True)
         assert max_diff(batched.masks[i], torch.from_numpy(single)) <= TOLERANCE
+
+
+def test_many_prompts_in_the_cli_keep_memory_bounded(tmp_path, small):
+    """300 prompts on an 1800 x 1200 photo: each prompt's masks are written as they come, so the peak memory
+    holds one prompt's logits (8.6 MB) rather than all of them (2.6 GB), measured in a subprocess."""
+    from finesam.weights import save_sam
+
+    weights = save_sam(small, tmp_path / "small.safetensors")
+    image = tmp_path / "coffee.png"
+    photo("coffee").save(image)
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 800, (300, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(50, 400, (300, 2))], axis=1).round().tolist()
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"box": box} for box in boxes]))
+    script = textwrap.dedent(
+        f"""
+        import re
+        from finesam.cli import main
+        def status(key):
+            return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) // 1024
+        open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current size
+        before = status("VmRSS")
+        try:
+            main(["segment", "{image}", "--weights", "{weights}", "--prompts", "{prompts}", "--out", "{tmp_path}/m.png"])
+        except SystemExit as e:
+            assert not e.code, e.code
+        print(status("VmHWM") - before)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert len(list(tmp_path.glob("m_*.png"))) == 300
+    growth_mb = int(result.stdout.split()[-1])
+    # the model (SMALL: 20 MB), the image and its resized copies (~30 MB), one prompt's logits at 1024 and at
+    # the original size (4 + 8.6 MB), torch's working memory; holding every prompt's logits would add 2.6 GB
+    assert growth_mb < 500, f"peak memory grew by {growth_mb} MB"

@@ -79,3 +79,47 @@ def test_everything_refuses_a_file_as_its_output_folder(tmp_path):
     result = finesam("everything", image, "--weights", tmp_path / "absent.safetensors", "--out", tmp_path / "out")
     assert result.returncode == 2 and "not a folder" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "out").read_text() == "mine"
+
+
+def _commands_writing_into(tmp_path: Path, out: Path) -> dict[str, list[object]]:
+    """Every command that writes into a folder, with `out` as that folder; inputs that do not exist, so that a
+    check made after loading them would fail with another message."""
+    absent = tmp_path / "absent.safetensors"
+    config = tmp_path / "train.toml"
+    config.write_text(f'[model]\nweights = "{absent}"\n[data]\ntrain = "{tmp_path}"\n[hq]\n[run]\nout = "{out}"\n')
+    return {
+        "everything": ["everything", tmp_path / "photo.png", "--weights", absent, "--out", out],
+        "eval": ["eval", tmp_path, "--weights", absent, "--out", out],
+        "convert": ["convert", tmp_path / "absent.pth", "--out", out],
+        "download": ["download", "sam_vit_b", "--dir", out],
+        "demo": ["demo", "--out-dir", out],
+        "train": ["train", "--config", config],
+        "synth": ["synth", out],
+    }
+
+
+@pytest.mark.parametrize("command", ["everything", "eval", "convert", "download", "demo", "train", "synth"])
+def test_every_folder_output_refuses_a_file_before_any_work(tmp_path, command):
+    photo("rocket").save(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    out.write_text("mine")
+    result = finesam(*_commands_writing_into(tmp_path, out)[command], env={"FINESAM_MIRROR": "http://127.0.0.1:9"})
+    assert result.returncode == 2, result.stderr
+    assert f"{out}: exists and is not a folder" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("target", ["folder", "fifo"])
+def test_segment_refuses_a_folder_or_fifo_as_its_mask(tmp_path, target):
+    image = tmp_path / "photo.png"
+    photo("rocket").save(image)
+    out = tmp_path / "mask.png"
+    if target == "folder":
+        out.mkdir()
+    else:
+        os.mkfifo(out)
+    args = ["segment", image, "--weights", tmp_path / "absent.safetensors", "--box", "10,10,100,100", "--out", out]
+    result = finesam(*args)
+    assert result.returncode == 2 and "refusing to replace it" in result.stderr and "Traceback" not in result.stderr
+    assert out.is_dir() if target == "folder" else stat.S_ISFIFO(out.stat().st_mode)
+

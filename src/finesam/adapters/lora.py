@@ -17,7 +17,7 @@ from refiners.fluxion.adapters import Adapter, LinearLora, LoraAdapter
 
 from finesam.adapters.placement import check_placement
 from finesam.model.sam import SegmentAnything
-from finesam.text import listing
+from finesam.text import check_name, listing
 
 # Where LoRA goes, by ancestor class names. The default adapts the two-way transformer of the mask decoder
 # (token self-attention, both cross-attentions, token MLP): cheap, and it trains on cached image embeddings.
@@ -97,6 +97,7 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
         exclude: Sequence[str] = (),
         paths: Sequence[str] | None = None,
     ) -> None:
+        check_name(name, "a LoRA")  # it names files and evaluation rows
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         if paths is None:

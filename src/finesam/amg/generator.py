@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm import tqdm
 
 from finesam.adapters.hq import hq_mask_only_set_to
 from finesam.amg.geometry import (
@@ -33,9 +34,11 @@ from finesam.amg.regions import remove_small_regions
 from finesam.amg.rle import RLE, mask_to_rle, masks_to_rle, rle_area, rle_to_mask, to_coco
 from finesam.model.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks
 from finesam.model.sam import ImageEmbedding, SegmentAnything
+from finesam.progress import progress_bar
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
+MAX_CROP_LAYERS = 4  # 341 crops; the official generator's examples use 1 (5 crops)
 UPSCALE_BUDGET = 1 << 25  # float32 values of upscaled logits held at once (128 MB)
 
 
@@ -152,8 +155,12 @@ class AutomaticMaskGenerator:
         multimask_output: bool = True,
         hq_mask_only: bool | None = None,
     ) -> None:
-        if crop_n_layers < 0:
-            raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
+        if not 0 <= crop_n_layers <= MAX_CROP_LAYERS:
+            crops = sum(4**i for i in range(max(crop_n_layers, 0) + 1))
+            raise ValueError(
+                f"crop_n_layers must be in 0..{MAX_CROP_LAYERS}, got {crop_n_layers}"
+                + (f" ({crops} crops, each encoded)" if crop_n_layers > 0 else "")
+            )
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
         if points_per_side is not None:
@@ -222,11 +229,16 @@ class AutomaticMaskGenerator:
         return array
 
     @torch.no_grad()
-    def generate(self, image: ImageLike) -> list[MaskRecord]:
-        """Masks for everything in the image (PIL or numpy, see `as_rgb`), as records like the official ones."""
+    def generate(self, image: ImageLike, progress: bool = False) -> list[MaskRecord]:
+        """Masks for everything in the image (PIL or numpy, see `as_rgb`), as records like the official ones.
+
+        Args:
+            image: the image.
+            progress: a progress bar of the point batches on stderr (see `finesam.progress`).
+        """
         pixels = np.asarray(as_rgb(image))
         with self._hq_setting():
-            candidates = self._generate(pixels)
+            candidates = self._generate(pixels, progress)
         if self.min_mask_region_area > 0:
             candidates = self._without_small_regions(candidates)
         return [self._record(candidates, i) for i in range(len(candidates))]
@@ -239,12 +251,15 @@ class AutomaticMaskGenerator:
         with hq_mask_only_set_to(self.model, self.hq_mask_only):
             yield
 
-    def _generate(self, image: np.ndarray) -> Candidates:
+    def _generate(self, image: np.ndarray, progress: bool) -> Candidates:
         height, width = image.shape[:2]
         boxes, layers = crop_boxes(height, width, self.crop_n_layers, self.crop_overlap_ratio)
-        candidates = Candidates.concatenate(
-            [self._crop(image, box, layer) for box, layer in zip(boxes, layers, strict=True)]
-        )
+        batches = sum(-(-len(self.point_grids[layer]) // self.points_per_batch) for layer in layers)
+        description = "point batches" if len(boxes) == 1 else f"point batches of {len(boxes)} crops"
+        with progress_bar(batches, description, quiet=not progress) as bar:
+            candidates = Candidates.concatenate(
+                [self._crop(image, box, layer, bar) for box, layer in zip(boxes, layers, strict=True)]
+            )
         if len(boxes) > 1:  # duplicates across crops: the mask from the smaller crop wins
             keep = non_maximum_suppression(
                 candidates.boxes.float(), 1 / box_area(candidates.crop_boxes), self.crop_nms_thresh
@@ -252,18 +267,17 @@ class AutomaticMaskGenerator:
             candidates = candidates.select(keep)
         return candidates
 
-    def _crop(self, image: np.ndarray, crop_box: list[int], layer: int) -> Candidates:
+    def _crop(self, image: np.ndarray, crop_box: list[int], layer: int, bar: tqdm) -> Candidates:
         left, top, right, bottom = crop_box
         crop = image[top:bottom, left:right]
         embedding = self.model.encode_image(crop)
         points = self.point_grids[layer] * np.array([crop.shape[1], crop.shape[0]])
         image_size = (image.shape[0], image.shape[1])
-        found = Candidates.concatenate(
-            [
-                self._batch(embedding, points[i : i + self.points_per_batch], crop_box, image_size)
-                for i in range(0, len(points), self.points_per_batch)
-            ]
-        )
+        parts = []
+        for i in range(0, len(points), self.points_per_batch):
+            parts.append(self._batch(embedding, points[i : i + self.points_per_batch], crop_box, image_size))
+            bar.update(1)
+        found = Candidates.concatenate(parts)
         found = found.select(non_maximum_suppression(found.boxes.float(), found.iou_predictions, self.box_nms_thresh))
         return found.moved(crop_box)
 

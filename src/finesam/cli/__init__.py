@@ -1,8 +1,11 @@
 """The `finesam` command: one module per group of sub-commands."""
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
+
+from PIL import Image
 
 from finesam.allocator import reuse_freed_memory
 from finesam.cli import convert, demo, eval, everything, segment, train
@@ -22,11 +25,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# options whose values may start with '-' (a point left of the image): argparse would read `--point -1,5` as an
+# unknown option, so such values are joined to their option (`--point=-1,5`) before parsing
+SIGNED_VALUES = ("--point", "--box")
+
+
+def _join_signed_values(argv: Sequence[str]) -> list[str]:
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in SIGNED_VALUES and re.fullmatch(r"-[\d.][\d.,eE+-]*", arg):
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     reuse_freed_memory()  # a process of our own: large tensors without fresh pages (see finesam.allocator)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
+    if getattr(args, "max_pixels", None) is not None:
+        Image.MAX_IMAGE_PIXELS = args.max_pixels  # our own process: PIL's limit is the one images are read with
     try:
         args.run(args)
     except (UsageError, CheckpointError, ValueError) as e:
         print(f"finesam {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (what was kept, if anything), the shell's status 130
+        print(f"finesam {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
+        raise SystemExit(130) from None

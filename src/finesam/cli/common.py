@@ -3,6 +3,7 @@
 import argparse
 import functools
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.model import SegmentAnything
-from finesam.weights import atomic_write, hq_weights_for, load_hq, load_sam
+from finesam.weights import atomic_write, check_output, hq_weights_for, load_hq, load_sam
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,6 +36,30 @@ def floats(text: str, counts: tuple[int, ...], what: str) -> list[float]:
 def suffixed(path: Path, index: int, count: int) -> Path:
     """`path` itself for a single output, else `stem_<index>` + suffix."""
     return path if count == 1 else path.with_name(f"{path.stem}_{index}{path.suffix}")
+
+
+def check_output_folder(folder: Path, option: str) -> Path:
+    """A folder a command writes into: refused when it exists and is not a folder, or cannot be written in."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} {folder}: exists and is not a folder")
+    try:
+        check_output(folder / ".finesam-output")  # the first existing ancestor must be a writable folder
+    except ValueError as e:
+        raise UsageError(f"{option} {folder}: {str(e).split(': ', 1)[-1]}") from None
+    return folder
+
+
+LOSSLESS_MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm")
+
+
+def check_mask_output(path: Path) -> Path:
+    """`check_output`, and a lossless image format: a JPEG (or WebP) mask would not be binary."""
+    if path.suffix.lower() not in LOSSLESS_MASK_SUFFIXES:
+        raise UsageError(
+            f"{path}: masks are written in lossless formats only ({', '.join(LOSSLESS_MASK_SUFFIXES)}); "
+            f"{path.suffix or 'no suffix'} would blur the 0/255 values"
+        )
+    return check_output(path)
 
 
 def save_mask(mask: np.ndarray, path: Path) -> Path:
@@ -82,7 +107,10 @@ def load_model(args: argparse.Namespace) -> SegmentAnything:
     model, adapter = load_base(args)
     if adapter is not None:
         adapter.inject()
-    return model.compile_encoder() if getattr(args, "compile", False) else model
+    if not getattr(args, "compile", False):
+        return model
+    print("compiling the image encoder: its first image takes about a minute longer", file=sys.stderr)
+    return model.compile_encoder()
 
 
 def inference(run: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from finesam.cli.common import UsageError
+from finesam.cli.common import UsageError, check_output_folder
 from finesam.cli.demo import cache_dir
 from finesam.cli.options import Commands, add_command
 from finesam.weights import convert_checkpoint
@@ -12,6 +12,7 @@ from finesam.weights.download import CHECKPOINTS, DownloadError, download
 
 
 def run_convert(args: argparse.Namespace) -> None:
+    check_output_folder(args.out, "--out")
     report = convert_checkpoint(args.checkpoint, args.out)
     for path in report.written:
         print(path)
@@ -21,9 +22,9 @@ def run_convert(args: argparse.Namespace) -> None:
 def run_download(args: argparse.Namespace) -> None:
     if args.name not in CHECKPOINTS:
         raise UsageError(f"unknown checkpoint {args.name!r}; one of: {', '.join(CHECKPOINTS)}")
-    directory = args.dir if args.dir is not None else cache_dir()
+    directory = check_output_folder(args.dir if args.dir is not None else cache_dir(), "--dir")
     try:
-        path = download(CHECKPOINTS[args.name], directory, progress=True)
+        path = download(CHECKPOINTS[args.name], directory, progress=not args.quiet)
     except DownloadError as e:
         raise UsageError(str(e)) from None
     print(path)

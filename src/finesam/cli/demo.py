@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finesam.cli.common import inference
+from finesam.cli.common import check_output_folder, inference
 from finesam.cli.example import HOUSE_BOX, SUN_POINT, example_image
 from finesam.cli.options import Commands, add_command
 from finesam.cli.overlay import overlay
@@ -146,6 +146,7 @@ def _side_by_side(panels: list[tuple[str, Image.Image]]) -> Image.Image:
 
 @inference
 def run_demo(args: argparse.Namespace) -> None:
+    check_output_folder(args.out_dir, "--out-dir")
     raise SystemExit(demo(args.out_dir))
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from finesam.cli.common import UsageError, inference, load_base
-from finesam.cli.options import Commands, add_command, model_options
+from finesam.cli.common import UsageError, check_output_folder, inference, load_base
+from finesam.cli.options import Commands, add_command, model_options, positive_int
 from finesam.evaluation import PROMPTS, adapter_configuration, evaluate, markdown_table, write_report
 from finesam.model import SegmentAnything
 from finesam.training.adapters import build_variant
@@ -24,6 +24,16 @@ def evaluation_configurations(args: argparse.Namespace, model: SegmentAnything, 
         parts["hq"] = hq
     for path in args.lora:
         lora = load_lora(model, path)
+        if lora.name in parts or lora.name == "base":
+            taken = (
+                "the model without adapters"
+                if lora.name == "base"
+                else f"another part ({type(parts[lora.name]).__name__})"
+            )
+            raise UsageError(
+                f"{path}: this LoRA is named {lora.name!r}, which already names {taken}; their rows would "
+                "shadow each other: give it another name (load_lora(..., name=) and save_lora)"
+            )
         parts[lora.name] = lora
     if args.variant is not None:
         options = json.loads(args.variant_options) if args.variant_options else {}
@@ -33,6 +43,8 @@ def evaluation_configurations(args: argparse.Namespace, model: SegmentAnything, 
         if args.configs
         else ["base", *("+".join(list(parts)[: i + 1]) for i in range(len(parts)))]
     )
+    if duplicated := sorted({n for n in names if names.count(n) > 1}):
+        raise UsageError(f"--configs names {', '.join(duplicated)} more than once")
     configurations = []
     for name in names:
         wanted = [] if name == "base" else name.split("+")
@@ -44,7 +56,7 @@ def evaluation_configurations(args: argparse.Namespace, model: SegmentAnything, 
 
 @inference
 def run_eval(args: argparse.Namespace) -> None:
-
+    check_output_folder(args.out, "--out")
     place = Distributed.from_environment()
     args.device = str(place.join(torch.device(args.device)))
     model, hq = load_base(args)
@@ -58,6 +70,7 @@ def run_eval(args: argparse.Namespace) -> None:
         points=args.points,
         seed=args.seed,
         limit=args.limit,
+        progress=not args.quiet and place.main,
     )
     if place.main:
         details = {"data": str(args.data), "weights": str(args.weights), "prompt": args.prompt, "seed": args.seed}
@@ -87,6 +100,6 @@ def add_commands(commands: Commands) -> None:
     evaluate_command.add_argument("--box-noise", type=float, default=0.1, help="noise scale for --prompt noisy_box")
     evaluate_command.add_argument("--points", type=int, default=1, help="foreground points for --prompt points")
     evaluate_command.add_argument("--seed", type=int, default=0, help="seed of the noisy prompts")
-    evaluate_command.add_argument("--limit", type=int, help="only the first N samples")
+    evaluate_command.add_argument("--limit", type=positive_int, help="only the first N samples")
     evaluate_command.add_argument("--out", type=Path, required=True, help="writes eval.md and eval.json here")
     evaluate_command.set_defaults(run=run_eval)

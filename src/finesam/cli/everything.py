@@ -7,30 +7,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask, to_coco
-from finesam.cli.common import UsageError, inference, load_model, save_mask, write_json
+from finesam.cli.common import check_output_folder, inference, load_model, save_mask, write_json
 from finesam.cli.options import Commands, add_command, generator_arguments, generator_options, model_options
 from finesam.cli.overlay import distinct_colours, overlay
-from finesam.model.processing import as_rgb
+from finesam.model.processing import as_rgb, open_image
 from finesam.weights import atomic_write, check_output
 
 
 @inference
 def run_everything(args: argparse.Namespace) -> None:
-    try:
-        image = as_rgb(Image.open(args.image))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read image {args.image}: {e}") from None
+    image = as_rgb(open_image(args.image))
     options = generator_arguments(args)
     AutomaticMaskGenerator.check_options(**options)  # before the model loads
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    check_output_folder(args.out, "--out")
     for output in (args.out / "masks.json", args.out / "overlay.png"):  # refused before the model loads
         check_output(output)
     model = load_model(args)
-    records = AutomaticMaskGenerator(model, **options, output_mode="uncompressed_rle").generate(image)
+    records = AutomaticMaskGenerator(model, **options, output_mode="uncompressed_rle").generate(
+        image, progress=not args.quiet
+    )
     annotations: list[dict[str, Any]] = []
     masks: list[np.ndarray] = []
     for i, record in enumerate(records):

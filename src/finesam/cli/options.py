@@ -38,10 +38,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_command(
     commands: Commands, name: str, help: str, parents: tuple[argparse.ArgumentParser, ...] = (), description: str = ""
 ) -> argparse.ArgumentParser:
-    """A sub-command named `name` with the shared help format and option groups."""
-    return commands.add_parser(
+    """A sub-command named `name` with the shared help format and option groups, and `--quiet`."""
+    parser = commands.add_parser(
         name, help=help, description=description or help, parents=list(parents), formatter_class=HelpFormatter
     )
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bars (they are drawn only on a terminal anyway)"
+    )
+    return parser
 
 
 def model_options(hq_help: str = "inject the HQ-SAM adapter with these weights") -> argparse.ArgumentParser:
@@ -57,7 +61,23 @@ def model_options(hq_help: str = "inject the HQ-SAM adapter with these weights")
     group.add_argument(
         "--dtype", default="float32", choices=sorted(DTYPES), help="image-encoder precision (the decoder stays fp32)"
     )
+    group.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        metavar="N",
+        help="refuse input images with more pixels (decompression bombs; default: PIL's limit, about 89 million)",
+    )
     return options
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
 
 
 def generator_options() -> argparse.ArgumentParser:

@@ -6,14 +6,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 
-from finesam.cli.common import UsageError, floats, inference, load_model, save_array, save_mask, suffixed
+from finesam.cli.common import (
+    UsageError,
+    check_mask_output,
+    floats,
+    inference,
+    load_model,
+    save_array,
+    save_mask,
+    suffixed,
+)
 from finesam.cli.options import Commands, add_command, model_options
 from finesam.cli.overlay import overlay
-from finesam.model.processing import as_rgb
+from finesam.model.processing import as_rgb, open_image
 from finesam.model.prompts import prepare_prompts
+from finesam.progress import progress
 from finesam.weights import atomic_write, check_output
 
 
@@ -46,7 +54,18 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
             raise UsageError(f'{path}: prompt {i}: expected an object with "box" and/or "points"')
         if unknown := sorted(prompt.keys() - PROMPT_KEYS):
             raise UsageError(f"{path}: prompt {i}: unknown keys {unknown} (known: {sorted(PROMPT_KEYS)})")
+        if "multimask" in prompt and not isinstance(prompt["multimask"], bool):
+            raise UsageError(f'{path}: prompt {i}: "multimask" must be true or false, got {prompt["multimask"]!r}')
+        for key in ("box", "points", "labels"):
+            if _holds_booleans(prompt.get(key)):
+                raise UsageError(f'{path}: prompt {i}: "{key}" must hold numbers, not true/false')
     return prompts
+
+
+def _holds_booleans(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_holds_booleans(v) for v in value)
+    return isinstance(value, bool)
 
 
 def command_line_prompt(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,32 +90,37 @@ def run_segment(args: argparse.Namespace) -> None:
     if args.prompts is None and not args.box and not args.point:
         raise UsageError("give at least one --box or --point (or --prompts PROMPTS.json)")
     prompts = read_prompt_file(args.prompts) if args.prompts is not None else [command_line_prompt(args)]
-    try:
-        image = as_rgb(Image.open(args.image))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read image {args.image}: {e}") from None
+    image = as_rgb(open_image(args.image))
     size = (image.height, image.width)  # the checks below do not depend on the model's input size
+    counts = []  # masks per prompt
     for i, prompt in enumerate(prompts):  # every prompt checked before the model loads and encodes the image
         try:
-            prepare_prompts(**_prompt(prompt), original_size=size, input_size=size, mask_input_size=0)
+            checked = prepare_prompts(**_prompt(prompt), original_size=size, input_size=size, mask_input_size=0)
         except ValueError as e:
             raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
-    for output in (args.out, args.logits, args.overlay):  # refused before the model loads
+        counts.append(checked.batch_size)
+    check_mask_output(args.out)  # outputs are refused before the model loads
+    for output in (args.logits, args.overlay):
         if output is not None:
             check_output(output)
     model = load_model(args)
     embedding = model.encode_image(image)  # once, for every prompt
-    results: list[tuple[torch.Tensor, float]] = []
-    for prompt in prompts:
+    total, index = sum(counts), 0
+    drawn: list[np.ndarray] = []  # the masks, for the overlay only
+    # each prompt's results are written as they come: memory holds one prompt's logits, not every prompt's
+    for prompt in progress(prompts, "prompts", quiet=args.quiet or len(prompts) == 1):
         multimask = bool(prompt.get("multimask", args.multimask))
         prediction = model.predict(embedding, **_prompt(prompt), multimask_output=multimask, return_logits=True)
         logits, scores = prediction.best()
-        results += [(logits[j].float().cpu(), scores[j].item()) for j in range(len(scores))]
-    for i, (logits, score) in enumerate(results):
-        mask_path = save_mask(logits.numpy() > 0, suffixed(args.out, i, len(results)))
-        print(f"{mask_path}\tpredicted IoU {score:.4f}")
-        if args.logits is not None:
-            print(save_array(logits.numpy(), suffixed(args.logits, i, len(results))))
+        for j in range(len(scores)):
+            values = logits[j].float().cpu().numpy()
+            mask_path = save_mask(values > 0, suffixed(args.out, index, total))
+            print(f"{mask_path}\tpredicted IoU {scores[j].item():.4f}")
+            if args.logits is not None:
+                print(save_array(values, suffixed(args.logits, index, total)))
+            if args.overlay is not None:
+                drawn.append(values > 0)
+            index += 1
     if args.overlay is not None:
         boxes = [b for p in prompts for b in np.asarray(p.get("box", []), dtype=float).reshape(-1, 4).tolist()]
         points = [
@@ -106,7 +130,7 @@ def run_segment(args: argparse.Namespace) -> None:
                 p.get("points", []), p.get("labels") or [1] * len(p.get("points", [])), strict=False
             )
         ]
-        picture = overlay(image, [logits.numpy() > 0 for logits, _ in results], boxes=boxes, points=points)
+        picture = overlay(image, drawn, boxes=boxes, points=points)
         print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
 
 

@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from finesam.cli.common import check_output_folder
 from finesam.cli.options import Commands, add_command
 
 
@@ -10,7 +11,9 @@ def run_train(args: argparse.Namespace) -> None:
     from finesam.training.config import load_config
     from finesam.training.trainer import train
 
-    written = train(load_config(args.config), resume=args.resume, progress=not args.quiet)
+    config = load_config(args.config)
+    check_output_folder(config.run.out, f"{args.config}: [run] out =")
+    written = train(config, resume=args.resume, progress=not args.quiet)
     for path in written.values():
         print(path)
 
@@ -18,14 +21,15 @@ def run_train(args: argparse.Namespace) -> None:
 def run_synth(args: argparse.Namespace) -> None:
     from finesam.data.synthetic import write_dataset
 
-    print(write_dataset(args.out, args.count, seed=args.seed, size=(args.size, args.size)))
+    print(
+        write_dataset(check_output_folder(args.out, "--out"), args.count, seed=args.seed, size=(args.size, args.size))
+    )
 
 
 def add_commands(commands: Commands) -> None:
     train_command = add_command(commands, "train", "fine-tune adapters (HQ, LoRA, a variant) on a frozen base")
     train_command.add_argument("--config", type=Path, required=True, metavar="CONFIG.toml", help="see configs/")
     train_command.add_argument("--resume", action="store_true", help="continue the run in [run] out")
-    train_command.add_argument("--quiet", action="store_true", help="no progress line")
     train_command.set_defaults(run=run_train)
 
     synth = add_command(commands, "synth", "write a synthetic thin-structure dataset (im/ + gt/)")

@@ -1,15 +1,16 @@
 """Image / mask pairs on disk, in the layout of DIS5K, ThinObject-5K and HQSeg-44K: `im/` and `gt/` folders whose
 files share their stems (`im/0001.jpg` goes with `gt/0001.png`)."""
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from PIL import Image
 from torch import Tensor
 
-from finesam.model.processing import as_rgb
+from finesam.model.processing import as_rgb, open_image
 from finesam.text import listing
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -56,11 +57,43 @@ def list_pairs(root: Path) -> list[tuple[Path, Path]]:
     return [(images[stem][0], masks[stem][0]) for stem in sorted(images)]
 
 
+def read_mask(path: Path) -> Bool[np.ndarray, "height width"]:
+    """A ground-truth mask file as booleans, by one rule: a file whose values are all 0 or 1 is a 0/1 mask
+    (foreground = 1); any other file is read as grey levels, foreground = above 127 (0/255 masks, anti-aliased
+    edges). Colour files are converted to grey first.
+
+    Raises:
+        ValueError: the file cannot be read as an image.
+    """
+    mask = open_image(path)
+    values = np.asarray(mask if mask.mode in ("L", "1", "I;16", "I") else mask.convert("L"))
+    if values.dtype == bool:
+        return values
+    if values.max(initial=0) <= 1:
+        return values == 1
+    threshold = 127 if values.dtype == np.uint8 else 32767  # 16-bit masks: half their range
+    return values > threshold
+
+
+def check_masks(pairs: Sequence[tuple[Path, Path]], count: int = 32) -> None:
+    """Raises `ValueError` when the first `count` masks of a dataset are all empty under `read_mask`'s rule: a
+    dataset whose masks mean something else (say, class indices above 1) would train on empty targets."""
+    looked = pairs[:count]
+    if looked and not any(read_mask(mask).any() for _, mask in looked):
+        raise ValueError(
+            f"the first {len(looked)} masks ({looked[0][1].name}, ...) are all empty: masks are read as 0/1 files "
+            "or as grey levels with foreground above 127 (see docs/training.md)"
+        )
+
+
 def load_pair(image_path: Path, mask_path: Path) -> tuple[Image.Image, Float[Tensor, "height width"]]:
-    image = as_rgb(Image.open(image_path))
-    mask = Image.open(mask_path)
-    mask = mask.convert("L") if mask.mode not in ("L", "1") else mask
-    target = torch.from_numpy(np.asarray(mask, dtype=np.float32) > 127.5).float()
+    """An image (see `as_rgb`) and its mask (see `read_mask`) as 0.0 / 1.0.
+
+    Raises:
+        ValueError: a file is unreadable, or the sizes differ.
+    """
+    image = as_rgb(open_image(image_path))
+    target = torch.from_numpy(read_mask(mask_path)).float()
     if target.shape != (image.height, image.width):
         raise ValueError(
             f"{mask_path}: mask is {target.shape[1]}x{target.shape[0]}, image {image.width}x{image.height}"

@@ -18,6 +18,7 @@ from finesam.data.pairs import list_pairs, load_pair
 from finesam.data.sampling import foreground_points, mask_box, noisy_box, sample_generator
 from finesam.evaluation.metrics import DEFAULT_DILATION_RATIO, boundary_iou, mask_iou
 from finesam.model.sam import SegmentAnything
+from finesam.progress import progress as progress_items
 from finesam.weights.io import atomic_write
 
 PROMPTS = ("box", "noisy_box", "points")
@@ -83,13 +84,17 @@ def evaluate(
     seed: int = 0,
     limit: int | None = None,
     dilation_ratio: float = DEFAULT_DILATION_RATIO,
+    progress: bool = False,
 ) -> list[Result]:
-    """mIoU / mBIoU of each configuration on the (image, mask) pairs of `data`.
+    """mIoU / mBIoU of each configuration on the (image, mask) pairs of `data`; `progress` draws a bar of
+    the samples of each configuration on stderr (see `finesam.progress`).
 
     Under `torchrun` each process takes every world-size-th sample and the results are gathered.
     """
     if prompt not in PROMPTS:
         raise ValueError(f"unknown prompt kind {prompt!r} (one of {', '.join(PROMPTS)})")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (or None: every sample), got {limit}")
     pairs = list_pairs(data)[:limit]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(pairs), world))
@@ -98,8 +103,12 @@ def evaluate(
         configuration.setup()
         try:
             rows = []
-            for index in mine:
+            for index in progress_items(mine, configuration.name, quiet=not progress):
                 image, mask = load_pair(*pairs[index])
+                if not mask.any():
+                    raise ValueError(
+                        f"{pairs[index][1]}: empty ground-truth mask (see docs/training.md): nothing to prompt"
+                    )
                 kwargs = object_prompt(mask, prompt, sample_generator(seed, 0, index, "eval"), box_noise, points)
                 predicted = model.predict(image, multimask_output=False, **kwargs).masks[0, 0].cpu()
                 truth = mask > 0.5

@@ -1,14 +1,49 @@
 """Hyper-parameters of a Segment Anything model: one config per encoder family, one for the prompt side, and
 the official presets."""
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, get_args, get_origin
 
 
-def _problems(config: object, checks: list[tuple[bool, str]]) -> None:
-    failed = [message for ok, message in checks if not ok]
+def _problems(
+    config: object, checks: Callable[[], list[tuple[bool, str]]], limits: dict[str, tuple[float, float]]
+) -> None:
+    """Raises `ValueError` naming every field of the wrong type or out of `limits` (inclusive), else every failed
+    check. Types come first: the checks compute with the fields."""
+    failed = _type_and_range_problems(config, limits)
+    if not failed:
+        failed = [message for ok, message in checks() if not ok]
     if failed:
         raise ValueError(f"invalid {type(config).__name__}: " + "; ".join(failed))
+
+
+def _type_and_range_problems(config: object, limits: dict[str, tuple[float, float]]) -> list[str]:
+    # the limits are far beyond every released model; they stop a crafted file from building a huge one
+    problems = []
+    for f in fields(config):  # type: ignore[arg-type]
+        value, kind = getattr(config, f.name), f.type
+        element = get_args(kind)[0] if get_origin(kind) is tuple else kind
+        values = value if get_origin(kind) is tuple else (value,)
+        if get_origin(kind) is tuple and not isinstance(value, tuple):
+            problems.append(f"{f.name} must be a list of {getattr(element, '__name__', element)}, got {value!r}")
+            continue
+        if element not in (int, float, str):
+            continue  # nested configs check themselves
+        if element is str:
+            if not isinstance(value, str):
+                problems.append(f"{f.name} must be a string, got {value!r}")
+            continue
+        number = (int,) if element is int else (int, float)
+        if not all(isinstance(v, number) and not isinstance(v, bool) for v in values):
+            noun = ("integers" if element is int else "numbers") if get_origin(kind) is tuple else None
+            noun = noun or ("an integer" if element is int else "a number")
+            problems.append(f"{f.name} must be {noun}, got {value!r}")
+            continue
+        low, high = limits.get(f.name, (0, 1 << 16))
+        if not all(low <= v <= high for v in values):
+            problems.append(f"{f.name} {value!r} is out of range ({low:g}..{high:g})")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -27,13 +62,21 @@ class ViTConfig:
     def __post_init__(self) -> None:
         _problems(
             self,
-            [
+            lambda: [
                 (self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
                 (
                     all(0 <= i < self.depth for i in self.global_attention_blocks),
                     f"global_attention_blocks {self.global_attention_blocks} must be in 0..{self.depth - 1}",
                 ),
             ],
+            {
+                "dim": (1, 8192),
+                "depth": (1, 128),
+                "heads": (1, 256),
+                "window_size": (1, 256),
+                "mlp_ratio": (0.01, 64),
+                "patch_size": (1, 256),
+            },
         )
 
     @property
@@ -64,7 +107,7 @@ class TinyViTConfig:
     def __post_init__(self) -> None:
         _problems(
             self,
-            [
+            lambda: [
                 (len(self.dims) == len(self.depths) == 4, "dims and depths need 4 entries (one per stage)"),
                 (len(self.heads) == len(self.windows) == 3, "heads and windows need 3 entries (attention stages)"),
                 (
@@ -72,6 +115,13 @@ class TinyViTConfig:
                     f"dims {self.dims[1:]} are not divisible by heads {self.heads}",
                 ),
             ],
+            {
+                "dims": (1, 8192),
+                "depths": (1, 128),
+                "heads": (1, 256),
+                "windows": (1, 256),
+                "mbconv_expand": (0.01, 64),
+            },
         )
 
     @property
@@ -105,11 +155,21 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         _problems(
             self,
-            [
+            lambda: [
                 (self.prompt_dim % 8 == 0, f"prompt_dim {self.prompt_dim} must be a multiple of 8 (mask features)"),
                 (self.mask_in_channels % 4 == 0, f"mask_in_channels {self.mask_in_channels} must be a multiple of 4"),
                 (self.prompt_dim % self.heads == 0, f"prompt_dim {self.prompt_dim} is not divisible by {self.heads}"),
             ],
+            {
+                "prompt_dim": (8, 8192),
+                "mask_in_channels": (4, 1024),
+                "depth": (1, 64),
+                "heads": (1, 256),
+                "mlp_dim": (1, 65536),
+                "num_multimask_outputs": (1, 64),
+                "iou_head_depth": (1, 64),
+                "iou_head_hidden_dim": (1, 65536),
+            },
         )
 
     @property
@@ -131,8 +191,14 @@ class SAMConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.encoder, (ViTConfig, TinyViTConfig)) or not isinstance(self.decoder, DecoderConfig):
+            raise ValueError("invalid SAMConfig: encoder must be a ViTConfig or TinyViTConfig, decoder a DecoderConfig")
         patch = self.encoder.patch_size
-        _problems(self, [(self.image_size % patch == 0, f"image_size {self.image_size} is not a multiple of {patch}")])
+        _problems(
+            self,
+            lambda: [(self.image_size % patch == 0, f"image_size {self.image_size} is not a multiple of {patch}")],
+            {"image_size": (patch, 16384)},
+        )
 
     @property
     def embedding_size(self) -> int:
@@ -155,10 +221,16 @@ class SAMConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SAMConfig":
         """The inverse of `to_dict`; also reads the flat layout of files written before configs were nested."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a configuration is a JSON object, got {type(values).__name__}")
         values = dict(values)
         if "encoder" not in values:
             values = _nested(values)
-        encoder, decoder = dict(values.pop("encoder")), dict(values.pop("decoder", {}))
+        encoder, decoder = values.pop("encoder"), values.pop("decoder", {})
+        for what, section in (("encoder", encoder), ("decoder", decoder)):
+            if not isinstance(section, dict):
+                raise ValueError(f"the {what} configuration is a JSON object, got {section!r}")
+        encoder, decoder = dict(encoder), dict(decoder)
         family = encoder.pop("family", None)
         if family not in ENCODER_FAMILIES:
             raise ValueError(f"unknown encoder family {family!r} (one of {', '.join(ENCODER_FAMILIES)})")
@@ -166,7 +238,7 @@ class SAMConfig:
         kind = ENCODER_FAMILIES[family]
         _check_fields(kind, encoder, kind.__name__)
         _check_fields(DecoderConfig, decoder, "DecoderConfig")
-        tuples = {k: tuple(v) for k, v in encoder.items() if isinstance(v, list)}
+        tuples = {k: tuple(v) for k, v in encoder.items() if isinstance(v, list)}  # JSON has lists, not tuples
         return cls(encoder=kind(**{**encoder, **tuples}), decoder=DecoderConfig(**decoder), **values)
 
 

@@ -4,6 +4,9 @@ Images: longest side resized to the model size (PIL bilinear on uint8), normalis
 Masks: low-resolution logits upsampled to the model size, cropped to the resized image, resized to the original.
 """
 
+import struct
+import warnings
+from pathlib import Path
 from typing import TypeAlias
 
 import numpy as np
@@ -34,6 +37,43 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return ((values.astype(np.float64) * 255.0 / 65535.0).round().clip(0, 255)).astype(np.uint8)
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """An image file opened and fully decoded (nothing is left to fail later), in its own mode.
+
+    Images over PIL's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89 million; the CLI's `--max-pixels`)
+    are refused before they are decoded: a small file can declare a huge image (a decompression bomb).
+
+    Raises:
+        ValueError: the file is missing, not an image, truncated or corrupt, or over the pixel limit.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    hint = "a decompression bomb? Raise the limit with --max-pixels or PIL.Image.MAX_IMAGE_PIXELS"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the exact limit
+            image = Image.open(path)  # reads the header only; raises itself at twice PIL's limit
+        if limit is not None and image.width * image.height > limit:
+            pixels = image.width * image.height
+            raise ValueError(
+                f"{path}: {image.width} x {image.height} = {pixels} pixels, over the pixel limit of {limit} ({hint})"
+            )
+        image.load()
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: over the pixel limit of {limit}: {e} ({hint})") from None
+    except ValueError as e:
+        if "pixel limit" in str(e):
+            raise
+        raise ValueError(f"{path}: not a readable image (truncated or corrupt?): {e}") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not an image") from None
+    except (OSError, SyntaxError, EOFError, struct.error, IndexError, TypeError) as e:
+        # PIL's decoders raise all of these on corrupt files
+        raise ValueError(f"{path}: not a readable image (truncated or corrupt?): {e}") from None
+    return image
+
+
 def as_rgb(image: ImageLike) -> Image.Image:
     """An 8-bit RGB PIL image, oriented as a viewer shows it.
 
@@ -52,6 +92,12 @@ def as_rgb(image: ImageLike) -> Image.Image:
         image = Image.fromarray(np.ascontiguousarray(image))
     elif not isinstance(image, Image.Image):
         raise ValueError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    else:
+        try:
+            image.load()  # a lazily opened file fails here, not in the middle of the work
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as e:
+            name = getattr(image, "filename", "") or "the image"
+            raise ValueError(f"{name}: not a readable image (truncated or corrupt?): {e}") from None
     if image.width == 0 or image.height == 0:
         raise ValueError(f"the image is empty ({image.width}x{image.height})")
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose would copy the image anyway

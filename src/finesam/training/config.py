@@ -4,13 +4,17 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
+
+import torch
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib  # pyright: ignore[reportMissingImports]
 
+from finesam.text import check_name
 from finesam.training.loss import IMPORTANCE_SAMPLE_RATIO, NUM_POINTS, OVERSAMPLE_RATIO
 
 
@@ -27,12 +31,15 @@ class HQConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    name: str = "lora"
+    name: str = "lora"  # names the saved file: letters, digits, _ - .
     rank: int = 16
     scale: float = 1.0
     targets: tuple[str, ...] = ("decoder",)  # names in `finesam.adapters.lora.TARGETS`, or ancestor class names
     exclude: tuple[str, ...] = ()
     init: Path | None = None  # a saved LoRA file to start from
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "name")
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,15 @@ class RunConfig:
     log_every: int = 10  # steps
     device: str = "cpu"  # under torchrun with CUDA, each process takes cuda:LOCAL_RANK
 
+    def __post_init__(self) -> None:
+        try:
+            device = torch.device(self.device)
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"device = {self.device!r} is not usable here ({str(e).splitlines()[0]})") from None
+        if device.type == "meta":
+            raise ValueError("device = 'meta' holds no data: use cpu, cuda, mps, ...")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -125,25 +141,77 @@ _SECTIONS: dict[str, type] = {
 _PATHS = {"weights", "init", "train", "out"}
 
 
+# (section, key): inclusive bounds of numbers; None: unbounded
+_RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("lora", "rank"): (1, 4096),
+    ("lora", "scale"): (0, None),
+    ("prompts", "max_points"): (1, 1024),
+    ("prompts", "box_noise_scale"): (0, None),
+    ("loss", "num_points"): (1, None),
+    ("loss", "oversample_ratio"): (1, None),
+    ("loss", "importance_sample_ratio"): (0, 1),
+    ("optim", "lr"): (0, None),
+    ("optim", "weight_decay"): (0, None),
+    ("optim", "epochs"): (1, None),
+    ("optim", "lr_drop_epoch"): (1, None),
+    ("optim", "gamma"): (0, None),
+    ("optim", "batch_size"): (1, None),
+    ("run", "seed"): (0, None),
+    ("run", "checkpoint_every"): (1, None),
+    ("run", "log_every"): (1, None),
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _checked(section: str, key: str, value: Any, kind: Any) -> Any:
+    """`value` of `[section] key` as the field's type wants it, or `ValueError` naming the key."""
+    where = f"[{section}] {key} = {value!r}"
+    options = [k for k in get_args(kind) if k is not type(None)] if get_origin(kind) in (Union, UnionType) else [kind]
+    if value is False and key == "scale_jitter":
+        return None
+    kind = options[0]
+    if get_origin(kind) is tuple:
+        element = get_args(kind)[0]
+        fixed = None if get_args(kind)[-1] is Ellipsis else len(get_args(kind))
+        if not isinstance(value, list) or (fixed is not None and len(value) != fixed):
+            raise ValueError(f"{where}: expected a list of {fixed or 'any number of'} {_PLURALS[element]}")
+        return tuple(_checked(section, key, v, element) for v in value)
+    if kind is Path:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a path (a string)")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            raise ValueError(f"{where}: expected {_TYPE_NAMES[kind]}")
+        low, high = _RANGES.get((section, key), (None, None))
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low:g}" if high is None else f"in {low:g}..{high:g}"
+            raise ValueError(f"{where}: must be {bounds}")
+        return kind(value)
+    if kind in (bool, str) and not isinstance(value, kind):
+        raise ValueError(f"{where}: expected {_TYPE_NAMES[kind]}")
+    if kind is dict and not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a table")
+    return value
+
+
 def _section(name: str, values: Any, base: Path) -> Any:
     kind = _SECTIONS[name]
     if not isinstance(values, dict):
         raise ValueError(f"[{name}] must be a table")
-    known = {f.name for f in dataclasses.fields(kind)}
-    if unknown := sorted(set(values) - known):
-        raise ValueError(f"[{name}]: unknown keys {unknown} (known: {sorted(known)})")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    if unknown := sorted(set(values) - set(fields)):
+        raise ValueError(f"[{name}]: unknown keys {unknown} (known: {sorted(fields)})")
     converted: dict[str, Any] = {}
     for key, value in values.items():
+        value = _checked(name, key, value, fields[key].type)
         if key in _PATHS:
             value = base / value  # relative to the config file
-        elif key == "scale_jitter":
-            value = None if value is False else tuple(float(v) for v in value)
-        elif isinstance(value, list):
-            value = tuple(value)
         converted[key] = value
     try:
         return kind(**converted)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"[{name}]: {e}") from None
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finesam.data.pairs import list_pairs
+from finesam.data.pairs import check_masks, list_pairs
 from finesam.data.sampling import sample_generator
 from finesam.model.prompts import Prompts
 from finesam.model.sam import SegmentAnything
@@ -102,6 +102,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, optim.lr_drop_epoch, optim.gamma)
 
         pairs = list_pairs(config.data.train)
+        check_masks(pairs)
         if len(pairs) < optim.batch_size:
             raise ValueError(f"{config.data.train}: {len(pairs)} samples, fewer than batch_size {optim.batch_size}")
         if optim.batch_size % self.dist.world:

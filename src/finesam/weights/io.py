@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from finesam.text import listing
+from finesam.weights.integrity import checkpoint_problem, impostor_problem, safetensors_problem
 
 
 class CheckpointError(ValueError):
@@ -141,6 +142,8 @@ def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if (problem := checkpoint_problem(path)) is not None:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -153,8 +156,9 @@ def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"{path}: refused to load; it holds Python objects other than tensors, and finesam only reads plain "
             f"weights (torch.load weights_only=True). Detail: {str(e).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, MemoryError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {detail}") from None
     if isinstance(loaded, Mapping) and not any(isinstance(v, Tensor) for v in loaded.values()):
         loaded = next((loaded[k] for k in ("model", "state_dict") if isinstance(loaded.get(k), Mapping)), loaded)
     if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
@@ -164,11 +168,15 @@ def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors (unless `tensors=False`) and metadata of a safetensors file (memory-mapped read)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if (problem := impostor_problem(path) or safetensors_problem(path)) is not None:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         with safe_open(str(path), framework="pt") as f:
             loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
             return loaded, dict(f.metadata() or {})
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, MemoryError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
 
 
@@ -224,14 +232,25 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata:
     return atomic_write(Path(path), write)
 
 
-def check_tensors(path: str | Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
-    """Raises `CheckpointError` naming missing, unexpected and mis-shaped keys of a file against a model."""
+def tensor_shapes(path: str | Path) -> dict[str, torch.Size]:
+    """The shape of every tensor of a safetensors file, from its header alone (nothing is read or mapped)."""
+    read_safetensors(path, tensors=False)  # the structural checks and their messages
+    with safe_open(str(path), framework="pt") as f:
+        return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+def check_tensors(
+    path: str | Path, tensors: Mapping[str, Tensor | torch.Size], expected: Mapping[str, Tensor], what: str
+) -> None:
+    """Raises `CheckpointError` naming missing, unexpected and mis-shaped keys of a file against a model
+    (`tensors` may give shapes alone: `tensor_shapes`)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+    shapes = {k: v if isinstance(v, torch.Size) else v.shape for k, v in tensors.items()}
     misshaped = [
-        f"{k} {tuple(tensors[k].shape)} -> expected {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(tensors))
-        if expected[k].shape != tensors[k].shape
+        f"{k} {tuple(shapes[k])} -> expected {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(shapes))
+        if expected[k].shape != shapes[k]
     ]
     if missing or unexpected or misshaped:
         raise CheckpointError(

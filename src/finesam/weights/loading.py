@@ -19,6 +19,7 @@ from finesam.weights.io import (
     is_official,
     load_official_state_dict,
     read_format,
+    tensor_shapes,
     write_safetensors,
 )
 from finesam.weights.sam_keys import convert_state_dict, infer_config, is_unused_key
@@ -97,11 +98,17 @@ def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     if is_official(path):
         model = sam_from_state_dict(load_official_state_dict(path), device)
     else:
-        tensors, sections = read_format(path, FORMAT_SAM)
+        _, sections = read_format(path, FORMAT_SAM, tensors=False)
         if "config" not in sections:
             raise CheckpointError(f"{path}: not a finesam SAM file (no 'finesam.config' metadata)")
-        model = SegmentAnything(SAMConfig.from_dict(sections["config"]), device="meta")
-        check_tensors(path, tensors, model.state_dict(), what="the model in its metadata")
+        try:
+            config = SAMConfig.from_dict(sections["config"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: bad 'finesam.config' metadata: {e}") from None
+        model = SegmentAnything(config, device="meta")
+        # shapes from the header first: a crafted file is refused before any tensor is mapped
+        check_tensors(path, tensor_shapes(path), model.state_dict(), what="the model in its metadata")
+        tensors, _ = read_format(path, FORMAT_SAM)
         model = _assign(model, tensors, device)
     return model if dtype is None else model.set_encoder_dtype(dtype)
 

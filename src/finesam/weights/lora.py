@@ -68,8 +68,8 @@ def load_lora(
             exclude=info["exclude"],
             paths=[p for p in in_model if p in in_file],  # the model's order
         )
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: bad 'finesam.lora' metadata: {e}") from None
     expected = adapter.lora_weights()
     problems = [k for k in expected if k not in tensors or tensors[k].shape != expected[k].shape]
     problems += [k for k in tensors if k not in expected]
