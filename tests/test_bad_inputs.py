@@ -5,7 +5,10 @@ wrong-typed configs; fuzzed prompts files and safetensors headers raise only the
 import contextlib
 import io
 import json
+import resource
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -16,17 +19,21 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from safetensors.torch import load_file
 
+from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.lora import SAMLoraAdapter
 from finesam.cli import main
-from finesam.data.pairs import load_pair, read_mask
+from finesam.data.pairs import check_masks, list_pairs, load_pair, read_mask
+from finesam.data.synthetic import write_dataset
+from finesam.evaluation import adapter_configuration, evaluate
 from finesam.model.processing import open_image
 from finesam.training.config import parse_config
-from finesam.weights import CheckpointError, load_sam, save_sam
+from finesam.weights import CheckpointError, load_sam, save_hq, save_lora, save_sam
 from finesam.weights.io import write_safetensors
 
 from conftest import photo
-from helpers import finesam
+from helpers import finesam, write_config
 
 LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 375042383\n".format("ab" * 32)
 HTML_PAGE = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Please sign in</body></html>\n"
@@ -101,8 +108,6 @@ def crafted(path: Path, source: Path, config=None, tensors=None) -> Path:
     metadata = dict(header["__metadata__"])
     if config is not None:
         metadata["finesam.config"] = json.dumps(config)
-    from safetensors.torch import load_file
-
     loaded = load_file(source) if tensors is None else tensors
     return write_safetensors(loaded, path, metadata)
 
@@ -138,8 +143,6 @@ def test_a_huge_declared_tensor_is_refused_from_the_header(tmp_path, weights):
     encoded = json.dumps(header).encode()
     path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + length :])
     refused_quickly(path, "truncated or padded safetensors file")
-    from safetensors.torch import load_file
-
     tensors = load_file(weights)
     tensors[key] = torch.zeros(3, 5, 7)
     refused_quickly(crafted(tmp_path / "shape.safetensors", weights, tensors=tensors), "mis-shaped")
@@ -378,13 +381,8 @@ def test_eval_limit_and_colliding_names(tmp_path, weights, small):
     for limit in ("0", "-1"):
         result = finesam("eval", data, "--weights", weights, "--out", tmp_path / "e", "--limit", limit)
         assert result.returncode == 2 and "--limit" in result.stderr
-    from finesam.weights import save_lora
-
     named_hq = save_lora(SAMLoraAdapter(small, name="hq", rank=2), tmp_path / "hq.lora.safetensors")
     hq = tmp_path / "small.hq.safetensors"
-    from finesam.adapters.hq import HQSAMAdapter
-    from finesam.weights import save_hq
-
     save_hq(HQSAMAdapter(small), hq)
     result = finesam("eval", data, "--weights", weights, "--hq", hq, "--lora", named_hq, "--out", tmp_path / "e")
     assert result.returncode == 2 and "is named 'hq', which already names" in result.stderr
@@ -393,9 +391,6 @@ def test_eval_limit_and_colliding_names(tmp_path, weights, small):
 
 
 def test_zero_one_datasets_evaluate_like_their_twins_and_empty_datasets_are_refused(tmp_path, small):
-    from finesam.data.pairs import check_masks, list_pairs
-    from finesam.evaluation import adapter_configuration, evaluate
-
     rng = np.random.default_rng(3)
     roots = {name: tmp_path / name for name in ("01", "0255", "classes")}
     for index in range(3):
@@ -413,3 +408,50 @@ def test_zero_one_datasets_evaluate_like_their_twins_and_empty_datasets_are_refu
     check_masks(list_pairs(roots["01"]))
     with pytest.raises(ValueError, match=r"the first 3 masks .* are all empty"):
         check_masks(list_pairs(roots["classes"]))  # class index 2: neither a 0/1 nor a 0/255 mask
+
+
+def grey_png(path: Path, side: int) -> Path:
+    """A black side x side greyscale PNG, written row block by row block (a few MB for a huge image)."""
+    compressor, rows = zlib.compressobj(1), b"\0" * (side + 1) * 100  # each row: filter byte 0, then pixels
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)))
+        for _ in range(side // 100):
+            f.write(chunk(b"IDAT", compressor.compress(rows)))
+        f.write(chunk(b"IDAT", compressor.flush()) + chunk(b"IEND", b""))
+    return path
+
+
+def test_out_of_memory_is_one_line(tmp_path, weights):
+    """A 40000 x 40000 image (pixel limit raised) in a process limited to 4 GB of address space: its RGB copy
+    (4.8 GB) cannot be allocated, and the user reads one line, not a traceback."""
+    image = grey_png(tmp_path / "huge.png", 40_000)
+    command = [sys.executable, "-m", "finesam.cli", "segment", str(image), "--weights", str(weights)]
+    command += ["--box", "10,10,900,900", "--out", str(tmp_path / "m.png"), "--max-pixels", str(2 * 10**9)]
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: out of memory" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+
+
+def test_resume_from_a_truncated_checkpoint_and_meta_device(tmp_path, weights):
+    data = write_dataset(tmp_path / "data", 4, seed=0, size=(64, 64))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a checkpoint cut short by a crash
+    config = write_config(tmp_path / "c.toml", weights, data, out, extra="[hq]\n", epochs=1)
+    result = finesam("train", "--config", config, "--resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "checkpoint.pt: a truncated or corrupt PyTorch checkpoint" in result.stderr
+    assert "start again without --resume" in result.stderr
+    image = tmp_path / "photo.png"
+    photo("rocket").save(image)
+    meta = finesam("segment", image, "--weights", weights, "--box", "1,1,9,9", "--out", "m.png", "--device", "meta")
+    assert meta.returncode == 2 and "--device meta holds no data" in meta.stderr

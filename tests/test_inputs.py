@@ -203,8 +203,9 @@ def test_many_prompts_in_the_cli_keep_memory_bounded(tmp_path, small):
             return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) // 1024
         open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current size
         before = status("VmRSS")
+        args = ["segment", "{image}", "--weights", "{weights}", "--prompts", "{prompts}"]
         try:
-            main(["segment", "{image}", "--weights", "{weights}", "--prompts", "{prompts}", "--out", "{tmp_path}/m.png"])
+            main([*args, "--out", "{tmp_path}/m.png"])
         except SystemExit as e:
             assert not e.code, e.code
         print(status("VmHWM") - before)

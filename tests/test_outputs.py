@@ -122,4 +122,3 @@ def test_segment_refuses_a_folder_or_fifo_as_its_mask(tmp_path, target):
     result = finesam(*args)
     assert result.returncode == 2 and "refusing to replace it" in result.stderr and "Traceback" not in result.stderr
     assert out.is_dir() if target == "folder" else stat.S_ISFIFO(out.stat().st_mode)
-

@@ -5,6 +5,7 @@ import re
 import sys
 from collections.abc import Sequence
 
+import torch
 from PIL import Image
 
 from finesam.allocator import reuse_freed_memory
@@ -40,6 +41,15 @@ def _join_signed_values(argv: Sequence[str]) -> list[str]:
     return joined
 
 
+MEMORY_HINT = "give fewer prompts per call, a smaller image, or --dtype bfloat16"
+
+
+def _first_line(error: BaseException) -> str:
+    # refiners appends a dump of the whole chain to errors raised inside it: keep the cause only
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     reuse_freed_memory()  # a process of our own: large tensors without fresh pages (see finesam.allocator)
     args = build_parser().parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
@@ -49,6 +59,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.run(args)
     except (UsageError, CheckpointError, ValueError) as e:
         print(f"finesam {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"finesam {args.command}: error: out of memory ({_first_line(e)}); {MEMORY_HINT}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RuntimeError as e:
+        if not any(words in str(e) for words in ("not enough memory", "out of memory", "can't allocate memory")):
+            raise
+        print(f"finesam {args.command}: error: out of memory ({_first_line(e)}); {MEMORY_HINT}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:  # Ctrl-C: one line (what was kept, if anything), the shell's status 130
         print(f"finesam {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)

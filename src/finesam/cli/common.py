@@ -93,6 +93,8 @@ def load_base(args: argparse.Namespace) -> tuple[SegmentAnything, HQSAMAdapter |
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--device {args.device} is not usable here: {str(e).splitlines()[0]}") from None
+    if device.type == "meta":
+        raise UsageError("--device meta holds no data: use cpu, cuda, mps, ...")
     model = load_sam(args.weights, device)
     hq = hq_weights_for(args.weights, args.hq)
     adapter = None if hq is None else load_hq(model, hq, hq_mask_only=args.hq_only)

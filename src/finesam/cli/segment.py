@@ -19,7 +19,7 @@ from finesam.cli.common import (
 )
 from finesam.cli.options import Commands, add_command, model_options
 from finesam.cli.overlay import overlay
-from finesam.model.processing import as_rgb, open_image
+from finesam.model.processing import as_rgb, open_image, postprocess_masks
 from finesam.model.prompts import prepare_prompts
 from finesam.progress import progress
 from finesam.weights import atomic_write, check_output
@@ -106,14 +106,16 @@ def run_segment(args: argparse.Namespace) -> None:
     model = load_model(args)
     embedding = model.encode_image(image)  # once, for every prompt
     total, index = sum(counts), 0
+    resize = (model.config.image_size, embedding.input_size, embedding.original_size)
     drawn: list[np.ndarray] = []  # the masks, for the overlay only
-    # each prompt's results are written as they come: memory holds one prompt's logits, not every prompt's
+    # masks are written as they come: memory holds one mask's float logits at full size, not every mask's
     for prompt in progress(prompts, "prompts", quiet=args.quiet or len(prompts) == 1):
         multimask = bool(prompt.get("multimask", args.multimask))
-        prediction = model.predict(embedding, **_prompt(prompt), multimask_output=multimask, return_logits=True)
-        logits, scores = prediction.best()
-        for j in range(len(scores)):
-            values = logits[j].float().cpu().numpy()
+        low_res, iou = model.decode_prompts(embedding, **_prompt(prompt), multimask_output=multimask)
+        scores, best = iou.max(dim=1)  # each box's best mask (its only one without multimask)
+        for j in range(len(scores)):  # upsampled one at a time: never a float copy of every mask at full size
+            chosen = low_res[j : j + 1, int(best[j]) : int(best[j]) + 1]
+            values = postprocess_masks(chosen, *resize)[0, 0].float().cpu().numpy()
             mask_path = save_mask(values > 0, suffixed(args.out, index, total))
             print(f"{mask_path}\tpredicted IoU {scores[j].item():.4f}")
             if args.logits is not None:

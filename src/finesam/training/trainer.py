@@ -5,6 +5,7 @@ import gc
 import io
 import json
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -27,10 +28,12 @@ from finesam.training.distributed import Distributed
 from finesam.training.loss import point_sampled_loss
 from finesam.training.plot import plot_loss
 from finesam.weights import load_sam, save_adapter
+from finesam.weights.integrity import checkpoint_problem
 from finesam.weights.io import atomic_write
 from finesam.weights.loading import weights_digest
 
 CHECKPOINT = "checkpoint.pt"
+RESUME_KEYS = {"adapters", "optimizer", "scheduler", "step", "metrics"}
 
 
 class AdapterLoss(nn.Module):
@@ -149,7 +152,17 @@ class Trainer:
         path = self.out / CHECKPOINT
         if not path.is_file():
             raise ValueError(f"nothing to resume: {path} does not exist")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        if (problem := checkpoint_problem(path)) is not None:
+            raise ValueError(f"{path}: {problem}; cannot resume (start again without --resume)")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            if not (
+                isinstance(state, dict) and {"adapters", "optimizer", "scheduler", "step", "metrics"} <= set(state)
+            ):
+                raise ValueError("not a finesam training checkpoint")
+        except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: cannot resume from it ({detail}); start again without --resume") from None
         if sorted(state["adapters"]) != sorted(self.adapters):
             raise ValueError(f"{path} trained {sorted(state['adapters'])}, the config trains {sorted(self.adapters)}")
         for name, adapter in self.adapters.items():
