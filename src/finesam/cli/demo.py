@@ -50,17 +50,18 @@ def find_checkpoint() -> Path | None:
     return None
 
 
-def instructions() -> str:
+def instructions(command: str = "demo", again: str = "make demo") -> str:
+    """What to download from where, for `finesam COMMAND` run without a checkpoint; `again` runs it again."""
     cache = cache_dir()
     first = DEMO_CHECKPOINTS[0]
     lines = [
-        "finesam demo: no SAM checkpoint found.",
+        f"finesam {command}: no SAM checkpoint found.",
         f"Looked for $FINESAM_CHECKPOINT and for these files in {cache} (set $FINESAM_HOME to change it):",
         *(f"  {c.filename:24s} {c.description:24s} {c.url}" for c in DEMO_CHECKPOINTS),
-        "Download one (the smallest is enough), then run the demo again:",
+        f"Download one (the smallest is enough), then run {command} again:",
         f"  .venv/bin/finesam download {first.name}      (verified and resumable), or",
         f"  mkdir -p {cache} && curl -L -o {cache / first.filename} {first.url}",
-        "  make demo",
+        f"  {again}",
     ]
     return "\n".join(lines)
 
@@ -81,7 +82,7 @@ def demo(out_dir: Path) -> int:
     if checkpoint is None:
         print(instructions(), file=sys.stderr)
         return 1
-    weights, hq_weights = _converted(checkpoint)
+    weights, hq_weights = converted_checkpoint(checkpoint)
     model = load_sam(weights)
     adapter = load_hq(model, hq_weights) if hq_weights.is_file() else None
     print(f"model: {describe(model.config)}{' + HQ-SAM adapter' if adapter else ''}")
@@ -102,14 +103,14 @@ def demo(out_dir: Path) -> int:
     return 0
 
 
-def _converted(checkpoint: Path) -> tuple[Path, Path]:
+def converted_checkpoint(checkpoint: Path) -> tuple[Path, Path]:
     """The converted base file (converting the checkpoint into the cache if needed) and its `.hq` sibling path."""
     if checkpoint.suffix != ".safetensors":
         converted = cache_dir() / checkpoint.with_suffix(".safetensors").name
         if not converted.is_file():
-            print(f"converting {checkpoint} ...")
+            print(f"converting {checkpoint} ...", file=sys.stderr)
             converted = convert_checkpoint(checkpoint, cache_dir()).written[0]
-        print(f"weights: {converted}")
+        print(f"weights: {converted}", file=sys.stderr)
         checkpoint = converted
     return checkpoint, checkpoint.with_name(checkpoint.name.replace(".safetensors", ".hq.safetensors"))
 

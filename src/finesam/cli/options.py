@@ -48,11 +48,15 @@ def add_command(
     return parser
 
 
-def model_options(hq_help: str = "inject the HQ-SAM adapter with these weights") -> argparse.ArgumentParser:
-    """--weights, --hq, --hq-only, --device, --dtype: the model a command runs."""
+def model_options(
+    hq_help: str = "inject the HQ-SAM adapter with these weights", weights_required: bool = True
+) -> argparse.ArgumentParser:
+    """--weights, --hq, --hq-only, --device, --dtype, --max-pixels: the model a command runs."""
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("model")
-    group.add_argument("--weights", type=Path, required=True, help="converted .safetensors or official .pth")
+    group.add_argument(
+        "--weights", type=Path, required=weights_required, help="converted .safetensors or official .pth"
+    )
     group.add_argument("--hq", type=Path, metavar="HQ.safetensors", help=f"{hq_help} (or an official HQ-SAM .pth)")
     group.add_argument(
         "--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone instead of SAM's mask + the HQ mask"

@@ -7,7 +7,7 @@ Masks: low-resolution logits upsampled to the model size, cropped to the resized
 import struct
 import warnings
 from pathlib import Path
-from typing import TypeAlias
+from typing import BinaryIO, TypeAlias
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return ((values.astype(np.float64) * 255.0 / 65535.0).round().clip(0, 255)).astype(np.uint8)
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path | BinaryIO) -> Image.Image:
     """An image file opened and fully decoded (nothing is left to fail later), in its own mode.
 
     Images over PIL's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89 million; the CLI's `--max-pixels`)

@@ -1,0 +1,316 @@
+"""`finesam serve` over real HTTP: a server subprocess on 127.0.0.1 with random weights converted from the
+official HQ-SAM package, its masks compared bit for bit with `predict` on the same files in this process."""
+
+import io
+import json
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finesam.adapters.lora import SAMLoraAdapter
+from finesam.amg import AutomaticMaskGenerator
+from finesam.amg.rle import from_coco, rle_to_mask
+from finesam.weights import convert_checkpoint, load_hq, load_lora, load_sam, save_lora
+
+from conftest import SMALL, photo
+from official import build_official
+from served import Served
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("serve")
+    checkpoint = folder / "sam_hq_small.pth"
+    torch.save(build_official(SMALL, seed=5, hq=True).state_dict(), checkpoint)
+    base, hq = convert_checkpoint(checkpoint, folder).written
+    model = load_sam(base)
+    lora = SAMLoraAdapter(model, name="tune", rank=2)
+    torch.manual_seed(0)
+    for parameter in lora.parameters():
+        parameter.data.normal_(0, 0.05)  # a trained-looking LoRA: it changes the masks
+    images = folder / "images"
+    images.mkdir()
+    photo("rocket").save(images / "rocket.png")
+    photo("chelsea").save(images / "chelsea.jpg")
+    (images / "notes.txt").write_text("not listed")
+    return {"base": base, "hq": hq, "lora": save_lora(lora, folder / "tune.lora.safetensors"), "images": images}
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    served = Served(
+        "--weights", files["base"], "--hq", files["hq"], "--lora", files["lora"], "--images", files["images"],
+        "--max-upload-mb", "2", "--cache-images", "3",
+    )  # fmt: skip
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def local(files):
+    """The same weights in this process: the reference."""
+    model = load_sam(files["base"])
+    return model, load_hq(model, files["hq"]), load_lora(model, files["lora"])
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def uploaded(server) -> dict[str, object]:
+    status, answer = server.upload(png(photo("rocket")), "rocket.png")
+    assert status == 200, answer
+    return answer
+
+
+def decoded(answer: dict) -> list[np.ndarray]:
+    return [rle_to_mask(from_coco(mask["rle"])) for mask in answer["masks"]]
+
+
+def expected(local, image, prompt: dict, hq: bool = False, hq_only: bool = False, lora: bool = False) -> dict:
+    model, adapter, tune = local
+    injected = [a for a, on in ((adapter, hq), (tune, lora)) if on]
+    for a in injected:
+        a.inject()
+    adapter.hq_mask_only = hq_only
+    try:
+        kwargs = {"points": prompt.get("points"), "labels": prompt.get("labels"), "boxes": prompt.get("box")}
+        prediction = model.predict(image, multimask_output=prompt.get("multimask", False), **kwargs)
+    finally:
+        for a in reversed(injected):
+            a.eject()
+    return {"masks": [m.numpy() for m in prediction.masks[0]], "scores": prediction.iou_predictions[0].tolist()}
+
+
+PROMPTS = [
+    {"points": [[400, 260]], "labels": [1]},
+    {"box": [120, 60, 520, 480]},
+    {"points": [[400, 260], [150, 100]], "labels": [1, 0], "box": [120, 60, 520, 480], "multimask": True},
+]
+
+
+def test_health_and_model(server):
+    assert server.call("GET", "/api/health") == (200, {"status": "ok"})
+    status, model = server.call("GET", "/api/model")
+    assert status == 200 and model["adapters"] == {"hq": True, "loras": ["tune"]}
+    assert model["model"].startswith("SAM custom") and model["cache"]["limit"] == 3
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["point", "box", "points+box multimask"])
+@pytest.mark.parametrize(
+    "setup", [{}, {"hq": True}, {"hq": True, "hq_only": True}, {"loras": ["tune"]}, {"hq": True, "loras": ["tune"]}]
+)
+def test_masks_equal_predict_bit_for_bit(server, uploaded, local, prompt, setup):
+    status, answer = server.call("POST", f"/api/images/{uploaded['id']}/masks", {**prompt, **setup})
+    assert status == 200, answer
+    reference = expected(
+        local, photo("rocket"), prompt, setup.get("hq", False), setup.get("hq_only", False), "loras" in setup
+    )
+    masks = decoded(answer)
+    # HQ-SAM's multimask rule keeps one mask (the best of SAM's three, with the HQ mask)
+    assert len(masks) == (3 if prompt.get("multimask") and not setup.get("hq") else 1) == len(reference["masks"])
+    for mask, wanted in zip(masks, reference["masks"], strict=True):
+        np.testing.assert_array_equal(mask, wanted)
+    assert [m["score"] for m in answer["masks"]] == pytest.approx(reference["scores"], abs=1e-6)
+    assert answer["ms"] > 0
+
+
+def test_hq_changes_the_mask_and_switching_back_restores_sam(server, uploaded):
+    path = f"/api/images/{uploaded['id']}/masks"
+    prompt = PROMPTS[1]
+    first = decoded(server.call("POST", path, prompt)[1])[0]
+    with_hq = decoded(server.call("POST", path, {**prompt, "hq": True})[1])[0]
+    again = decoded(server.call("POST", path, prompt)[1])[0]
+    assert not np.array_equal(first, with_hq)  # random HQ weights: a different mask
+    np.testing.assert_array_equal(first, again)  # ejected: SAM exactly as before
+    assert server.call("GET", "/api/model")[1]["injected"] == []
+
+
+def test_library_lists_and_opens_only_its_images(server):
+    assert server.call("GET", "/api/library") == (200, {"images": ["chelsea.jpg", "rocket.png"]})
+    status, answer = server.call("POST", "/api/library/chelsea.jpg")
+    assert status == 200 and (answer["width"], answer["height"]) == photo("chelsea").size
+    for name in ("notes.txt", "..%2Fserve.pth", "%2Fetc%2Fpasswd", "missing.png"):
+        status, answer = server.call("POST", f"/api/library/{name}")
+        assert status == 404 and "error" in answer, (name, answer)
+
+
+def test_everything_equals_the_generator(server, uploaded, local):
+    options = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    status, answer = server.call("POST", f"/api/images/{uploaded['id']}/everything", {**options, "hq": True})
+    assert status == 200, answer
+    model, adapter, _ = local
+    adapter.inject()
+    adapter.hq_mask_only = False
+    try:
+        records = AutomaticMaskGenerator(model, **options, output_mode="coco_rle").generate(photo("rocket"))
+    finally:
+        adapter.eject()
+    assert len(answer["annotations"]) == len(records) > 0
+    for annotation, record in zip(answer["annotations"], records, strict=True):
+        assert annotation["segmentation"] == record["segmentation"]
+        assert annotation["bbox"] == record["bbox"] and annotation["area"] == record["area"]
+        assert annotation["score"] == pytest.approx(record["predicted_iou"], abs=1e-6)
+
+
+def bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"IHDR")
+    data[at + 4 : at + 12] = struct.pack(">II", 60_000, 60_000)
+    data[at + 17 : at + 21] = struct.pack(">I", zlib.crc32(bytes(data[at : at + 17])))
+    return bytes(data)
+
+
+BAD_MASK_REQUESTS = [
+    ("not json", b"{points: [1, 2]", "not valid JSON"),
+    ("not an object", [1, 2], "must be a JSON object"),
+    ("no prompt", {}, 'give "points" and/or a "box"'),
+    ("unknown key", {"box": [1, 1, 5, 5], "colour": 1}, "unknown keys ['colour']"),
+    ("point shape", {"points": [[1, 2, 3]]}, "list of [x, y] pairs"),
+    ("string coordinate", {"points": [["1", 2]]}, "must be a number"),
+    ("NaN", b'{"points": [[NaN, 2]]}', "must be finite"),
+    ("label", {"points": [[1, 2]], "labels": [2]}, "1 (foreground) and 0 (background)"),
+    ("label count", {"points": [[1, 2]], "labels": [1, 0]}, "one label per point"),
+    ("box order", {"box": [50, 50, 10, 60]}, "x2 >= x1"),
+    ("box length", {"box": [1, 2, 3]}, "[x1, y1, x2, y2]"),
+    ("outside", {"points": [[5000, 10]]}, "outside"),
+    ("multimask type", {"box": [1, 1, 5, 5], "multimask": "yes"}, '"multimask" must be true or false'),
+    ("unknown lora", {"box": [1, 1, 5, 5], "loras": ["other"]}, "unknown LoRA other"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "message"), BAD_MASK_REQUESTS, ids=[c[0] for c in BAD_MASK_REQUESTS])
+def test_bad_mask_requests_get_422_and_the_server_keeps_serving(server, uploaded, case, body, message):
+    path = f"/api/images/{uploaded['id']}/masks"
+    raw = body if isinstance(body, bytes) else None
+    status, answer = server.call("POST", path, None if raw else body, raw=raw)
+    assert status == 422 and message in answer["error"], (case, answer)
+    assert server.call("POST", path, PROMPTS[1])[0] == 200
+
+
+def test_bad_uploads_and_ids(server):
+    good = io.BytesIO()
+    photo("rocket").save(good, format="JPEG")
+    cases = [
+        (b"hello, not an image", 422, "not a readable image"),
+        (good.getvalue()[:5000], 422, "not a readable image"),  # truncated
+        (bomb(), 413, "pixel limit"),
+        (np.random.default_rng(0).bytes(2_500_000), 413, "over the limit of 2 MB"),
+    ]
+    for content, code, message in cases:
+        status, answer = server.upload(content)
+        assert status == code and message in answer["error"], answer
+    status, answer = server.call("POST", "/api/images", raw=b"plain", headers={"Content-Type": "text/plain"})
+    assert status == 422 and "multipart/form-data" in answer["error"]
+    status, answer = server.call("POST", "/api/images/0123456789abcdef/masks", PROMPTS[1])
+    assert status == 404 and "unknown image id" in answer["error"]
+    assert server.call("GET", "/api/nothing")[0] == 404
+    assert server.call("GET", "/api/images")[0] == 405
+    status, answer = server.call("POST", "/api/images/x/everything", {"points_per_side": 100000})
+    assert status == 422 and "at most 128" in answer["error"]
+    assert server.call("GET", "/api/health")[0] == 200
+
+
+def test_the_cache_is_bounded_and_reported(server):
+    ids = [server.upload(png(photo(name).resize((200, 150))))[1]["id"] for name in ("coffee", "astronaut", "rocket")]
+    for image_id in ids:
+        assert server.call("POST", f"/api/images/{image_id}/masks", {"box": [10, 10, 100, 100]})[0] == 200
+    cache = server.call("GET", "/api/model")[1]["cache"]
+    assert cache["images"] == 3 and cache["bytes"] > 3 * 200 * 150 * 3
+    server.upload(png(photo("chelsea").resize((200, 150))))
+    status, answer = server.call("POST", f"/api/images/{ids[0]}/masks", {"box": [10, 10, 100, 100]})
+    assert status == 404 and "keeps the last 3 images" in answer["error"]
+
+
+def test_concurrent_clients_get_the_sequential_answers(server):
+    """8 clients x 25 prompts over two images, HQ and LoRA switched from request to request: every answer
+    equals the answer the same request gets alone."""
+    images = [server.upload(png(photo(name).resize((600, 400))))[1]["id"] for name in ("rocket", "coffee")]
+    setups = [{}, {"hq": True}, {"loras": ["tune"]}, {"hq": True, "hq_only": True}]
+    requests = [
+        (images[i % 2], {"box": [20 + 7 * i, 30 + 5 * i, 400 + 3 * i, 380], **setups[i % 4]}) for i in range(25)
+    ]
+    alone = [server.call("POST", f"/api/images/{image}/masks", body)[1]["masks"] for image, body in requests]
+    answers: list[list[object]] = [[] for _ in range(8)]
+    errors: list[object] = []
+
+    def client(k: int) -> None:
+        for image, body in requests[k:] + requests[:k]:  # each client in its own order
+            status, answer = server.call("POST", f"/api/images/{image}/masks", body)
+            if status != 200:
+                errors.append(answer)
+            answers[k].append(answer["masks"])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert errors == []
+    for k in range(8):
+        assert answers[k] == alone[k:] + alone[:k]
+
+
+def test_one_log_line_per_request(server):
+    server.call("GET", "/api/health")
+    log = server.stderr().splitlines()
+    assert any(line.startswith("GET /api/health 200 ") and line.endswith(" ms") for line in log)
+    assert any(line.startswith("POST /api/images/") and " 422 " in line for line in log)
+
+
+def test_token_is_required_when_set_and_off_this_machine(files):
+    served = Served("--weights", files["base"], "--token", "s3cret-token")
+    try:
+        assert served.page.endswith("/?token=s3cret-token")
+        status, answer = served.call("GET", "/api/model")
+        assert status == 401 and "access token" in answer["error"]
+        assert served.call("GET", "/api/model", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert served.call("GET", "/api/model", headers={"Authorization": "Bearer s3cret-token"})[0] == 200
+        assert served.call("GET", "/api/health?token=s3cret-token")[0] == 200
+    finally:
+        served.close()
+    anywhere = Served("--weights", files["base"], "--host", "0.0.0.0")
+    try:
+        assert "?token=" in anywhere.page  # generated: never reachable from elsewhere without one
+        assert anywhere.call("GET", "/api/health")[0] == 401
+        token = anywhere.page.split("?token=")[1]
+        assert anywhere.call("GET", f"/api/health?token={token}")[0] == 200
+    finally:
+        anywhere.close()
+
+
+def test_the_page_and_its_files_are_served_without_a_network(server):
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/") as response:
+        html = response.read().decode()
+    assert "static/app.js" in html and "http" not in html.replace("http-equiv", "")  # nothing from elsewhere
+    with urllib.request.urlopen(server.url + "/static/app.js") as response:
+        script = response.read().decode()
+    assert "fetch(" in script and "https://" not in script and "http://" not in script
+    assert server.call("GET", "/static/..%2F__init__.py")[0] == 404
+    assert json.loads(json.dumps(server.call("GET", "/static/secret.py")[1]))["error"]
+
+
+def test_without_weights_it_serves_the_demo_checkpoint(files, tmp_path):
+    """No --weights: the demo's lookup ($FINESAM_CHECKPOINT here), converted into the cache, HQ part included."""
+    checkpoint = files["base"].with_name("sam_hq_small.pth")
+    env = {"FINESAM_CHECKPOINT": str(checkpoint), "FINESAM_HOME": str(tmp_path / "cache")}
+    served = Served(env=env)
+    try:
+        status, model = served.call("GET", "/api/model")
+        assert status == 200 and model["adapters"]["hq"] is True
+    finally:
+        served.close()
+    assert (tmp_path / "cache" / "sam_hq_small.hq.safetensors").is_file()
