@@ -44,6 +44,12 @@ def _join_signed_values(argv: Sequence[str]) -> list[str]:
 MEMORY_HINT = "give fewer prompts per call, a smaller image, or --dtype bfloat16"
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    # the CPU allocator raises a plain RuntimeError; which words it uses depends on the platform
+    words = ("not enough memory", "out of memory", "can't allocate memory")
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(w in str(error) for w in words)
+
+
 def _first_line(error: BaseException) -> str:
     # refiners appends a dump of the whole chain to errors raised inside it: keep the cause only
     lines = [line for line in str(error).splitlines() if line.strip()]
@@ -60,11 +66,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (UsageError, CheckpointError, ValueError) as e:
         print(f"finesam {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (MemoryError, torch.OutOfMemoryError) as e:
-        print(f"finesam {args.command}: error: out of memory ({_first_line(e)}); {MEMORY_HINT}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RuntimeError as e:
-        if not any(words in str(e) for words in ("not enough memory", "out of memory", "can't allocate memory")):
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
             raise
         print(f"finesam {args.command}: error: out of memory ({_first_line(e)}); {MEMORY_HINT}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter
+from finesam.devices import usable_device
 from finesam.model import SegmentAnything
 from finesam.weights import atomic_write, check_output, hq_weights_for, load_hq, load_sam
 
@@ -89,12 +90,9 @@ def load_base(args: argparse.Namespace) -> tuple[SegmentAnything, HQSAMAdapter |
     """The model of `--weights` on `--device` in `--dtype`, and the HQ adapter of `--hq` (or of an official
     HQ-SAM `.pth` given as `--weights`), not injected; `--hq-only` set on it."""
     try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UsageError(f"--device {args.device} is not usable here: {str(e).splitlines()[0]}") from None
-    if device.type == "meta":
-        raise UsageError("--device meta holds no data: use cpu, cuda, mps, ...")
+        device = usable_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device {args.device} {e}") from None
     model = load_sam(args.weights, device)
     hq = hq_weights_for(args.weights, args.hq)
     adapter = None if hq is None else load_hq(model, hq, hq_mask_only=args.hq_only)

@@ -114,7 +114,7 @@ class ModelHost:
 
     @contextmanager
     def _setup(self, hq: bool, loras: Sequence[str], hq_only: bool = False) -> Iterator[None]:
-        self.check_adapters(hq, loras)
+        """The model with exactly these adapters injected (lock held; `check_adapters` already passed)."""
         self._switch({*loras, *([HQ] if hq else [])})
         if self.hq is not None:
             self.hq.hq_mask_only = hq_only

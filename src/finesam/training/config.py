@@ -7,13 +7,12 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
-import torch
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib  # pyright: ignore[reportMissingImports]
 
+from finesam.devices import usable_device
 from finesam.text import check_name
 from finesam.training.loss import IMPORTANCE_SAMPLE_RATIO, NUM_POINTS, OVERSAMPLE_RATIO
 
@@ -92,12 +91,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         try:
-            device = torch.device(self.device)
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise ValueError(f"device = {self.device!r} is not usable here ({str(e).splitlines()[0]})") from None
-        if device.type == "meta":
-            raise ValueError("device = 'meta' holds no data: use cpu, cuda, mps, ...")
+            usable_device(self.device)
+        except ValueError as e:
+            raise ValueError(f"device = {self.device!r} {e}") from None
 
 
 @dataclass(frozen=True)

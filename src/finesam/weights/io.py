@@ -57,7 +57,8 @@ def _section(value: str) -> Any:
 
 
 def read_format(path: str | Path, kind: str, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors (unless `tensors=False`) and decoded metadata sections of a finesam file of `kind`.
+    """Tensors (with `tensors=False`: their shapes and dtypes alone, on `meta`) and decoded metadata sections of a
+    finesam file of `kind`.
 
     Raises:
         CheckpointError: the file is unreadable or not of that kind.
@@ -167,14 +168,16 @@ def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors (unless `tensors=False`) and metadata of a safetensors file (memory-mapped read)."""
+    """Tensors and metadata of a safetensors file (memory-mapped read). With `tensors=False` the tensors are on
+    `meta`: their shapes and dtypes come from the header alone, nothing is read or mapped."""
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such file")
     if (problem := impostor_problem(path) or safetensors_problem(path)) is not None:
         raise CheckpointError(f"{path}: {problem}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
+            keys = list(f.keys())
+            loaded = {k: f.get_tensor(k) if tensors else _meta_tensor(f.get_slice(k)) for k in keys}
             return loaded, dict(f.metadata() or {})
     except (SafetensorError, OSError, MemoryError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
@@ -193,6 +196,7 @@ _DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_FROM_NAMES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
@@ -232,25 +236,19 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata:
     return atomic_write(Path(path), write)
 
 
-def tensor_shapes(path: str | Path) -> dict[str, torch.Size]:
-    """The shape of every tensor of a safetensors file, from its header alone (nothing is read or mapped)."""
-    read_safetensors(path, tensors=False)  # the structural checks and their messages
-    with safe_open(str(path), framework="pt") as f:
-        return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+def _meta_tensor(view: Any) -> Tensor:
+    """A `meta` tensor of the shape and dtype a safetensors slice declares."""
+    return torch.empty(view.get_shape(), dtype=_FROM_NAMES.get(view.get_dtype(), torch.uint8), device="meta")
 
 
-def check_tensors(
-    path: str | Path, tensors: Mapping[str, Tensor | torch.Size], expected: Mapping[str, Tensor], what: str
-) -> None:
-    """Raises `CheckpointError` naming missing, unexpected and mis-shaped keys of a file against a model
-    (`tensors` may give shapes alone: `tensor_shapes`)."""
+def check_tensors(path: str | Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
+    """Raises `CheckpointError` naming missing, unexpected and mis-shaped keys of a file against a model."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    shapes = {k: v if isinstance(v, torch.Size) else v.shape for k, v in tensors.items()}
     misshaped = [
-        f"{k} {tuple(shapes[k])} -> expected {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(shapes))
-        if expected[k].shape != shapes[k]
+        f"{k} {tuple(tensors[k].shape)} -> expected {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors))
+        if expected[k].shape != tensors[k].shape
     ]
     if missing or unexpected or misshaped:
         raise CheckpointError(

@@ -19,7 +19,6 @@ from finesam.weights.io import (
     is_official,
     load_official_state_dict,
     read_format,
-    tensor_shapes,
     write_safetensors,
 )
 from finesam.weights.sam_keys import convert_state_dict, infer_config, is_unused_key
@@ -98,7 +97,7 @@ def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     if is_official(path):
         model = sam_from_state_dict(load_official_state_dict(path), device)
     else:
-        _, sections = read_format(path, FORMAT_SAM, tensors=False)
+        declared, sections = read_format(path, FORMAT_SAM, tensors=False)
         if "config" not in sections:
             raise CheckpointError(f"{path}: not a finesam SAM file (no 'finesam.config' metadata)")
         try:
@@ -107,7 +106,7 @@ def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
             raise CheckpointError(f"{path}: bad 'finesam.config' metadata: {e}") from None
         model = SegmentAnything(config, device="meta")
         # shapes from the header first: a crafted file is refused before any tensor is mapped
-        check_tensors(path, tensor_shapes(path), model.state_dict(), what="the model in its metadata")
+        check_tensors(path, declared, model.state_dict(), what="the model in its metadata")
         tensors, _ = read_format(path, FORMAT_SAM)
         model = _assign(model, tensors, device)
     return model if dtype is None else model.set_encoder_dtype(dtype)
