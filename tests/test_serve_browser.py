@@ -110,17 +110,20 @@ def test_click_drag_hq_toggle_and_export(served, browser, downloads, tmp_path):
     wait_for(lambda: canvas.size["width"] > 100, "the image on the page")
     width, height = canvas.size["width"], canvas.size["height"]
 
+    def drawn() -> bool:  # every request answered and the canvases redrawn
+        return browser.execute_script("return finesam.busy === 0")
+
     def results() -> list[Any]:
         return browser.execute_script("return finesam.objects.map(o => o.results.main ? o.results.main.request : null)")
 
     # a foreground click on the rocket (offsets are from the canvas centre)
     ActionChains(browser).move_to_element_with_offset(canvas, 0, -height // 10).click().perform()
-    wait_for(lambda: results() and results()[0], "the first mask")
+    wait_for(lambda: results() and results()[0] and drawn(), "the first mask")
     # a second object from a dragged box
     browser.find_element(By.TAG_NAME, "body").send_keys("n")
     actions = ActionChains(browser).move_to_element_with_offset(canvas, -width // 3, -height // 3).click_and_hold()
     actions.move_by_offset(width // 4, height // 4).move_by_offset(width // 8, height // 8).release().perform()
-    wait_for(lambda: len(results()) == 2 and results()[1], "the box's mask")
+    wait_for(lambda: len(results()) == 2 and results()[1] and drawn(), "the box's mask")
     requests = results()
     assert requests[0]["points"] and requests[0]["labels"] == [1] and requests[0]["box"] is None
     assert requests[1]["box"] is not None and "points" not in requests[1]
@@ -129,7 +132,7 @@ def test_click_drag_hq_toggle_and_export(served, browser, downloads, tmp_path):
     assert sam.any()
 
     browser.find_element(By.ID, "hq").click()
-    wait_for(lambda: all(r and r["hq"] for r in results()), "the HQ-SAM masks")
+    wait_for(lambda: all(r and r["hq"] for r in results()) and drawn(), "the HQ-SAM masks")
     hq = overlay_mask(browser)
     np.testing.assert_array_equal(hq, api_union(served, image_id, results()))
     assert not np.array_equal(hq, sam)  # HQ-SAM's masks differ (random HQ weights)
@@ -152,7 +155,8 @@ def test_click_drag_hq_toggle_and_export(served, browser, downloads, tmp_path):
         assert min(xs) >= 0 and max(xs) < 800
 
     browser.find_element(By.ID, "compare").click()  # SAM | HQ-SAM side by side, for the picture
-    wait_for(lambda: browser.execute_script("return finesam.objects.every(o => o.results.hq)"), "the compare view")
+    both = "return finesam.objects.every(o => o.results.hq)"
+    wait_for(lambda: browser.execute_script(both) and drawn(), "the compare view")
     np.testing.assert_array_equal(overlay_mask(browser, "hq"), hq)
     np.testing.assert_array_equal(overlay_mask(browser, "main"), sam)
     shot = Path(os.environ.get("FINESAM_SCREENSHOT") or tmp_path / "serve.png")
@@ -160,5 +164,5 @@ def test_click_drag_hq_toggle_and_export(served, browser, downloads, tmp_path):
     assert Image.open(shot).size[0] >= 1000
 
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.CONTROL, "z")  # undo the box
-    wait_for(lambda: results()[1:] == [None] and results()[0], "the undone box")
+    wait_for(lambda: results()[1:] == [None] and results()[0] and drawn(), "the undone box")
     np.testing.assert_array_equal(overlay_mask(browser, "main"), api_union(served, image_id, results()[:1]))
