@@ -100,7 +100,8 @@ class WindowPartition(fl.Module):
     def forward(self, x: Float[Tensor, "batch height width dim"]) -> Float[Tensor, "windows size size dim"]:
         batch, height, width, dim = x.shape
         w = self.window_size
-        x = F.pad(x, (0, 0, 0, -width % w, 0, -height % w))
+        # (w - n % w) % w rather than -n % w: the ONNX exporter's tracer rounds divisions of negatives toward 0
+        x = F.pad(x, (0, 0, 0, (w - width % w) % w, 0, (w - height % w) % w))
         rows, cols = x.shape[1] // w, x.shape[2] // w
         return x.view(batch, rows, w, cols, w, dim).transpose(2, 3).reshape(-1, w, w, dim)
 
@@ -117,7 +118,7 @@ class WindowMerge(fl.Module):
     ) -> Float[Tensor, "batch height width dim"]:
         batch, height, width, _ = reference.shape
         w = self.window_size
-        rows, cols = -(-height // w), -(-width // w)
+        rows, cols = (height + w - 1) // w, (width + w - 1) // w  # no negative operands (see WindowPartition)
         x = windows.view(batch, rows, cols, w, w, -1).transpose(2, 3).reshape(batch, rows * w, cols * w, -1)
         return x[:, :height, :width].contiguous()
 

@@ -28,4 +28,6 @@ class LayerNorm2d(fl.LayerNorm2d):
 
     def forward(self, x: Float[Tensor, "batch channels height width"]) -> Float[Tensor, "batch channels height width"]:
         channels_last = x.permute(0, 2, 3, 1)
-        return F.layer_norm(channels_last, (x.shape[1],), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        # the channel count from the weight, not the input: a constant for the ONNX exporter's tracer
+        channels = (self.weight.shape[0],)
+        return F.layer_norm(channels_last, channels, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)

@@ -13,11 +13,10 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
+from finesam.inputs import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PADDING_LABEL
 from finesam.model.config import SAMConfig
 from finesam.model.layers import GeLU, LayerNorm2d
 from finesam.model.prompts import Prompts
-
-PADDING_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 0, 1, 2, 3
 
 
 def labelled_points(prompts: Prompts) -> tuple[Float[Tensor, "batch n 2"], Int[Tensor, "batch n"]]:

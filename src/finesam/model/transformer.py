@@ -58,10 +58,12 @@ class FewKeysDotProduct(fl.ScaledDotProductAttention):
         heads = self.num_heads
         scaled_keys = key * (dim // heads) ** -0.5
         # (B, H * L, D) x (B, D, Q): the scores of every head, one row per (head, key)
-        scores = (_block_diagonal(scaled_keys, heads).mT @ query.mT).unflatten(1, (heads, keys))
+        # (transpose rather than .mT: the ONNX exporter has no .mT)
+        keys_rows = _block_diagonal(scaled_keys, heads).transpose(1, 2)
+        scores = (keys_rows @ query.transpose(1, 2)).unflatten(1, (heads, keys))
         weights = (scores - scores.amax(dim=2, keepdim=True)).exp()
         weights = (weights / weights.sum(dim=2, keepdim=True)).flatten(1, 2)
-        return weights.mT @ _block_diagonal(value, heads).mT  # (B, Q, H * L) x (B, H * L, D)
+        return weights.transpose(1, 2) @ _block_diagonal(value, heads).transpose(1, 2)  # (B, Q, H * L) x (B, H * L, D)
 
 
 class TokenSelfAttention(fl.Chain):

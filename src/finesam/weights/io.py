@@ -87,11 +87,11 @@ def _remove_stale_temporaries(path: Path) -> None:
     """Temporaries of `path` left by writers that no longer run (a killed conversion, say)."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name.removeprefix(f".{path.name}.").split(".", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not process_running(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -101,7 +101,7 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def process_umask() -> int:
     """The process umask. Linux reports it in /proc; elsewhere reading it means setting it for an instant
     (which another thread creating a file in that instant would see)."""
     try:
@@ -123,7 +123,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~process_umask()
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)

@@ -123,8 +123,13 @@ class CachedHQFeatures(fl.Chain):
             return cached
         features = self.ensure_find(HQFeatureFusion)(embedding)
         if inference:
-            image.update({HQ_FEATURES: features, HQ_FEATURES_KEY: self._key()})
+            self.keep(features)
         return features
+
+    def keep(self, features: Float[Tensor, "batch dim/8 4*grid 4*grid"]) -> None:
+        """Takes `features` as the HQ features of the current image, for every prompt until the next image
+        (at inference); also features computed elsewhere, e.g. by an exported encoder."""
+        self.use_context("image").update({HQ_FEATURES: features, HQ_FEATURES_KEY: self._key()})
 
 
 class HQMaskFeatures(fl.Chain):
@@ -219,7 +224,9 @@ class HQOutputRule(fl.ContextModule):
         sam_masks, hq_mask = masks[:, :-1], masks[:, -1:]
         if self.use_context("sam")["multimask_output"]:
             best_iou, best = iou[:, 1:].max(dim=1, keepdim=True)
-            sam_mask = sam_masks[:, 1:].take_along_dim(best[..., None, None], dim=1)
+            candidates = sam_masks[:, 1:]
+            # gather rather than take_along_dim: the ONNX exporter has no take_along_dim
+            sam_mask = candidates.gather(1, best[..., None, None].expand(-1, -1, *candidates.shape[2:]))
         else:
             best_iou, sam_mask = iou[:, :1], sam_masks[:, :1]
         return (hq_mask if self.hq_mask_only else sam_mask + hq_mask), best_iou

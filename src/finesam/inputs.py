@@ -1,0 +1,242 @@
+"""Images and prompts as users give them, checked and brought to SAM's input frame: numpy and PIL only.
+
+Shared by the torch model (`finesam.model`) and the torch-free ONNX runtime (`finesam.onnx`), so both read
+images, resize them and check prompts by the same rules.
+
+Images: longest side resized to the model size (PIL bilinear on uint8, as the official `SamPredictor`),
+normalised with SAM's pixel mean and std, padded bottom/right with zeros.
+"""
+
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeAlias
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+# the label of every sparse prompt point, as the official encoder (and its ONNX interface) numbers them
+PADDING_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 0, 1, 2, 3
+
+ImageLike: TypeAlias = Image.Image | np.ndarray
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+MASK_THRESHOLD = 0.0
+
+
+def resized_shape(height: int, width: int, longest_side: int) -> tuple[int, int]:
+    """(height, width) after scaling the longest side to `longest_side`, rounded half up.
+
+    As the official transform, except that a side never rounds down to 0 (very elongated images).
+    """
+    scale = longest_side / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """16-bit (or wider integer) samples scaled to 0..255, rounded."""
+    return ((values.astype(np.float64) * 255.0 / 65535.0).round().clip(0, 255)).astype(np.uint8)
+
+
+def open_image(path: str | Path | BinaryIO) -> Image.Image:
+    """An image file opened and fully decoded (nothing is left to fail later), in its own mode.
+
+    Images over PIL's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89 million; the CLI's `--max-pixels`)
+    are refused before they are decoded: a small file can declare a huge image (a decompression bomb).
+
+    Raises:
+        ValueError: the file is missing, not an image, truncated or corrupt, or over the pixel limit.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    hint = "a decompression bomb? Raise the limit with --max-pixels or PIL.Image.MAX_IMAGE_PIXELS"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the exact limit
+            image = Image.open(path)  # reads the header only; raises itself at twice PIL's limit
+        if limit is not None and image.width * image.height > limit:
+            pixels = image.width * image.height
+            raise ValueError(
+                f"{path}: {image.width} x {image.height} = {pixels} pixels, over the pixel limit of {limit} ({hint})"
+            )
+        image.load()
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: over the pixel limit of {limit}: {e} ({hint})") from None
+    except ValueError as e:
+        if "pixel limit" in str(e):
+            raise
+        raise ValueError(f"{path}: not a readable image (truncated or corrupt?): {e}") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not an image") from None
+    except (OSError, SyntaxError, EOFError, struct.error, IndexError, TypeError) as e:
+        # PIL's decoders raise all of these on corrupt files
+        raise ValueError(f"{path}: not a readable image (truncated or corrupt?): {e}") from None
+    return image
+
+
+def as_rgb(image: ImageLike) -> Image.Image:
+    """An 8-bit RGB PIL image, oriented as a viewer shows it.
+
+    Accepts PIL images of any mode (RGB, RGBA and LA lose their alpha, L, P, CMYK, 16-bit I;16 and I are
+    scaled to 8 bits) with their EXIF orientation applied, and numpy arrays HxWx3 / HxWx4 / HxW of uint8
+    (or uint16, scaled). Raises `ValueError` for anything else.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint16:
+            image = _to_uint8(image)
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ValueError(
+                f"numpy images must be uint8 (or uint16) arrays of shape HxWx3, HxWx4 or HxW, "
+                f"got {image.dtype} {image.shape}"
+            )
+        image = Image.fromarray(np.ascontiguousarray(image))
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    else:
+        try:
+            image.load()  # a lazily opened file fails here, not in the middle of the work
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as e:
+            name = getattr(image, "filename", "") or "the image"
+            raise ValueError(f"{name}: not a readable image (truncated or corrupt?): {e}") from None
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the image is empty ({image.width}x{image.height})")
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose would copy the image anyway
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        image = Image.fromarray(_to_uint8(np.asarray(image)))
+    elif image.mode == "F":
+        image = Image.fromarray(np.asarray(image).clip(0, 255).round().astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def scale_coordinates(coords: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    """(..., 2) x/y pixel coordinates in the original image to coordinates in the resized image."""
+    scaled = np.array(coords, dtype=np.float64)
+    scaled[..., 0] *= input_size[1] / original_size[1]
+    scaled[..., 1] *= input_size[0] / original_size[0]
+    return scaled
+
+
+def normalised(image: Image.Image, shape: tuple[int, int]) -> np.ndarray:
+    """An RGB image resized to (height, width) as the official predictor does (PIL bilinear on uint8), then
+    normalised with SAM's pixel mean and std: float32 (3, height, width)."""
+    height, width = shape
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    mean, std = np.array(PIXEL_MEAN, dtype=np.float32), np.array(PIXEL_STD, dtype=np.float32)
+    return ((resized - mean) / std).transpose(2, 0, 1)
+
+
+def model_input(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The model input for an RGB image (see `as_rgb`): float32 (1, 3, size, size), the resized image padded
+    bottom/right with zeros; and the (height, width) the image occupies inside it."""
+    height, width = resized_shape(image.height, image.width, size)
+    padded = np.zeros((1, 3, size, size), dtype=np.float32)
+    padded[0, :, :height, :width] = normalised(image, (height, width))
+    return padded, (height, width)
+
+
+def _array(value: Any, name: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor (torch itself is not imported here)
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be numeric, got {type(value).__name__}: {e}") from None
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def _check_inside(coords: np.ndarray, name: str, original_size: tuple[int, int]) -> None:
+    height, width = original_size
+    x, y = coords[..., 0], coords[..., 1]
+    if (x < 0).any() or (y < 0).any() or (x > width).any() or (y > height).any():
+        raise ValueError(f"{name} lie outside the {width}x{height} image: {coords.reshape(-1, 2).tolist()}")
+
+
+def _batched(array: np.ndarray, ndim: int, name: str, shape_hint: str) -> np.ndarray:
+    if array.ndim == ndim - 1:
+        array = array[None]
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape_hint}, got {tuple(array.shape)}")
+    return array
+
+
+@dataclass(frozen=True)
+class CheckedPrompts:
+    """User prompts that passed `check_prompts`, in pixels of the original image, each with a batch axis of
+    1 or `batch` (a batch of one is meant for every prompt)."""
+
+    batch: int
+    points: np.ndarray | None = None  # (B or 1, N, 2) x, y
+    labels: np.ndarray | None = None  # (B or 1, N): 1 foreground, 0 background
+    boxes: np.ndarray | None = None  # (B or 1, 4) x1, y1, x2, y2
+    mask_input: np.ndarray | None = None  # (B or 1, 1, M, M) logits
+
+
+def check_prompts(
+    *,
+    points: Any = None,
+    labels: Any = None,
+    boxes: Any = None,
+    mask_input: Any = None,
+    original_size: tuple[int, int],
+    mask_input_size: int,
+) -> CheckedPrompts:
+    """Checks prompts given in original-image pixels; every problem is a `ValueError` that says what is wrong.
+
+    points: (N, 2) or (B, N, 2) x, y; labels: (N,) or (B, N), 1 foreground / 0 background (default: all 1);
+    boxes: (4,) or (B, 4) x1, y1, x2, y2; mask_input: (M, M), (1, M, M) or (B, 1, M, M) logits.
+    A batch of one (points, or mask) goes with a larger batch of another kind (usually boxes).
+    """
+    checked: dict[str, np.ndarray] = {}
+    batch_sizes: dict[str, int] = {}
+    if points is None and labels is not None:
+        raise ValueError("labels were given without points")
+    if points is not None:
+        coords = _batched(_array(points, "points"), 3, "points", "(N, 2) or (B, N, 2)")
+        if coords.shape[-1] != 2 or coords.shape[1] == 0:
+            raise ValueError(f"points must have shape (N, 2) or (B, N, 2) with N >= 1, got {tuple(coords.shape)}")
+        _check_inside(coords, "points", original_size)
+        kinds = (
+            np.ones(coords.shape[:2])
+            if labels is None
+            else _batched(_array(labels, "labels"), 2, "labels", "(N,) or (B, N)")
+        )
+        if kinds.shape != coords.shape[:2]:
+            raise ValueError(f"labels must have shape {coords.shape[:2]} to match points, got {tuple(kinds.shape)}")
+        if not np.isin(kinds, (0, 1)).all():
+            raise ValueError(f"labels must be 1 (foreground) or 0 (background), got {np.unique(kinds).tolist()}")
+        checked["points"], checked["labels"] = coords, kinds
+        batch_sizes["points"] = coords.shape[0]
+    if boxes is not None:
+        box_array = _batched(_array(boxes, "boxes"), 2, "boxes", "(4,) or (B, 4)")
+        if box_array.shape[-1] != 4 or box_array.shape[0] == 0:
+            raise ValueError(f"boxes must have shape (4,) or (B, 4), got {tuple(box_array.shape)}")
+        corners = box_array.reshape(-1, 2, 2)
+        _check_inside(corners, "box corners", original_size)
+        if (corners[:, 1] < corners[:, 0]).any():
+            raise ValueError(f"boxes must be x1, y1, x2, y2 with x2 >= x1 and y2 >= y1, got {box_array.tolist()}")
+        checked["boxes"] = box_array
+        batch_sizes["boxes"] = box_array.shape[0]
+    if mask_input is not None:
+        masks = _array(mask_input, "mask_input")
+        masks = masks[None] if masks.ndim == 2 else masks
+        masks = masks[None] if masks.ndim == 3 else masks
+        if masks.ndim != 4 or masks.shape[1:] != (1, mask_input_size, mask_input_size):
+            raise ValueError(
+                f"mask_input must have shape ({mask_input_size}, {mask_input_size}), (1, {mask_input_size}, "
+                f"{mask_input_size}) or (B, 1, {mask_input_size}, {mask_input_size}), got {tuple(np.shape(mask_input))}"
+            )
+        checked["mask_input"] = masks
+        batch_sizes["mask_input"] = masks.shape[0]
+    if not batch_sizes:
+        raise ValueError("the prompt is empty: give points, boxes or a mask_input")
+    batch = max(batch_sizes.values())
+    if any(size not in (1, batch) for size in batch_sizes.values()):
+        raise ValueError(f"prompt batch sizes do not match: {batch_sizes}")
+
+    return CheckedPrompts(batch, **checked)
