@@ -18,7 +18,7 @@ from finesam.model import SAMConfig, SegmentAnything
 from finesam.model.config import ViTConfig
 from finesam.weights.loading import sam_from_state_dict
 
-from official import build_official
+from official import HQSamPredictor, build_official, random_official
 
 # Small ViT (so CI stays fast), full-size prompt encoder and decoder. The 16x16 grid with 6x6 windows
 # exercises window padding; blocks 1 and 3 are global.
@@ -75,6 +75,16 @@ def official_small():
 @pytest.fixture(scope="session")
 def small(official_small) -> SegmentAnything:
     return sam_from_state_dict(official_small.state_dict())
+
+
+@pytest.fixture(scope="session")
+def official_vit_b_hq_square():
+    """A full-size official HQ-SAM ViT-B (random weights) and its predictor with the square photo set: the one
+    official ViT-B HQ encoding that the torch and ONNX parity tests share."""
+    official = random_official("vit_b", seed=5, hq=True)
+    predictor = HQSamPredictor(official)
+    predictor.set_image(np.asarray(PHOTOS["square"]()))
+    return official, predictor
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -68,10 +68,14 @@ def assert_matches_official_predictor(
 ) -> None:
     """Embedding, then every prompt kind of `prompts_for`, against the official predictor on the same weights.
 
+    `official` is the official model, or a predictor of it with `image` already set (shared by tests);
     `options` go to the official `predict` only (e.g. `hq_token_only` for HQ-SAM's predictor).
     """
-    predictor = predictor_class(official)
-    predictor.set_image(np.asarray(image))
+    if isinstance(official, (SamPredictor, HQSamPredictor)):
+        predictor = official
+    else:
+        predictor = predictor_class(official)
+        predictor.set_image(np.asarray(image))
     embedding = model.encode_image(image)
     assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
     for kwargs in prompts_for(image).values():

@@ -10,7 +10,7 @@ from finesam.amg import AutomaticMaskGenerator
 from finesam.cli import build_parser
 from finesam.cli.options import GENERATOR_OPTIONS
 
-COMMANDS = ("convert", "download", "segment", "everything", "demo", "serve", "train", "synth", "eval")
+COMMANDS = ("convert", "download", "segment", "everything", "demo", "serve", "export", "train", "synth", "eval")
 
 
 def sub_parsers() -> dict[str, argparse.ArgumentParser]:

@@ -12,7 +12,7 @@ from refiners.fluxion.layers.chain import ChainError
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.hq.layers import HQFeatureFusion, HQMaskFeatures, HQMaskProduct
-from finesam.model import PRESETS, SAM_VIT_B, SegmentAnything
+from finesam.model import PRESETS, SegmentAnything
 from finesam.model.prompts import Prompts
 from finesam.weights import CheckpointError, convert_checkpoint, holds_hq, load_hq, load_sam, save_hq, save_sam
 from finesam.weights.hq import convert_hq_state_dict, is_hq_key
@@ -137,11 +137,11 @@ def test_predict_matches_official_hq_predictor(official_hq, hq, name, hq_only):
     assert_matches_official_hq_predictor(official_hq, model, adapter, PHOTOS[name](), hq_only)
 
 
-def test_full_size_vit_b_hq_matches_official():
-    official = build_official(SAM_VIT_B, seed=5, hq=True)
+def test_full_size_vit_b_hq_matches_official(official_vit_b_hq_square):
+    official, predictor = official_vit_b_hq_square
     model, adapter = with_adapter(official)
     adapter.inject()
-    assert_matches_official_hq_predictor(official, model, adapter, PHOTOS["square"](), False, multimasks=(True,))
+    assert_matches_official_hq_predictor(predictor, model, adapter, PHOTOS["square"](), False, multimasks=(True,))
 
 
 @pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h"])

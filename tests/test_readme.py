@@ -56,7 +56,7 @@ def workspace(tmp_path_factory, official_small) -> Path:
 
 def test_the_readme_has_the_commands_this_test_knows():
     names = [command[1] for command in readme_commands()]
-    assert {"download", "convert", "segment", "everything", "demo", "synth", "train", "eval"} <= set(names)
+    assert {"download", "convert", "segment", "everything", "export", "demo", "synth", "train", "eval"} <= set(names)
 
 
 def test_every_readme_command_line_runs(workspace):
@@ -89,4 +89,5 @@ def test_every_readme_command_line_runs(workspace):
     assert (workspace / "truck_mask.png").is_file() and (workspace / "hq_mask.png").is_file()
     assert (workspace / "truck_masks" / "masks.json").is_file() and (workspace / "out" / "demo_overlay.png").is_file()
     assert (workspace / "runs" / "hq" / "hq.safetensors").is_file() and (workspace / "eval" / "eval.md").is_file()
-    assert set(ran) == {"convert", "segment", "everything", "demo", "synth", "train", "eval"}
+    assert (workspace / "onnx" / "model.json").is_file()
+    assert set(ran) == {"convert", "segment", "everything", "export", "demo", "synth", "train", "eval"}

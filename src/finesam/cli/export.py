@@ -1,0 +1,65 @@
+"""`finesam export`: the model (with HQ-SAM, LoRAs) as an ONNX image encoder and prompt decoder (docs/onnx.md)."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from finesam.cli.common import UsageError, check_output_folder, load_base
+from finesam.cli.options import Commands, add_command
+from finesam.onnx import interface as io
+from finesam.weights import load_lora
+
+
+def run_export(args: argparse.Namespace) -> None:
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"export needs {' and '.join(missing)}: pip install 'finesam[onnx]'")
+    from finesam.onnx.export import check_opset, export
+
+    check_output_folder(args.out, "--out")
+    check_opset(args.opset)
+    model, adapter = load_base(args)
+    loras = [load_lora(model, path) for path in args.lora]
+    if adapter is not None:
+        adapter.inject()
+    for lora in loras:
+        lora.inject()
+    report = export(model, args.out, multimask_output=args.multimask, opset=args.opset, quantize=args.quantize)
+    for name in report.files:
+        print(args.out / name)
+    for name in report.files:
+        if name.endswith(io.EXTERNAL_DATA_SUFFIX):
+            model_file = name.removesuffix(io.EXTERNAL_DATA_SUFFIX)
+            print(
+                f"{model_file} is over protobuf's 2 GB: its weights are in {name}; keep the two together",
+                file=sys.stderr,
+            )
+    print(report.summary(), file=sys.stderr)
+
+
+def add_commands(commands: Commands) -> None:
+    export = add_command(
+        commands,
+        "export",
+        "the model as ONNX: image encoder + prompt decoder with the official SAM ONNX interface",
+        description="the model as ONNX: image encoder + prompt decoder with the official SAM ONNX interface "
+        "(docs/onnx.md)\n\nWrites OUT/encoder.onnx, OUT/decoder.onnx and OUT/model.json (and with --quantize "
+        "the int8 *.quant.onnx); LoRAs are folded into the weights they adapt.",
+    )
+    group = export.add_argument_group("model")
+    group.add_argument("--weights", type=Path, required=True, help="converted .safetensors or official .pth")
+    group.add_argument("--hq", type=Path, metavar="HQ.safetensors", help="HQ-SAM weights (or an official HQ-SAM .pth)")
+    group.add_argument(
+        "--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone instead of SAM's mask + the HQ mask"
+    )
+    group.add_argument(
+        "--lora", type=Path, action="append", default=[], metavar="LORA.safetensors", help="merged in; repeatable"
+    )
+    export.add_argument("--out", type=Path, required=True, help="the output folder")
+    export.add_argument(
+        "--multimask", action="store_true", help="the decoder outputs SAM's three candidate masks (HQ-SAM: one)"
+    )
+    export.add_argument("--opset", type=int, default=io.OPSET, help="ONNX opset")
+    export.add_argument("--quantize", action="store_true", help="also int8 models (onnxruntime dynamic quantisation)")
+    export.set_defaults(run=run_export, device="cpu", dtype="float32")

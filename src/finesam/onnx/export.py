@@ -1,0 +1,279 @@
+"""`export`: a `SegmentAnything` (with HQ-SAM and LoRAs injected or not) to encoder.onnx + decoder.onnx +
+model.json, written so that no half-written file ever carries a final name.
+
+torch's TorchScript-based exporter (`torch.onnx.export(dynamo=False)`) is used, as the official SAM script
+does: the official decoder interface sizes its `masks` output from the *values* of `orig_im_size`, which
+the tracer records as ONNX shape arithmetic; torch.export (the dynamo exporter) cannot express an output
+shape that depends on input values. See docs/onnx.md.
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from refiners.fluxion.adapters import LoraAdapter
+from torch.jit import TracerWarning  # pyright: ignore[reportPrivateImportUsage]
+from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
+
+from finesam.adapters.hq.layers import HQOutputRule
+from finesam.inputs import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
+from finesam.model.config import PRESETS
+from finesam.model.sam import SegmentAnything
+from finesam.onnx import interface as io
+from finesam.onnx.graphs import DecoderGraph, EncoderGraph, loras_merged, unchunked_attention
+from finesam.weights.io import process_running, process_umask
+
+# protobuf cannot hold a file over 2 GB: above this the weights go to one external-data file beside it
+INLINE_LIMIT = 2**31 - 2**24
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    folder: Path
+    files: dict[str, int]  # file name -> bytes
+    description: dict[str, Any]  # the content of model.json
+    seconds: float
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{name} ({size / 2**20:.1f} MB)" for name, size in self.files.items())
+        return f"exported to {self.folder} in {self.seconds:.0f} s: {sizes}"
+
+
+def check_opset(opset: int) -> None:
+    """Raises a `ValueError` unless the exporter writes `opset`."""
+    if not io.MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset {opset} is not supported: the exporter writes opsets {io.MIN_OPSET} to {MAX_OPSET}")
+
+
+def _size_name(model: SegmentAnything) -> str:
+    return next((name for name, config in PRESETS.items() if config == model.config), "custom")
+
+
+def _adapters(model: SegmentAnything) -> dict[str, Any]:
+    rule = model.find(HQOutputRule)
+    loras: dict[str, float] = {}
+    for adapter, _ in model.walk(LoraAdapter):
+        loras.update(adapter.scales)
+    return {
+        "hq": None if rule is None else {"hq_mask_only": rule.hq_mask_only},
+        "loras": [{"name": name, "scale": scale} for name, scale in sorted(loras.items())],
+    }
+
+
+def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quantized: bool) -> dict[str, Any]:
+    config = model.config
+    adapters = _adapters(model)
+    hq = adapters["hq"] is not None
+    masks = 3 if multimask_output and not hq else 1  # HQ-SAM outputs one mask per prompt
+    files = {"encoder": io.ENCODER_FILE, "decoder": io.DECODER_FILE}
+    if quantized:
+        files |= {"encoder_quantized": io.QUANTIZED_FILES[io.ENCODER_FILE]}
+        files |= {"decoder_quantized": io.QUANTIZED_FILES[io.DECODER_FILE]}
+    return {
+        "format": io.FORMAT,
+        "version": io.FORMAT_VERSION,
+        "model": {"size": _size_name(model), "encoder": type(config.encoder).__name__, **adapters},
+        "multimask_output": multimask_output,
+        "opset": opset,
+        "exporter": f"torch.onnx TorchScript-based (torch {torch.__version__.split('+')[0]})",
+        "files": files,
+        "preprocessing": {
+            "image_size": config.image_size,
+            "resize": "longest side to image_size, PIL bilinear on 8-bit RGB, rounded half up",
+            "pixel_mean": list(PIXEL_MEAN),
+            "pixel_std": list(PIXEL_STD),
+            "padding": "zeros, bottom and right, after normalisation",
+            "point_coords": "pixels of the resized image (x * resized_width / width, y * resized_height / height)",
+            "point_labels": {"-1": "padding", "0": "background", "1": "foreground", "2": "box top-left"}
+            | {"3": "box bottom-right"},
+            "padding_point": "append (0, 0) with label -1 when there is no box",
+            "mask_threshold": MASK_THRESHOLD,
+        },
+        **io.tensors(config.image_size, config.decoder.prompt_dim, config.embedding_size, hq, masks),
+    }
+
+
+def _example_inputs(model: SegmentAnything) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    config = model.config
+    low = config.mask_input_size
+    image = torch.zeros(1, 3, config.image_size, config.image_size)
+    # one point and a padding point: the traced graph takes any number of points
+    prompt = (
+        torch.tensor([[[10.0, 10.0], [0.0, 0.0]]]),
+        torch.tensor([[1.0, -1.0]]),
+        torch.zeros(1, 1, low, low),
+        torch.zeros(1),
+        torch.tensor([float(config.image_size), float(config.image_size)]),
+    )
+    return image, prompt
+
+
+def _trace(module: torch.nn.Module, args: tuple[Any, ...], path: Path, opset: int, **names: Any) -> None:
+    with warnings.catch_warnings():
+        # the tracer's notes on values it records as constants: image size, token counts, chunk sizes; all
+        # fixed by the interface (only the number of points and the original image size vary, and stay dynamic)
+        warnings.simplefilter("ignore", TracerWarning)
+        # the exporter's own notice that it is deprecated (see the module docstring), and its internals'
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, args, str(path), opset_version=opset, dynamo=False, **names)
+
+
+def _settle(raw: Path, final: Path) -> None:
+    """The traced file `raw` (alone in its folder unless the exporter spilled weights beside it) as `final`,
+    with its weights in one `final.data` file when it is over protobuf's limit."""
+    spilled = len(list(raw.parent.iterdir())) > 1
+    if not spilled and raw.stat().st_size < INLINE_LIMIT:
+        raw.replace(final)
+        return
+    proto = onnx.load(str(raw))
+    location = final.name + io.EXTERNAL_DATA_SUFFIX
+    onnx.save_model(proto, str(final), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
+
+
+def _quantize(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    external = (source.parent / (source.name + io.EXTERNAL_DATA_SUFFIX)).exists()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime logs a generic hint on the root logger for every model
+    try:
+        # the matrix products with weights only: that is where the weights and the time are. Unsigned 8-bit
+        # weights, as the official script: signed or per-channel ones moved the masks three times as much
+        quantize_dynamic(
+            source,
+            target,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            weight_type=QuantType.QUInt8,
+            use_external_data_format=external,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        root.setLevel(level)
+    if external:  # onnxruntime names the data file after the model; ours is NAME.data
+        data = target.parent / (target.name + io.EXTERNAL_DATA_SUFFIX)
+        if not data.exists():
+            proto = onnx.load(str(target))
+            onnx.save_model(proto, str(target), save_as_external_data=True, location=data.name)
+
+
+def export(
+    model: SegmentAnything,
+    folder: str | Path,
+    *,
+    multimask_output: bool = False,
+    opset: int = io.OPSET,
+    quantize: bool = False,
+) -> ExportReport:
+    """Writes `encoder.onnx`, `decoder.onnx` and `model.json` (and with `quantize` the int8 `*.quant.onnx`)
+    into `folder`, for the model as it is: HQ-SAM, if injected, with its `hq_mask_only` setting; injected
+    LoRAs folded into the weights they adapt. The model is left as it was.
+
+    Everything is written in a temporary folder beside `folder` first, then renamed into place; our files of
+    an earlier export that this one does not write (a quantised pair) are removed, so `model.json` always
+    describes the folder.
+
+    Args:
+        model: a float32 model on the CPU.
+        folder: the output folder (created).
+        multimask_output: the decoder outputs the three candidate masks (SAM) instead of one; HQ-SAM always
+            outputs one (with it, SAM's best mask plus the HQ mask, as `predict` does).
+        opset: the ONNX opset.
+        quantize: also write dynamically int8-quantised models (onnxruntime's `quantize_dynamic`).
+
+    Returns:
+        What was written, with sizes and time.
+    """
+    check_opset(opset)
+    parameters = list(model.parameters())
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in parameters):
+        raise ValueError("export a float32 model on the CPU (load it without --device / --dtype)")
+    start = time.perf_counter()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    description = _describe(model, multimask_output, opset, quantize)
+    hq = description["model"]["hq"] is not None
+    image, prompt = _example_inputs(model)
+    _remove_dead_stagings(folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=folder))
+    # the exporter switches the traced wrapper (and so the whole model) to eval mode and back to the wrapper's
+    # mode afterwards, which would leave every module of the model in that one mode: restored one by one below
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        with torch.no_grad(), loras_merged(model), unchunked_attention(model):
+            encoder_out = io.encoder_outputs(hq)
+            encoder = EncoderGraph(model)
+            (staging / "encoder").mkdir()
+            _trace(
+                encoder,
+                (image,),
+                staging / "encoder" / io.ENCODER_FILE,
+                opset,
+                input_names=[io.IMAGE],
+                output_names=list(encoder_out),
+            )
+            # the decoder's example embeddings need only their shapes: not another encoder pass
+            shapes = description["encoder_outputs"]
+            embeddings = tuple(torch.zeros(shapes[name]["shape"]) for name in encoder_out)
+            decoder = DecoderGraph(model, multimask_output)
+            (staging / "decoder").mkdir()
+            _trace(
+                decoder,
+                (embeddings[0], *prompt, *embeddings[1:]),
+                staging / "decoder" / io.DECODER_FILE,
+                opset,
+                input_names=list(io.decoder_inputs(hq)),
+                output_names=list(io.DECODER_OUTPUTS),
+                dynamic_axes={
+                    io.POINT_COORDS: {1: "num_points"},
+                    io.POINT_LABELS: {1: "num_points"},
+                    io.MASKS: {2: "height", 3: "width"},
+                },
+            )
+        for name in (io.ENCODER_FILE, io.DECODER_FILE):
+            _settle(staging / name.removesuffix(".onnx") / name, staging / name)
+            onnx.checker.check_model(str(staging / name))
+            shutil.rmtree(staging / name.removesuffix(".onnx"))
+        if quantize:
+            for source, target in io.QUANTIZED_FILES.items():
+                _quantize(staging / source, staging / target)
+        (staging / io.DESCRIPTION_FILE).write_text(json.dumps(description, indent=1))
+        return _publish(staging, folder, description, time.perf_counter() - start)
+    finally:
+        for module, training in modes:
+            module.training = training
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_dead_stagings(folder: Path) -> None:
+    """Staging folders of exports whose process died (killed mid-export)."""
+    for staging in folder.glob(".export-*-*"):
+        pid = staging.name.split("-")[1]
+        if pid.isdigit() and not process_running(int(pid)) and staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, folder: Path, description: Mapping[str, Any], seconds: float) -> ExportReport:
+    """Renames the staged files into `folder`: data files before the models that name them, model.json last."""
+    written = sorted(p.name for p in staging.iterdir() if p.is_file())
+    order = sorted(written, key=lambda name: (name.endswith(".onnx"), name == io.DESCRIPTION_FILE))
+    mode = 0o666 & ~process_umask()
+    for name in order:
+        os.chmod(staging / name, mode)
+        with open(staging / name, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(staging / name, folder / name)
+    for name in io.ALL_FILES:
+        if name not in written:
+            (folder / name).unlink(missing_ok=True)
+    return ExportReport(folder, {name: (folder / name).stat().st_size for name in order}, dict(description), seconds)

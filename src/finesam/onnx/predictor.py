@@ -1,0 +1,187 @@
+"""`OnnxPredictor`: an exported encoder/decoder pair run with onnxruntime, numpy and PIL; no torch.
+
+It takes prompts as `SegmentAnything.predict` does (pixels of the original image, the same checks), so an
+export can be checked end to end against the torch model, and used where torch is not installed.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finesam.inputs import (
+    BOX_BOTTOM_RIGHT_LABEL,
+    BOX_TOP_LEFT_LABEL,
+    MASK_THRESHOLD,
+    PADDING_LABEL,
+    ImageLike,
+    as_rgb,
+    check_prompts,
+    model_input,
+    scale_coordinates,
+)
+from finesam.onnx import interface as io
+
+
+@dataclass(frozen=True)
+class OnnxEmbedding:
+    """An image encoded by the exported encoder: its outputs by name, and the sizes decoding needs."""
+
+    outputs: dict[str, np.ndarray]  # image_embeddings, and hq_features for HQ-SAM
+    original_size: tuple[int, int]  # (height, width)
+    input_size: tuple[int, int]  # (height, width) inside the model input
+
+
+@dataclass(frozen=True)
+class OnnxPrediction:
+    """As `finesam.model.Prediction`, in numpy: B prompts, C masks each."""
+
+    masks: np.ndarray  # (B, C, H, W) bool, or float32 logits with return_logits=True
+    iou_predictions: np.ndarray  # (B, C)
+    low_res_logits: np.ndarray  # (B, C, 4E, 4E)
+
+
+def read_description(folder: str | Path) -> dict[str, Any]:
+    """The `model.json` of an export folder, checked to be one this version reads.
+
+    Raises:
+        ValueError: no readable model.json, or one of another format or version.
+    """
+    path = Path(folder) / io.DESCRIPTION_FILE
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable finesam export description ({e})") from None
+    if not isinstance(description, dict) or description.get("format") != io.FORMAT:
+        raise ValueError(f'{path}: not a finesam ONNX export (no "format": "{io.FORMAT}")')
+    if description.get("version") != io.FORMAT_VERSION:
+        raise ValueError(f"{path}: export format version {description.get('version')}; this finesam reads 1")
+    return description
+
+
+class OnnxPredictor:
+    """The exported pair of `folder` (see `finesam.onnx.export`) behind a `predict` like the torch model's.
+
+    Args:
+        folder: an export folder (model.json, encoder.onnx, decoder.onnx).
+        quantized: run the int8 models (`*.quant.onnx`, exported with `quantize=True`).
+        providers: onnxruntime execution providers, in order of preference.
+        threads: intra-op threads of each session (default: onnxruntime's choice).
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        quantized: bool = False,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.description = read_description(folder)
+        files = self.description["files"]
+        names = ("encoder_quantized", "decoder_quantized") if quantized else ("encoder", "decoder")
+        if any(name not in files for name in names):
+            raise ValueError(f"{self.folder}: this export has no quantised models (export with --quantize)")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        sessions = []
+        for name in names:
+            path = self.folder / files[name]
+            if not path.is_file():
+                raise ValueError(f"{path}: missing from the export folder")
+            sessions.append(ort.InferenceSession(str(path), options, providers=list(providers)))
+        self.encoder, self.decoder = sessions
+        preprocessing = self.description["preprocessing"]
+        self.image_size: int = preprocessing["image_size"]
+        self.mask_input_size: int = self.description["decoder_inputs"][io.MASK_INPUT]["shape"][-1]
+        self.multimask_output: bool = self.description["multimask_output"]
+        self._encoder_outputs = [output.name for output in self.encoder.get_outputs()]
+        self._decoder_inputs = {i.name for i in self.decoder.get_inputs()}
+
+    def encode_image(self, image: ImageLike) -> OnnxEmbedding:
+        """Encodes an image (PIL of any mode, or a numpy array, as `SegmentAnything.encode_image` takes it)."""
+        rgb = as_rgb(image)
+        pixels, input_size = model_input(rgb, self.image_size)
+        outputs = self.encoder.run(self._encoder_outputs, {io.IMAGE: pixels})
+        named = dict(zip(self._encoder_outputs, outputs, strict=True))
+        return OnnxEmbedding(named, (rgb.height, rgb.width), input_size)
+
+    def predict(
+        self,
+        image: ImageLike | OnnxEmbedding,
+        *,
+        points: Any = None,
+        labels: Any = None,
+        boxes: Any = None,
+        mask_input: Any = None,
+        multimask_output: bool | None = None,
+        return_logits: bool = False,
+    ) -> OnnxPrediction:
+        """Masks for one image and B prompts, given as `SegmentAnything.predict` takes them.
+
+        Args:
+            image: an image or its `OnnxEmbedding`.
+            points, labels, boxes, mask_input: in pixels of the original image (see `SegmentAnything.predict`).
+            multimask_output: fixed by the export; when given, it must match it.
+            return_logits: float logits at the original size instead of boolean masks.
+
+        Returns:
+            Masks (B, C, H, W), predicted IoUs (B, C) and low-resolution logits (B, C, 4E, 4E).
+
+        Raises:
+            ValueError: a malformed prompt, or `multimask_output` other than the export's.
+        """
+        if multimask_output is not None and multimask_output != self.multimask_output:
+            raise ValueError(
+                f"this export was made with multimask_output={self.multimask_output}; export again with"
+                f"{'' if multimask_output else 'out'} --multimask for the other"
+            )
+        embedding = image if isinstance(image, OnnxEmbedding) else self.encode_image(image)
+        checked = check_prompts(
+            points=points,
+            labels=labels,
+            boxes=boxes,
+            mask_input=mask_input,
+            original_size=embedding.original_size,
+            mask_input_size=self.mask_input_size,
+        )
+        results = [self._decode(embedding, checked, i) for i in range(checked.batch)]
+        masks, iou, low_res = (np.concatenate(parts) for parts in zip(*results, strict=True))
+        return OnnxPrediction(masks if return_logits else masks > MASK_THRESHOLD, iou, low_res)
+
+    def _decode(self, embedding: OnnxEmbedding, checked: Any, index: int) -> tuple[np.ndarray, ...]:
+        def pick(array: np.ndarray | None) -> np.ndarray | None:
+            return None if array is None else array[index if len(array) > 1 else 0]
+
+        sizes = (embedding.original_size, embedding.input_size)
+        coords: list[np.ndarray] = []
+        kinds: list[float] = []
+        points, labels, box = pick(checked.points), pick(checked.labels), pick(checked.boxes)
+        if points is not None and labels is not None:
+            coords.append(scale_coordinates(points, *sizes))
+            kinds += list(labels)
+        if box is None and points is not None:  # as the torch model: a padding point stands for the missing box
+            coords.append(np.zeros((1, 2)))
+            kinds.append(PADDING_LABEL)
+        elif box is not None:
+            coords.append(scale_coordinates(box.reshape(2, 2), *sizes))
+            kinds += [BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL]
+        mask = pick(checked.mask_input)
+        low = self.mask_input_size
+        feeds = {
+            io.IMAGE_EMBEDDINGS: embedding.outputs[io.IMAGE_EMBEDDINGS],
+            io.POINT_COORDS: np.concatenate([np.zeros((0, 2)), *coords])[None].astype(np.float32),
+            io.POINT_LABELS: np.array([kinds], dtype=np.float32),
+            io.MASK_INPUT: np.zeros((1, 1, low, low), np.float32) if mask is None else mask[None].astype(np.float32),
+            io.HAS_MASK_INPUT: np.array([0.0 if mask is None else 1.0], dtype=np.float32),
+            io.ORIG_IM_SIZE: np.array(embedding.original_size, dtype=np.float32),
+        }
+        if io.HQ_FEATURES in self._decoder_inputs:
+            feeds[io.HQ_FEATURES] = embedding.outputs[io.HQ_FEATURES]
+        return tuple(self.decoder.run(list(io.DECODER_OUTPUTS), feeds))
