@@ -151,3 +151,63 @@ def test_summarise():
         summarise([], [])
     with pytest.raises(ValueError, match="NaN"):
         summarise([float("nan")], [0.0])
+
+
+def hq_sam_boundary(mask: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
+    """The HQ-SAM evaluation's `mask_to_boundary`, with OpenCV as it uses it: one ring of zeros around the
+    mask, `d` erosions by a 3x3 square (OpenCV's erode sees foreground beyond the padded image), subtract."""
+    import cv2
+
+    height, width = mask.shape
+    dilation = max(1, round(dilation_ratio * np.sqrt(height**2 + width**2)))
+    padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=dilation)[1:-1, 1:-1]
+    return mask & ~eroded.astype(bool)
+
+
+def hq_sam_boundary_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    pred_band, gt_band = hq_sam_boundary(pred), hq_sam_boundary(gt)
+    union = (pred_band | gt_band).sum()
+    return float((pred_band & gt_band).sum() / union) if union else 1.0  # the reference divides by zero
+
+
+def full_size_masks() -> dict[str, np.ndarray]:
+    """Masks at DIS size (2048 x 1365, so d = 49): a real silhouette scaled up, thin wires, one touching the
+    border, noise, an empty and a full one."""
+    from PIL import Image
+    from skimage import data
+
+    height, width = 1365, 2048
+    horse = np.asarray(Image.fromarray(~data.horse()).resize((width, height), Image.Resampling.NEAREST))
+    rng = np.random.default_rng(0)
+    wires = np.zeros((height, width), dtype=bool)
+    for row in rng.integers(0, height, 12):
+        wires[row : row + rng.integers(1, 4), :] = True  # 1-3 px lines across the whole image
+    wires[:, 1000:1002] = True
+    border = np.zeros((height, width), dtype=bool)
+    border[:700, 1500:] = True  # touches the top and right edges
+    return {
+        "horse": horse,
+        "wires": wires,
+        "border": border,
+        "noise": rng.random((height, width)) > 0.5,
+        "empty": np.zeros((height, width), dtype=bool),
+        "full": np.ones((height, width), dtype=bool),
+    }
+
+
+def test_boundary_iou_equals_the_hq_sam_evaluation_at_full_size():
+    """Large, thin, border-touching, empty and full masks at 2048 x 1365, each against every other and against a
+    shifted copy of itself: the boundary bands equal OpenCV's iterated erosion bit for bit, and the IoUs are
+    the reference's (which would divide by zero where both bands are empty: 1.0 here)."""
+    masks = full_size_masks()
+    for name, mask in masks.items():
+        band = mask_boundary(torch.from_numpy(mask), boundary_dilation(*mask.shape))
+        assert np.array_equal(band.numpy(), hq_sam_boundary(mask)), name
+    pairs = [(a, b) for a in masks for b in masks if a < b]
+    pairs += [(name, name + " shifted") for name in masks]
+    masks |= {f"{name} shifted": np.roll(mask, (9, -14), axis=(0, 1)) for name, mask in list(masks.items())}
+    for a, b in pairs:
+        expected = hq_sam_boundary_iou(masks[a], masks[b])
+        actual = boundary_iou(torch.from_numpy(masks[a]), torch.from_numpy(masks[b])).item()
+        assert actual == pytest.approx(expected, abs=1e-6), (a, b)

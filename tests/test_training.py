@@ -5,6 +5,7 @@ Tolerances: resume is bit-exact (`torch.equal`); a 2-process gloo run equals a 1
 global batch within 1e-5 max abs on every adapter weight (gradients are averaged in another order).
 """
 
+import csv
 import dataclasses
 import json
 import signal
@@ -231,6 +232,10 @@ def test_eval_matches_metrics_by_hand_and_writes_a_table(base, data, tmp_path, s
     assert result.count == 3
     assert result.miou == pytest.approx(np.mean(ious), abs=1e-6)
     assert result.mbiou == pytest.approx(np.mean(bious), abs=1e-6)
+    names = [f"im/{index:06d}.png" for index in range(3)]
+    assert [name for name, _, _ in result.per_sample] == names
+    assert [iou for _, iou, _ in result.per_sample] == pytest.approx(ious, abs=1e-6)
+    assert [biou for _, _, biou in result.per_sample] == pytest.approx(bious, abs=1e-6)
 
     hq_file = tmp_path / "hq.safetensors"
     save_hq(HQSAMAdapter(model), hq_file)
@@ -239,6 +244,11 @@ def test_eval_matches_metrics_by_hand_and_writes_a_table(base, data, tmp_path, s
     table = (tmp_path / "e" / "eval.md").read_text()
     assert "| base |" in table and "| hq |" in table
     assert f"{np.mean(ious):.4f}" in table.splitlines()[2]
+    rows = list(csv.reader((tmp_path / "e" / "per_image.csv").read_text().splitlines()))
+    assert rows[0] == ["image", "base IoU", "base BIoU", "hq IoU", "hq BIoU"]
+    assert [row[0] for row in rows[1:]] == names
+    assert [float(row[1]) for row in rows[1:]] == pytest.approx(ious, abs=1e-5)
+    assert [float(row[2]) for row in rows[1:]] == pytest.approx(bious, abs=1e-5)
     bad = finesam("eval", data[1], "--weights", base, "--configs", "base,lora", "--out", tmp_path / "f")
     assert bad.returncode == 2 and "unknown part" in bad.stderr
 

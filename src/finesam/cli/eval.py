@@ -101,5 +101,7 @@ def add_commands(commands: Commands) -> None:
     evaluate_command.add_argument("--points", type=int, default=1, help="foreground points for --prompt points")
     evaluate_command.add_argument("--seed", type=int, default=0, help="seed of the noisy prompts")
     evaluate_command.add_argument("--limit", type=positive_int, help="only the first N samples")
-    evaluate_command.add_argument("--out", type=Path, required=True, help="writes eval.md and eval.json here")
+    evaluate_command.add_argument(
+        "--out", type=Path, required=True, help="writes eval.md, eval.json and per_image.csv here"
+    )
     evaluate_command.set_defaults(run=run_eval)

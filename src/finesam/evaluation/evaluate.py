@@ -5,6 +5,8 @@ foreground points), the predicted mask is compared at the image's full resolutio
 dilation ratio of 0.02 of the image diagonal.
 """
 
+import csv
+import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,6 +74,8 @@ class Result:
     miou: float
     mbiou: float
     count: int
+    # (image file, IoU, boundary IoU) of each sample, in the dataset's order
+    per_sample: tuple[tuple[str, float, float], ...] = ()
 
 
 def evaluate(
@@ -86,10 +90,11 @@ def evaluate(
     dilation_ratio: float = DEFAULT_DILATION_RATIO,
     progress: bool = False,
 ) -> list[Result]:
-    """mIoU / mBIoU of each configuration on the (image, mask) pairs of `data`; `progress` draws a bar of
-    the samples of each configuration on stderr (see `finesam.progress`).
+    """mIoU / mBIoU of each configuration on the (image, mask) pairs of `data`, with every sample's scores.
 
-    Under `torchrun` each process takes every world-size-th sample and the results are gathered.
+    Each image and mask is read once, and every configuration is set up for it in turn; `progress` draws a
+    bar of the samples on stderr (see `finesam.progress`). Under `torchrun` each process takes every
+    world-size-th sample and the results are gathered.
     """
     if prompt not in PROMPTS:
         raise ValueError(f"unknown prompt kind {prompt!r} (one of {', '.join(PROMPTS)})")
@@ -98,40 +103,34 @@ def evaluate(
     pairs = list_pairs(data)[:limit]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(pairs), world))
-    scores: dict[str, list[tuple[int, float, float]]] = {}
-    for configuration in configurations:
-        configuration.setup()
-        try:
-            rows = []
-            for index in progress_items(mine, configuration.name, quiet=not progress):
-                image, mask = load_pair(*pairs[index])
-                if not mask.any():
-                    raise ValueError(
-                        f"{pairs[index][1]}: empty ground-truth mask (see docs/training.md): nothing to prompt"
-                    )
-                kwargs = object_prompt(mask, prompt, sample_generator(seed, 0, index, "eval"), box_noise, points)
+    scores: dict[str, list[tuple[int, float, float]]] = {c.name: [] for c in configurations}
+    for index in progress_items(mine, "evaluating", quiet=not progress):
+        image, mask = load_pair(*pairs[index])
+        if not mask.any():
+            raise ValueError(f"{pairs[index][1]}: empty ground-truth mask (see docs/training.md): nothing to prompt")
+        kwargs = object_prompt(mask, prompt, sample_generator(seed, 0, index, "eval"), box_noise, points)
+        truth = mask > 0.5
+        for configuration in configurations:
+            configuration.setup()
+            try:
                 predicted = model.predict(image, multimask_output=False, **kwargs).masks[0, 0].cpu()
-                truth = mask > 0.5
-                rows.append(
-                    (
-                        index,
-                        mask_iou(predicted, truth).item(),
-                        boundary_iou(predicted, truth, dilation_ratio=dilation_ratio).item(),
-                    )
-                )
-        finally:
-            configuration.teardown()
-        scores[configuration.name] = rows
+            finally:
+                configuration.teardown()
+            iou = mask_iou(predicted, truth).item()
+            biou = boundary_iou(predicted, truth, dilation_ratio=dilation_ratio).item()
+            scores[configuration.name].append((index, iou, biou))
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, scores)
         scores = {name: sorted(r for part in gathered for r in part[name]) for name in scores}
+    root = Path(data)
     return [
         Result(
             name,
             sum(r[1] for r in rows) / max(len(rows), 1),
             sum(r[2] for r in rows) / max(len(rows), 1),
             len(rows),
+            tuple((pairs[i][0].relative_to(root).as_posix(), iou, biou) for i, iou, biou in rows),
         )
         for name, rows in scores.items()
     ]
@@ -143,10 +142,24 @@ def markdown_table(results: Sequence[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: Sequence[Result], out: Path, details: dict[str, Any]) -> tuple[Path, Path]:
-    """`out/eval.md` (the table) and `out/eval.json` (the table and how it was made), atomically."""
+def per_sample_csv(results: Sequence[Result]) -> str:
+    """One row per sample: its image, then the IoU and boundary IoU of each configuration."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", *(f"{r.name} {metric}" for r in results for metric in ("IoU", "BIoU"))])
+    for row in zip(*(r.per_sample for r in results), strict=True):
+        writer.writerow([row[0][0], *(f"{value:.6f}" for _, iou, biou in row for value in (iou, biou))])
+    return buffer.getvalue()
+
+
+def write_report(results: Sequence[Result], out: Path, details: dict[str, Any]) -> tuple[Path, Path, Path]:
+    """`out/eval.md` (the table), `out/eval.json` (the table and how it was made) and `out/per_image.csv`
+    (every sample's scores), atomically."""
     table = markdown_table(results)
-    payload = {**details, "results": [r.__dict__ for r in results]}
+    summary = [{k: v for k, v in r.__dict__.items() if k != "per_sample"} for r in results]
+    payload = {**details, "results": summary}
     markdown = atomic_write(out / "eval.md", lambda tmp: tmp.write_text(table))
     data = atomic_write(out / "eval.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
-    return markdown, data
+    rows = per_sample_csv(results)
+    per_image = atomic_write(out / "per_image.csv", lambda tmp: tmp.write_text(rows))
+    return markdown, data, per_image
