@@ -27,7 +27,7 @@ from bench import paired_median_ms
 def masks(width: int) -> tuple[np.ndarray, np.ndarray]:
     height = round(width * 2 / 3)
     horse = np.logical_not(data.horse())  # the silhouette is where the picture is dark
-    gt = np.asarray(Image.fromarray(horse).resize((width, height), Image.Resampling.NEAREST))
+    gt = np.array(Image.fromarray(horse).resize((width, height), Image.Resampling.NEAREST))
     pred = np.roll(gt, (height // 200, -width // 150), axis=(0, 1)).copy()
     pred[height // 3 :: height // 7, :] = True  # thin lines across
     return pred, gt
