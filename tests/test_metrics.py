@@ -178,7 +178,7 @@ def full_size_masks() -> dict[str, np.ndarray]:
     from skimage import data
 
     height, width = 1365, 2048
-    horse = np.asarray(Image.fromarray(~data.horse()).resize((width, height), Image.Resampling.NEAREST))
+    horse = np.array(Image.fromarray(~data.horse()).resize((width, height), Image.Resampling.NEAREST))
     rng = np.random.default_rng(0)
     wires = np.zeros((height, width), dtype=bool)
     for row in rng.integers(0, height, 12):
