@@ -9,18 +9,25 @@ from typing import Any
 import numpy as np
 
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask, to_coco
-from finesam.cli.common import check_output_folder, inference, load_model, save_mask, write_json
+from finesam.cli.common import UsageError, check_output_folder, inference, load_model, save_mask, write_json
+from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.options import Commands, add_command, generator_arguments, generator_options, model_options
 from finesam.cli.overlay import distinct_colours, overlay
+from finesam.labelling import everything_objects, images_of, is_image_file
+from finesam.model import SegmentAnything
 from finesam.model.processing import as_rgb, open_image
 from finesam.weights import atomic_write, check_output
 
 
 @inference
 def run_everything(args: argparse.Namespace) -> None:
-    image = as_rgb(open_image(args.image))
     options = generator_arguments(args)
     AutomaticMaskGenerator.check_options(**options)  # before the model loads
+    if args.source.is_dir() or (args.source.is_file() and not is_image_file(args.source)):
+        run_everything_on_dataset(args, options)
+        return
+    refuse_labelling_options(args, "use --format")
+    image = as_rgb(open_image(args.source))
     check_output_folder(args.out, "--out")
     for output in (args.out / "masks.json", args.out / "overlay.png"):  # refused before the model loads
         check_output(output)
@@ -35,7 +42,7 @@ def run_everything(args: argparse.Namespace) -> None:
         assert not isinstance(rle, np.ndarray)  # output_mode="uncompressed_rle"
         masks.append(rle_to_mask(rle))
         annotation: dict[str, Any] = {"id": i, **{k: v for k, v in record.items() if k != "segmentation"}}
-        if args.format == "png":
+        if args.format in ("png", None):
             name = f"masks/{i:04d}.png"
             save_mask(masks[-1], args.out / name)
             annotation["file"] = name
@@ -44,7 +51,7 @@ def run_everything(args: argparse.Namespace) -> None:
         annotations.append(annotation)
     _remove_stale_masks(args.out, {a["file"] for a in annotations if "file" in a})
     document = {
-        "image": {"file_name": args.image.name, "height": image.height, "width": image.width},
+        "image": {"file_name": args.source.name, "height": image.height, "width": image.width},
         "annotations": annotations,
     }
     print(f"{write_json(document, args.out / 'masks.json')}\t{len(records)} masks")
@@ -52,6 +59,22 @@ def run_everything(args: argparse.Namespace) -> None:
     colours = distinct_colours(len(records))
     picture = overlay(image, [masks[i] for i in order], alpha=0.6, colours=[colours[i] for i in order])
     print(atomic_write(args.out / "overlay.png", lambda tmp: picture.save(tmp, format="PNG")))
+
+
+def run_everything_on_dataset(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """Every image of a folder or list into OUT/annotations.json (see `finesam.cli.labelling`)."""
+    if args.format is not None:
+        raise UsageError("--format is for one image; a folder or list is written as OUT/annotations.json (COCO)")
+    try:
+        jobs = images_of(args.source, exclude=args.out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    def segmenter(model: SegmentAnything) -> Segmenter:
+        generator = AutomaticMaskGenerator(model, **options, output_mode="uncompressed_rle")
+        return lambda image, job: everything_objects(generator, image)
+
+    run_labelling(args, jobs, "everything", options, segmenter)
 
 
 def _remove_stale_masks(out: Path, written: set[str]) -> None:
@@ -73,14 +96,19 @@ def add_commands(commands: Commands) -> None:
         commands,
         "everything",
         "segment everything: automatic masks from a grid of points (official SamAutomaticMaskGenerator)",
-        (model_options(), generator_options()),
+        (model_options(), generator_options(), labelling_options()),
     )
-    everything.add_argument("image", type=Path, help="the image (any format PIL reads)")
+    everything.add_argument(
+        "source",
+        type=Path,
+        metavar="IMAGE|DIR|LIST",
+        help="an image (any format PIL reads), a folder of images (recursive) or a text file of image paths",
+    )
     everything.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     everything.add_argument(
         "--format",
         choices=["png", "coco"],
-        default="png",
-        help="png: DIR/masks/0000.png ... and DIR/masks.json; coco: DIR/masks.json with COCO RLE",
+        help="one image: png (DIR/masks/0000.png ... and DIR/masks.json, the default) or coco (DIR/masks.json "
+        "with COCO RLE); folders and lists: always DIR/annotations.json",
     )
     everything.set_defaults(run=run_everything)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from finesam.cli.common import (
     UsageError,
@@ -17,8 +18,11 @@ from finesam.cli.common import (
     save_mask,
     suffixed,
 )
+from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.options import Commands, add_command, model_options
 from finesam.cli.overlay import overlay
+from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
+from finesam.model import SegmentAnything
 from finesam.model.processing import as_rgb, open_image, postprocess_masks
 from finesam.model.prompts import prepare_prompts
 from finesam.progress import progress
@@ -85,6 +89,12 @@ def _prompt(prompt: dict[str, Any]) -> dict[str, Any]:
 
 @inference
 def run_segment(args: argparse.Namespace) -> None:
+    if args.manifest is not None:
+        run_segment_manifest(args)
+        return
+    if args.image is None:
+        raise UsageError("give the IMAGE to segment (or --manifest PROMPTS.jsonl for many images)")
+    refuse_labelling_options(args, "--out names the mask file")
     if args.prompts is not None and (args.box or args.point):
         raise UsageError("give prompts either with --prompts or with --box/--point, not both")
     if args.prompts is None and not args.box and not args.point:
@@ -136,9 +146,49 @@ def run_segment(args: argparse.Namespace) -> None:
         print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
 
 
+def run_segment_manifest(args: argparse.Namespace) -> None:
+    """One mask per box or point list of every image of a manifest into OUT/annotations.json."""
+    given = [
+        option
+        for option, value in (
+            ("IMAGE", args.image),
+            ("--prompts", args.prompts),
+            ("--box", args.box),
+            ("--point", args.point),
+            ("--logits", args.logits),
+            ("--overlay", args.overlay),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(f"--manifest gives the images and prompts: drop {', '.join(given)}")
+    try:
+        jobs = read_manifest(args.manifest)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    def segmenter(model: SegmentAnything) -> Segmenter:
+        def segment(image: Image.Image, job: ImageJob) -> list[SegmentedObject]:
+            assert job.prompts is not None  # every manifest line has prompts
+            return prompted_objects(model, image, job.prompts, multimask=args.multimask)
+
+        return segment
+
+    run_labelling(args, jobs, "segment", {"multimask": args.multimask}, segmenter)
+
+
 def add_commands(commands: Commands) -> None:
-    segment = add_command(commands, "segment", "segment an image with box and point prompts", (model_options(),))
-    segment.add_argument("image", type=Path, help="the image (any format PIL reads)")
+    segment = add_command(
+        commands, "segment", "segment an image with box and point prompts", (model_options(), labelling_options())
+    )
+    segment.add_argument("image", type=Path, nargs="?", help="the image (any format PIL reads)")
+    segment.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="PROMPTS.jsonl",
+        help='many images: one line each, {"image": path, "boxes": [...], "points": [...], "labels": [...], '
+        '"category_ids": [...]}; --out is then a folder (annotations.json, COCO)',
+    )
     segment.add_argument(
         "--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2", help="a box prompt; repeat for more"
     )
@@ -152,7 +202,13 @@ def add_commands(commands: Commands) -> None:
     )
     segment.add_argument("--prompts", type=Path, metavar="PROMPTS.json", help="many prompts, the image encoded once")
     segment.add_argument("--multimask", action="store_true", help="predict 3 masks, keep the best by predicted IoU")
-    segment.add_argument("--out", type=Path, required=True, metavar="MASK.png", help="the mask (255 = object)")
+    segment.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="MASK.png|DIR",
+        help="the mask (255 = object); with --manifest a folder",
+    )
     segment.add_argument("--logits", type=Path, metavar="LOGITS.npy", help="also save the float32 logits")
     segment.add_argument("--overlay", type=Path, metavar="OVERLAY.png", help="the image with masks and prompts drawn")
     segment.add_argument(

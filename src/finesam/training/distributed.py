@@ -2,6 +2,7 @@
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,13 +27,14 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
-    def join(self, device: torch.device) -> torch.device:
+    def join(self, device: torch.device, timeout: timedelta | None = None) -> torch.device:
         """Joins the process group when there is more than one process (NCCL for CUDA, gloo otherwise) and
-        returns this process's device: with CUDA, the GPU of its local rank."""
+        returns this process's device: with CUDA, the GPU of its local rank. `timeout` bounds each collective
+        (torch's default, 10 to 30 minutes, when None)."""
         if self.world == 1:
             return device
         if device.type == "cuda":
             device = torch.device("cuda", self.local_rank)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         return device

@@ -1,0 +1,125 @@
+"""Labelling a whole dataset, shared by `finesam everything DIR_OR_LIST` and `finesam segment --manifest`: the
+model loaded once, images decoded ahead, each image's result committed as it is done, the images shared out
+between the processes of a torchrun job, and rank 0 merging everything into OUT/annotations.json."""
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from finesam.cli.common import UsageError, check_output_folder, load_model
+from finesam.labelling import ImageJob, LabellingRun, SegmentedObject
+from finesam.labelling.coco import check_polygons_available
+from finesam.labelling.prefetch import prefetched
+from finesam.model import SegmentAnything
+from finesam.model.processing import as_rgb, open_image
+from finesam.progress import progress_bar
+from finesam.training.distributed import Distributed
+from finesam.weights import hq_weights_for
+from finesam.weights.download import sha256_of
+
+# how long a process waits for the others at the end (a resumed run can leave one process most of the work)
+WAIT_FOR_OTHERS = timedelta(days=1)
+
+Segmenter = Callable[[Image.Image, ImageJob], list[SegmentedObject]]
+
+
+def labelling_options() -> argparse.ArgumentParser:
+    """--png, --polygons, --overwrite: the outputs of a labelling run."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("datasets (a folder, a list of images or a manifest)")
+    group.add_argument("--polygons", action="store_true", help="polygon segmentations in annotations.json (OpenCV)")
+    group.add_argument("--png", action="store_true", help="also one mask PNG per object, under OUT/masks/")
+    group.add_argument("--overwrite", action="store_true", help="start again in an OUT made with other settings")
+    return options
+
+
+def refuse_labelling_options(args: argparse.Namespace, alternative: str) -> None:
+    """The dataset options given to a single-image command: an error that says what to use instead."""
+    given = [f"--{name}" for name in ("polygons", "png", "overwrite") if getattr(args, name)]
+    if given:
+        raise UsageError(f"{', '.join(given)}: for folders, lists and manifests; for one image {alternative}")
+
+
+def run_labelling(
+    args: argparse.Namespace,
+    jobs: list[ImageJob],
+    command: str,
+    options: dict[str, Any],
+    segmenter: Callable[[SegmentAnything], Segmenter],
+) -> None:
+    """Segments every job with the segmenter made for the loaded model and writes the run's outputs.
+
+    Args:
+        args: the parsed command line (model options, --out, --png, --polygons, --overwrite, --quiet).
+        jobs: every image of the run, in output order (each process takes its share).
+        command: the command's name, recorded with `options` (what the results depend on besides the images).
+        options: the settings of the command that change its results.
+        segmenter: makes the function from an image and its job to its objects, given the model.
+    """
+    out: Path = check_output_folder(args.out, "--out")
+    if args.polygons:
+        check_polygons_available()
+    hq = hq_weights_for(args.weights, args.hq)
+    identity = {
+        "command": command,
+        **options,
+        "dtype": args.dtype,
+        "hq_only": args.hq_only,
+        "weights": sha256_of(args.weights),
+        "hq": None if hq is None or hq == args.weights else sha256_of(hq),
+    }
+    run = LabellingRun(out, identity, polygons=args.polygons, png=args.png)
+    if not args.overwrite:
+        run.check()  # by every process: a refused run stops them all alike, before the model loads
+    place = Distributed.from_environment()
+    args.device = str(place.join(torch.device(args.device), timeout=WAIT_FOR_OTHERS))
+    if place.main:
+        run.start(args.overwrite)
+    if place.world > 1:
+        dist.barrier()  # the folder is ready (and cleared, with --overwrite) before anyone writes into it
+    segment = segmenter(load_model(args))
+    started = time.perf_counter()
+    mine = jobs[place.rank :: place.world]
+    pending = [job for job in mine if not run.done(job)]
+    masks = 0
+    quiet = args.quiet or not place.main
+    with progress_bar(len(mine), "images", unit="img", initial=len(mine) - len(pending), quiet=quiet) as bar:
+        try:
+            for job, image in prefetched(pending, lambda job: as_rgb(open_image(job.path))):
+                try:
+                    if isinstance(image, ValueError):
+                        raise image  # its message names the file
+                    try:
+                        objects = segment(image, job)
+                    except ValueError as e:
+                        raise ValueError(f"{job.file_name}: {e}") from None
+                    masks += run.commit(job, image, objects)
+                except ValueError as e:
+                    run.fail(job, str(e))
+                    bar.write(f"finesam {command}: {e}", file=sys.stderr)
+                bar.set_postfix_str(f"{masks} masks", refresh=False)
+                bar.update(1)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"what is done is kept in {run.parts}: the same command resumes") from None
+    if place.world > 1:
+        dist.barrier()  # every part is written
+    if not place.main:
+        return
+    summary = run.merge(jobs)
+    elapsed = time.perf_counter() - started
+    skipped = len(mine) - len(pending) if place.world == 1 else 0
+    print(
+        f"{out / 'annotations.json'}\t{summary.images} images, {summary.masks} masks, {summary.failures} failed, "
+        f"{elapsed:.1f} s" + (f" ({skipped} done before)" if skipped else "")
+    )
+    if summary.failures:
+        print(f"finesam {command}: {summary.failures} images failed: see {out / 'errors.jsonl'}", file=sys.stderr)
+        raise SystemExit(1)

@@ -1,0 +1,153 @@
+"""The output folder of a labelling run: what it was made with, each image's committed result, the merge.
+
+    OUT/run.json          the command, options and weights digests the folder was made with
+    OUT/parts/<id>.json   one image's annotations, written atomically when the image is done
+    OUT/parts/<id>.error.json   why an image failed (tried again by the next run)
+    OUT/masks/...         with --png: one PNG per object
+    OUT/annotations.json  COCO instances, merged from the parts at the end (atomically)
+    OUT/errors.jsonl      the images that failed, one JSON object per line
+
+A run killed at any moment leaves only whole files; started again with the same command it skips the images
+whose part matches (same name, file and prompts) and ends with the files an uninterrupted run writes.
+"""
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from finesam.amg.rle import rle_to_mask
+from finesam.labelling.coco import SegmentedObject, annotation, coco_document
+from finesam.labelling.sources import ImageJob
+from finesam.weights import atomic_write
+
+RUN_FORMAT = "finesam-labelling/1"
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@dataclass(frozen=True)
+class Summary:
+    images: int  # segmented, in annotations.json
+    masks: int
+    failures: int
+
+
+class LabellingRun:
+    """The folder `out` of a run whose results depend on `identity` (command, options, weights digests).
+
+    Args:
+        out: the output folder.
+        identity: everything besides the images that the results depend on, JSON-serialisable.
+        polygons: annotations with polygon segmentations.
+        png: also one mask PNG per object, under `out/masks/`.
+    """
+
+    def __init__(self, out: Path, identity: dict[str, Any], *, polygons: bool = False, png: bool = False) -> None:
+        self.out = out
+        self.identity = {"format": RUN_FORMAT, **identity, "polygons": polygons, "png": png}
+        self.polygons = polygons
+        self.png = png
+
+    @property
+    def parts(self) -> Path:
+        return self.out / "parts"
+
+    def check(self) -> None:
+        """Raises `ValueError` when `out` holds a run made with anything else (options, weights, outputs)."""
+        try:
+            earlier = json.loads((self.out / "run.json").read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.out / 'run.json'}: unreadable ({e}); use another folder or --overwrite") from None
+        if earlier == self.identity:
+            return
+        keys = sorted(set(earlier) | set(self.identity), key=str)
+        changed = [
+            f"{k}: {earlier.get(k)!r} -> {self.identity.get(k)!r}"
+            for k in keys
+            if earlier.get(k) != self.identity.get(k)
+        ]
+        raise ValueError(
+            f"{self.out} holds a run made with other settings ({'; '.join(changed)}): resuming it would mix "
+            "results; use another --out, or --overwrite to start again"
+        )
+
+    def start(self, overwrite: bool) -> None:
+        """Records the identity (after `check`); with `overwrite`, first removes what an earlier run wrote."""
+        if overwrite:
+            for folder in (self.parts, self.out / "masks"):
+                shutil.rmtree(folder, ignore_errors=True)
+            for name in ("annotations.json", "errors.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
+        write_text(self.out / "run.json", json.dumps(self.identity, indent=1, sort_keys=True) + "\n")
+
+    def _part(self, job: ImageJob, error: bool = False) -> Path:
+        return self.parts / f"{job.part_name}{'.error' if error else ''}.json"
+
+    def _read(self, job: ImageJob, error: bool = False) -> dict[str, Any] | None:
+        """The job's committed part (or failure), if it was made for the job as it is now."""
+        try:
+            part = json.loads(self._part(job, error).read_text())
+        except (OSError, ValueError):
+            return None
+        return part if isinstance(part, dict) and part.get("key") == job.key() else None
+
+    def done(self, job: ImageJob) -> bool:
+        return self._read(job) is not None
+
+    def commit(self, job: ImageJob, image: Image.Image, objects: list[SegmentedObject]) -> int:
+        """Writes the image's mask PNGs (with --png), then its part: the image is done. Returns the mask count."""
+        records = [annotation(item, polygons=self.polygons) for item in objects]
+        if self.png:
+            for i, (item, record) in enumerate(zip(objects, records, strict=True)):
+                name = f"masks/{self.mask_folder(job)}/{i:04d}.png"
+                mask = Image.fromarray(np.where(rle_to_mask(item.rle), 255, 0).astype(np.uint8), mode="L")
+                atomic_write(self.out / name, lambda tmp, m=mask: m.save(tmp, format="PNG"))
+                record["mask_file"] = name
+        part = {
+            "key": job.key(),
+            "image": {"file_name": job.file_name, "width": image.width, "height": image.height},
+            "annotations": records,
+        }
+        write_text(self._part(job), json.dumps(part))
+        self._part(job, error=True).unlink(missing_ok=True)
+        return len(records)
+
+    def fail(self, job: ImageJob, reason: str) -> None:
+        write_text(self._part(job, error=True), json.dumps({"key": job.key(), "image": job.file_name, "error": reason}))
+
+    @staticmethod
+    def mask_folder(job: ImageJob) -> str:
+        """The folder of an image's mask PNGs under masks/: its name without the suffix, or (for names that
+        would lead outside the folder) its result id."""
+        name = PurePosixPath(job.file_name)
+        if name.is_absolute() or ".." in name.parts:
+            return job.part_name
+        return name.with_suffix("").as_posix()
+
+    def merge(self, jobs: list[ImageJob]) -> Summary:
+        """Writes annotations.json from the parts of `jobs` (in their order) and errors.jsonl (always: empty
+        when nothing failed); a job with neither part nor recorded failure counts as failed."""
+        images, annotations, errors, categories = [], [], [], set()
+        for job in jobs:
+            part = self._read(job)
+            if part is None:
+                failure = self._read(job, error=True)
+                reason = failure["error"] if failure is not None else "not processed (a process of the run stopped?)"
+                errors.append({"image": job.file_name, "error": reason})
+                continue
+            images.append(part["image"])
+            annotations.append(part["annotations"])
+            categories |= {record["category_id"] for record in part["annotations"]}
+        document = coco_document(images, annotations, categories or {1})
+        write_text(self.out / "annotations.json", json.dumps(document))
+        write_text(self.out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+        return Summary(len(images), sum(map(len, annotations)), len(errors))

@@ -1,0 +1,62 @@
+"""The objects of one image: everything the automatic generator finds, or one mask per prompted object."""
+
+import torch
+from PIL import Image
+
+from finesam.amg import AutomaticMaskGenerator, masks_to_rle
+from finesam.amg.generator import UPSCALE_BUDGET
+from finesam.labelling.coco import SegmentedObject
+from finesam.labelling.sources import DEFAULT_CATEGORY, ObjectPrompts
+from finesam.model import SegmentAnything
+from finesam.model.processing import MASK_THRESHOLD, postprocess_masks
+
+DECODER_BATCH = 64  # objects decoded in one call (MobileSAMv2's batch of boxes)
+
+
+def everything_objects(generator: AutomaticMaskGenerator, image: Image.Image) -> list[SegmentedObject]:
+    """Every mask the generator keeps (its `uncompressed_rle` records), category "object"."""
+    if generator.output_mode != "uncompressed_rle":
+        raise ValueError(f"the generator must write uncompressed_rle records, not {generator.output_mode}")
+    return [
+        SegmentedObject(
+            record["segmentation"],  # type: ignore[arg-type]  (an RLE in this output mode)
+            record["predicted_iou"],
+            DEFAULT_CATEGORY,
+            record["stability_score"],
+        )
+        for record in generator.generate(image)
+    ]
+
+
+def prompted_objects(
+    model: SegmentAnything, image: Image.Image, prompts: ObjectPrompts, multimask: bool = False
+) -> list[SegmentedObject]:
+    """One mask per object of `prompts` (its best of three with `multimask`), in the objects' order: the image
+    encoded once, objects with the same number of points decoded together, `DECODER_BATCH` per call.
+
+    Raises:
+        ValueError: a prompt lies outside the image (the message says which).
+    """
+    embedding = model.encode_image(image)
+    resize = (model.config.image_size, embedding.input_size, embedding.original_size)
+    height, width = embedding.original_size
+    upscaled_at_once = max(1, UPSCALE_BUDGET // max(height * width, model.config.image_size**2))
+    found: dict[int, SegmentedObject] = {}
+    for group in prompts.groups():
+        for start in range(0, len(group), DECODER_BATCH):
+            chosen = group[start : start + DECODER_BATCH]
+            low_res, iou = model.decode_prompts(
+                embedding,
+                boxes=None if prompts.boxes is None else [prompts.boxes[i] for i in chosen],
+                points=None if prompts.points is None else [prompts.points[i] for i in chosen],
+                labels=None if prompts.labels is None else [prompts.labels[i] for i in chosen],
+                multimask_output=multimask,
+            )
+            scores, best = iou.max(dim=1)
+            best_low_res = low_res[torch.arange(len(best)), best][:, None]
+            for offset in range(0, len(chosen), upscaled_at_once):
+                part = slice(offset, offset + upscaled_at_once)
+                masks = postprocess_masks(best_low_res[part], *resize)[:, 0] > MASK_THRESHOLD
+                for i, rle, score in zip(chosen[part], masks_to_rle(masks), scores[part].tolist(), strict=True):
+                    found[i] = SegmentedObject(rle, score, prompts.category_ids[i])
+    return [found[i] for i in range(len(prompts))]

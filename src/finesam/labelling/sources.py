@@ -1,0 +1,244 @@
+"""What a labelling run works through: the images of a folder or of a list file, or the lines of a prompt manifest.
+
+Every image becomes an `ImageJob` named by its path relative to the folder, list or manifest (that name is its
+COCO `file_name` and keys its result); the jobs are sorted (folders) or kept in the order given (lists,
+manifests), so every process of a run sees the same list.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_CATEGORY = 1  # "object", when a manifest gives no category ids
+
+
+@dataclass(frozen=True)
+class ObjectPrompts:
+    """The prompts of one image's objects, one mask each: K boxes and/or K point lists (one list per object)."""
+
+    boxes: list[list[float]] | None = None  # K x [x1, y1, x2, y2]
+    points: list[list[list[float]]] | None = None  # K x [[x, y], ...]
+    labels: list[list[int]] | None = None  # K x [1 | 0, ...], the shape of points
+    category_ids: list[int] = field(default_factory=list)  # K
+
+    def __len__(self) -> int:
+        return len(self.category_ids)
+
+    def groups(self) -> list[list[int]]:
+        """The objects in batches that one decoder call can take: those with the same number of points."""
+        if self.points is None:
+            return [list(range(len(self)))] if len(self) else []
+        by_count: dict[int, list[int]] = {}
+        for i, points in enumerate(self.points):
+            by_count.setdefault(len(points), []).append(i)
+        return list(by_count.values())
+
+    def as_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"category_ids": self.category_ids}
+        for key in ("boxes", "points", "labels"):
+            if (value := getattr(self, key)) is not None:
+                entry[key] = value
+        return entry
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image of a run: where it is, its name in the output, and its objects' prompts (None: everything)."""
+
+    path: Path
+    file_name: str
+    prompts: ObjectPrompts | None = None
+
+    def key(self) -> str:
+        """What the image's result depends on besides the run's options: its name, its file (size and
+        modification time: an edited image is segmented again) and its prompts."""
+        try:
+            stat = self.path.stat()
+            file = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            file = None  # unreadable: the job fails, and is tried again by the next run
+        prompts = None if self.prompts is None else self.prompts.as_json()
+        text = json.dumps({"file_name": self.file_name, "file": file, "prompts": prompts}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def part_name(self) -> str:
+        """The name of the image's result file: a digest of its name, so any name (and any depth) fits."""
+        return hashlib.sha256(self.file_name.encode()).hexdigest()[:32]
+
+
+def image_suffixes() -> set[str]:
+    """The file suffixes of the image formats PIL reads."""
+    return {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
+
+
+def is_image_file(path: Path) -> bool:
+    """A file named as an image PIL reads (a single-image command), not a list of paths."""
+    return path.suffix.lower() in image_suffixes()
+
+
+def images_of(source: Path, exclude: Path | None = None) -> list[ImageJob]:
+    """The images of a folder (recursively, sorted by path; hidden files and folders and `exclude`, the run's
+    own output folder, left out) or of a text file of paths (one per line, relative to the file's folder; blank
+    lines and lines starting with # ignored).
+
+    Raises:
+        ValueError: the source cannot be read, or holds no image.
+    """
+    if source.is_dir():
+        jobs = _folder_images(source, exclude)
+    elif source.is_file():
+        jobs = _listed_images(source)
+    else:
+        raise ValueError(f"{source}: no such folder or list file")
+    if not jobs:
+        raise ValueError(f"{source}: no images ({'suffixes: ' + ', '.join(sorted(image_suffixes()))})")
+    return jobs
+
+
+def _folder_images(folder: Path, exclude: Path | None) -> list[ImageJob]:
+    suffixes = image_suffixes()
+    skipped = exclude.resolve() if exclude is not None else None
+    jobs = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() not in suffixes:
+            continue
+        if skipped is not None and path.resolve().is_relative_to(skipped):
+            continue
+        if path.is_file():
+            jobs.append(ImageJob(path, relative.as_posix()))
+    return sorted(jobs, key=lambda job: job.file_name)
+
+
+def _listed_images(listing: Path) -> list[ImageJob]:
+    try:
+        lines = listing.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{listing}: cannot read the list of images: {e}") from None
+    jobs: list[ImageJob] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        file_name = _file_name(name)
+        if file_name in seen:
+            raise ValueError(f"{listing}:{number}: {name!r} is listed twice (first on line {seen[file_name]})")
+        seen[file_name] = number
+        jobs.append(ImageJob(listing.parent / name, file_name))
+    return jobs
+
+
+def _file_name(name: str) -> str:
+    """An image's name in the output: its path as given, with forward slashes."""
+    return PurePosixPath(name.replace("\\", "/")).as_posix()
+
+
+MANIFEST_KEYS = {"image", "boxes", "points", "labels", "category_ids"}
+
+
+def read_manifest(manifest: Path) -> list[ImageJob]:
+    """The images and prompts of a JSON Lines manifest: one line per image, `{"image": "path", "boxes":
+    [[x1, y1, x2, y2], ...], "points": [[[x, y], ...], ...], "labels": [[1, 0, ...], ...], "category_ids":
+    [...]}`, paths relative to the manifest. Each box (or point list, with boxes: the points that go with that
+    box) is one object; give boxes, points or both (as many point lists as boxes).
+
+    Raises:
+        ValueError: a line is not such an object; the message names the line and what is wrong.
+    """
+    try:
+        lines = manifest.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{manifest}: cannot read the manifest: {e}") from None
+    jobs: list[ImageJob] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{manifest}:{number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON: {e}") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
+            raise ValueError(f'{where}: expected an object with "image": "path" (and "boxes" and/or "points")')
+        if unknown := sorted(entry.keys() - MANIFEST_KEYS):
+            raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(MANIFEST_KEYS)})")
+        file_name = _file_name(entry["image"])
+        if file_name in seen:
+            raise ValueError(
+                f"{where}: {entry['image']!r} is on line {seen[file_name]} too; give its prompts on one line"
+            )
+        seen[file_name] = number
+        try:
+            prompts = _object_prompts(entry)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        jobs.append(ImageJob(manifest.parent / entry["image"], file_name, prompts))
+    if not jobs:
+        raise ValueError(f"{manifest}: no images (one JSON object per line)")
+    return jobs
+
+
+def _object_prompts(entry: dict[str, Any]) -> ObjectPrompts:
+    boxes, points, labels = entry.get("boxes"), entry.get("points"), entry.get("labels")
+    if boxes is None and points is None:
+        raise ValueError('give "boxes" and/or "points"')
+    if labels is not None and points is None:
+        raise ValueError('"labels" were given without "points"')
+    count = None
+    if boxes is not None:
+        boxes = _numbers(boxes, "boxes", lambda a: a.ndim == 2 and a.shape[1] == 4, "[[x1, y1, x2, y2], ...]")
+        count = len(boxes)
+    if points is not None:
+        if not isinstance(points, list) or not all(
+            isinstance(p, list) and p and all(isinstance(q, list) for q in p) for p in points
+        ):
+            raise ValueError('"points" must be a list of point lists, one per object: [[[x, y], ...], ...]')
+        points = [_numbers(p, "points", lambda a: a.ndim == 2 and a.shape[1] == 2, "[[x, y], ...]") for p in points]
+        if count is not None and len(points) != count:
+            raise ValueError(f"{count} boxes but {len(points)} point lists: give one point list per box")
+        count = len(points)
+        if labels is None:
+            labels = [[1] * len(p) for p in points]
+        elif (
+            not isinstance(labels, list)
+            or len(labels) != len(points)
+            or any(not isinstance(a, list) or len(a) != len(p) for a, p in zip(labels, points, strict=False))
+        ):
+            raise ValueError('"labels" must have the shape of "points": one list of labels per point list')
+        elif any(label not in (0, 1) or isinstance(label, bool) for a in labels for label in a):
+            raise ValueError('"labels" must be 1 (foreground) or 0 (background)')
+    assert count is not None
+    if count == 0:
+        raise ValueError("no objects: the boxes or points are empty")
+    category_ids = entry.get("category_ids", [DEFAULT_CATEGORY] * count)
+    if not isinstance(category_ids, list) or len(category_ids) != count:
+        raise ValueError(f'"category_ids" must be a list of {count} integers, one per object')
+    if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in category_ids):
+        raise ValueError('"category_ids" must be positive integers')
+    return ObjectPrompts(boxes, points, labels, category_ids)
+
+
+def _numbers(value: Any, name: str, shaped: Any, form: str) -> list[Any]:
+    if not isinstance(value, list) or _holds_booleans(value):
+        raise ValueError(f'"{name}" must be {form}')
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise ValueError(f'"{name}" must be {form}') from None
+    if (array.size and not shaped(array)) or not np.isfinite(array).all():
+        raise ValueError(f'"{name}" must be {form} of finite numbers')
+    return array.tolist() if array.size else []
+
+
+def _holds_booleans(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_holds_booleans(v) for v in value)
+    return isinstance(value, bool) or value is None

@@ -1,0 +1,437 @@
+"""Labelling whole datasets: `finesam everything DIR_OR_LIST` and `finesam segment --manifest`, run as real
+subprocesses (and under a real torchrun), read back with pycocotools.
+
+Every mask of annotations.json equals what the automatic generator / `predict` of the same weights give for that
+image in this process (bit for bit: same code, same threads); the prompted masks also match the official
+predictor within MIN_IOU. A run killed with SIGKILL and started again ends with byte-identical files.
+"""
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+from skimage import data as skimage_data
+
+from finesam.amg import AutomaticMaskGenerator, rle_to_mask
+from finesam.amg.rle import mask_to_rle
+from finesam.cli import main
+from finesam.labelling import ImageJob, LabellingRun, ObjectPrompts, SegmentedObject, images_of, read_manifest
+from finesam.labelling.coco import annotation, coco_box, mask_polygons
+from finesam.labelling.prefetch import prefetched
+from finesam.model import SegmentAnything
+from finesam.model.processing import as_rgb, open_image
+from finesam.weights.loading import sam_from_state_dict
+
+from conftest import SMALL, photo
+from helpers import FINESAM, finesam
+from official import SamPredictor, build_official, structured
+
+# the generator settings under which test_amg's structured random weights keep several masks per photo
+OPTIONS = dict(points_per_side=8, pred_iou_thresh=0.1, stability_score_thresh=0.3, stability_score_offset=0.01)
+CLI_OPTIONS = [f"--{k.replace('_', '-')}={v}" for k, v in OPTIONS.items()]
+MIN_IOU = 0.999  # official predictor vs ours, masks at the original size
+SCORE_TOLERANCE = 1e-4
+MIN_POLYGON_IOU = 0.98  # polygons rasterised by pycocotools vs the mask they were traced from (holes filled)
+
+
+@pytest.fixture(scope="module")
+def official():
+    return structured(build_official(SMALL, seed=2))
+
+
+@pytest.fixture(scope="module")
+def sam(official) -> SegmentAnything:
+    return sam_from_state_dict(official.state_dict())
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, official) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "sam_small.pth"
+    torch.save(official.state_dict(), path)
+    return path
+
+
+PHOTOS = {"astronaut.png": "astronaut_crop", "rocket.jpg": "rocket", "sub/chelsea.jpg": "chelsea"}
+
+
+def make_dataset(folder: Path, names: dict[str, str] = PHOTOS, broken: bool = True) -> Path:
+    """Real photos at 400 x 267 (and 267 x 400), under sub-folders too; a truncated JPEG, a hidden image and a
+    text file that a run must leave out or report."""
+    for i, (name, source) in enumerate(names.items()):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = photo(source).resize((400, 267), Image.Resampling.BILINEAR)
+        (image.transpose(Image.Transpose.ROTATE_90) if i % 3 == 2 else image).save(path, quality=95)
+    if broken:
+        encoded = io.BytesIO()
+        photo("rocket").save(encoded, format="JPEG")
+        (folder / "broken.jpg").write_bytes(encoded.getvalue()[: encoded.tell() // 3])
+    (folder / ".cache").mkdir(exist_ok=True)
+    photo("rocket").save(folder / ".cache" / "hidden.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+def load(path: Path) -> Image.Image:
+    return as_rgb(open_image(path))
+
+
+def everything(source: Path, weights: Path, out: Path, *extra: object, env: dict[str, str] | None = None):
+    return finesam("everything", source, "--weights", weights, "--out", out, *CLI_OPTIONS, *extra, env=env)
+
+
+@pytest.fixture(scope="module")
+def everything_run(tmp_path_factory, dataset, weights):
+    out = tmp_path_factory.mktemp("everything") / "out"
+    return everything(dataset, weights, out, "--polygons", "--png"), out
+
+
+def test_everything_on_a_folder_equals_the_generator(everything_run, dataset, sam):
+    result, out = everything_run
+    assert result.returncode == 1, result.stderr  # the broken image
+    coco = COCO(str(out / "annotations.json"))
+    names = [coco.imgs[i]["file_name"] for i in sorted(coco.imgs)]
+    assert names == ["astronaut.png", "rocket.jpg", "sub/chelsea.jpg"]  # sorted, hidden files and text left out
+    generator = AutomaticMaskGenerator(sam, **OPTIONS, output_mode="uncompressed_rle")
+    total = 0
+    for image_id, name in zip(sorted(coco.imgs), names, strict=True):
+        image = load(dataset / name)
+        assert (coco.imgs[image_id]["width"], coco.imgs[image_id]["height"]) == image.size
+        expected = generator.generate(image)
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        assert len(annotations) == len(expected) >= 1
+        for record, reference in zip(annotations, expected, strict=True):
+            mask = coco_mask.decode(record["rle"]).astype(bool)
+            assert np.array_equal(mask, rle_to_mask(reference["segmentation"]))  # type: ignore[arg-type]
+            assert record["score"] == reference["predicted_iou"]
+            assert record["stability_score"] == reference["stability_score"]
+            assert record["area"] == mask.sum() == coco_mask.area(record["rle"])
+            assert record["bbox"] == coco_mask.toBbox(record["rle"]).tolist()
+            assert record["category_id"] == 1 and record["iscrowd"] == 0
+            with Image.open(out / record["mask_file"]) as png:
+                assert np.array_equal(np.asarray(png) == 255, mask)
+            if mask.sum() >= 100:  # polygons read back by pycocotools: the mask, holes filled
+                assert polygon_iou(coco.annToMask(record).astype(bool), mask) >= MIN_POLYGON_IOU
+        total += len(annotations)
+    assert total >= 5
+    assert f"3 images, {total} masks, 1 failed" in result.stdout
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["image"] for e in errors] == ["broken.jpg"] and "truncated" in errors[0]["error"]
+    assert "broken.jpg" in result.stderr and "errors.jsonl" in result.stderr
+
+
+def polygon_iou(rasterised: np.ndarray, mask: np.ndarray) -> float:
+    from scipy.ndimage import binary_fill_holes
+
+    filled = binary_fill_holes(mask)
+    return float((rasterised & filled).sum() / (rasterised | filled).sum())
+
+
+def manifest_lines(boxes_only: bool = False) -> list[dict]:
+    """Boxes with categories; points lists of different lengths (grouped per length); boxes with points."""
+    lines: list[dict] = [
+        {"image": "astronaut.png", "boxes": [[40, 30, 200, 250], [150, 20, 380, 260], [0, 0, 399, 266]]},
+    ]
+    lines[0]["category_ids"] = [1, 3, 3]
+    if boxes_only:
+        return lines
+    lines.append(
+        {
+            "image": "rocket.jpg",
+            "points": [[[200, 130]], [[50, 60], [300, 200]], [[380, 20]], [[10, 250], [210, 140]]],
+            "labels": [[1], [1, 0], [1], [0, 1]],
+        }
+    )
+    lines.append({"image": "sub/chelsea.jpg", "boxes": [[20, 40, 200, 300], [100, 150, 260, 390]]})
+    lines[-1]["points"] = [[[100, 100]], [[180, 200]]]
+    return lines
+
+
+def write_manifest(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_manifest_equals_predict(tmp_path, dataset, weights, sam, official):
+    manifest = write_manifest(dataset / "prompts.jsonl", manifest_lines())
+    out = tmp_path / "out"
+    result = finesam("segment", "--manifest", manifest, "--weights", weights, "--out", out, "--png")
+    assert result.returncode == 0, result.stderr
+    coco = COCO(str(out / "annotations.json"))
+    assert {c["id"]: c["name"] for c in coco.dataset["categories"]} == {1: "object", 3: "category 3"}
+    for image_id, line in zip(sorted(coco.imgs), manifest_lines(), strict=True):
+        assert coco.imgs[image_id]["file_name"] == line["image"]
+        image = load(dataset / line["image"])
+        records = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        objects = len(line.get("boxes") or line["points"])
+        assert len(records) == objects
+        assert [r["category_id"] for r in records] == line.get("category_ids", [1] * objects)
+        prompts = read_manifest(manifest)[image_id - 1].prompts
+        assert prompts is not None
+        for group in prompts.groups():  # predict with the same batch as one call of the manifest run
+            take = {k: [line[k][i] for i in group] for k in ("boxes", "points", "labels") if k in line}
+            masks, scores = sam.predict(image, **take).best()
+            for i, mask, score in zip(group, masks, scores.tolist(), strict=True):
+                ours = coco_mask.decode(records[i]["segmentation"]).astype(bool)
+                assert np.array_equal(ours, mask.numpy()) and records[i]["score"] == score
+                with Image.open(out / records[i]["mask_file"]) as png:
+                    assert np.array_equal(np.asarray(png) == 255, ours)
+    # the official predictor, boxes of the first image in one batched call
+    predictor = SamPredictor(official)
+    predictor.set_image(np.asarray(load(dataset / "astronaut.png")))
+    boxes = torch.tensor(manifest_lines()[0]["boxes"], dtype=torch.float)
+    boxes = predictor.transform.apply_boxes_torch(boxes, predictor.original_size)
+    expected, iou, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    for record, mask, score in zip(coco.loadAnns(coco.getAnnIds(imgIds=1)), expected[:, 0], iou[:, 0], strict=True):
+        ours = coco_mask.decode(record["segmentation"]).astype(bool)
+        assert mask_iou(ours, mask.numpy()) >= MIN_IOU
+        assert abs(record["score"] - score.item()) <= SCORE_TOLERANCE
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def run_in_background(*args: object) -> subprocess.Popen[str]:
+    command = [str(FINESAM)] if FINESAM.exists() else [sys.executable, "-m", "finesam.cli"]
+    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def in_process(*args: object) -> tuple[int, str, str]:
+    """`finesam ARGS` in this process (no start-up cost): exit status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([*map(str, args)])
+            status = 0
+        except SystemExit as e:
+            status = int(e.code or 0)
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_killed_run_resumes_to_identical_files(tmp_path, weights):
+    names = {f"{i}.jpg": source for i, source in enumerate(["astronaut_crop", "rocket", "chelsea"] * 2)}
+    folder = make_dataset(tmp_path / "images", names)
+    whole = tmp_path / "whole"
+    assert in_process("everything", folder, "--weights", weights, "--out", whole, *CLI_OPTIONS, "--png")[0] == 1
+    killed = tmp_path / "killed"
+    process = run_in_background("everything", folder, "--weights", weights, "--out", killed, *CLI_OPTIONS, "--png")
+    deadline = time.monotonic() + 120
+    while len(list((killed / "parts").glob("*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    committed = len(list((killed / "parts").glob("*.json")))
+    assert 2 <= committed < len(names) + 1 and not (killed / "annotations.json").exists()
+    resumed = everything(folder, weights, killed, "--png")
+    assert resumed.returncode == 1, resumed.stderr
+    assert "done before" in resumed.stdout
+    for name in ("annotations.json", "errors.jsonl", "run.json"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+    pngs = sorted(p.relative_to(whole) for p in (whole / "masks").rglob("*.png"))
+    assert pngs == sorted(p.relative_to(killed) for p in (killed / "masks").rglob("*.png")) and pngs
+    assert all((whole / p).read_bytes() == (killed / p).read_bytes() for p in pngs)
+    assert not list(killed.rglob("*.tmp"))
+
+
+def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path, weights, official):
+    folder = make_dataset(tmp_path / "images", {"a.png": "astronaut_crop"}, broken=False)
+    out = tmp_path / "out"
+
+    def run(*extra: object, weights: Path = weights) -> tuple[int, str, str]:
+        return in_process("everything", folder, "--weights", weights, "--out", out, *CLI_OPTIONS, *extra)
+
+    assert run()[0] == 0
+    before = (out / "annotations.json").read_bytes()
+    status, _, stderr = run("--pred-iou-thresh=0.5")
+    assert status == 2 and "pred_iou_thresh: 0.1 -> 0.5" in stderr and "--overwrite" in stderr
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1e-3 for k, v in official.state_dict().items()}, other)
+    status, _, stderr = run(weights=other)
+    assert status == 2 and "weights: " in stderr
+    assert (out / "annotations.json").read_bytes() == before
+    # a new image: only it is segmented
+    photo("rocket").resize((400, 267)).save(folder / "b.jpg")
+    status, stdout, _ = run()
+    assert status == 0 and "2 images" in stdout and "(1 done before)" in stdout
+    status, stdout, _ = run("--pred-iou-thresh=0.5", "--overwrite")
+    assert status == 0 and "2 images" in stdout and "done before" not in stdout
+    assert json.loads((out / "run.json").read_text())["pred_iou_thresh"] == 0.5
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, everything_run, dataset, weights):
+    _, single = everything_run
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "finesam.cli", "everything", str(dataset), "--weights", str(weights), "--out", str(out)]
+    command += [*CLI_OPTIONS, "--polygons", "--png", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    distributed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert distributed.returncode != 0  # the broken image, reported by rank 0
+    assert "1 failed" in distributed.stdout, distributed.stderr[-3000:]
+    for name in ("annotations.json", "errors.jsonl", "run.json"):
+        assert (out / name).read_bytes() == (single / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "not JSON"),
+        ('{"boxes": [[0, 0, 1, 1]]}', '"image"'),
+        ('{"image": "a.png"}', '"boxes" and/or "points"'),
+        ('{"image": "a.png", "boxes": [[0, 0, 1]]}', "[[x1, y1, x2, y2], ...]"),
+        ('{"image": "a.png", "boxes": [[0, 0, 1, true]]}', "[[x1, y1, x2, y2], ...]"),
+        ('{"image": "a.png", "boxes": []}', "no objects"),
+        ('{"image": "a.png", "points": [[1, 2]]}', "one per object"),
+        ('{"image": "a.png", "points": [[[1, 2]]], "labels": [[2]]}', "1 (foreground) or 0"),
+        ('{"image": "a.png", "points": [[[1, 2]]], "labels": [[1, 1]]}', "the shape of"),
+        ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "points": [[[1, 2]], [[3, 4]]]}', "one point list per box"),
+        ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "category_ids": [0]}', "positive integers"),
+        ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "category_ids": [1, 2]}', "1 integers"),
+        ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "box": []}', "unknown keys ['box']"),
+    ],
+)
+def test_manifest_errors_name_the_line(tmp_path, line, message):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "ok.png", "boxes": [[0, 0, 5, 5]]}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=r"m\.jsonl:3: ") as error:
+        read_manifest(manifest)
+    assert message in str(error.value)
+
+
+def test_bad_command_lines_write_nothing(tmp_path, dataset, weights):
+    duplicate = write_manifest(tmp_path / "m.jsonl", [{"image": "a.png", "boxes": [[0, 0, 1, 1]]}] * 2)
+    cases = [
+        (["segment", "--manifest", duplicate], "on line 1 too"),
+        (["segment", dataset / "rocket.jpg", "--box", "1,1,9,9", "--png"], "--png: for folders"),
+        (["segment", "--manifest", duplicate, "--box", "1,1,9,9"], "drop --box"),
+        (["everything", dataset, "--format", "coco"], "--format is for one image"),
+        (["everything", tmp_path / "empty.txt"], "no images"),
+    ]
+    (tmp_path / "empty.txt").write_text("# nothing here\n")
+    for args, message in cases:
+        status, _, stderr = in_process(*args, "--weights", weights, "--out", tmp_path / "out")
+        assert status == 2 and message in stderr, (args, stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_list_of_paths_and_a_prompt_outside_the_image(tmp_path, dataset, weights):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# the photos\n{dataset / 'rocket.jpg'}\n\n{dataset / 'missing.jpg'}\n")
+    jobs = images_of(listing)
+    assert [job.path for job in jobs] == [dataset / "rocket.jpg", dataset / "missing.jpg"]
+    manifest = write_manifest(
+        tmp_path / "m.jsonl",
+        [
+            {"image": str(dataset / "rocket.jpg"), "boxes": [[0, 0, 10, 10]]},
+            {"image": str(dataset / "astronaut.png"), "boxes": [[0, 0, 900, 10]]},
+        ],
+    )
+    result = finesam("segment", "--manifest", manifest, "--weights", weights, "--out", tmp_path / "out", "--quiet")
+    assert result.returncode == 1 and "1 images, 1 masks, 1 failed" in result.stdout
+    error = json.loads((tmp_path / "out" / "errors.jsonl").read_text())
+    assert error["image"].endswith("astronaut.png") and "astronaut.png: box corners lie outside" in error["error"]
+
+
+def test_folder_listing_leaves_out_hidden_files_and_the_output(tmp_path):
+    folder = make_dataset(tmp_path / "images", {"b.png": "rocket", "a/c.jpg": "rocket"}, broken=False)
+    (folder / "out" / "masks").mkdir(parents=True)
+    photo("rocket").save(folder / "out" / "masks" / "0000.png")
+    assert [job.file_name for job in images_of(folder, exclude=folder / "out")] == ["a/c.jpg", "b.png"]
+    with pytest.raises(ValueError, match="no such folder or list file"):
+        images_of(folder / "out" / "missing")
+    (folder / "empty" / ".hidden").mkdir(parents=True)
+    photo("rocket").save(folder / "empty" / ".hidden" / "d.png")
+    with pytest.raises(ValueError, match="no images"):
+        images_of(folder / "empty")
+
+
+def test_objects_are_grouped_by_point_count():
+    prompts = ObjectPrompts(
+        points=[[[1, 1]], [[1, 1], [2, 2]], [[3, 3]]], labels=[[1], [1, 1], [1]], category_ids=[1] * 3
+    )
+    assert prompts.groups() == [[0, 2], [1]]
+    assert ObjectPrompts(boxes=[[0, 0, 1, 1]] * 2, category_ids=[1, 1]).groups() == [[0, 1]]
+
+
+def shapes(height: int = 240, width: int = 320) -> dict[str, np.ndarray]:
+    """Real and drawn masks: the horse silhouette, a ring (a hole), parts touching the border, two parts, a line."""
+    yy, xx = np.mgrid[:height, :width]
+    horse = np.asarray(Image.fromarray(~skimage_data.horse()).resize((width, height), Image.Resampling.NEAREST))
+    ring = ((yy - 120) ** 2 + (xx - 160) ** 2 < 90**2) & ((yy - 120) ** 2 + (xx - 160) ** 2 >= 40**2)
+    border = (xx < 60) | (yy >= height - 30)
+    parts = ((yy - 50) ** 2 + (xx - 60) ** 2 < 30**2) | ((abs(yy - 170) < 40) & (abs(xx - 240) < 50))
+    line = (abs(yy - xx) <= 1) & (yy < 200)
+    return {"horse": horse.astype(bool), "ring": ring, "border": border, "parts": parts, "line": line}
+
+
+@pytest.mark.parametrize("name", list(shapes()))
+def test_polygons_round_trip_through_pycocotools(name):
+    mask = shapes()[name]
+    polygons = mask_polygons(mask)
+    assert polygons and all(len(p) >= 6 and len(p) % 2 == 0 for p in polygons)
+    rasterised = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, *mask.shape))).astype(bool)
+    assert polygon_iou(rasterised, mask) >= MIN_POLYGON_IOU
+    if name == "ring":  # the hole's contour is left out: one polygon
+        assert len(polygons) == 1
+
+
+def test_annotations_match_the_coco_api():
+    rng = np.random.default_rng(0)
+    for mask in [*shapes().values(), rng.random((50, 70)) > 0.7, np.zeros((20, 30), bool)]:
+        record = annotation(SegmentedObject(mask_to_rle(mask), 0.5, 2), polygons=False)
+        assert np.array_equal(coco_mask.decode(record["segmentation"]).astype(bool), mask)
+        assert record["area"] == coco_mask.area(record["segmentation"]) == mask.sum()
+        assert record["bbox"] == coco_mask.toBbox(record["segmentation"]).tolist() == coco_box(mask)
+
+
+def test_prefetch_loads_ahead_keeps_order_and_hands_over_errors():
+    import threading
+
+    loaded = {i: threading.Event() for i in range(5)}
+
+    def load(i: int) -> int:
+        loaded[i].set()
+        if i == 3:
+            raise ValueError("unreadable")
+        return i * 10
+
+    seen = []
+    for job, value in prefetched(range(5), load, ahead=2):
+        if job + 1 in loaded:  # the next image is decoded while this one is worked on
+            assert loaded[job + 1].wait(timeout=10)
+        seen.append((job, str(value) if isinstance(value, ValueError) else value))
+    assert seen == [(0, 0), (1, 10), (2, 20), (3, "unreadable"), (4, 40)]
+
+
+def test_a_part_made_for_another_file_is_not_done(tmp_path):
+    image = tmp_path / "a.png"
+    photo("rocket").save(image)
+    job = ImageJob(image, "a.png", None)
+    run = LabellingRun(tmp_path / "out", {"command": "test"})
+    run.start(overwrite=False)
+    run.commit(job, Image.open(image), [SegmentedObject(mask_to_rle(np.ones((534, 800), bool)), 1.0, 1)])
+    assert run.done(job)
+    os.utime(image, ns=(time.time_ns(), image.stat().st_mtime_ns + 10**9))
+    assert not run.done(ImageJob(image, "a.png", None))
+    summary = run.merge([job])
+    assert (summary.images, summary.failures) == (0, 1)
+    assert "not processed" in (tmp_path / "out" / "errors.jsonl").read_text()
