@@ -267,6 +267,9 @@ def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path, weigh
     torch.save({k: v + 1e-3 for k, v in official.state_dict().items()}, other)
     status, _, stderr = run(weights=other)
     assert status == 2 and "weights: " in stderr
+    manifest = write_manifest(folder / "m.jsonl", [{"image": "a.png", "boxes": [[0, 0, 50, 50]]}])
+    status, _, stderr = in_process("segment", "--manifest", manifest, "--weights", weights, "--out", out)
+    assert status == 2 and "holds the results of `finesam everything`, not of `finesam segment`" in stderr
     assert (out / "annotations.json").read_bytes() == before
     # a new image: only it is segmented
     photo("rocket").resize((400, 267)).save(folder / "b.jpg")

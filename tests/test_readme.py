@@ -1,6 +1,7 @@
 """Every command line of the README's "Command line" block, run as written (optional parts with and without)
 in a folder laid out as the README assumes, on random weights: the front door keeps working."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -41,6 +42,11 @@ def workspace(tmp_path_factory, official_small) -> Path:
     torch.save(official_small.state_dict(), root / "sam_vit_b_01ec64.pth")
     torch.save(build_official(SMALL, seed=0, hq=True).state_dict(), root / "sam_hq_vit_b.pth")
     photo("rocket").resize((1800, 1200)).save(root / "truck.jpg")  # the size of the README's truck.jpg
+    (root / "photos").mkdir()
+    photo("rocket").resize((600, 400)).save(root / "photos" / "rocket.jpg")
+    photo("chelsea").resize((400, 267)).save(root / "photos" / "chelsea.png")
+    boxes = {"image": "photos/rocket.jpg", "boxes": [[10, 20, 300, 200], [0, 0, 600, 400]]}
+    (root / "boxes.jsonl").write_text(json.dumps(boxes) + "\n")
     (root / "prompts.json").write_text('[{"box": [75, 275, 500, 400]}, {"points": [[300, 200]], "multimask": true}]')
     (root / "configs").mkdir()
     write_config(
@@ -80,6 +86,8 @@ def test_every_readme_command_line_runs(workspace):
             args += ["--count", "4"]  # the README's 64 would only take longer
         if args[0] == "everything":
             args += ["--points-per-side", "4"]  # 32 x 32 points (x 5 crops) take minutes on 2 cores
+            if args[1] == "photos/":  # the same labels/ with other outputs: refused unless started again
+                args += ["--overwrite"]
         result = finesam(*args, env=env, cwd=workspace)
         if args[0] == "download":  # nothing listens on the mirror: a clear error, nothing left behind
             assert result.returncode == 2 and "cannot connect" in result.stderr, result.stderr
@@ -90,4 +98,6 @@ def test_every_readme_command_line_runs(workspace):
     assert (workspace / "truck_masks" / "masks.json").is_file() and (workspace / "out" / "demo_overlay.png").is_file()
     assert (workspace / "runs" / "hq" / "hq.safetensors").is_file() and (workspace / "eval" / "eval.md").is_file()
     assert (workspace / "onnx" / "model.json").is_file()
+    for labels in ("labels/annotations.json", "labels/run.json", "box_labels/annotations.json"):
+        assert (workspace / labels).is_file(), labels
     assert set(ran) == {"convert", "segment", "everything", "export", "demo", "synth", "train", "eval"}

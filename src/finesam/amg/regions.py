@@ -3,7 +3,6 @@
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -16,6 +15,8 @@ def remove_small_regions(
     was that small. If every island is small, the largest one stays."""
     if mode not in ("holes", "islands"):
         raise ValueError(f'mode must be "holes" or "islands", got {mode!r}')
+    from scipy import ndimage  # here: scipy takes a tenth of the `finesam` command's start-up to import
+
     holes = mode == "holes"
     regions = np.zeros(mask.shape, dtype=np.int32)
     label: Any = ndimage.label  # its stubs do not know that it returns the count when given `output`
@@ -40,6 +41,8 @@ def _first_largest(regions: np.ndarray, sizes: np.ndarray) -> int:
     largest = np.flatnonzero(sizes == sizes.max()) + 1
     if len(largest) == 1:
         return int(largest[0])
+    from scipy import ndimage
+
     rows, columns = np.indices(regions.shape)
     block = (rows // 2) * ((regions.shape[1] + 1) // 2) + columns // 2
     first_block = np.asarray(ndimage.minimum(block, regions, largest))

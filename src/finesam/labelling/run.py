@@ -69,6 +69,11 @@ class LabellingRun:
             raise ValueError(f"{self.out / 'run.json'}: unreadable ({e}); use another folder or --overwrite") from None
         if earlier == self.identity:
             return
+        if isinstance(earlier, dict) and earlier.get("command") != self.identity.get("command"):
+            raise ValueError(
+                f"{self.out} holds the results of `finesam {earlier.get('command')}`, not of "
+                f"`finesam {self.identity.get('command')}`: use another --out, or --overwrite to start again"
+            )
         keys = sorted(set(earlier) | set(self.identity), key=str)
         changed = [
             f"{k}: {earlier.get(k)!r} -> {self.identity.get(k)!r}"
@@ -81,8 +86,9 @@ class LabellingRun:
         )
 
     def start(self, overwrite: bool) -> None:
-        """Records the identity (after `check`); with `overwrite`, first removes what an earlier run wrote."""
-        if overwrite:
+        """Records the identity (after `check`); with `overwrite`, first removes what an earlier run wrote (only
+        where its run.json shows that the folder is a run's: other files are never touched)."""
+        if overwrite and (self.out / "run.json").is_file():
             for folder in (self.parts, self.out / "masks"):
                 shutil.rmtree(folder, ignore_errors=True)
             for name in ("annotations.json", "errors.jsonl"):
