@@ -28,7 +28,10 @@ def test_presets_are_the_official_hyper_parameters(name):
     assert len(official.state_dict()) == {"vit_b": 314, "vit_l": 482, "vit_h": 594}[name]
 
 
-@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h"])
+@pytest.mark.parametrize(
+    "name",
+    ["vit_b", pytest.param("vit_l", marks=pytest.mark.slow), pytest.param("vit_h", marks=pytest.mark.slow)],
+)
 @torch.no_grad()
 def test_round_trip_for_each_size(name):
     """Every official tensor lands where the official model uses it: blocks and decoder agree numerically."""

@@ -24,6 +24,7 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from skimage import data as skimage_data
 
+from finesam.adapters import SAMLoraAdapter
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask
 from finesam.amg.rle import mask_to_rle
 from finesam.cli import main
@@ -32,6 +33,7 @@ from finesam.labelling.coco import annotation, coco_box, mask_polygons
 from finesam.labelling.prefetch import prefetched
 from finesam.model import SegmentAnything
 from finesam.model.processing import as_rgb, open_image
+from finesam.weights import save_lora
 from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL, photo
@@ -278,6 +280,35 @@ def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path, weigh
     status, stdout, _ = run("--pred-iou-thresh=0.5", "--overwrite")
     assert status == 0 and "2 images" in stdout and "done before" not in stdout
     assert json.loads((out / "run.json").read_text())["pred_iou_thresh"] == 0.5
+
+
+def test_a_lora_is_injected_and_part_of_the_settings(tmp_path, dataset, weights, sam):
+    lora = SAMLoraAdapter(sam, name="style", rank=2)
+    with torch.no_grad():
+        for layer in lora.loras:
+            layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    path = save_lora(lora, tmp_path / "style.lora.safetensors")
+    line = manifest_lines(boxes_only=True)[0]
+    manifest = write_manifest(dataset / "one.jsonl", [line])
+    out = tmp_path / "out"
+    args = ["segment", "--manifest", manifest, "--weights", weights, "--out", out]
+    assert in_process(*args, "--lora", path)[0] == 0
+    records = json.loads((out / "annotations.json").read_text())["annotations"]
+    image = load(dataset / line["image"])
+    without, _ = sam.predict(image, boxes=line["boxes"]).best()
+    lora.inject()
+    try:
+        expected, scores = sam.predict(image, boxes=line["boxes"]).best()
+    finally:
+        lora.eject()
+    for record, mask, score in zip(records, expected, scores.tolist(), strict=True):
+        assert np.array_equal(coco_mask.decode(record["segmentation"]).astype(bool), mask.numpy())
+        assert record["score"] == score
+    assert not torch.equal(expected, without)  # the LoRA changes the masks
+    status, _, stderr = in_process(*args)
+    assert status == 2 and "loras: [" in stderr
+    status, _, stderr = in_process(*args, "--lora", tmp_path / "missing.safetensors")
+    assert status == 2 and "--lora" in stderr and "missing.safetensors" in stderr
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, everything_run, dataset, weights):

@@ -15,7 +15,7 @@ from PIL import Image
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.devices import usable_device
 from finesam.model import SegmentAnything
-from finesam.weights import atomic_write, check_output, hq_weights_for, load_hq, load_sam
+from finesam.weights import atomic_write, check_output, hq_weights_for, load_hq, load_lora, load_sam
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,10 +103,14 @@ def load_base(args: argparse.Namespace) -> tuple[SegmentAnything, HQSAMAdapter |
 
 
 def load_model(args: argparse.Namespace) -> SegmentAnything:
-    """The model of `load_base`, with the HQ adapter injected when there is one (and compiled with --compile)."""
+    """The model of `load_base`, with the HQ adapter injected when there is one, then the LoRAs of `--lora` in
+    order (where the command has the option), and compiled with --compile."""
     model, adapter = load_base(args)
+    loras = [load_lora(model, path) for path in getattr(args, "lora", [])]  # every file checked before injecting
     if adapter is not None:
         adapter.inject()
+    for lora in loras:
+        lora.inject()
     if not getattr(args, "compile", False):
         return model
     print("compiling the image encoder: its first image takes about a minute longer", file=sys.stderr)

@@ -11,7 +11,14 @@ import numpy as np
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask, to_coco
 from finesam.cli.common import UsageError, check_output_folder, inference, load_model, save_mask, write_json
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
-from finesam.cli.options import Commands, add_command, generator_arguments, generator_options, model_options
+from finesam.cli.options import (
+    Commands,
+    add_command,
+    generator_arguments,
+    generator_options,
+    lora_options,
+    model_options,
+)
 from finesam.cli.overlay import distinct_colours, overlay
 from finesam.labelling import everything_objects, images_of, is_image_file
 from finesam.model import SegmentAnything
@@ -96,7 +103,7 @@ def add_commands(commands: Commands) -> None:
         commands,
         "everything",
         "segment everything: automatic masks from a grid of points (official SamAutomaticMaskGenerator)",
-        (model_options(), generator_options(), labelling_options()),
+        (model_options(), lora_options(), generator_options(), labelling_options()),
     )
     everything.add_argument(
         "source",

@@ -48,6 +48,14 @@ def refuse_labelling_options(args: argparse.Namespace, alternative: str) -> None
         raise UsageError(f"{', '.join(given)}: for folders, lists and manifests; for one image {alternative}")
 
 
+def _digest(path: Path, option: str) -> str:
+    """The SHA-256 of a weights file, which a run's results depend on."""
+    try:
+        return sha256_of(path)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot read it ({e.strerror or e})") from None
+
+
 def run_labelling(
     args: argparse.Namespace,
     jobs: list[ImageJob],
@@ -73,8 +81,9 @@ def run_labelling(
         **options,
         "dtype": args.dtype,
         "hq_only": args.hq_only,
-        "weights": sha256_of(args.weights),
-        "hq": None if hq is None or hq == args.weights else sha256_of(hq),
+        "weights": _digest(args.weights, "--weights"),
+        "hq": None if hq is None or hq == args.weights else _digest(hq, "--hq"),
+        "loras": [_digest(path, "--lora") for path in args.lora],
     }
     run = LabellingRun(out, identity, polygons=args.polygons, png=args.png)
     if not args.overwrite:

@@ -74,6 +74,15 @@ def model_options(
     return options
 
 
+def lora_options(
+    help: str = "inject this LoRA (after HQ-SAM); repeat for more, injected in order",
+) -> argparse.ArgumentParser:
+    """--lora, repeatable."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--lora", type=Path, action="append", default=[], metavar="LORA.safetensors", help=help)
+    return options
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -19,7 +19,7 @@ from finesam.cli.common import (
     suffixed,
 )
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
-from finesam.cli.options import Commands, add_command, model_options
+from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.overlay import overlay
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
@@ -179,7 +179,10 @@ def run_segment_manifest(args: argparse.Namespace) -> None:
 
 def add_commands(commands: Commands) -> None:
     segment = add_command(
-        commands, "segment", "segment an image with box and point prompts", (model_options(), labelling_options())
+        commands,
+        "segment",
+        "segment an image with box and point prompts",
+        (model_options(), lora_options(), labelling_options()),
     )
     segment.add_argument("image", type=Path, nargs="?", help="the image (any format PIL reads)")
     segment.add_argument(
