@@ -35,7 +35,9 @@ def labelling_options() -> argparse.ArgumentParser:
     """--png, --polygons, --overwrite: the outputs of a labelling run."""
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("datasets (a folder, a list of images or a manifest)")
-    group.add_argument("--polygons", action="store_true", help="polygon segmentations in annotations.json (OpenCV)")
+    group.add_argument(
+        "--polygons", action="store_true", help="polygon segmentations in annotations.json (scikit-image)"
+    )
     group.add_argument("--png", action="store_true", help="also one mask PNG per object, under OUT/masks/")
     group.add_argument("--overwrite", action="store_true", help="start again in an OUT made with other settings")
     return options
@@ -103,17 +105,15 @@ def run_labelling(
     with progress_bar(len(mine), "images", unit="img", initial=len(mine) - len(pending), quiet=quiet) as bar:
         try:
             for job, image in prefetched(pending, lambda job: as_rgb(open_image(job.path))):
-                try:
-                    if isinstance(image, ValueError):
-                        raise image  # its message names the file
+                error = str(image) if isinstance(image, ValueError) else None  # its message names the file
+                if not isinstance(image, ValueError):
                     try:
-                        objects = segment(image, job)
+                        masks += run.commit(job, image, segment(image, job))
                     except ValueError as e:
-                        raise ValueError(f"{job.file_name}: {e}") from None
-                    masks += run.commit(job, image, objects)
-                except ValueError as e:
-                    run.fail(job, str(e))
-                    bar.write(f"finesam {command}: {e}", file=sys.stderr)
+                        error = f"{job.file_name}: {e}"
+                if error is not None:
+                    run.fail(job, error)
+                    bar.write(f"finesam {command}: {error}", file=sys.stderr)
                 bar.set_postfix_str(f"{masks} masks", refresh=False)
                 bar.update(1)
         except KeyboardInterrupt:

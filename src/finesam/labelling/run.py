@@ -22,7 +22,7 @@ from PIL import Image
 
 from finesam.amg.rle import rle_to_mask
 from finesam.labelling.coco import SegmentedObject, annotation, coco_document
-from finesam.labelling.sources import ImageJob
+from finesam.labelling.sources import DEFAULT_CATEGORY, ImageJob
 from finesam.weights import atomic_write
 
 RUN_FORMAT = "finesam-labelling/1"
@@ -153,7 +153,7 @@ class LabellingRun:
             images.append(part["image"])
             annotations.append(part["annotations"])
             categories |= {record["category_id"] for record in part["annotations"]}
-        document = coco_document(images, annotations, categories or {1})
+        document = coco_document(images, annotations, categories or {DEFAULT_CATEGORY})
         write_text(self.out / "annotations.json", json.dumps(document))
         write_text(self.out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
         return Summary(len(images), sum(map(len, annotations)), len(errors))

@@ -7,6 +7,7 @@ manifests), so every process of a run sees the same list.
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -116,16 +117,20 @@ def _folder_images(folder: Path, exclude: Path | None) -> list[ImageJob]:
     return sorted(jobs, key=lambda job: job.file_name)
 
 
-def _listed_images(listing: Path) -> list[ImageJob]:
+def _numbered_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a text file, stripped, with their line numbers (from 1)."""
     try:
-        lines = listing.read_text().splitlines()
+        lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{listing}: cannot read the list of images: {e}") from None
+        raise ValueError(f"{path}: cannot read {what}: {e}") from None
+    return ((number, line.strip()) for number, line in enumerate(lines, 1) if line.strip())
+
+
+def _listed_images(listing: Path) -> list[ImageJob]:
     jobs: list[ImageJob] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, 1):
-        name = line.strip()
-        if not name or name.startswith("#"):
+    for number, name in _numbered_lines(listing, "the list of images"):
+        if name.startswith("#"):
             continue
         file_name = _file_name(name)
         if file_name in seen:
@@ -152,15 +157,9 @@ def read_manifest(manifest: Path) -> list[ImageJob]:
     Raises:
         ValueError: a line is not such an object; the message names the line and what is wrong.
     """
-    try:
-        lines = manifest.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{manifest}: cannot read the manifest: {e}") from None
     jobs: list[ImageJob] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in _numbered_lines(manifest, "the manifest"):
         where = f"{manifest}:{number}"
         try:
             entry = json.loads(line)
