@@ -3,11 +3,13 @@
     python benchmarks/bench.py [--size vit_b] [--repeats 3] [--compile] [--drift-count 50] [--skip loading,...]
                                [--device cuda]
 
-Same random weights and same inputs for both sides, in the same process (loading and memory: fresh child
-processes); official and finesam runs alternate after a warm-up of each, so both see the same load. Each row
-gives the median time of each side, the ratio finesam / official (lower is better), the goal and the
-deviation of finesam's output. Parts: encoder, bf16, compile (only with --compile: minutes), prompts, hq,
-loading, memory. Needs the official packages (`make test` installs them) and, for the photo rows, the photos
+Same random weights and same inputs for every side, in the same process (loading and memory: fresh child
+processes); official, finesam and HF transformers runs alternate after a warm-up of each, so all see the same
+load. Each row gives the median time of each side, the ratios finesam / official and finesam / HF (lower is
+better), the goal and the deviation of finesam's output (and HF's). Parts: encoder, bf16, int8, compile (only
+with --compile: minutes), prompts, hq, loading, memory. The HF column needs `pip install transformers` (see
+hf_transformers.py); without it the column stays empty. Needs the official packages (`make test` installs
+them) and, for the photo rows, the photos
 of `$FINESAM_BENCH_IMAGES` (default: ../shared/images beside the project; without them a random image is
 used, and said). On a GPU (`--device cuda`) every timed run ends with a synchronisation, and loading and
 memory (CPU process figures) are left out.
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +38,13 @@ from finesam.model import SegmentAnything
 from finesam.model.prompts import Prompts
 from finesam.weights.hq import convert_hq_state_dict
 from finesam.weights.loading import sam_from_state_dict
+from hf_transformers import hf_sam, transformers
 
 import bench_loading
 import bench_memory
 from official import HQSamPredictor, SamPredictor, build_official_tiny, random_official
 
-PARTS = ("encoder", "bf16", "compile", "prompts", "hq", "loading", "memory")
+PARTS = ("encoder", "bf16", "int8", "compile", "prompts", "hq", "loading", "memory")
 # the photos of the published figures (docs/performance.md); not part of the project
 IMAGES = Path(os.environ.get("FINESAM_BENCH_IMAGES", Path(__file__).resolve().parents[2] / "shared" / "images"))
 PHOTOS = ("truck.jpg", "dog.jpg", "groceries.jpg")
@@ -55,6 +59,8 @@ class Row:
     ratio: float | None
     goal: str
     deviation: str
+    hf: str = "-"  # HF transformers, where it has the feature
+    hf_ratio: float | None = None
 
 
 def synchronize() -> None:
@@ -63,19 +69,19 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def paired_median_ms(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median times (ms) of two functions run alternately after a warm-up of each, so both see the same load."""
-    first()
-    second()
+def alternating_median_ms(*runs: Callable[[], object], repeats: int) -> list[float]:
+    """Median times (ms) of functions run in turn after a warm-up of each, so that all see the same load."""
+    for run in runs:
+        run()
     synchronize()
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        for run, bucket in ((first, times[0]), (second, times[1])):
+        for run, bucket in zip(runs, times, strict=True):
             start = time.perf_counter()
             run()
             synchronize()
             bucket.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
+    return [1000 * statistics.median(bucket) for bucket in times]
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
@@ -98,14 +104,20 @@ def timed(
     goal: str,
     deviation: str,
     per_second: str = "",
+    hf: Callable[[], object] | None = None,
 ) -> Row:
-    """A paired timing as a row; with `per_second` (e.g. "images") the rate of each side is shown too."""
-    theirs_ms, ours_ms = paired_median_ms(official, ours, repeats)
+    """A timing of official, finesam and (when given) HF transformers in turn, as a row; with `per_second`
+    (e.g. "images") the rate of each side is shown too."""
+    runs = (official, ours) if hf is None else (official, ours, hf)
+    theirs_ms, ours_ms, *hf_ms = alternating_median_ms(*runs, repeats=repeats)
 
     def cell(ms: float) -> str:
         return f"{ms:.1f} ms" + (f" ({1000 / ms:.2f} {per_second}/s)" if per_second else "")
 
-    return Row(figure, cell(theirs_ms), cell(ours_ms), ours_ms / theirs_ms, goal, deviation)
+    row = Row(figure, cell(theirs_ms), cell(ours_ms), ours_ms / theirs_ms, goal, deviation)
+    if hf_ms:
+        row.hf, row.hf_ratio = cell(hf_ms[0]), ours_ms / hf_ms[0]
+    return row
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,6 +144,9 @@ class Bench:
         self.official = random_official(size, seed=0).to(device)
         self.pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0)).to(device)
         self.image = random_image()
+        self.hf = None if transformers is None else hf_sam(self.official).to(device)
+        if self.hf is None:
+            print("transformers is not installed: no HF column (pip install transformers)", file=sys.stderr)
 
     def ours(self) -> SegmentAnything:
         return sam_from_state_dict(self.official.state_dict(), device=self.device)
@@ -141,16 +156,22 @@ class Bench:
 
     def encoder(self) -> list[Row]:
         ours = self.ours()
-        difference = (ours.encode(self.pixels) - self.official.image_encoder(self.pixels)).abs().max().item()
+        reference = self.official.image_encoder(self.pixels)
+        deviation = f"max abs {(ours.encode(self.pixels) - reference).abs().max().item():.1e}"
+        hf: Callable[[], Any] | None = None
+        if (model := self.hf) is not None:
+            hf = lambda: model.get_image_embeddings(self.pixels)  # noqa: E731
+            deviation += f" (HF {(hf() - reference).abs().max().item():.1e})"
         rows = [
             timed(
                 f"1. image encoder {self.size}, fp32",
                 lambda: self.official.image_encoder(self.pixels),
                 lambda: ours.encode(self.pixels),
                 self.repeats,
-                "<= 0.70",
-                f"max abs {difference:.1e}",
+                "<= 0.55, HF <= 0.70",
+                deviation,
                 per_second="images",
+                hf=hf,
             )
         ]
         tiny_official = build_official_tiny(seed=0).to(self.device)
@@ -162,37 +183,72 @@ class Bench:
         rows.append(timed("   image encoder TinyViT, fp32", run_official, run_ours, 5, "-", deviation, "images"))
         return rows
 
-    def bf16(self) -> list[Row]:
-        fp32, bf16 = self.ours(), self.ours().set_encoder_dtype(torch.bfloat16)
+    @staticmethod
+    def against_fp32(fp32: SegmentAnything, candidate: SegmentAnything) -> str:
+        """Embedding cosine and final-mask IoU (one box per photo) of a reduced-precision model vs fp32."""
         cosines, ious = [], []
         for image in photos():
-            reference, candidate = fp32.encode_image(image), bf16.encode_image(image)
-            cosines.append(cosine(candidate.embedding, reference.embedding))
+            reference, embedding = fp32.encode_image(image), candidate.encode_image(image)
+            cosines.append(cosine(embedding.embedding, reference.embedding))
             width, height = image.size
             box = np.array([0.1 * width, 0.15 * height, 0.8 * width, 0.9 * height])
-            masks = [m.predict(e, boxes=box).masks[0] for m, e in ((fp32, reference), (bf16, candidate))]  # (M, H, W)
+            pairs = ((fp32, reference), (candidate, embedding))
+            masks = [m.predict(e, boxes=box).masks[0] for m, e in pairs]  # (M, H, W)
             ious.append(mask_iou(*masks).min().item())
+        return f"cos >= {min(cosines):.5f}, mask IoU >= {min(ious):.3f} ({len(ious)} photos)"
+
+    def bf16(self) -> list[Row]:
+        fp32, bf16 = self.ours(), self.ours().set_encoder_dtype(torch.bfloat16)
         row = timed(
             "2. image encoder, bf16 (vs official fp32)",
             lambda: self.official.image_encoder(self.pixels),
             lambda: bf16.encode(self.pixels),
             self.repeats,
-            "<= 0.45",
-            f"cos >= {min(cosines):.5f}, mask IoU >= {min(ious):.3f} ({len(ious)} photos)",
+            "<= 0.12",
+            self.against_fp32(fp32, bf16),
             per_second="images",
         )
         official_bf16 = copy.deepcopy(self.official.image_encoder).to(torch.bfloat16)
         pixels = self.pixels.to(torch.bfloat16)
+        hf = None
+        if self.hf is not None:
+            hf_bf16 = copy.deepcopy(self.hf).to(torch.bfloat16)
+            hf = lambda: hf_bf16.get_image_embeddings(pixels)  # noqa: E731
         both_bf16 = timed(
-            "   image encoder, bf16 (vs official in bf16)",
+            "   image encoder, bf16 (vs official and HF in bf16)",
             lambda: official_bf16(pixels),
             lambda: bf16.encode(self.pixels),
             self.repeats,
-            "-",
+            "HF <= 0.40",
             f"official bf16 vs our fp32: cos {cosine(official_bf16(pixels), fp32.encode(self.pixels)):.5f}",
             per_second="images",
+            hf=hf,
         )
         return [row, both_bf16]
+
+    def int8(self) -> list[Row]:
+        fp32, int8 = self.ours(), self.ours().quantize_encoder()
+        deviation = self.against_fp32(fp32, int8)
+        return [
+            timed(
+                "2b. image encoder, int8 linears (vs official fp32)",
+                lambda: self.official.image_encoder(self.pixels),
+                lambda: int8.encode(self.pixels),
+                self.repeats,
+                "faster than bf16",
+                deviation,
+                per_second="images",
+            ),
+            timed(
+                "    int8 vs our fp32 (finesam)",
+                lambda: fp32.encode(self.pixels),
+                lambda: int8.encode(self.pixels),
+                self.repeats,
+                "-",
+                "",
+                per_second="images",
+            ),
+        ]
 
     def compile(self) -> list[Row]:
         reference = self.ours().encode(self.pixels)
@@ -225,22 +281,33 @@ class Bench:
                 ours.decode(embedding.embedding, all_boxes[i : i + 1])
 
         same = "identical masks" if torch.equal(batched > 0, singles > 0) else "MASKS DIFFER"
+        one_deviation = f"max abs {(one - theirs_one).abs().max().item():.1e}"
+        hf_one: Callable[[], Any] | None = None
+        hf_all: Callable[[], Any] | None = None
+        if (hf := self.hf) is not None:
+            features = predictor.features
+            hf_one = lambda: hf(image_embeddings=features, input_boxes=boxes[None, :1], multimask_output=False)  # noqa: E731
+            hf_all = lambda: hf(image_embeddings=features, input_boxes=boxes[None], multimask_output=False)  # noqa: E731
+            hf_masks = hf_one().pred_masks[0, :, 0]  # (1, 256, 256)
+            one_deviation += f" (HF {(hf_masks - theirs_one[:, 0]).abs().max().item():.1e})"
         return [
             timed(
                 "4. prompt + decoder, 1 box",
                 lambda: predictor.predict_torch(None, None, boxes[:1], multimask_output=False),
                 lambda: ours.decode(embedding.embedding, first_box),
                 20,
-                "<= 0.80",
-                f"max abs {(one - theirs_one).abs().max().item():.1e}",
+                "<= 0.45, HF <= 0.80",
+                one_deviation,
+                hf=hf_one,
             ),
             timed(
                 "4. 64 boxes in one call",
                 lambda: predictor.predict_torch(None, None, boxes, multimask_output=False),
                 lambda: ours.decode(embedding.embedding, all_boxes),
                 self.repeats,
-                "<= 0.40",
+                "<= 0.25",
                 f"vs 64 single calls: {same}, max abs {(batched - singles).abs().max().item():.1e}",
+                hf=hf_all,
             ),
             timed(
                 "   64 boxes: one call vs 64 calls (finesam)",
@@ -280,14 +347,25 @@ class Bench:
             adapter.inject()
             hq_ms.append(median_ms(hq_prompt, 10))
         hq_median, base_median = statistics.median(hq_ms), statistics.median(base_ms)
+        deviation = f"max abs {(cached - theirs).abs().max().item():.1e}"
+        hf_prompt: Callable[[], Any] | None = None
+        if transformers is not None:
+            hf_hq = hf_sam(official, hq=True).to(self.device)
+            features, early = predictor.features, predictor.interm_features
+            inputs = {"image_embeddings": features, "intermediate_embeddings": early, "input_boxes": boxes[None]}
+            hf_prompt = lambda: hf_hq(**inputs, multimask_output=False)  # noqa: E731
+
+            # HF's SamHQModel does not give the official HQ logits with these weights (its base model does)
+            deviation += f" (HF {(hf_prompt().pred_masks[0, :, 0] - theirs[:, 0]).abs().max().item():.1e})"
         return [
             timed(
                 "5. HQ prompt + decoder, 1 box (vs official HQ)",
                 lambda: predictor.predict_torch(None, None, boxes, multimask_output=False),
                 hq_prompt,
                 20,
-                "-",
-                f"max abs {(cached - theirs).abs().max().item():.1e}",
+                "<= 0.25, HF <= 0.60",
+                deviation,
+                hf=hf_prompt,
             ),
             Row(
                 "5. HQ prompt vs base prompt (finesam)",
@@ -351,11 +429,17 @@ class Bench:
 
 def print_table(title: str, rows: list[Row]) -> None:
     print(f"\n{title}\n")
-    print("| figure | official | finesam | finesam / official | goal | deviation |")
-    print("|---|---:|---:|---:|---|---|")
+    print("| figure | official | HF transformers | finesam | finesam / official | finesam / HF | goal | deviation |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
     for row in rows:
-        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
-        print(f"| {row.figure} | {row.official} | {row.finesam} | {ratio} | {row.goal} | {row.deviation} |")
+        print(
+            f"| {row.figure} | {row.official} | {row.hf} | {row.finesam} | {ratio(row.ratio)} | {ratio(row.hf_ratio)} "
+            f"| {row.goal} | {row.deviation} |"
+        )
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ from skimage import data
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from finesam.evaluation.metrics import boundary_dilation, boundary_iou
 
-from bench import paired_median_ms
+from bench import alternating_median_ms
 
 
 def masks(width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +57,10 @@ def main() -> None:
         pred_t, gt_t = torch.from_numpy(pred), torch.from_numpy(gt)
         ours = boundary_iou(pred_t, gt_t).item()
         theirs = opencv_boundary_iou(pred, gt)
-        opencv_ms, ours_ms = paired_median_ms(
-            lambda p=pred, g=gt: opencv_boundary_iou(p, g), lambda p=pred_t, g=gt_t: boundary_iou(p, g), args.repeats
+        opencv_ms, ours_ms = alternating_median_ms(
+            lambda p=pred, g=gt: opencv_boundary_iou(p, g),
+            lambda p=pred_t, g=gt_t: boundary_iou(p, g),
+            repeats=args.repeats,
         )
         same = "yes" if abs(ours - theirs) < 1e-6 else f"no ({ours:.6f} vs {theirs:.6f})"
         print(

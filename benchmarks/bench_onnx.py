@@ -26,7 +26,7 @@ from finesam.onnx.export import export
 from finesam.weights.hq import convert_hq_state_dict
 from finesam.weights.loading import sam_from_state_dict
 
-from bench import paired_median_ms, photos
+from bench import alternating_median_ms, photos
 from official import build_official_tiny, random_official
 
 
@@ -64,8 +64,8 @@ def rows_for(size: str, hq: bool, repeats: int, prompts: int, folder: Path) -> l
             with torch.inference_mode():
                 return model.encode(pixels)
 
-        torch_ms, onnx_ms = paired_median_ms(
-            torch_encoder, lambda e=encoder, o=outputs: e.run(o, {"image": onnx_pixels}), repeats
+        torch_ms, onnx_ms = alternating_median_ms(
+            torch_encoder, lambda e=encoder, o=outputs: e.run(o, {"image": onnx_pixels}), repeats=repeats
         )
         onnx_embedding = predictor.encode_image(image)
         reference = fp32.encode_image(image).outputs["image_embeddings"].ravel()
@@ -85,8 +85,10 @@ def rows_for(size: str, hq: bool, repeats: int, prompts: int, folder: Path) -> l
             with torch.inference_mode():
                 return model.predict(embedding, boxes=box, return_logits=True)
 
-        torch_ms, onnx_ms = paired_median_ms(
-            torch_box, lambda p=predictor, e=onnx_embedding: p.predict(e, boxes=box, return_logits=True), prompts
+        torch_ms, onnx_ms = alternating_median_ms(
+            torch_box,
+            lambda p=predictor, e=onnx_embedding: p.predict(e, boxes=box, return_logits=True),
+            repeats=prompts,
         )
         deviation = "-"
         if label == "int8":

@@ -98,7 +98,13 @@ def load_base(args: argparse.Namespace) -> tuple[SegmentAnything, HQSAMAdapter |
     adapter = None if hq is None else load_hq(model, hq, hq_mask_only=args.hq_only)
     if adapter is None and args.hq_only:
         raise UsageError("--hq-only needs HQ-SAM weights: --hq FILE, or an official HQ-SAM .pth as --weights")
-    model.set_encoder_dtype(DTYPES[args.dtype])
+    if args.dtype != "int8":
+        model.set_encoder_dtype(DTYPES[args.dtype])
+        return model, adapter
+    try:
+        model.quantize_encoder()
+    except ValueError as e:
+        raise UsageError(f"--dtype int8: {e}") from None
     return model, adapter
 
 

@@ -63,7 +63,10 @@ def model_options(
     )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     group.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPES), help="image-encoder precision (the decoder stays fp32)"
+        "--dtype",
+        default="float32",
+        choices=[*sorted(DTYPES), "int8"],
+        help="image-encoder precision (the decoder stays fp32); int8: its linear layers in int8, CPU only",
     )
     group.add_argument(
         "--max-pixels",

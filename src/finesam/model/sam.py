@@ -1,5 +1,6 @@
 """`SegmentAnything`: image encoder -> prompt encoder -> mask decoder, as one fluxion chain."""
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,11 @@ class Prediction:
         """The mask with the highest predicted IoU for each prompt: (B, H, W) and its score (B,)."""
         scores, index = self.iou_predictions.max(dim=1)
         return self.masks[torch.arange(len(index)), index], scores
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class SegmentAnything(fl.Chain):
@@ -189,8 +195,36 @@ class SegmentAnything(fl.Chain):
 
     def set_encoder_dtype(self, dtype: DType) -> "SegmentAnything":
         """Runs the image encoder (nearly all the compute) in `dtype`, e.g. `torch.bfloat16`, and keeps the
-        prompt encoder and mask decoder in their own precision; embeddings are cast at the boundary."""
+        prompt encoder and mask decoder in their own precision; embeddings are cast at the boundary.
+
+        On a CPU without native bf16 matrix products (no AVX512-BF16 / AMX) bf16 is emulated and runs several
+        times slower than float32: that case is warned about (`quantize_encoder` is the fast mode there).
+        """
+        device = next(self.image_encoder.parameters()).device
+        if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn(
+                "this CPU has no native bfloat16 matrix units (AVX512-BF16 / AMX): the bfloat16 encoder runs "
+                "several times slower than float32 here; int8 (quantize_encoder, --dtype int8) is the fast mode",
+                stacklevel=2,
+            )
         self.image_encoder.to(dtype=dtype)
+        return self
+
+    def quantize_encoder(self) -> "SegmentAnything":
+        """Runs the image encoder's linear layers in int8 (dynamic quantisation; CPU only, inference only, not
+        undone): per-channel int8 weights, activations quantised at each call; the rest stays in float32.
+        Faster than bf16 on CPUs without native bf16 (see docs/performance.md). HQ-SAM, which only reads the
+        encoder, works with it; a LoRA on the encoder's linear layers does not (refused; decoder LoRAs work).
+
+        Raises:
+            ValueError: the encoder is not on the CPU, not in float32, or has a LoRA on a linear layer.
+        """
+        from finesam.model.quantized import quantize_linears
+
+        parameter = next(self.image_encoder.parameters())
+        if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+            raise ValueError(f"int8 runs a float32 CPU encoder (this one: {parameter.dtype} on {parameter.device})")
+        quantize_linears(self.image_encoder)
         return self
 
     def compile_encoder(self, freeze: bool = True) -> "SegmentAnything":

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from finesam.adapters.lora import SAMLoraAdapter, base_linears
+from finesam.model.quantized import DynamicInt8Linear
 from finesam.model.sam import SegmentAnything
 from finesam.text import listing
 from finesam.weights.hq import adapter_config
@@ -57,7 +58,9 @@ def load_lora(
     in_model = [linear.path for linear in base_linears(model)]
     missing = sorted(in_file - set(in_model))
     if missing:
-        raise CheckpointError(f"{path}: LoRA targets not found in this model: {listing(missing, 5)}")
+        int8 = any(True for _ in model.image_encoder.walk(DynamicInt8Linear))
+        hint = "; its image encoder is in int8 (--dtype int8), which takes no LoRA on its linear layers" if int8 else ""
+        raise CheckpointError(f"{path}: LoRA targets not found in this model{hint}: {listing(missing, 5)}")
     try:
         adapter = SAMLoraAdapter(
             model,
