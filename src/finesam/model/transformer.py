@@ -12,6 +12,8 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
+from finesam.model.layers import Linear
+
 TOKENS, IMAGE = 0, 1
 
 
@@ -20,8 +22,23 @@ def with_positional_encoding(index: int, key: str) -> fl.Chain:
     return fl.Chain(fl.GetArg(index), fl.Residual(fl.UseContext("mask_decoder", key)))
 
 
-def _attention(dim: int, num_heads: int, downsample: int, device: Device | str | None, dtype: DType | None):
-    return fl.Attention(dim, num_heads=num_heads, inner_dim=dim // downsample, device=device, dtype=dtype)
+def _attention(
+    dim: int,
+    num_heads: int,
+    downsample: int,
+    device: Device | str | None,
+    dtype: DType | None,
+    image_side: tuple[int, ...] = (),
+) -> fl.Attention:
+    """Attention with its query, key and value projections; those at `image_side` (indices of q, k, v) read
+    only the image and remember their output for it (`finesam.model.layers.Linear`)."""
+    attention = fl.Attention(dim, num_heads=num_heads, inner_dim=dim // downsample, device=device, dtype=dtype)
+    projections = attention.ensure_find(fl.Distribute)
+    for index in image_side:
+        old = projections[index]
+        assert isinstance(old, fl.Linear)
+        projections.replace(old, Linear(old.in_features, old.out_features, device=device, dtype=dtype))
+    return attention
 
 
 def _block_diagonal(x: Float[Tensor, "batch length heads*head_dim"], heads: int) -> Tensor:
@@ -94,11 +111,19 @@ class TokenSelfAttention(fl.Chain):
 
 
 class TokenToImageAttention(fl.Chain):
-    """Tokens query the image tokens."""
+    """Tokens query the image tokens; in the first block (`first_layer`) the keys and values, which then depend
+    on the image alone, are computed once per image."""
 
     def __init__(
-        self, dim: int, num_heads: int, downsample: int, device: Device | str | None = None, dtype: DType | None = None
+        self,
+        dim: int,
+        num_heads: int,
+        downsample: int,
+        first_layer: bool = False,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
     ) -> None:
+        image_side = (1, 2) if first_layer else ()
         super().__init__(
             fl.Parallel(
                 fl.Chain(
@@ -110,7 +135,7 @@ class TokenToImageAttention(fl.Chain):
                                 with_positional_encoding(IMAGE, "key_pe"),
                                 fl.GetArg(IMAGE),
                             ),
-                            _attention(dim, num_heads, downsample, device, dtype),
+                            _attention(dim, num_heads, downsample, device, dtype, image_side),
                         ),
                     ),
                     fl.LayerNorm(dim, device=device, dtype=dtype),
@@ -121,12 +146,19 @@ class TokenToImageAttention(fl.Chain):
 
 
 class ImageToTokenAttention(fl.Chain):
-    """Image tokens query the prompt tokens."""
+    """Image tokens query the prompt tokens; in the first block (`first_layer`) the queries, which then depend
+    on the image alone, are computed once per image."""
 
     def __init__(
-        self, dim: int, num_heads: int, downsample: int, device: Device | str | None = None, dtype: DType | None = None
+        self,
+        dim: int,
+        num_heads: int,
+        downsample: int,
+        first_layer: bool = False,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
     ) -> None:
-        attention = _attention(dim, num_heads, downsample, device, dtype)
+        attention = _attention(dim, num_heads, downsample, device, dtype, (0,) if first_layer else ())
         attention.replace(attention.ensure_find(fl.ScaledDotProductAttention), FewKeysDotProduct(num_heads))
         super().__init__(
             fl.Parallel(
@@ -181,9 +213,9 @@ class TwoWayAttentionBlock(fl.Chain):
     ) -> None:
         super().__init__(
             TokenSelfAttention(dim, num_heads, first_layer, device=device, dtype=dtype),
-            TokenToImageAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
+            TokenToImageAttention(dim, num_heads, downsample=2, first_layer=first_layer, device=device, dtype=dtype),
             TokenFeedForward(dim, mlp_dim, device=device, dtype=dtype),
-            ImageToTokenAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
+            ImageToTokenAttention(dim, num_heads, downsample=2, first_layer=first_layer, device=device, dtype=dtype),
         )
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.layers import GeLU, LayerNorm2d
+from finesam.model.layers import GeLU, LayerNorm2d, tensor_version
 from finesam.model.mask_decoder import MultiLayerPerceptron
 from finesam.model.transformer import TOKENS
 
@@ -95,11 +95,6 @@ class HQFeatureFusion(fl.Sum):
         )
 
 
-def _version(tensor: Tensor) -> int:
-    """In-place modification counter; inference tensors (created under `torch.inference_mode`) have none."""
-    return -1 if tensor.is_inference() else tensor._version
-
-
 class CachedHQFeatures(fl.Chain):
     """The HQ features of the image: computed by `HQFeatureFusion`, and at inference kept in the `image` context
     (so in the `ImageEmbedding`) and reused by every later prompt of that image.
@@ -112,7 +107,7 @@ class CachedHQFeatures(fl.Chain):
         super().__init__(fusion)
 
     def _key(self) -> tuple[tuple[int, int], ...]:
-        return tuple((id(p), _version(p)) for p in self.parameters())
+        return tuple((id(p), tensor_version(p)) for p in self.parameters())
 
     def forward(self, *inputs: Tensor) -> Float[Tensor, "batch dim/8 4*grid 4*grid"]:
         embedding = inputs[0]  # (B, D, E, E)

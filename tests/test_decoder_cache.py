@@ -1,0 +1,128 @@
+"""The first two-way block's image-side projections are computed once per image and reused by later prompt
+calls, and a remembered projection is never used once the image or the weights have changed.
+
+The reference is the same decoder with gradients enabled, where nothing is remembered: same code, same
+kernels, so the comparisons are exact (`torch.equal`).
+"""
+
+import pytest
+import torch
+
+from finesam.adapters.lora import SAMLoraAdapter
+from finesam.model.layers import Linear
+from finesam.model.prompts import Prompts
+from finesam.weights.loading import sam_from_state_dict
+
+from conftest import SMALL, photo
+from official import build_official
+
+BOXES = Prompts(boxes=torch.tensor([[20.0, 30.0, 200.0, 180.0], [60.0, 10.0, 250.0, 240.0], [0.0, 0.0, 90.0, 90.0]]))
+POINT = Prompts(points=torch.tensor([[[128.0, 100.0]]]), labels=torch.tensor([[1]]))
+
+
+def remembering(model) -> list[Linear]:
+    return [layer for layer, _ in model.mask_decoder.walk(Linear) if type(layer) is Linear]
+
+
+def uncached(model, embedding, prompts):
+    with torch.enable_grad():
+        masks, iou = model.decode(embedding, prompts)
+    return masks.detach(), iou.detach()
+
+
+def cached(model, embedding, prompts):
+    with torch.no_grad():
+        return model.decode(embedding, prompts)
+
+
+def assert_same(actual, expected):
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+
+
+@pytest.fixture
+def official():
+    return build_official(SMALL, seed=3)  # its own: the model shares its tensors, and the tests change them
+
+
+@pytest.fixture
+def model(official):
+    return sam_from_state_dict(official.state_dict())
+
+
+@pytest.fixture
+def embeddings(model):
+    with torch.no_grad():
+        return [model.encode_image(photo(name).resize((256, 171))).embedding for name in ("rocket", "chelsea")]
+
+
+def test_three_projections_remember_and_are_reused(model, embeddings):
+    layers = remembering(model)
+    assert len(layers) == 3  # keys and values of the first token-to-image attention, queries of image-to-token
+    embedding = embeddings[0]
+    expected_boxes, expected_point = uncached(model, embedding, BOXES), uncached(model, embedding, POINT)
+    assert_same(cached(model, embedding, BOXES), expected_boxes)  # chunks of 2 prompts share the projections
+    remembered = [layer._remembered for layer in layers]
+    assert all(r is not None for r in remembered)
+    assert_same(cached(model, embedding, POINT), expected_point)  # another call on the same image
+    assert [layer._remembered for layer in layers] == remembered  # reused, not recomputed
+    # proof of use: spoil what is remembered, and the next call on this image changes
+    for layer in layers:
+        assert layer._remembered is not None
+        layer._remembered[2].mul_(0.5)
+    spoiled = cached(model, embedding, POINT)
+    assert not torch.equal(spoiled[0], expected_point[0])
+    # a new image is never served from the old one
+    other = embeddings[1]
+    assert_same(cached(model, other, POINT), uncached(model, other, POINT))
+    assert_same(cached(model, embedding, POINT), expected_point)
+
+
+def test_weight_changes_are_never_served_stale(model, embeddings, official):
+    embedding = embeddings[0]
+    before = cached(model, embedding, POINT)
+    layer = remembering(model)[0]
+    with torch.no_grad():
+        layer.weight.add_(0.01)  # in place: a training step, a manual edit
+    after = cached(model, embedding, POINT)
+    assert not torch.equal(after[0], before[0])
+    assert_same(after, uncached(model, embedding, POINT))
+    model.load_state_dict(sam_from_state_dict(build_official(SMALL, seed=3).state_dict()).state_dict())  # back
+    assert_same(cached(model, embedding, POINT), before)
+    other = sam_from_state_dict(build_official(SMALL, seed=7).state_dict())
+    model.mask_decoder.load_state_dict(other.mask_decoder.state_dict())  # another decoder, same prompt encoder
+    loaded = cached(model, embedding, POINT)
+    assert not torch.equal(loaded[0], before[0])
+    assert_same(loaded, uncached(model, embedding, POINT))
+
+
+def test_lora_and_moves_are_never_served_stale(model, embeddings):
+    embedding = embeddings[0]
+    before = cached(model, embedding, POINT)
+    lora = SAMLoraAdapter(model, "decoder", rank=2)  # the default: the two-way transformer's linears
+    for parameter in lora.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)  # LoRA's up weights start at zero: make it change things
+    lora.inject()
+    injected = cached(model, embedding, POINT)
+    assert not torch.equal(injected[0], before[0])
+    assert_same(injected, uncached(model, embedding, POINT))
+    lora.scale = 3.0
+    rescaled = cached(model, embedding, POINT)
+    assert not torch.equal(rescaled[0], injected[0])
+    assert_same(rescaled, uncached(model, embedding, POINT))
+    lora.eject()
+    assert_same(cached(model, embedding, POINT), before)
+    model.to(dtype=torch.float64)
+    moved = cached(model, embedding.double(), POINT)
+    assert moved[0].dtype == torch.float64
+    assert_same(moved, uncached(model, embedding.double(), POINT))
+
+
+def test_training_never_uses_remembered_projections(model, embeddings):
+    embedding = embeddings[0]
+    cached(model, embedding, POINT)  # something is remembered
+    layers = remembering(model)
+    for layer in layers:
+        layer.weight.requires_grad_(True)
+    masks, _ = model.decode(embedding, POINT)
+    masks.sum().backward()
+    assert all(layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0 for layer in layers)
