@@ -1,8 +1,8 @@
 """int8 inference for the image encoder's linear layers: weights quantised once, activations at each call.
 
 The linear layers (attention projections and MLPs) hold most of the encoder's multiply-adds. On CPUs without
-native bf16 matrix units, torch's quantised engine multiplies int8 by int8 with 32-bit sums several times
-faster than fp32 (see docs/performance.md); on CPUs with AMX, bf16 is the faster mode. Weights are quantised
+native bf16 matrix units, torch's quantised engine multiplies int8 by int8 with 32-bit sums faster than fp32
+(figures in docs/performance.md); on CPUs with AMX, bf16 is the faster mode. Weights are quantised
 per output channel (symmetric, int8); activations per tensor at each call (dynamic quantisation), so no
 calibration data is needed. Convolutions, norms and attention stay in float32.
 """
@@ -42,7 +42,8 @@ class DynamicInt8Linear(fl.Module):
 
 
 def quantize_linears(chain: fl.Chain) -> int:
-    """Replaces every `fl.Linear` of `chain` (adapters' targets included) by a `DynamicInt8Linear`, in place.
+    """Replaces every `fl.Linear` of `chain` by a `DynamicInt8Linear`, in place, also inside adapters that wrap
+    larger parts (HQ-SAM's capture of a block); an adapter around a linear layer itself (LoRA) is refused.
 
     Returns:
         The number of layers replaced.
