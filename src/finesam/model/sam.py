@@ -28,6 +28,7 @@ from finesam.model.mask_decoder import MaskDecoder
 from finesam.model.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks, preprocess_image
 from finesam.model.prompt_encoder import PromptEncoder, labelled_points
 from finesam.model.prompts import Prompts, prepare_prompts
+from finesam.model.quantized import quantize_linears
 from finesam.model.tiny_vit import TinyViTEncoder
 
 # the encoder chain of each family: no code branches on a family name
@@ -219,8 +220,6 @@ class SegmentAnything(fl.Chain):
         Raises:
             ValueError: the encoder is not on the CPU, not in float32, or has a LoRA on a linear layer.
         """
-        from finesam.model.quantized import quantize_linears
-
         parameter = next(self.image_encoder.parameters())
         if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
             raise ValueError(f"int8 runs a float32 CPU encoder (this one: {parameter.dtype} on {parameter.device})")
