@@ -216,6 +216,24 @@ def test_boxes_from_masks_match_official():
         assert torch.equal(box_near_crop_edge(boxes, crop, [0, 0, 40, 60]), expected)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-part", "split"])
+def test_stability_score_matches_official(monkeypatch, split):
+    from segment_anything.utils import amg
+
+    from finesam.amg import generator
+
+    if split:  # several masks per buffer, several buffers, and counts summed over pieces of a mask
+        monkeypatch.setattr(generator, "COUNT_BUFFER", 3 * 37 * 53)
+        monkeypatch.setattr(generator, "FLOAT_EXACT_COUNT", 500)
+    logits = torch.randn(7, 37, 53, generator=torch.Generator().manual_seed(0))
+    logits[2] = 5.0  # every pixel inside both
+    logits[3, :4] = 0.005  # on a threshold's side
+    for offset in (1.0, 0.01):
+        expected = amg.calculate_stability_score(logits, 0.0, offset)
+        assert torch.equal(generator.stability_score(logits, 0.0, offset), expected)
+    assert generator.stability_score(logits[:0], 0.0, 1.0).shape == (0,)
+
+
 def test_nms_hand_cases():
     boxes = torch.tensor(
         [

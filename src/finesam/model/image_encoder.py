@@ -9,7 +9,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from finesam.model.config import ViTConfig
-from finesam.model.layers import GeLU, LayerNorm2d
+from finesam.model.layers import GeLU, LayerNorm2d, eager_inference
 
 
 class PatchEmbedding(fl.Chain):
@@ -52,29 +52,56 @@ class RelativePositionAttention(fl.Module):
         self.rel_pos_h = torch.nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim, device=device, dtype=dtype))
         self.rel_pos_w = torch.nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim, device=device, dtype=dtype))
 
-    # the (tokens x tokens) bias of a global block is built for this many bytes of query rows at a time
-    chunk_bytes = 8 * 2**20
+    # the (tokens x tokens) bias is built for at most this many bytes of queries at a time: whole images (windows)
+    # while they fit, else rows of one image. Fewer, larger chunks keep the attention kernel efficient; a bounded
+    # chunk keeps memory low (a ViT-B global block's whole bias is 805 MB).
+    chunk_bytes = 48 * 2**20
 
     def forward(self, qkv: Float[Tensor, "batch height width 3*dim"]) -> Float[Tensor, "batch height width dim"]:
         batch, height, width, _ = qkv.shape
-        q, k, v = qkv.reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        tokens = height * width
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         grid_q = q.reshape(batch, self.num_heads, height, width, -1)
         rel_h, rel_w = relative_positions(self.rel_pos_h, height), relative_positions(self.rel_pos_w, width)
-        row_bytes = batch * self.num_heads * width * height * width * q.element_size()
-        rows = max(1, min(height, self.chunk_bytes // row_bytes))
-        outputs = []
-        for start in range(0, height, rows):  # grid rows of queries; identical to one pass, less memory
-            end = min(start + rows, height)
-            chunk_q = grid_q[:, :, start:end]
-            bias_h = torch.einsum("bnhwc,hkc->bnhwk", chunk_q, rel_h[start:end])
-            bias_w = torch.einsum("bnhwc,wkc->bnhwk", chunk_q, rel_w)
-            bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(
-                batch, self.num_heads, (end - start) * width, -1
-            )
-            queries = q[:, :, start * width : end * width]
-            outputs.append(F.scaled_dot_product_attention(queries, k, v, attn_mask=bias))
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_h)[..., :, None]
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_w)[..., None, :]
+        row_bytes = self.num_heads * width * tokens * q.element_size()  # (while tracing, sizes are tensors)
+        images = max(1, min(batch, self.chunk_bytes // (row_bytes * height)))
+        rows = height if images > 1 else max(1, min(height, self.chunk_bytes // row_bytes))
+        if images == batch and rows == height:  # one pass (and the only one the ONNX exporter sees)
+            bias = (bias_h + bias_w).reshape(batch, self.num_heads, tokens, tokens)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            out = self._chunked(q, k, v, bias_h, bias_w, images, rows)
         return out.transpose(1, 2).reshape(batch, height, width, -1)
+
+    def _chunked(
+        self, q: Tensor, k: Tensor, v: Tensor, bias_h: Tensor, bias_w: Tensor, images: int, rows: int
+    ) -> Tensor:
+        """The attention `images` images and `rows` grid rows of queries at a time: identical to one pass."""
+        batch, _, height, width = bias_h.shape[:4]
+        # at inference every chunk's bias is written into one buffer: a fresh large tensor per chunk costs more
+        # in page faults than the addition that fills it
+        buffer = q.new_empty(images * self.num_heads * rows * width * k.shape[2]) if eager_inference() else None
+        outputs: list[Tensor] = []
+        for first_image in range(0, batch, images):
+            in_images = slice(first_image, first_image + images)
+            image_outputs: list[Tensor] = []
+            for first_row in range(0, height, rows):
+                in_rows = slice(first_row, first_row + rows)
+                row_h, row_w = bias_h[in_images, :, in_rows], bias_w[in_images, :, in_rows]
+                shape = torch.broadcast_shapes(row_h.shape, row_w.shape)
+                if buffer is None:
+                    bias = row_h + row_w
+                else:
+                    bias = torch.add(row_h, row_w, out=buffer[: shape.numel()].view(shape))
+                queries = q[in_images, :, first_row * width : (first_row + rows) * width]
+                bias = bias.reshape(shape[0], self.num_heads, queries.shape[2], -1)
+                image_outputs.append(
+                    F.scaled_dot_product_attention(queries, k[in_images], v[in_images], attn_mask=bias)
+                )
+            outputs.append(torch.cat(image_outputs, dim=2) if len(image_outputs) > 1 else image_outputs[0])
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 class GridAttention(fl.Chain):

@@ -35,6 +35,16 @@ class LayerNorm2d(fl.LayerNorm2d):
         return F.layer_norm(channels_last, channels, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
 
 
+def eager_inference() -> bool:
+    """True when nothing records this call: no gradients, not traced (ONNX export), not compiled."""
+    return not (
+        torch.is_grad_enabled()
+        or torch._C._get_tracing_state() is not None  # the ONNX exporter's tracer
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
 def tensor_version(tensor: Tensor) -> int:
     """In-place modification counter; inference tensors (created under `torch.inference_mode`) have none."""
     return -1 if tensor.is_inference() else tensor._version
@@ -62,13 +72,7 @@ class Linear(fl.Linear):
 
     def forward(self, input: Float[Tensor, "*batch in_features"]) -> Float[Tensor, "*batch out_features"]:
         x = input
-        if (
-            torch.is_grad_enabled()
-            or x.shape[0] != 1
-            or torch._C._get_tracing_state() is not None  # the ONNX exporter's tracer
-            or torch.compiler.is_compiling()
-            or torch.onnx.is_in_onnx_export()
-        ):
+        if x.shape[0] != 1 or not eager_inference():
             return super().forward(x)
         weights = self._weights()
         key = tuple((id(p), p.data_ptr(), p.dtype, p.device, tensor_version(p)) for p in weights)
