@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from refiners.fluxion import layers as fl
+from refiners.fluxion.adapters import LinearLora, LoraAdapter
 from torch import Tensor
 
 
@@ -85,3 +86,28 @@ class Linear(fl.Linear):
         output = super().forward(x)
         self._remembered = (key, x, output, weights)
         return output
+
+
+def merged_weight(adapter: LoraAdapter) -> Tensor:
+    """The weight of the linear layer a `LoraAdapter` adapts, with every LoRA of it folded in."""
+    linear = adapter.target
+    assert isinstance(linear, fl.Linear)
+    weight = linear.weight.detach().clone()
+    for lora in adapter.lora_layers:
+        assert isinstance(lora, LinearLora)
+        weight += lora.scale * (lora.up.weight @ lora.down.weight)
+    return weight
+
+
+def linear_weights(module: fl.Module) -> tuple[Tensor, Tensor | None] | None:
+    """The weight and bias that `module` applies, if it is a linear layer, alone or under LoRAs only (folded
+    in); None for anything else."""
+    if type(module) in (fl.Linear, Linear):
+        assert isinstance(module, fl.Linear)
+        return module.weight, module.bias
+    if isinstance(module, LoraAdapter) and type(linear := module.target) in (fl.Linear, Linear):
+        assert isinstance(linear, fl.Linear)
+        loras = list(module.lora_layers)
+        if len(module) == 1 + len(loras) and all(isinstance(lora, LinearLora) for lora in loras):
+            return merged_weight(module), linear.bias
+    return None

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.layers import Linear
+from finesam.model.layers import Linear, eager_inference, linear_weights
 
 TOKENS, IMAGE = 0, 1
 
@@ -39,6 +39,49 @@ def _attention(
         assert isinstance(old, fl.Linear)
         projections.replace(old, Linear(old.in_features, old.out_features, device=device, dtype=dtype))
     return attention
+
+
+class Attention(fl.Attention):
+    """`fl.Attention` (same name and layers, so the same keys and LoRA paths) for a few queries (the prompt tokens) over
+    many keys (the image tokens), that at inference never projects the keys and values.
+
+    For head h with key projection (W_h, b_h), `q_h . (W_h x + b_h) = (W_h^T q_h) . x + q_h . b_h`: the queries
+    are taken back to the keys' input space, where the scores are one product with the image tokens (the
+    `q_h . b_h` term is the same for every key, and the softmax drops it). The weights sum to 1, so the values'
+    projection commutes with the weighted sum and is applied to the few mixed rows instead of every image
+    token. Heads x queries products of the input width replace two projections of every key, fewer
+    multiply-adds while heads x queries stays under the inner width. LoRAs on those projections are folded into
+    their weights. Same formula up to float rounding; with gradients, while tracing or compiling, with more
+    queries, or when another adapter wraps the key or value projection or replaces the attention, it runs as
+    `fl.Attention`.
+    """
+
+    def forward(self, *args: Tensor) -> Tensor:
+        query, key, value = args
+        if (
+            not eager_inference()
+            or type(self[1]) is not fl.ScaledDotProductAttention
+            or query.shape[1] * self.num_heads >= self.inner_dim
+        ):
+            return super().forward(query, key, value)
+        to_query, to_key, to_value = self.ensure_find(fl.Distribute)
+        key_weights, value_weights = linear_weights(to_key), linear_weights(to_value)
+        if key_weights is None or value_weights is None:
+            return super().forward(query, key, value)
+        (key_weight, _), (value_weight, value_bias) = key_weights, value_weights
+        q = to_query(query)
+        batch, tokens, inner = q.shape
+        heads = self.num_heads
+        head_dim = inner // heads
+        q = q.reshape(batch, tokens, heads, head_dim) * head_dim**-0.5
+        queries_in_input_space = torch.einsum("bthd,hdc->bhtc", q, key_weight.unflatten(0, (heads, head_dim)))
+        weights = (queries_in_input_space.flatten(1, 2) @ key.transpose(1, 2)).softmax(dim=-1)  # (B, H * T, N)
+        mixed = (weights @ value).unflatten(1, (heads, tokens))  # (B, H, T, input width)
+        out = torch.einsum("bhtc,hdc->bthd", mixed, value_weight.unflatten(0, (heads, head_dim)))
+        out = out.reshape(batch, tokens, inner)
+        if value_bias is not None:
+            out = out + value_bias
+        return self[2](out)
 
 
 def _block_diagonal(x: Float[Tensor, "batch length heads*head_dim"], heads: int) -> Tensor:
@@ -112,7 +155,8 @@ class TokenSelfAttention(fl.Chain):
 
 class TokenToImageAttention(fl.Chain):
     """Tokens query the image tokens; in the first block (`first_layer`) the keys and values, which then depend
-    on the image alone, are computed once per image."""
+    on the image alone, are computed once per image; in the others they are never computed at inference
+    (`Attention`)."""
 
     def __init__(
         self,
@@ -123,7 +167,10 @@ class TokenToImageAttention(fl.Chain):
         device: Device | str | None = None,
         dtype: DType | None = None,
     ) -> None:
-        image_side = (1, 2) if first_layer else ()
+        if first_layer:  # keys and values remembered for the image
+            attention = _attention(dim, num_heads, downsample, device, dtype, image_side=(1, 2))
+        else:
+            attention = Attention(dim, num_heads=num_heads, inner_dim=dim // downsample, device=device, dtype=dtype)
         super().__init__(
             fl.Parallel(
                 fl.Chain(
@@ -135,7 +182,7 @@ class TokenToImageAttention(fl.Chain):
                                 with_positional_encoding(IMAGE, "key_pe"),
                                 fl.GetArg(IMAGE),
                             ),
-                            _attention(dim, num_heads, downsample, device, dtype, image_side),
+                            attention,
                         ),
                     ),
                     fl.LayerNorm(dim, device=device, dtype=dtype),

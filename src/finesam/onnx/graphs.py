@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from refiners.fluxion import layers as fl
-from refiners.fluxion.adapters import LinearLora, LoraAdapter
+from refiners.fluxion.adapters import LoraAdapter
 from torch import Tensor
 
 from finesam.adapters.hq.layers import CachedHQFeatures, HQFeatureFusion
 from finesam.model.image_encoder import RelativePositionAttention
+from finesam.model.layers import merged_weight
 from finesam.model.prompt_encoder import MaskEncoder
 from finesam.model.sam import SegmentAnything
 
@@ -85,17 +86,6 @@ class DecoderGraph(torch.nn.Module):
         low_res, iou = mask_decoder(image_embeddings)
         model._reset_context()
         return masks_at_original_size(low_res, model.config.image_size, orig_im_size), iou, low_res
-
-
-def merged_weight(adapter: LoraAdapter) -> Tensor:
-    """The weight of the linear layer a `LoraAdapter` adapts, with every LoRA of it folded in."""
-    linear = adapter.target
-    assert isinstance(linear, fl.Linear)
-    weight = linear.weight.detach().clone()
-    for lora in adapter.lora_layers:
-        assert isinstance(lora, LinearLora)
-        weight += lora.scale * (lora.up.weight @ lora.down.weight)
-    return weight
 
 
 @contextmanager

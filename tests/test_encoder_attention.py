@@ -1,0 +1,79 @@
+"""The encoder's relative-position attention against the official `Attention` of `segment_anything`, in every
+chunking of its queries: one pass, several whole images (windows) per chunk, grid rows of one image per chunk,
+each with a smaller last chunk, with the reused bias buffer (inference) and without it (gradients).
+
+Tolerance: 2e-6 max abs on outputs of magnitude ~1 against the official module (float32 rounding of the same
+sums in another order), and 1e-6 against the one pass (the attention kernel blocks fewer queries differently).
+"""
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import Attention as OfficialAttention
+
+from finesam.model.image_encoder import GridAttention, RelativePositionAttention
+
+TOLERANCE = 2e-6
+DIM, HEADS, GRID = 32, 4, 7
+
+
+def pair(seed: int) -> tuple[OfficialAttention, GridAttention]:
+    torch.manual_seed(seed)
+    official = OfficialAttention(DIM, HEADS, qkv_bias=True, use_rel_pos=True, input_size=(GRID, GRID))
+    with torch.no_grad():
+        official.rel_pos_h.normal_(0, 0.5)
+        official.rel_pos_w.normal_(0, 0.5)
+    ours = GridAttention(DIM, HEADS, GRID)
+    qkv, attention, proj = ours
+    assert isinstance(attention, RelativePositionAttention)
+    with torch.no_grad():
+        for mine, theirs in ((qkv.weight, official.qkv.weight), (qkv.bias, official.qkv.bias)):
+            mine.copy_(theirs)
+        for mine, theirs in ((proj.weight, official.proj.weight), (proj.bias, official.proj.bias)):
+            mine.copy_(theirs)
+        attention.rel_pos_h.copy_(official.rel_pos_h)
+        attention.rel_pos_w.copy_(official.rel_pos_w)
+    return official, ours
+
+
+def with_chunk_bytes(ours: GridAttention, chunk_bytes: int, x: torch.Tensor, grad: bool) -> torch.Tensor:
+    attention = ours.ensure_find(RelativePositionAttention)
+    attention.chunk_bytes = chunk_bytes
+    try:
+        with torch.set_grad_enabled(grad):
+            return ours(x).detach()
+    finally:
+        del attention.chunk_bytes
+
+
+# bytes of one grid row of queries' bias: heads x width x tokens floats
+ROW = HEADS * GRID * GRID * GRID * 4
+CHUNKINGS = {
+    "one-pass": 2**62,
+    "two-images": 2 * GRID * ROW,  # 5 images: chunks of 2, 2, 1
+    "three-rows": 3 * ROW,  # rows 3, 3, 1 of each image
+    "one-row": 1,
+}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "gradients"])
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+def test_every_chunking_matches_official_attention(chunking, grad):
+    official, ours = pair(seed=0)
+    x = torch.randn(5, GRID, GRID, DIM, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = official(x)
+    one_pass = with_chunk_bytes(ours, CHUNKINGS["one-pass"], x, grad=False)
+    actual = with_chunk_bytes(ours, CHUNKINGS[chunking], x, grad)
+    assert (actual - expected).abs().max() <= TOLERANCE
+    assert (actual - one_pass).abs().max() <= 1e-6
+
+
+def test_gradients_flow_through_chunks():
+    official, ours = pair(seed=2)
+    x = torch.randn(2, GRID, GRID, DIM, generator=torch.Generator().manual_seed(3))
+    official(x).square().sum().backward()
+    attention = ours.ensure_find(RelativePositionAttention)
+    attention.chunk_bytes = 3 * ROW
+    ours(x).square().sum().backward()
+    assert official.rel_pos_h.grad is not None and attention.rel_pos_h.grad is not None
+    assert (attention.rel_pos_h.grad - official.rel_pos_h.grad).abs().max() <= 1e-4
