@@ -42,8 +42,8 @@ def _attention(
 
 
 class Attention(fl.Attention):
-    """`fl.Attention` (same name and layers, so the same keys and LoRA paths) for a few queries (the prompt tokens) over
-    many keys (the image tokens), that at inference never projects the keys and values.
+    """`fl.Attention` (same name and layers, so the same keys and LoRA paths) for a few queries (the prompt
+    tokens) over many keys (the image tokens), that at inference never projects the keys and values.
 
     For head h with key projection (W_h, b_h), `q_h . (W_h x + b_h) = (W_h^T q_h) . x + q_h . b_h`: the queries
     are taken back to the keys' input space, where the scores are one product with the image tokens (the
