@@ -1,10 +1,16 @@
-"""Helpers shared by several test modules (no test module imports another): the `finesam` command as a
-subprocess, parity with the official predictors, our model with an HQ adapter from official weights, and a
-training configuration file."""
+"""Helpers shared by several test modules (no test module imports another): the `finesam` command in this
+process and as a subprocess, parity with the official predictors, our model with an HQ adapter from official
+weights, and a training configuration file."""
 
+import contextlib
+import io
 import os
+import random
 import subprocess
 import sys
+import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,7 @@ import torch
 from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter
+from finesam.cli import main
 from finesam.model import SegmentAnything
 from finesam.weights.hq import convert_hq_state_dict
 from finesam.weights.loading import sam_from_state_dict
@@ -23,6 +30,66 @@ FINESAM = Path(sys.executable).with_name("finesam")
 
 
 def finesam(
+    *args: object, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The `finesam` command's `main(ARGS)` in this process, with `env` added, in `cwd`: the exit status, stdout
+    and stderr a subprocess would give (an uncaught exception is status 1 with its traceback on stderr, warnings
+    are printed), without the 5 s of an interpreter starting and importing torch. What the command sets for
+    the whole process (PIL's pixel limit, the random generators, torch's threads) is put back afterwards.
+    Tests of the process itself (killed, torchrun, its memory) use `finesam_process`."""
+    out, err = io.StringIO(), io.StringIO()
+    with _process_state(env, cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([*map(str, args)])
+            status = 0
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except Exception:  # what the interpreter does with an uncaught exception
+            traceback.print_exc()
+            status = 1
+    return subprocess.CompletedProcess(["finesam", *map(str, args)], status, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _process_state(env: dict[str, str] | None, cwd: Path | None) -> Iterator[None]:
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    saved_pixels, saved_threads = Image.MAX_IMAGE_PIXELS, torch.get_num_threads()
+    saved_rng = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+    os.environ.update(env or {})
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()  # the filters of a fresh interpreter, not pytest's; printed on stderr
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = _print_warning
+            yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        Image.MAX_IMAGE_PIXELS = saved_pixels
+        torch.set_num_threads(saved_threads)
+        torch.random.set_rng_state(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        random.setstate(saved_rng[2])
+
+
+def _print_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: object = None,
+) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno))
+
+
+def finesam_process(
     *args: object, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Runs the `finesam` command (or `python -m finesam.cli` without the script) with `env` added, in `cwd`."""

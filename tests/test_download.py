@@ -21,7 +21,7 @@ from PIL import Image
 from finesam.weights.download import Checkpoint, DownloadError, download
 
 from conftest import SMALL
-from helpers import finesam
+from helpers import finesam, finesam_process
 from official import build_official, build_official_tiny
 
 
@@ -298,7 +298,8 @@ def test_hub_metadata_gives_size_and_sha256(tmp_path, server, monkeypatch):
 
 def test_cli_hub_download_uses_hf_endpoint(tmp_path, server):
     env = {"HF_ENDPOINT": server.url, "FINESAM_MIRROR": ""}
-    result = finesam("download", "sam_hq_vit_b", "--dir", tmp_path, env=env)
+    # a process of its own: huggingface_hub reads HF_ENDPOINT once, when it is imported
+    result = finesam_process("download", "sam_hq_vit_b", "--dir", tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert "no published SHA-256" not in result.stderr  # the Hub's was checked
     assert "MB/s" not in result.stderr  # stderr is not a terminal: no bar

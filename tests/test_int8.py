@@ -8,8 +8,6 @@ be checked here (none can be downloaded); their activations have larger outliers
 per-tensor activation scales handle worse.
 """
 
-import contextlib
-import io
 import warnings
 
 import numpy as np
@@ -20,7 +18,6 @@ from refiners.fluxion import layers as fl
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.lora import SAMLoraAdapter
-from finesam.cli import main
 from finesam.model.quantized import DynamicInt8Linear
 from finesam.model.sam import cpu_has_native_bf16
 from finesam.weights.hq import convert_hq_state_dict
@@ -28,6 +25,7 @@ from finesam.weights.loading import sam_from_state_dict
 from finesam.weights.lora import save_lora
 
 from conftest import SMALL, photo
+from helpers import finesam
 from official import build_official, build_official_tiny
 
 COSINE, MASK_IOU, SCORE = 0.999, 0.98, 0.01
@@ -129,15 +127,8 @@ def test_bf16_warns_exactly_where_the_cpu_has_no_bf16(official_small):
 
 
 def in_process(*args: object) -> tuple[int, str]:
-    """`finesam ARGS` in this process: exit status and stderr."""
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        try:
-            main([*map(str, args)])
-            status = 0
-        except SystemExit as e:
-            status = int(e.code or 0)
-    return status, err.getvalue()
+    result = finesam(*args)
+    return result.returncode, result.stderr
 
 
 def test_cli_dtype_int8(tmp_path, official_small):

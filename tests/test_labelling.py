@@ -6,7 +6,6 @@ image in this process (bit for bit: same code, same threads); the prompted masks
 predictor within MIN_IOU. A run killed with SIGKILL and started again ends with byte-identical files.
 """
 
-import contextlib
 import io
 import json
 import os
@@ -27,7 +26,6 @@ from skimage import data as skimage_data
 from finesam.adapters import SAMLoraAdapter
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask
 from finesam.amg.rle import mask_to_rle
-from finesam.cli import main
 from finesam.labelling import ImageJob, LabellingRun, ObjectPrompts, SegmentedObject, images_of, read_manifest
 from finesam.labelling.coco import annotation, coco_box, mask_polygons
 from finesam.labelling.prefetch import prefetched
@@ -218,15 +216,8 @@ def run_in_background(*args: object) -> subprocess.Popen[str]:
 
 
 def in_process(*args: object) -> tuple[int, str, str]:
-    """`finesam ARGS` in this process (no start-up cost): exit status, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([*map(str, args)])
-            status = 0
-        except SystemExit as e:
-            status = int(e.code or 0)
-    return status, out.getvalue(), err.getvalue()
+    result = finesam(*args)
+    return result.returncode, result.stdout, result.stderr
 
 
 def test_killed_run_resumes_to_identical_files(tmp_path, weights):
