@@ -1,5 +1,7 @@
-"""The decoder's token-to-image `Attention`, which at inference never projects the image tokens, against
-refiners' `fl.Attention` with the same weights (the formula it shortcuts).
+"""The decoder's `Attention` between prompt tokens and image tokens, which at inference never projects the
+image tokens, against refiners' `fl.Attention` with the same weights (the formula it shortcuts): tokens
+querying the image (few queries) and the image querying the tokens (few keys, with the query projection
+remembered for the image as in the first block, or folded as in the others).
 
 Tolerance: 1e-6 max abs on outputs of magnitude ~0.2 (float32 rounding of reassociated products). With many
 queries the layer is the reference itself; with a LoRA on the decoder the shortcut folds it into the projection
@@ -11,8 +13,9 @@ import torch
 from refiners.fluxion import layers as fl
 
 from finesam.adapters.lora import SAMLoraAdapter
+from finesam.model.layers import Linear
 from finesam.model.prompts import Prompts
-from finesam.model.transformer import Attention
+from finesam.model.transformer import Attention, FewKeysDotProduct
 from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL
@@ -49,6 +52,33 @@ def test_matches_fl_attention(tokens):
     if tokens * ours.num_heads >= ours.inner_dim:  # the fallback is the reference itself
         assert torch.equal(actual, expected)
     else:
+        assert not torch.equal(actual, expected)  # the shortcut ran (another rounding)
+
+
+def few_keys_layers(seed: int, remembered_query: bool) -> tuple[fl.Attention, Attention]:
+    reference, ours = layers(seed)
+    ours.replace(ours.ensure_find(fl.ScaledDotProductAttention), FewKeysDotProduct(num_heads=4))
+    if remembered_query:
+        projections = ours.ensure_find(fl.Distribute)
+        projections.replace(projections[0], Linear(64, 32))
+        ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+@pytest.mark.parametrize("remembered_query", [False, True], ids=["folded-query", "remembered-query"])
+@pytest.mark.parametrize("tokens", [1, 7, 8, 20], ids=lambda t: f"{t}-keys")
+def test_image_querying_few_tokens_matches_fl_attention(tokens, remembered_query):
+    reference, ours = few_keys_layers(tokens, remembered_query)
+    generator = torch.Generator().manual_seed(tokens)
+    query = torch.randn(1, 300, 64, generator=generator)  # batch of one: the remembering projection's case
+    key, value = torch.randn(2, 1, tokens, 64, generator=generator)
+    with torch.no_grad():
+        expected = reference(query, key, value)
+        actual = ours(query, key, value)
+        again = ours(query, key, value)  # the remembered query projection, used again
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    assert (actual - expected).abs().max() <= TOLERANCE and torch.equal(again, actual)
+    if tokens * ours.num_heads < ours.inner_dim:
         assert not torch.equal(actual, expected)  # the shortcut ran (another rounding)
 
 

@@ -8,6 +8,7 @@ decoder) and `key_pe` (the dense positional encoding, flattened to image tokens)
 import torch
 from jaxtyping import Float
 from refiners.fluxion import layers as fl
+from refiners.fluxion.adapters import LoraAdapter
 from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
@@ -29,41 +30,55 @@ def _attention(
     device: Device | str | None,
     dtype: DType | None,
     image_side: tuple[int, ...] = (),
+    few_keys: bool = False,
 ) -> fl.Attention:
     """Attention with its query, key and value projections; those at `image_side` (indices of q, k, v) read
-    only the image and remember their output for it (`finesam.model.layers.Linear`)."""
-    attention = fl.Attention(dim, num_heads=num_heads, inner_dim=dim // downsample, device=device, dtype=dtype)
+    only the image and remember their output for it (`finesam.model.layers.Linear`). Where the image tokens
+    query the few prompt tokens (`few_keys`), it is our `Attention` with `FewKeysDotProduct`."""
+    kind = Attention if few_keys else fl.Attention
+    attention = kind(dim, num_heads=num_heads, inner_dim=dim // downsample, device=device, dtype=dtype)
     projections = attention.ensure_find(fl.Distribute)
     for index in image_side:
         old = projections[index]
         assert isinstance(old, fl.Linear)
         projections.replace(old, Linear(old.in_features, old.out_features, device=device, dtype=dtype))
+    if few_keys:
+        attention.replace(attention.ensure_find(fl.ScaledDotProductAttention), FewKeysDotProduct(num_heads))
     return attention
 
 
 class Attention(fl.Attention):
-    """`fl.Attention` (same name and layers, so the same keys and LoRA paths) for a few queries (the prompt
-    tokens) over many keys (the image tokens), that at inference never projects the keys and values.
+    """`fl.Attention` (same name and layers, so the same keys and LoRA paths) between the few prompt tokens and
+    the many image tokens, that at inference never runs a projection over every image token.
 
-    For head h with key projection (W_h, b_h), `q_h . (W_h x + b_h) = (W_h^T q_h) . x + q_h . b_h`: the queries
-    are taken back to the keys' input space, where the scores are one product with the image tokens (the
-    `q_h . b_h` term is the same for every key, and the softmax drops it). The weights sum to 1, so the values'
-    projection commutes with the weighted sum and is applied to the few mixed rows instead of every image
-    token. Heads x queries products of the input width replace two projections of every key, fewer
-    multiply-adds while heads x queries stays under the inner width. LoRAs on those projections are folded into
+    Few queries (tokens query the image): for head h with key projection (W_h, b_h),
+    `q_h . (W_h x + b_h) = (W_h^T q_h) . x + q_h . b_h`: the queries are taken back to the keys' input space,
+    where the scores are one product with the image tokens (the `q_h . b_h` term is the same for every key, and
+    the softmax drops it). The weights sum to 1, so the values' projection commutes with the weighted sum and
+    is applied to the few mixed rows instead of every image token.
+
+    Few keys (the image queries the tokens, `FewKeysDotProduct`): the output projection is applied to each
+    head's few value rows before the weighted sum instead of to every image token after it, and, unless the
+    query projection remembers its output for the image (the first block), the keys are taken to the queries'
+    input space as above (here the `k_h . b_h` term differs between keys and is kept).
+
+    Heads x (queries or keys) products of the input width replace two projections of every image token: fewer
+    multiply-adds while heads x tokens stays under the inner width. LoRAs on the projections are folded into
     their weights. Same formula up to float rounding; with gradients, while tracing or compiling, with more
-    queries, or when another adapter wraps the key or value projection or replaces the attention, it runs as
-    `fl.Attention`.
+    tokens, or when another adapter wraps a projection or replaces the attention, it runs as `fl.Attention`.
     """
 
     def forward(self, *args: Tensor) -> Tensor:
         query, key, value = args
-        if (
-            not eager_inference()
-            or type(self[1]) is not fl.ScaledDotProductAttention
-            or query.shape[1] * self.num_heads >= self.inner_dim
-        ):
+        if not eager_inference() or type(self[1]) not in (fl.ScaledDotProductAttention, FewKeysDotProduct):
             return super().forward(query, key, value)
+        if query.shape[1] * self.num_heads < self.inner_dim and type(self[1]) is fl.ScaledDotProductAttention:
+            return self._few_queries(query, key, value)
+        if isinstance(self[1], FewKeysDotProduct) and key.shape[1] * self.num_heads < self.inner_dim:
+            return self._few_keys(query, key, value)
+        return super().forward(query, key, value)
+
+    def _few_queries(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         to_query, to_key, to_value = self.ensure_find(fl.Distribute)
         key_weights, value_weights = linear_weights(to_key), linear_weights(to_value)
         if key_weights is None or value_weights is None:
@@ -83,6 +98,32 @@ class Attention(fl.Attention):
             out = out + value_bias
         return self[2](out)
 
+    def _few_keys(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        to_query, to_key, to_value = self.ensure_find(fl.Distribute)
+        out_weights = linear_weights(self[2])
+        if out_weights is None:
+            return super().forward(query, key, value)
+        heads, keys = self.num_heads, key.shape[1]
+        k = to_key(key)
+        k_rows = _block_diagonal(k * (k.shape[2] // heads) ** -0.5, heads).transpose(1, 2)  # (B, H * L, inner)
+        # remembered for the image (with or without a LoRA around it, so that a zero LoRA changes nothing), or
+        # not a plain linear: project the queries
+        remembered = type(to_query.target if isinstance(to_query, LoraAdapter) else to_query) is Linear
+        query_weights = None if remembered else linear_weights(to_query)
+        if query_weights is None:
+            scores = k_rows @ to_query(query).transpose(1, 2)  # (B, H * L, N)
+        else:
+            query_weight, query_bias = query_weights
+            scores = (k_rows @ query_weight) @ query.transpose(1, 2)
+            if query_bias is not None:
+                scores = scores + (k_rows @ query_bias).unsqueeze(2)
+        weights = softmax_over_key_rows(scores, heads, keys)
+        out_weight, out_bias = out_weights
+        # each head's value rows through its slice of the output projection: (B, H * L, output width)
+        projected_values = _block_diagonal(to_value(value), heads).transpose(1, 2) @ out_weight.T
+        out = weights.transpose(1, 2) @ projected_values  # (B, N, H * L) x (B, H * L, output width)
+        return out if out_bias is None else out + out_bias
+
 
 def _block_diagonal(x: Float[Tensor, "batch length heads*head_dim"], heads: int) -> Tensor:
     """(B, L, H * d) -> (B, H * d, H * L): head h's features feed only head h's L columns, zeros elsewhere."""
@@ -90,6 +131,13 @@ def _block_diagonal(x: Float[Tensor, "batch length heads*head_dim"], heads: int)
     one_hot = torch.eye(heads, device=x.device, dtype=x.dtype)
     split = x.reshape(batch, length, heads, dim // heads)
     return torch.einsum("blhd,hg->bhdgl", split, one_hot).reshape(batch, dim, heads * length)
+
+
+def softmax_over_key_rows(scores: Float[Tensor, "batch heads*keys queries"], heads: int, keys: int) -> Tensor:
+    """Softmax over each head's `keys` rows of (B, H * L, Q) scores (rows: one per head and key)."""
+    grouped = scores.unflatten(1, (heads, keys))
+    weights = (grouped - grouped.amax(dim=2, keepdim=True)).exp()
+    return (weights / weights.sum(dim=2, keepdim=True)).flatten(1, 2)
 
 
 class FewKeysDotProduct(fl.ScaledDotProductAttention):
@@ -120,9 +168,7 @@ class FewKeysDotProduct(fl.ScaledDotProductAttention):
         # (B, H * L, D) x (B, D, Q): the scores of every head, one row per (head, key)
         # (transpose rather than .mT: the ONNX exporter has no .mT)
         keys_rows = _block_diagonal(scaled_keys, heads).transpose(1, 2)
-        scores = (keys_rows @ query.transpose(1, 2)).unflatten(1, (heads, keys))
-        weights = (scores - scores.amax(dim=2, keepdim=True)).exp()
-        weights = (weights / weights.sum(dim=2, keepdim=True)).flatten(1, 2)
+        weights = softmax_over_key_rows(keys_rows @ query.transpose(1, 2), heads, keys)
         return weights.transpose(1, 2) @ _block_diagonal(value, heads).transpose(1, 2)  # (B, Q, H * L) x (B, H * L, D)
 
 
@@ -205,8 +251,7 @@ class ImageToTokenAttention(fl.Chain):
         device: Device | str | None = None,
         dtype: DType | None = None,
     ) -> None:
-        attention = _attention(dim, num_heads, downsample, device, dtype, (0,) if first_layer else ())
-        attention.replace(attention.ensure_find(fl.ScaledDotProductAttention), FewKeysDotProduct(num_heads))
+        attention = _attention(dim, num_heads, downsample, device, dtype, (0,) if first_layer else (), few_keys=True)
         super().__init__(
             fl.Parallel(
                 fl.GetArg(TOKENS),
