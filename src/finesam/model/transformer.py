@@ -121,8 +121,9 @@ class Attention(fl.Attention):
         out_weight, out_bias = out_weights
         # each head's value rows through its slice of the output projection: (B, H * L, output width)
         projected_values = _block_diagonal(to_value(value), heads).transpose(1, 2) @ out_weight.T
-        out = weights.transpose(1, 2) @ projected_values  # (B, N, H * L) x (B, H * L, output width)
-        return out if out_bias is None else out + out_bias
+        if out_bias is None:
+            return weights.transpose(1, 2) @ projected_values  # (B, N, H * L) x (B, H * L, output width)
+        return torch.baddbmm(out_bias, weights.transpose(1, 2), projected_values)  # the bias in the same pass
 
 
 def _block_diagonal(x: Float[Tensor, "batch length heads*head_dim"], heads: int) -> Tensor:
