@@ -70,12 +70,12 @@ class Attention(fl.Attention):
 
     def forward(self, *args: Tensor) -> Tensor:
         query, key, value = args
-        if not eager_inference() or type(self[1]) not in (fl.ScaledDotProductAttention, FewKeysDotProduct):
-            return super().forward(query, key, value)
-        if query.shape[1] * self.num_heads < self.inner_dim and type(self[1]) is fl.ScaledDotProductAttention:
-            return self._few_queries(query, key, value)
-        if isinstance(self[1], FewKeysDotProduct) and key.shape[1] * self.num_heads < self.inner_dim:
-            return self._few_keys(query, key, value)
+        if eager_inference():
+            kernel = type(self[1])  # any other (an adapter's, a variant's) runs as written
+            if kernel is fl.ScaledDotProductAttention and query.shape[1] * self.num_heads < self.inner_dim:
+                return self._few_queries(query, key, value)
+            if kernel is FewKeysDotProduct and key.shape[1] * self.num_heads < self.inner_dim:
+                return self._few_keys(query, key, value)
         return super().forward(query, key, value)
 
     def _few_queries(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
