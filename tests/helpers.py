@@ -27,6 +27,8 @@ from conftest import TOLERANCE, max_diff
 from official import HQSamPredictor, SamPredictor
 
 FINESAM = Path(sys.executable).with_name("finesam")
+# the installed script, or the module where there is none
+FINESAM_COMMAND = [str(FINESAM)] if FINESAM.exists() else [sys.executable, "-m", "finesam.cli"]
 
 
 def finesam(
@@ -93,9 +95,8 @@ def finesam_process(
     *args: object, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Runs the `finesam` command (or `python -m finesam.cli` without the script) with `env` added, in `cwd`."""
-    command = [str(FINESAM)] if FINESAM.exists() else [sys.executable, "-m", "finesam.cli"]
     return subprocess.run(
-        [*command, *map(str, args)],
+        [*FINESAM_COMMAND, *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

@@ -126,11 +126,6 @@ def test_bf16_warns_exactly_where_the_cpu_has_no_bf16(official_small):
     assert not [w for w in caught if "native bfloat16" in str(w.message)]
 
 
-def in_process(*args: object) -> tuple[int, str]:
-    result = finesam(*args)
-    return result.returncode, result.stderr
-
-
 def test_cli_dtype_int8(tmp_path, official_small):
     weights = tmp_path / "sam_small.pth"
     torch.save(official_small.state_dict(), weights)
@@ -139,17 +134,17 @@ def test_cli_dtype_int8(tmp_path, official_small):
     masks = {}
     for dtype in ("float32", "int8"):
         out = tmp_path / f"{dtype}.png"
-        status, err = in_process(
+        result = finesam(
             "segment", image, "--weights", weights, "--box", "100,80,600,450", "--dtype", dtype, "--out", out
         )
-        assert status == 0, err
+        assert result.returncode == 0, result.stderr
         masks[dtype] = torch.from_numpy(np.asarray(Image.open(out)) > 0)
     assert iou(masks["float32"], masks["int8"]) >= MASK_IOU
     lora = tmp_path / "encoder_lora.safetensors"
     model = sam_from_state_dict(official_small.state_dict())
     adapter = SAMLoraAdapter(model, "enc", rank=2, include=("ImageEncoder",))
     save_lora(adapter, lora)
-    status, err = in_process(
+    result = finesam(
         "segment",
         image,
         "--weights",
@@ -163,5 +158,5 @@ def test_cli_dtype_int8(tmp_path, official_small):
         "--out",
         tmp_path / "x.png",
     )
-    assert status == 2
-    assert "LoRA targets not found" in err and "--dtype int8" in err
+    assert result.returncode == 2
+    assert "LoRA targets not found" in result.stderr and "--dtype int8" in result.stderr

@@ -35,7 +35,7 @@ from finesam.weights import save_lora
 from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL, photo
-from helpers import FINESAM, finesam
+from helpers import FINESAM_COMMAND, finesam
 from official import SamPredictor, build_official, structured
 
 # the generator settings under which test_amg's structured random weights keep several masks per photo
@@ -211,20 +211,16 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_in_background(*args: object) -> subprocess.Popen[str]:
-    command = [str(FINESAM)] if FINESAM.exists() else [sys.executable, "-m", "finesam.cli"]
-    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def in_process(*args: object) -> tuple[int, str, str]:
-    result = finesam(*args)
-    return result.returncode, result.stdout, result.stderr
+    return subprocess.Popen(
+        [*FINESAM_COMMAND, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_killed_run_resumes_to_identical_files(tmp_path, weights):
     names = {f"{i}.jpg": source for i, source in enumerate(["astronaut_crop", "rocket", "chelsea"] * 2)}
     folder = make_dataset(tmp_path / "images", names)
     whole = tmp_path / "whole"
-    assert in_process("everything", folder, "--weights", weights, "--out", whole, *CLI_OPTIONS, "--png")[0] == 1
+    assert finesam("everything", folder, "--weights", weights, "--out", whole, *CLI_OPTIONS, "--png").returncode == 1
     killed = tmp_path / "killed"
     process = run_in_background("everything", folder, "--weights", weights, "--out", killed, *CLI_OPTIONS, "--png")
     deadline = time.monotonic() + 120
@@ -249,27 +245,30 @@ def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path, weigh
     folder = make_dataset(tmp_path / "images", {"a.png": "astronaut_crop"}, broken=False)
     out = tmp_path / "out"
 
-    def run(*extra: object, weights: Path = weights) -> tuple[int, str, str]:
-        return in_process("everything", folder, "--weights", weights, "--out", out, *CLI_OPTIONS, *extra)
+    def run(*extra: object, weights: Path = weights) -> subprocess.CompletedProcess[str]:
+        return finesam("everything", folder, "--weights", weights, "--out", out, *CLI_OPTIONS, *extra)
 
-    assert run()[0] == 0
+    assert run().returncode == 0
     before = (out / "annotations.json").read_bytes()
-    status, _, stderr = run("--pred-iou-thresh=0.5")
-    assert status == 2 and "pred_iou_thresh: 0.1 -> 0.5" in stderr and "--overwrite" in stderr
+    result = run("--pred-iou-thresh=0.5")
+    assert result.returncode == 2 and "pred_iou_thresh: 0.1 -> 0.5" in result.stderr and "--overwrite" in result.stderr
     other = tmp_path / "other.pth"
     torch.save({k: v + 1e-3 for k, v in official.state_dict().items()}, other)
-    status, _, stderr = run(weights=other)
-    assert status == 2 and "weights: " in stderr
+    result = run(weights=other)
+    assert result.returncode == 2 and "weights: " in result.stderr
     manifest = write_manifest(folder / "m.jsonl", [{"image": "a.png", "boxes": [[0, 0, 50, 50]]}])
-    status, _, stderr = in_process("segment", "--manifest", manifest, "--weights", weights, "--out", out)
-    assert status == 2 and "holds the results of `finesam everything`, not of `finesam segment`" in stderr
+    result = finesam("segment", "--manifest", manifest, "--weights", weights, "--out", out)
+    assert (
+        result.returncode == 2
+        and "holds the results of `finesam everything`, not of `finesam segment`" in result.stderr
+    )
     assert (out / "annotations.json").read_bytes() == before
     # a new image: only it is segmented
     photo("rocket").resize((400, 267)).save(folder / "b.jpg")
-    status, stdout, _ = run()
-    assert status == 0 and "2 images" in stdout and "(1 done before)" in stdout
-    status, stdout, _ = run("--pred-iou-thresh=0.5", "--overwrite")
-    assert status == 0 and "2 images" in stdout and "done before" not in stdout
+    result = run()
+    assert result.returncode == 0 and "2 images" in result.stdout and "(1 done before)" in result.stdout
+    result = run("--pred-iou-thresh=0.5", "--overwrite")
+    assert result.returncode == 0 and "2 images" in result.stdout and "done before" not in result.stdout
     assert json.loads((out / "run.json").read_text())["pred_iou_thresh"] == 0.5
 
 
@@ -283,7 +282,7 @@ def test_a_lora_is_injected_and_part_of_the_settings(tmp_path, dataset, weights,
     manifest = write_manifest(dataset / "one.jsonl", [line])
     out = tmp_path / "out"
     args = ["segment", "--manifest", manifest, "--weights", weights, "--out", out]
-    assert in_process(*args, "--lora", path)[0] == 0
+    assert finesam(*args, "--lora", path).returncode == 0
     records = json.loads((out / "annotations.json").read_text())["annotations"]
     image = load(dataset / line["image"])
     without, _ = sam.predict(image, boxes=line["boxes"]).best()
@@ -296,10 +295,10 @@ def test_a_lora_is_injected_and_part_of_the_settings(tmp_path, dataset, weights,
         assert np.array_equal(coco_mask.decode(record["segmentation"]).astype(bool), mask.numpy())
         assert record["score"] == score
     assert not torch.equal(expected, without)  # the LoRA changes the masks
-    status, _, stderr = in_process(*args)
-    assert status == 2 and "loras: [" in stderr
-    status, _, stderr = in_process(*args, "--lora", tmp_path / "missing.safetensors")
-    assert status == 2 and "--lora" in stderr and "missing.safetensors" in stderr
+    result = finesam(*args)
+    assert result.returncode == 2 and "loras: [" in result.stderr
+    result = finesam(*args, "--lora", tmp_path / "missing.safetensors")
+    assert result.returncode == 2 and "--lora" in result.stderr and "missing.safetensors" in result.stderr
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, everything_run, dataset, weights):
@@ -353,8 +352,8 @@ def test_bad_command_lines_write_nothing(tmp_path, dataset, weights):
     ]
     (tmp_path / "empty.txt").write_text("# nothing here\n")
     for args, message in cases:
-        status, _, stderr = in_process(*args, "--weights", weights, "--out", tmp_path / "out")
-        assert status == 2 and message in stderr, (args, stderr)
+        result = finesam(*args, "--weights", weights, "--out", tmp_path / "out")
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
     assert not (tmp_path / "out").exists()
 
 

@@ -32,7 +32,7 @@ from finesam.onnx.export import export
 from finesam.weights import load_sam, save_hq, save_lora, save_sam
 
 from conftest import PHOTOS, SMALL, photo
-from helpers import FINESAM, finesam, prompts_for, with_adapter
+from helpers import FINESAM_COMMAND, finesam, prompts_for, with_adapter
 from official import HQSamPredictor, SamPredictor, build_official, build_official_tiny, random_official
 
 ONNX_TOLERANCE = 1e-3
@@ -445,8 +445,7 @@ def test_export_command_refuses_bad_input_in_one_line_and_writes_nothing(small_f
 
 def test_killed_export_leaves_no_file_under_a_final_name(small_files, tmp_path):
     out = tmp_path / "out"
-    program = [str(FINESAM)] if FINESAM.exists() else [sys.executable, "-m", "finesam.cli"]
-    command = [*program, "export", "--weights", small_files["base"], "--hq", small_files["hq"], "--out", out]
+    command = [*FINESAM_COMMAND, "export", "--weights", small_files["base"], "--hq", small_files["hq"], "--out", out]
     process = subprocess.Popen(list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not any((out / ".").glob(".export-*/*/*.onnx")) and time.monotonic() < deadline:
