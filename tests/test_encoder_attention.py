@@ -1,6 +1,7 @@
 """The encoder's relative-position attention against the official `Attention` of `segment_anything`, in every
 chunking of its queries: one pass, several whole images (windows) per chunk, grid rows of one image per chunk,
-each with a smaller last chunk, with the reused bias buffer (inference) and without it (gradients).
+each with a smaller last chunk, with the reused bias buffer (inference) and without it (gradients); and, for
+grids no wider than the heads (windows), with the position terms carried as query and key channels.
 
 Tolerance: 2e-6 max abs on outputs of magnitude ~1 against the official module (float32 rounding of the same
 sums in another order), and 1e-6 against the one pass (the attention kernel blocks fewer queries differently).
@@ -16,13 +17,13 @@ TOLERANCE = 2e-6
 DIM, HEADS, GRID = 32, 4, 7
 
 
-def pair(seed: int) -> tuple[OfficialAttention, GridAttention]:
+def pair(seed: int, dim: int = DIM, heads: int = HEADS, grid: int = GRID) -> tuple[OfficialAttention, GridAttention]:
     torch.manual_seed(seed)
-    official = OfficialAttention(DIM, HEADS, qkv_bias=True, use_rel_pos=True, input_size=(GRID, GRID))
+    official = OfficialAttention(dim, heads, qkv_bias=True, use_rel_pos=True, input_size=(grid, grid))
     with torch.no_grad():
         official.rel_pos_h.normal_(0, 0.5)
         official.rel_pos_w.normal_(0, 0.5)
-    ours = GridAttention(DIM, HEADS, GRID)
+    ours = GridAttention(dim, heads, grid)
     qkv, attention, proj = ours
     assert isinstance(attention, RelativePositionAttention)
     with torch.no_grad():
@@ -77,3 +78,35 @@ def test_gradients_flow_through_chunks():
     ours(x).square().sum().backward()
     assert official.rel_pos_h.grad is not None and attention.rel_pos_h.grad is not None
     assert (attention.rel_pos_h.grad - official.rel_pos_h.grad).abs().max() <= 1e-4
+
+
+# (dim, heads, grid): head width >= height + width, so the positions go in as channels; the channel count is
+# padded to a multiple of 16 in the first two (32 + 14 -> 48, ViT-H's 80 + 28 -> 112), not in the third (18 + 14)
+CHANNEL_CASES = [(64, 2, 7), (1280, 16, 14), (36, 2, 7)]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "gradients"])
+@pytest.mark.parametrize(("dim", "heads", "grid"), CHANNEL_CASES)
+def test_positions_as_channels_match_official_attention(dim, heads, grid, grad, monkeypatch):
+    official, ours = pair(seed=4, dim=dim, heads=heads, grid=grid)
+    calls: list[int] = []
+    as_channels = RelativePositionAttention._positions_as_channels
+    monkeypatch.setattr(
+        RelativePositionAttention,
+        "_positions_as_channels",
+        lambda self, *args: calls.append(1) or as_channels(self, *args),
+    )
+    x = torch.randn(3, grid, grid, dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = official(x)
+    with torch.set_grad_enabled(grad):
+        actual = ours(x)
+    assert calls, "the channel path was not taken"
+    assert (actual.detach() - expected).abs().max() <= TOLERANCE * max(1.0, expected.abs().max().item())
+    if grad:  # every parameter's gradient, against the official module's
+        actual.square().sum().backward()
+        official(x).square().sum().backward()
+        attention = ours.ensure_find(RelativePositionAttention)
+        for mine, theirs in ((attention.rel_pos_h, official.rel_pos_h), (attention.rel_pos_w, official.rel_pos_w)):
+            assert mine.grad is not None and theirs.grad is not None
+            assert (mine.grad - theirs.grad).abs().max() <= 1e-4 * max(1.0, theirs.grad.abs().max().item())

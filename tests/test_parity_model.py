@@ -190,3 +190,22 @@ def test_gelu_equals_the_exact_gelu_and_keeps_the_layout(layout):
     upstream = torch.randn(x.shape, generator=g)
     (grad,) = torch.autograd.grad((actual * upstream).sum(), x)
     assert max_diff(grad, upstream * torch.func.grad(lambda t: torch.nn.functional.gelu(t).sum())(x.detach())) <= 1e-6
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_in_place_gelu_overwrites_its_input_only_at_inference(layout):
+    x = torch.randn(2, 5, 6, 7, generator=torch.Generator().manual_seed(0)) * 3
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    expected = torch.nn.functional.gelu(x.double())
+    gelu = GeLU(in_place=True)
+    with torch.no_grad():
+        given = x.clone()
+        actual = gelu(given)
+    assert actual.data_ptr() == given.data_ptr() and actual.stride() == x.stride()
+    assert max_diff(actual, expected) <= 1e-6 and max_diff(given, expected) <= 1e-6
+    # with gradients the input stays (backward needs it) and the gradient is GELU's
+    given = x.clone().requires_grad_()
+    actual = gelu(given)
+    assert torch.equal(given.detach(), x) and max_diff(actual, expected) <= 1e-6
+    (grad,) = torch.autograd.grad(actual.sum(), given)
+    assert max_diff(grad, torch.func.grad(lambda t: torch.nn.functional.gelu(t).sum())(x)) <= 1e-6

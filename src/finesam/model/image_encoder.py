@@ -61,6 +61,9 @@ class RelativePositionAttention(fl.Module):
         batch, height, width, _ = qkv.shape
         tokens = height * width
         q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        head_dim = q.shape[-1]
+        if height + width <= head_dim:  # small grids (windows): the positions ride along as channels
+            return self._positions_as_channels(q, k, v, height, width).reshape(batch, height, width, -1)
         grid_q = q.reshape(batch, self.num_heads, height, width, -1)
         rel_h, rel_w = relative_positions(self.rel_pos_h, height), relative_positions(self.rel_pos_w, width)
         bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_h)[..., :, None]
@@ -74,6 +77,39 @@ class RelativePositionAttention(fl.Module):
         else:
             out = self._chunked(q, k, v, bias_h, bias_w, images, rows)
         return out.transpose(1, 2).reshape(batch, height, width, -1)
+
+    def _positions_as_channels(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int) -> Tensor:
+        """The same attention with no (tokens x tokens) bias: each query gains its `height + width` position
+        terms as channels and each key the one-hot code of its row and column, so that the kernel's own
+        product adds `q . rel_h[i - k] + q . rel_w[j - l]` to every logit. Returns (B, tokens, heads, head_dim).
+        """
+        batch, heads, tokens, head_dim = q.shape
+        scale = head_dim**-0.5  # the kernel scales every channel's product: the position terms are pre-divided
+        # attention kernels are fastest at multiples of 16 (no negative operands: see WindowPartition)
+        channels = (head_dim + height + width + 15) // 16 * 16
+        offsets_h = self.rel_pos_h.shape[0]
+        # every query's product with every relative offset of each axis, and a zero column for the padding
+        table = torch.cat([self.rel_pos_h, self.rel_pos_w, self.rel_pos_h.new_zeros(1, head_dim)]) / scale
+        products = q @ table.T
+        token = torch.arange(tokens, device=q.device)
+        row, column = token // width, token % width
+        zero = offsets_h + self.rel_pos_w.shape[0]
+        padding = channels - head_dim - height - width
+        index = torch.cat(
+            [
+                row[:, None] - torch.arange(height, device=q.device) + height - 1,
+                column[:, None] - torch.arange(width, device=q.device) + width - 1 + offsets_h,
+                torch.full((tokens, padding), zero, device=q.device),
+            ],
+            dim=1,
+        )
+        terms = products.gather(-1, index.expand(batch, heads, -1, -1))
+        code = torch.cat([F.one_hot(row, height), F.one_hot(column, width), row.new_zeros(tokens, padding)], dim=1)
+        queries = torch.cat([q, terms], dim=-1)
+        keys = torch.cat([k, code.to(k.dtype).expand(batch, heads, -1, -1)], dim=-1)
+        values = F.pad(v, (0, channels - head_dim))
+        out = F.scaled_dot_product_attention(queries, keys, values, scale=scale)[..., :head_dim]
+        return out.transpose(1, 2)
 
     def _chunked(
         self, q: Tensor, k: Tensor, v: Tensor, bias_h: Tensor, bias_w: Tensor, images: int, rows: int
@@ -172,7 +208,7 @@ class FeedForward(fl.Chain):
     def __init__(self, dim: int, hidden_dim: int, device: Device | str | None = None, dtype: DType | None = None):
         super().__init__(
             fl.Linear(dim, hidden_dim, device=device, dtype=dtype),
-            GeLU(),
+            GeLU(in_place=True),
             fl.Linear(hidden_dim, dim, device=device, dtype=dtype),
         )
 

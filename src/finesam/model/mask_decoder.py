@@ -88,9 +88,9 @@ class UpscaledImageEmbedding(fl.Chain):
             fl.Permute(0, 3, 1, 2),  # a channels-last view, which the transposed convolution reads without a copy
             fl.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(dim // 4, device=device, dtype=dtype),
-            GeLU(),
+            GeLU(in_place=True),
             fl.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2, device=device, dtype=dtype),
-            GeLU(),
+            GeLU(in_place=True),
         )
 
 

@@ -81,7 +81,7 @@ class ConvStem(fl.Chain):
         super().__init__(
             ChannelsLast(),
             Conv2dBN(3, dim // 2, 3, stride=2, device=device, dtype=dtype),
-            GeLU(),
+            GeLU(in_place=True),
             Conv2dBN(dim // 2, dim, 3, stride=2, device=device, dtype=dtype),
         )
 
@@ -94,12 +94,12 @@ class MBConv(fl.Chain):
         super().__init__(
             fl.Residual(
                 Conv2dBN(dim, hidden, device=device, dtype=dtype),
-                GeLU(),
+                GeLU(in_place=True),
                 Conv2dBN(hidden, hidden, 3, groups=hidden, device=device, dtype=dtype),
-                GeLU(),
+                GeLU(in_place=True),
                 Conv2dBN(hidden, dim, device=device, dtype=dtype),
             ),
-            GeLU(),
+            GeLU(in_place=True),
         )
 
 
@@ -111,9 +111,9 @@ class PatchMerging(fl.Chain):
         stride = 1 if out_dim in (320, 448, 576) else 2
         super().__init__(
             Conv2dBN(dim, out_dim, device=device, dtype=dtype),
-            GeLU(),
+            GeLU(in_place=True),
             Conv2dBN(out_dim, out_dim, 3, stride=stride, groups=out_dim, device=device, dtype=dtype),
-            GeLU(),
+            GeLU(in_place=True),
             Conv2dBN(out_dim, out_dim, device=device, dtype=dtype),
             fl.Permute(0, 2, 3, 1),
         )
@@ -213,7 +213,7 @@ class TinyViTBlock(fl.Chain):
             fl.Residual(
                 fl.LayerNorm(dim, device=device, dtype=dtype),
                 fl.Linear(dim, 4 * dim, device=device, dtype=dtype),
-                GeLU(),
+                GeLU(in_place=True),
                 fl.Linear(4 * dim, dim, device=device, dtype=dtype),
             ),
         )
