@@ -99,7 +99,7 @@ class RelativePositionAttention(fl.Module):
             [
                 row[:, None] - torch.arange(height, device=q.device) + height - 1,
                 column[:, None] - torch.arange(width, device=q.device) + width - 1 + offsets_h,
-                torch.full((tokens, padding), zero, device=q.device),
+                torch.full((tokens, padding), zero, dtype=torch.long, device=q.device),
             ],
             dim=1,
         )
