@@ -19,7 +19,7 @@ from refiners.fluxion import layers as fl
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.lora import SAMLoraAdapter
 from finesam.model.quantized import DynamicInt8Linear
-from finesam.model.sam import cpu_has_native_bf16
+from finesam.model.sam import cpu_has_amx, cpu_has_native_bf16
 from finesam.weights.hq import convert_hq_state_dict
 from finesam.weights.loading import sam_from_state_dict
 from finesam.weights.lora import save_lora
@@ -124,6 +124,14 @@ def test_bf16_warns_exactly_where_the_cpu_has_no_bf16(official_small):
         warnings.simplefilter("always")
         model.set_encoder_dtype(torch.float32)
     assert not [w for w in caught if "native bfloat16" in str(w.message)]
+
+
+def test_int8_warns_exactly_where_the_cpu_has_amx(official_small):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sam_from_state_dict(official_small.state_dict()).quantize_encoder()
+    messages = [str(w.message) for w in caught if "this CPU has AMX" in str(w.message)]
+    assert len(messages) == (1 if cpu_has_amx() else 0)
 
 
 def test_cli_dtype_int8(tmp_path, official_small):

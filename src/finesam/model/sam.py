@@ -69,6 +69,12 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where bf16 outruns int8."""
+    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up defensively
+    return bool(is_supported()) if is_supported is not None else False
+
+
 class SegmentAnything(fl.Chain):
     """Segment Anything as a chain: `ImageEncoder`, `PromptEncoder`, `MaskDecoder`.
 
@@ -214,8 +220,9 @@ class SegmentAnything(fl.Chain):
     def quantize_encoder(self) -> "SegmentAnything":
         """Runs the image encoder's linear layers in int8 (dynamic quantisation; CPU only, inference only, not
         undone): per-channel int8 weights, activations quantised at each call; the rest stays in float32.
-        Faster than bf16 on CPUs without native bf16 (see docs/performance.md). HQ-SAM, which only reads the
-        encoder, works with it; a LoRA on the encoder's linear layers does not (refused; decoder LoRAs work).
+        Faster than bf16 except on CPUs with AMX, where bf16 is faster and closer to float32, which is warned
+        about (see docs/performance.md). HQ-SAM, which only reads the encoder,
+        works with it; a LoRA on the encoder's linear layers does not (refused; decoder LoRAs work).
 
         Raises:
             ValueError: the encoder is not on the CPU, not in float32, or has a LoRA on a linear layer.
@@ -223,6 +230,12 @@ class SegmentAnything(fl.Chain):
         parameter = next(self.image_encoder.parameters())
         if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
             raise ValueError(f"int8 runs a float32 CPU encoder (this one: {parameter.dtype} on {parameter.device})")
+        if cpu_has_amx():
+            warnings.warn(
+                "this CPU has AMX: the bfloat16 encoder (set_encoder_dtype, --dtype bfloat16) "
+                "is faster than int8 here and closer to float32",
+                stacklevel=2,
+            )
         quantize_linears(self.image_encoder)
         return self
 
