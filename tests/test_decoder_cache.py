@@ -1,5 +1,6 @@
 """The first two-way block's image-side projections are computed once per image and reused by later prompt
-calls, and a remembered projection is never used once the image or the weights have changed.
+calls, the dense positional encoding once per weights, and nothing remembered is ever used once the image or the
+weights have changed.
 
 The reference is the same decoder at inference with every memory set aside for the call (then put back): same
 code, same kernels, so the comparisons are exact (`torch.equal`).
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from finesam.adapters.lora import SAMLoraAdapter
-from finesam.model.layers import Linear
+from finesam.model.layers import Linear, same_bits
+from finesam.model.prompt_encoder import DensePositionalEncoding
 from finesam.model.prompts import Prompts
 from finesam.weights.loading import sam_from_state_dict
 
@@ -133,3 +135,48 @@ def test_training_never_uses_remembered_projections(model, embeddings):
     masks, _ = model.decode(embedding, POINT)
     masks.sum().backward()
     assert all(layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0 for layer in layers)
+
+
+def test_same_bits_tells_what_equal_values_hide():
+    x = torch.randn(3, 5)
+    assert same_bits(x, x.clone()) and same_bits(x.t(), x.clone().t())  # contiguous, and not
+    changed = x.clone()
+    changed[2, 4] = torch.nextafter(changed[2, 4], torch.tensor(1.0))  # one bit of the last element
+    assert not same_bits(x, changed) and not same_bits(x.t(), changed.t())
+    for size in (1, 2):  # 4 and 8 bytes: compared as 32- and as 64-bit words
+        zeros, nans = torch.zeros(size), torch.full((size,), float("nan"))
+        assert not same_bits(zeros, -zeros)  # equal as floats, not as bits
+        assert same_bits(nans, nans.clone())  # the same NaN: unequal as floats
+    assert not same_bits(x, x.double()) and not same_bits(x, x[:2]) and not same_bits(x, x.reshape(5, 3))
+    odd = torch.randn(7, dtype=torch.float16)  # 14 bytes: not a whole number of 64-bit words
+    assert same_bits(odd, odd.clone()) and not same_bits(odd, odd + 1)
+
+
+def dense_positional_encoding(model) -> DensePositionalEncoding:
+    return model.prompt_encoder.ensure_find(DensePositionalEncoding)
+
+
+def test_dense_positional_encoding_is_remembered_for_its_weights(model, embeddings, official):
+    layer = dense_positional_encoding(model)
+    with torch.no_grad():
+        first = layer()
+        assert layer() is first  # remembered
+    with torch.enable_grad():
+        fresh = layer()
+    assert fresh is not first and torch.equal(fresh, first)  # recomputed with gradients, to the same values
+    matrix = layer._encoding[0].get_buffer("gaussian_matrix")
+    with torch.no_grad():
+        matrix.mul_(1.5)  # in place
+        scaled = layer()
+        assert scaled is not first and not torch.equal(scaled, first)
+        with torch.enable_grad():
+            assert torch.equal(scaled, layer())
+        model.to(dtype=torch.float64)
+        moved = layer()
+        with torch.enable_grad():
+            assert moved.dtype == torch.float64 and torch.equal(moved, layer())
+        model.to(dtype=torch.float32)
+    # a decode after all this is the decode of a fresh model with those weights
+    fresh = sam_from_state_dict(official.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    assert_same(cached(model, embeddings[0], POINT), uncached(fresh, embeddings[0], POINT))
