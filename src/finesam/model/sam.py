@@ -109,6 +109,7 @@ class SegmentAnything(fl.Chain):
                 "dense_positional_encoding": None,
                 "query_pe": None,
                 "key_pe": None,
+                "image_with_pe": None,
             },
         }
 

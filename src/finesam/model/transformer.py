@@ -2,7 +2,9 @@
 
 Every layer here maps the pair `(tokens, image)` to an updated pair. The positional encodings that are added
 to queries and keys come from the `mask_decoder` context: `query_pe` (the tokens as they entered the
-decoder) and `key_pe` (the dense positional encoding, flattened to image tokens).
+decoder) and `key_pe` (the dense positional encoding, flattened to image tokens). The image tokens plus
+`key_pe` are computed once per block (`ImageWithPositions`, kept as `image_with_pe`): the keys of the
+token-to-image attention and the queries of the image-to-token attention after it, whose image is the same.
 """
 
 import torch
@@ -21,6 +23,18 @@ TOKENS, IMAGE = 0, 1
 def with_positional_encoding(index: int, key: str) -> fl.Chain:
     """Picks the tokens or the image from the pair and adds its positional encoding."""
     return fl.Chain(fl.GetArg(index), fl.Residual(fl.UseContext("mask_decoder", key)))
+
+
+class ImageWithPositions(fl.Passthrough):
+    """Keeps the image tokens plus their positional encoding as `mask_decoder.image_with_pe`, for the attentions
+    that follow until the image tokens change; passes the pair on unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__(with_positional_encoding(IMAGE, "key_pe"), fl.SetContext("mask_decoder", "image_with_pe"))
+
+
+def image_with_positions() -> fl.UseContext:
+    return fl.UseContext("mask_decoder", "image_with_pe")
 
 
 def _attention(
@@ -201,9 +215,9 @@ class TokenSelfAttention(fl.Chain):
 
 
 class TokenToImageAttention(fl.Chain):
-    """Tokens query the image tokens; in the first block (`first_layer`) the keys and values, which then depend
-    on the image alone, are computed once per image; in the others they are never computed at inference
-    (`Attention`)."""
+    """Tokens query the image tokens (keys: `image_with_pe`); in the first block (`first_layer`) the keys and
+    values, which then depend on the image alone, are computed once per image; in the others they are never
+    computed at inference (`Attention`)."""
 
     def __init__(
         self,
@@ -226,7 +240,7 @@ class TokenToImageAttention(fl.Chain):
                         fl.Chain(
                             fl.Parallel(
                                 with_positional_encoding(TOKENS, "query_pe"),
-                                with_positional_encoding(IMAGE, "key_pe"),
+                                image_with_positions(),
                                 fl.GetArg(IMAGE),
                             ),
                             attention,
@@ -240,8 +254,8 @@ class TokenToImageAttention(fl.Chain):
 
 
 class ImageToTokenAttention(fl.Chain):
-    """Image tokens query the prompt tokens; in the first block (`first_layer`) the queries, which then depend
-    on the image alone, are computed once per image."""
+    """Image tokens (queries: `image_with_pe`) query the prompt tokens; in the first block (`first_layer`) the
+    queries, which then depend on the image alone, are computed once per image."""
 
     def __init__(
         self,
@@ -261,7 +275,7 @@ class ImageToTokenAttention(fl.Chain):
                         fl.GetArg(IMAGE),
                         fl.Chain(
                             fl.Parallel(
-                                with_positional_encoding(IMAGE, "key_pe"),
+                                image_with_positions(),
                                 with_positional_encoding(TOKENS, "query_pe"),
                                 fl.GetArg(TOKENS),
                             ),
@@ -306,6 +320,7 @@ class TwoWayAttentionBlock(fl.Chain):
     ) -> None:
         super().__init__(
             TokenSelfAttention(dim, num_heads, first_layer, device=device, dtype=dtype),
+            ImageWithPositions(),
             TokenToImageAttention(dim, num_heads, downsample=2, first_layer=first_layer, device=device, dtype=dtype),
             TokenFeedForward(dim, mlp_dim, device=device, dtype=dtype),
             ImageToTokenAttention(dim, num_heads, downsample=2, first_layer=first_layer, device=device, dtype=dtype),
@@ -329,5 +344,6 @@ class TwoWayTransformer(fl.Chain):
                 TwoWayAttentionBlock(dim, num_heads, mlp_dim, first_layer=i == 0, device=device, dtype=dtype)
                 for i in range(depth)
             ),
+            ImageWithPositions(),
             TokenToImageAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
         )
