@@ -150,6 +150,8 @@ def test_same_bits_tells_what_equal_values_hide():
     assert not same_bits(x, x.double()) and not same_bits(x, x[:2]) and not same_bits(x, x.reshape(5, 3))
     odd = torch.randn(7, dtype=torch.float16)  # 14 bytes: not a whole number of 64-bit words
     assert same_bits(odd, odd.clone()) and not same_bits(odd, odd + 1)
+    row = torch.randn(9)[1:]  # contiguous, but starting 4 bytes into a 64-bit word
+    assert same_bits(row, row.clone()) and not same_bits(row, -row)
 
 
 def dense_positional_encoding(model) -> DensePositionalEncoding:

@@ -79,12 +79,16 @@ def same_bits(a: Tensor, b: Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
     size = a.element_size()
-    if a.is_contiguous() and b.is_contiguous() and (a.numel() * size) % 8 == 0 and size in _INTEGERS_OF_SIZE:
-        return torch.equal(a.reshape(-1).view(torch.int64), b.reshape(-1).view(torch.int64))
-    if size in _INTEGERS_OF_SIZE:
-        integers = _INTEGERS_OF_SIZE[size]
-        return torch.equal(a.view(integers), b.view(integers))
-    return torch.equal(a, b)
+    integers = _INTEGERS_OF_SIZE.get(size)
+    if integers is None:
+        return torch.equal(a, b)
+
+    def whole_words(t: Tensor) -> bool:  # a run of 64-bit words: contiguous, aligned start and length
+        return t.is_contiguous() and (t.storage_offset() * size) % 8 == 0 and (t.numel() * size) % 8 == 0
+
+    if whole_words(a) and whole_words(b):
+        a, b, integers = a.reshape(-1), b.reshape(-1), torch.int64
+    return torch.equal(a.view(integers), b.view(integers))
 
 
 class Linear(fl.Linear):
