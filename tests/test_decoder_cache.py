@@ -154,12 +154,8 @@ def test_same_bits_tells_what_equal_values_hide():
     assert same_bits(row, row.clone()) and not same_bits(row, -row)
 
 
-def dense_positional_encoding(model) -> DensePositionalEncoding:
-    return model.prompt_encoder.ensure_find(DensePositionalEncoding)
-
-
 def test_dense_positional_encoding_is_remembered_for_its_weights(model, embeddings, official):
-    layer = dense_positional_encoding(model)
+    layer = model.prompt_encoder.ensure_find(DensePositionalEncoding)
     with torch.no_grad():
         first = layer()
         assert layer() is first  # remembered
@@ -179,6 +175,6 @@ def test_dense_positional_encoding_is_remembered_for_its_weights(model, embeddin
             assert moved.dtype == torch.float64 and torch.equal(moved, layer())
         model.to(dtype=torch.float32)
     # a decode after all this is the decode of a fresh model with those weights
-    fresh = sam_from_state_dict(official.state_dict())
-    fresh.load_state_dict(model.state_dict())
-    assert_same(cached(model, embeddings[0], POINT), uncached(fresh, embeddings[0], POINT))
+    reloaded = sam_from_state_dict(official.state_dict())
+    reloaded.load_state_dict(model.state_dict())
+    assert_same(cached(model, embeddings[0], POINT), uncached(reloaded, embeddings[0], POINT))
