@@ -165,7 +165,7 @@ class DensePositionalEncoding(fl.Module):
 
     It shares the Gaussian matrix of the point encoder, held by reference (not registered twice). It depends
     on that matrix alone, so at inference it is computed once and remembered while the matrix is unchanged
-    (same tensor, storage, dtype, device and in-place version).
+    (`weights_key`).
     """
 
     def __init__(self, encoding: FourierPositionalEncoding, grid_size: int) -> None:
