@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from skimage import data as skimage_data
 
+from finesam.fast import apply_fast_paths
 from finesam.model import SAMConfig, SegmentAnything
 from finesam.model.config import ViTConfig
 from finesam.weights.loading import sam_from_state_dict
@@ -75,6 +76,16 @@ def official_small():
 @pytest.fixture(scope="session")
 def small(official_small) -> SegmentAnything:
     return sam_from_state_dict(official_small.state_dict())
+
+
+@pytest.fixture(scope="session", params=["reference", "fast"])
+def small_either(request, official_small) -> SegmentAnything:
+    """`small` as the reference chains and with the fast paths (`finesam.fast`): for the parity tests, which
+    hold both to the official model at the same tolerance."""
+    model = sam_from_state_dict(official_small.state_dict())
+    if request.param == "fast":
+        assert apply_fast_paths(model) > 0
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.cli import main
+from finesam.fast import apply_fast_paths
 from finesam.model import SegmentAnything
 from finesam.weights.hq import convert_hq_state_dict
 from finesam.weights.loading import sam_from_state_dict
@@ -154,11 +155,14 @@ def assert_matches_official_predictor(
             assert_same_prediction(expected, prediction)  # shapes included
 
 
-def with_adapter(official, hq_mask_only: bool = False) -> tuple[SegmentAnything, HQSAMAdapter]:
-    """Our base model and an HQ adapter (not injected) with the weights of an official HQ-SAM model."""
+def with_adapter(official, hq_mask_only: bool = False, fast: bool = False) -> tuple[SegmentAnything, HQSAMAdapter]:
+    """Our base model and an HQ adapter (not injected) with the weights of an official HQ-SAM model; with
+    `fast`, both with the fast paths (`finesam.fast`), as `load_sam` and `load_hq` give them."""
     model = sam_from_state_dict(official.state_dict())
     adapter = HQSAMAdapter(model, hq_mask_only=hq_mask_only)
     adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
+    if fast:
+        assert apply_fast_paths(model, *adapter.placed_adapters) > 0
     return model, adapter
 
 

@@ -1,7 +1,8 @@
-"""The decoder's `Attention` between prompt tokens and image tokens, which at inference never projects the
-image tokens, against refiners' `fl.Attention` with the same weights (the formula it shortcuts): tokens
-querying the image (few queries) and the image querying the tokens (few keys, with the query projection
-remembered for the image as in the first block, or folded as in the others).
+"""The decoder's fast attentions between prompt tokens and image tokens (`finesam.fast.decoder`), which at
+inference never project the image tokens, against refiners' `fl.Attention` with the same weights (the formula
+they shortcut, and the reference chain's layer): tokens querying the image (few queries) and the image
+querying the tokens (few keys, with the query projection remembered for the image as in the first block, or
+folded as in the others).
 
 Tolerance: 1e-6 max abs on outputs of magnitude ~0.2 (float32 rounding of reassociated products). With many
 queries the layer is the reference itself; with a LoRA on the decoder the shortcut folds it into the projection
@@ -11,11 +12,13 @@ weights, and must not drop its term (1e-5 against the adapted layers run with gr
 import pytest
 import torch
 from refiners.fluxion import layers as fl
+from refiners.fluxion.context import Contexts
 
 from finesam.adapters.lora import SAMLoraAdapter
-from finesam.model.layers import Linear
+from finesam.fast import apply_fast_paths
+from finesam.fast import decoder as fast
+from finesam.fast.swap import swap
 from finesam.model.prompts import Prompts
-from finesam.model.transformer import Attention, FewKeysDotProduct
 from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL
@@ -24,14 +27,15 @@ from official import build_official
 TOLERANCE = 1e-6
 
 
-def layers(seed: int) -> tuple[fl.Attention, Attention]:
+def layers(seed: int, kind: type = fast.FewQueriesAttention) -> tuple[fl.Attention, fl.Attention]:
     torch.manual_seed(seed)
     reference = fl.Attention(64, num_heads=4, inner_dim=32)
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.normal_(0, 0.1)
-    ours = Attention(64, num_heads=4, inner_dim=32)
+    ours = fl.Attention(64, num_heads=4, inner_dim=32)
     ours.load_state_dict(reference.state_dict())
+    swap(ours, kind)
     return reference, ours
 
 
@@ -55,27 +59,33 @@ def test_matches_fl_attention(tokens):
         assert not torch.equal(actual, expected)  # the shortcut ran (another rounding)
 
 
-def few_keys_layers(seed: int, remembered_query: bool) -> tuple[fl.Attention, Attention]:
-    reference, ours = layers(seed)
-    ours.replace(ours.ensure_find(fl.ScaledDotProductAttention), FewKeysDotProduct(num_heads=4))
+class WithImageMemory(fl.Chain):
+    """A layer under an `image` context, as in `SegmentAnything`: where the first block's memories go."""
+
+    def init_context(self) -> Contexts:
+        return {"image": {}}
+
+
+def few_keys_layers(seed: int, remembered_query: bool) -> tuple[fl.Attention, fl.Attention, fl.Chain]:
+    reference, ours = layers(seed, fast.FewKeysAttention)
     if remembered_query:
-        projections = ours.ensure_find(fl.Distribute)
-        projections.replace(projections[0], Linear(64, 32))
-        ours.load_state_dict(reference.state_dict())
-    return reference, ours
+        swap(ours[0], fast.Distribute, image_side=(0,), memory_key="test")
+    return reference, ours, WithImageMemory(ours)
 
 
 @pytest.mark.parametrize("remembered_query", [False, True], ids=["folded-query", "remembered-query"])
 @pytest.mark.parametrize("tokens", [1, 7, 8, 20], ids=lambda t: f"{t}-keys")
 def test_image_querying_few_tokens_matches_fl_attention(tokens, remembered_query):
-    reference, ours = few_keys_layers(tokens, remembered_query)
+    reference, ours, top = few_keys_layers(tokens, remembered_query)
     generator = torch.Generator().manual_seed(tokens)
     query = torch.randn(1, 300, 64, generator=generator)  # batch of one: the remembering projection's case
     key, value = torch.randn(2, 1, tokens, 64, generator=generator)
     with torch.no_grad():
         expected = reference(query, key, value)
-        actual = ours(query, key, value)
-        again = ours(query, key, value)  # the remembered query projection, used again
+        actual = top(query, key, value)
+        memory = dict(top.use_context("image"))
+        again = top(query, key, value)  # the remembered query projection, used again
+    assert list(memory) == (["test.0"] if remembered_query else [])
     assert ours.state_dict().keys() == reference.state_dict().keys()
     assert (actual - expected).abs().max() <= TOLERANCE and torch.equal(again, actual)
     if tokens * ours.num_heads < ours.inner_dim:
@@ -84,6 +94,7 @@ def test_image_querying_few_tokens_matches_fl_attention(tokens, remembered_query
 
 def test_lora_on_the_decoder_is_not_dropped():
     sam = sam_from_state_dict(build_official(SMALL, seed=5).state_dict())
+    apply_fast_paths(sam)
     lora = SAMLoraAdapter(sam, rank=4).inject()  # the default: the two-way transformer's linears
     with torch.no_grad():
         for layer in lora.loras:

@@ -1,5 +1,6 @@
-"""The first two-way block's image-side projections are computed once per image and reused by later prompt
-calls, the dense positional encoding once per weights, and nothing remembered is ever used once the image or the
+"""With the fast paths (`finesam.fast`), the first two-way block's image-side projections are computed once
+per image, kept in the `image` context (so in the `ImageEmbedding`'s features) and reused by later prompt calls,
+the dense positional encoding once per weights, and nothing remembered is ever used once the image or the
 weights have changed.
 
 The reference is the same decoder at inference with every memory set aside for the call (then put back): same
@@ -8,10 +9,11 @@ code, same kernels, so the comparisons are exact (`torch.equal`).
 
 import pytest
 import torch
+from refiners.fluxion import layers as fl
 
 from finesam.adapters.lora import SAMLoraAdapter
-from finesam.model.layers import Linear, same_bits
-from finesam.model.prompt_encoder import DensePositionalEncoding
+from finesam.fast import apply_fast_paths
+from finesam.fast.decoder import DensePositionalEncoding, Distribute, RememberedProjection, same_bits
 from finesam.model.prompts import Prompts
 from finesam.weights.loading import sam_from_state_dict
 
@@ -22,21 +24,30 @@ BOXES = Prompts(boxes=torch.tensor([[20.0, 30.0, 200.0, 180.0], [60.0, 10.0, 250
 POINT = Prompts(points=torch.tensor([[[128.0, 100.0]]]), labels=torch.tensor([[1]]))
 
 
-def remembering(model) -> list[Linear]:
-    return [layer for layer, _ in model.mask_decoder.walk(Linear) if type(layer) is Linear]
+def remembering(model) -> list[fl.Linear]:
+    """The projections that remember their output for the image (those the fast `Distribute`s mark)."""
+    layers = []
+    for projections in (m for m in model.mask_decoder.modules() if type(m) is Distribute):
+        layers += [projections[i] for i in projections.image_side]
+    return layers
+
+
+def memories(model) -> dict[str, RememberedProjection]:
+    return {k: v for k, v in model.use_context("image").items() if isinstance(v, RememberedProjection)}
 
 
 def uncached(model, embedding, prompts):
-    layers = remembering(model)
-    memories = [layer._remembered for layer in layers]
+    image = model.use_context("image")
+    kept = memories(model)
     try:
-        for layer in layers:
-            layer._remembered = None
+        for key in kept:
+            del image[key]
         with torch.no_grad():
             return model.decode(embedding, prompts)
     finally:  # what was remembered before is put back: the cached calls after this one see it unchanged
-        for layer, memory in zip(layers, memories, strict=True):
-            layer._remembered = memory
+        for key in memories(model):
+            del image[key]
+        image.update(kept)
 
 
 def cached(model, embedding, prompts):
@@ -55,7 +66,9 @@ def official():
 
 @pytest.fixture
 def model(official):
-    return sam_from_state_dict(official.state_dict())
+    model = sam_from_state_dict(official.state_dict())
+    apply_fast_paths(model)
+    return model
 
 
 @pytest.fixture
@@ -70,14 +83,17 @@ def test_three_projections_remember_and_are_reused(model, embeddings):
     embedding = embeddings[0]
     expected_boxes, expected_point = uncached(model, embedding, BOXES), uncached(model, embedding, POINT)
     assert_same(cached(model, embedding, BOXES), expected_boxes)  # chunks of 2 prompts share the projections
-    remembered = [layer._remembered for layer in layers]
-    assert all(r is not None for r in remembered)
+    remembered = memories(model)
+    assert sorted(remembered) == [
+        "decoder_0.block_0.image_to_token.0",
+        "decoder_0.block_0.token_to_image.1",
+        "decoder_0.block_0.token_to_image.2",
+    ]
     assert_same(cached(model, embedding, POINT), expected_point)  # another call on the same image
-    assert [layer._remembered for layer in layers] == remembered  # reused, not recomputed
+    assert memories(model) == remembered  # reused, not recomputed
     # proof of use: spoil what is remembered, and the next call on this image changes
-    for layer in layers:
-        assert layer._remembered is not None
-        layer._remembered[2].mul_(0.5)
+    for memory in remembered.values():
+        memory.output.mul_(0.5)
     spoiled = cached(model, embedding, POINT)
     assert not torch.equal(spoiled[0], expected_point[0])
     # a new image is never served from the old one
@@ -154,15 +170,31 @@ def test_same_bits_tells_what_equal_values_hide():
     assert same_bits(row, row.clone()) and not same_bits(row, -row)
 
 
+def test_memories_go_with_the_image_embedding(model):
+    """`predict` on an `ImageEmbedding` keeps the projections in its features, and another image's embedding
+    brings its own back: no stale memory, and no recomputation when going back."""
+    first, second = (model.encode_image(photo(name).resize((256, 171))) for name in ("rocket", "chelsea"))
+    box = {"boxes": [20, 30, 200, 150]}
+    expected = model.predict(first, **box, return_logits=True).low_res_logits
+    kept = {k: v for k, v in first.features.items() if isinstance(v, RememberedProjection)}
+    assert len(kept) == 3
+    model.predict(second, **box)
+    assert {k for k, v in second.features.items() if isinstance(v, RememberedProjection)} == set(kept)
+    again = model.predict(first, **box, return_logits=True).low_res_logits
+    assert torch.equal(again, expected)
+    assert all(first.features[k] is v for k, v in kept.items())  # used, not recomputed
+
+
 def test_dense_positional_encoding_is_remembered_for_its_weights(model, embeddings, official):
     layer = model.prompt_encoder.ensure_find(DensePositionalEncoding)
+    assert type(layer) is DensePositionalEncoding
     with torch.no_grad():
         first = layer()
         assert layer() is first  # remembered
     with torch.enable_grad():
         fresh = layer()
     assert fresh is not first and torch.equal(fresh, first)  # recomputed with gradients, to the same values
-    matrix = layer._encoding[0].get_buffer("gaussian_matrix")
+    matrix = layer.encoding.get_buffer("gaussian_matrix")
     with torch.no_grad():
         matrix.mul_(1.5)  # in place
         scaled = layer()
@@ -177,4 +209,5 @@ def test_dense_positional_encoding_is_remembered_for_its_weights(model, embeddin
     # a decode after all this is the decode of a fresh model with those weights
     reloaded = sam_from_state_dict(official.state_dict())
     reloaded.load_state_dict(model.state_dict())
+    apply_fast_paths(reloaded)
     assert_same(cached(model, embeddings[0], POINT), uncached(reloaded, embeddings[0], POINT))

@@ -1,7 +1,8 @@
-"""The encoder's relative-position attention against the official `Attention` of `segment_anything`, in every
-chunking of its queries: one pass, several whole images (windows) per chunk, grid rows of one image per chunk,
-each with a smaller last chunk, with the reused bias buffer (inference) and without it (gradients); and, for
-grids no wider than the heads (windows), with the position terms carried as query and key channels.
+"""The encoder's relative-position attention against the official `Attention` of `segment_anything`: the
+reference chain, and its fast version (`finesam.fast`) in every chunking of its queries: one pass, several
+whole images (windows) per chunk, grid rows of one image per chunk, each with a smaller last chunk, with the
+reused bias buffer (inference) and without it (gradients); and, for grids no wider than the heads (windows),
+with the position terms carried as query and key channels.
 
 Tolerance: 2e-6 max abs on outputs of magnitude ~1 against the official module (float32 rounding of the same
 sums in another order), and 1e-6 against the one pass (the attention kernel blocks fewer queries differently).
@@ -11,13 +12,18 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention as OfficialAttention
 
+from finesam.fast import apply_fast_paths
+from finesam.fast.encoder import CHUNK_BYTES
+from finesam.fast.encoder import RelativePositionAttention as FastRelativePositionAttention
 from finesam.model.image_encoder import GridAttention, RelativePositionAttention
 
 TOLERANCE = 2e-6
 DIM, HEADS, GRID = 32, 4, 7
 
 
-def pair(seed: int, dim: int = DIM, heads: int = HEADS, grid: int = GRID) -> tuple[OfficialAttention, GridAttention]:
+def pair(
+    seed: int, dim: int = DIM, heads: int = HEADS, grid: int = GRID, fast: bool = True
+) -> tuple[OfficialAttention, GridAttention]:
     torch.manual_seed(seed)
     official = OfficialAttention(dim, heads, qkv_bias=True, use_rel_pos=True, input_size=(grid, grid))
     with torch.no_grad():
@@ -33,17 +39,19 @@ def pair(seed: int, dim: int = DIM, heads: int = HEADS, grid: int = GRID) -> tup
             mine.copy_(theirs)
         attention.rel_pos_h.copy_(official.rel_pos_h)
         attention.rel_pos_w.copy_(official.rel_pos_w)
+    if fast:
+        assert apply_fast_paths(ours) == 1 and type(attention) is FastRelativePositionAttention
     return official, ours
 
 
 def with_chunk_bytes(ours: GridAttention, chunk_bytes: int, x: torch.Tensor, grad: bool) -> torch.Tensor:
-    attention = ours.ensure_find(RelativePositionAttention)
+    attention = ours.ensure_find(FastRelativePositionAttention)
     attention.chunk_bytes = chunk_bytes
     try:
         with torch.set_grad_enabled(grad):
             return ours(x).detach()
     finally:
-        del attention.chunk_bytes
+        attention.chunk_bytes = CHUNK_BYTES
 
 
 # bytes of one grid row of queries' bias: heads x width x tokens floats
@@ -54,6 +62,17 @@ CHUNKINGS = {
     "three-rows": 3 * ROW,  # rows 3, 3, 1 of each image
     "one-row": 1,
 }
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "gradients"])
+def test_reference_matches_official_attention(grad):
+    official, ours = pair(seed=0, fast=False)
+    x = torch.randn(5, GRID, GRID, DIM, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = official(x)
+    with torch.set_grad_enabled(grad):
+        actual = ours(x).detach()
+    assert (actual - expected).abs().max() <= TOLERANCE
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "gradients"])
@@ -69,11 +88,12 @@ def test_every_chunking_matches_official_attention(chunking, grad):
     assert (actual - one_pass).abs().max() <= 1e-6
 
 
-def test_gradients_flow_through_chunks():
+def test_gradients_of_the_fast_layer_are_the_official_ones():
+    """With gradients the fast layer computes the reference formula, whatever its chunk setting."""
     official, ours = pair(seed=2)
     x = torch.randn(2, GRID, GRID, DIM, generator=torch.Generator().manual_seed(3))
     official(x).square().sum().backward()
-    attention = ours.ensure_find(RelativePositionAttention)
+    attention = ours.ensure_find(FastRelativePositionAttention)
     attention.chunk_bytes = 3 * ROW
     ours(x).square().sum().backward()
     assert official.rel_pos_h.grad is not None and attention.rel_pos_h.grad is not None
@@ -90,9 +110,9 @@ CHANNEL_CASES = [(64, 2, 7), (1280, 16, 14), (36, 2, 7)]
 def test_positions_as_channels_match_official_attention(dim, heads, grid, grad, monkeypatch):
     official, ours = pair(seed=4, dim=dim, heads=heads, grid=grid)
     calls: list[int] = []
-    as_channels = RelativePositionAttention._positions_as_channels
+    as_channels = FastRelativePositionAttention._positions_as_channels
     monkeypatch.setattr(
-        RelativePositionAttention,
+        FastRelativePositionAttention,
         "_positions_as_channels",
         lambda self, *args: calls.append(1) or as_channels(self, *args),
     )
@@ -101,7 +121,7 @@ def test_positions_as_channels_match_official_attention(dim, heads, grid, grad, 
         expected = official(x)
     with torch.set_grad_enabled(grad):
         actual = ours(x)
-    assert calls, "the channel path was not taken"
+    assert bool(calls) != grad, "the channel path runs at inference only"
     assert (actual.detach() - expected).abs().max() <= TOLERANCE * max(1.0, expected.abs().max().item())
     if grad:  # every parameter's gradient, against the official module's
         actual.square().sum().backward()

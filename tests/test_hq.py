@@ -11,7 +11,9 @@ import torch
 from refiners.fluxion.layers.chain import ChainError
 
 from finesam.adapters.hq import HQSAMAdapter
-from finesam.adapters.hq.layers import HQFeatureFusion, HQMaskFeatures, HQMaskProduct
+from finesam.adapters.hq.layers import CONTEXT, HQFeatureFusion, HQMaskFeatures, HQMaskPrediction, HQTokenMLP
+from finesam.fast import apply_fast_paths
+from finesam.fast.hq import HQMaskPrediction as FastHQMaskPrediction
 from finesam.model import PRESETS, SegmentAnything
 from finesam.model.prompts import Prompts
 from finesam.weights import CheckpointError, convert_checkpoint, holds_hq, load_hq, load_sam, save_hq, save_sam
@@ -30,9 +32,10 @@ def official_hq():
     return build_official(SMALL, seed=1, hq=True)
 
 
-@pytest.fixture
-def hq(official_hq) -> tuple[SegmentAnything, HQSAMAdapter]:
-    model, adapter = with_adapter(official_hq)
+@pytest.fixture(params=["reference", "fast"])
+def hq(request, official_hq) -> tuple[SegmentAnything, HQSAMAdapter]:
+    """The HQ parity tests run on the reference chains and on the fast paths."""
+    model, adapter = with_adapter(official_hq, fast=request.param == "fast")
     return model, adapter.inject()
 
 
@@ -68,34 +71,75 @@ def official_decode(official, embedding, interm, prompt, multimask: bool, hq_onl
     )
 
 
+def hq_head(adapter: HQSAMAdapter) -> HQMaskPrediction:
+    heads = {
+        id(m): m for placed in adapter.placed_adapters for m in placed.modules() if isinstance(m, HQMaskPrediction)
+    }
+    assert len(heads) == 1
+    return next(iter(heads.values()))
+
+
+def injected_head(official_hq, upscaled: torch.Tensor, hq_features: torch.Tensor):
+    """The HQ head of an adapter injected in a model whose `hq_sam` context holds `upscaled` and `hq_features`
+    (what the decoder writes there before the head runs)."""
+    model, adapter = with_adapter(official_hq)
+    adapter.inject()
+    model.set_context(CONTEXT, {"upscaled_embedding": upscaled, "hq_features": hq_features})
+    return adapter, hq_head(adapter)
+
+
 @pytest.mark.parametrize("hq_batch", [1, 3])
-@pytest.mark.parametrize("band_rows", [64, 24, 1])
-def test_folded_hq_mask_product_equals_the_plain_one_with_gradients(official_hq, hq_batch, band_rows):
-    """The dot product folded into the last convolution, computed in bands of rows, gives the official formula's
-    values and gradients (training goes through it): w . (mask_features(u) + f), for a batch of prompts on one
-    image or on three, in one band (64 rows here), uneven bands and bands of one row."""
-    _, adapter = with_adapter(official_hq)
-    features = adapter.ensure_find(HQMaskFeatures)
+def test_hq_mask_prediction_is_the_official_formula_with_gradients(official_hq, hq_batch):
+    """The reference head: w . (mask_features(u) + f), the official formula, in values and gradients (training
+    goes through it), for a batch of prompts on one image or on three."""
     g = torch.Generator().manual_seed(0)
-    channels, size = features[-1].out_channels, 4 * GRID
-    weights = torch.randn(3, 1, channels, generator=g, requires_grad=True)
+    channels, size, dim = SMALL.decoder.prompt_dim // 8, 4 * GRID, SMALL.decoder.prompt_dim
+    tokens = torch.randn(3, 7, dim, generator=g, requires_grad=True)
     upscaled = torch.randn(3, channels, size, size, generator=g)
     hq_features = torch.randn(hq_batch, channels, size, size, generator=g)
+    _, prediction = injected_head(official_hq, upscaled, hq_features)
+    features, token_mlp = prediction.ensure_find(HQMaskFeatures), prediction.ensure_find(HQTokenMLP)
+    parameters = [tokens, *features.parameters(), *token_mlp.parameters()]
 
     def outputs_and_gradients(logits: torch.Tensor) -> list[torch.Tensor]:
         loss = (logits * torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)).sum()
-        gradients = torch.autograd.grad(loss, [weights, *features.parameters()])
-        return [logits, *gradients]
+        return [logits, *torch.autograd.grad(loss, parameters)]
 
-    plain = features(upscaled) + hq_features
-    expected = outputs_and_gradients((weights @ plain.flatten(2)).reshape(3, 1, size, size))
-    product = features.parent  # where the adapter uses the mask features
-    assert isinstance(product, HQMaskProduct)
-    product.band_rows = band_rows
-    actual = outputs_and_gradients(product(weights, upscaled, hq_features))
+    hq_token = 1 + SMALL.decoder.num_mask_tokens  # after the IoU and mask tokens
+    weights = token_mlp(tokens[:, hq_token : hq_token + 1])
+    expected = outputs_and_gradients(
+        (weights @ (features(upscaled) + hq_features).flatten(2)).reshape(3, 1, size, size)
+    )
+    actual = outputs_and_gradients(prediction(tokens, upscaled))
     assert actual[0].shape == (3, 1, size, size)
     for a, e in zip(actual, expected, strict=True):
         assert max_diff(a, e) <= 1e-5 * max(1.0, e.abs().max().item())
+
+
+@pytest.mark.parametrize("hq_batch", [1, 3])
+@pytest.mark.parametrize("band_rows", [64, 24, 1])
+def test_folded_hq_mask_product_equals_the_reference_head(official_hq, hq_batch, band_rows):
+    """The fast head (`finesam.fast.hq`): the dot product folded into the last convolution, computed in bands of
+    rows, gives the reference head's values at inference: in one band (64 rows here), uneven bands and bands of
+    one row; with gradients it is the reference head."""
+    g = torch.Generator().manual_seed(0)
+    channels, size = SMALL.decoder.prompt_dim // 8, 4 * GRID
+    tokens = torch.randn(3, 7, SMALL.decoder.prompt_dim, generator=g)
+    upscaled = torch.randn(3, channels, size, size, generator=g)
+    hq_features = torch.randn(hq_batch, channels, size, size, generator=g)
+    adapter, top = injected_head(official_hq, upscaled, hq_features)
+    prediction = top
+    with torch.no_grad():
+        expected = top(tokens, upscaled)
+    with_gradients = top(tokens, upscaled)
+    assert apply_fast_paths(*adapter.placed_adapters) >= 1 and type(prediction) is FastHQMaskPrediction
+    prediction.band_rows = band_rows
+    with torch.no_grad():
+        actual = top(tokens, upscaled)
+    assert max_diff(actual, expected) <= 1e-5 * max(1.0, expected.abs().max().item())
+    assert not torch.equal(actual, expected)  # the folded product ran (another rounding)
+    again = top(tokens, upscaled)  # with gradients: the reference formula (its GELU may round differently)
+    assert again.requires_grad and max_diff(again, with_gradients) <= 1e-6
 
 
 @torch.no_grad()
@@ -139,7 +183,7 @@ def test_predict_matches_official_hq_predictor(official_hq, hq, name, hq_only):
 
 def test_full_size_vit_b_hq_matches_official(official_vit_b_hq_square):
     official, predictor = official_vit_b_hq_square
-    model, adapter = with_adapter(official)
+    model, adapter = with_adapter(official, fast=True)  # as load_sam and load_hq give it
     adapter.inject()
     assert_matches_official_hq_predictor(predictor, model, adapter, PHOTOS["square"](), False, multimasks=(True,))
 

@@ -5,16 +5,23 @@ Tolerance: max abs difference <= TOLERANCE (1e-4) in fp32 on embeddings, logits 
 
 import pytest
 import torch
+from refiners.fluxion import layers as fl
 
+from finesam.fast.encoder import GeLU as FastGeLU
+from finesam.fast.swap import swap
 from finesam.model import SegmentAnything
-from finesam.model.layers import GeLU
 from finesam.model.prompts import Prompts
-from finesam.model.transformer import FewKeysDotProduct
 
 from conftest import SMALL, TOLERANCE, max_diff
 
 GRID = SMALL.embedding_size
 MASK = SMALL.mask_input_size
+
+
+@pytest.fixture
+def small(small_either):
+    """Every test here runs on the reference chains and on the fast paths (`conftest.small_either`)."""
+    return small_either
 
 
 def official_prompt(official, points=None, labels=None, boxes=None, masks=None):
@@ -150,31 +157,10 @@ def test_prompt_chunks_do_not_change_the_result(small, chunk):
     assert max_diff(masks, default_masks) <= TOLERANCE and max_diff(iou, default_iou) <= TOLERANCE
 
 
-@pytest.mark.parametrize("keys", [1, 7, 16, 40])  # 40: above max_keys, the per-head kernel
-@pytest.mark.parametrize("query_batch", [1, 3])  # 1: image tokens shared by every prompt (the first block)
-def test_few_keys_dot_product_equals_per_head_attention_with_gradients(keys, query_batch):
-    """All heads at once through block-diagonal keys and values give each head's softmax(q k^T / sqrt(d)) v
-    (computed in float64), in values and in gradients."""
-    g = torch.Generator().manual_seed(keys)
-    heads, head_dim, queries, batch = 8, 16, 300, 3
-    query = (torch.randn(query_batch, queries, heads * head_dim, generator=g) * 2).requires_grad_()
-    key = (torch.randn(batch, keys, heads * head_dim, generator=g) * 2).requires_grad_()
-    value = torch.randn(batch, keys, heads * head_dim, generator=g).requires_grad_()
-    upstream = torch.randn(batch, queries, heads * head_dim, generator=g)
-
-    def per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.double().unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))
-        weights = torch.softmax(q @ k.mT / head_dim**0.5, dim=-1)
-        return (weights @ v).transpose(1, 2).flatten(2)
-
-    actual = FewKeysDotProduct(num_heads=heads)(query, key, value)
-    actual_grads = torch.autograd.grad((actual * upstream).sum(), (query, key, value))
-    expected = per_head(query, key, value)
-    expected_grads = torch.autograd.grad((expected * upstream.double()).sum(), (query, key, value))
-    assert actual.shape == (batch, queries, heads * head_dim) and actual.dtype == torch.float32
-    assert max_diff(actual, expected) <= 1e-5
-    for grad, reference in zip(actual_grads, expected_grads, strict=True):
-        assert max_diff(grad, reference) <= 1e-4 * reference.abs().max().item()
+def fast_gelu(in_place: bool) -> fl.GeLU:
+    gelu = fl.GeLU()
+    swap(gelu, FastGeLU, in_place=in_place)
+    return gelu
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "tokens"])
@@ -183,7 +169,7 @@ def test_gelu_equals_the_exact_gelu_and_keeps_the_layout(layout):
     x = torch.randn(2, 5, 6, 7, generator=g) * 3
     x = {"channels_last": x.contiguous(memory_format=torch.channels_last), "contiguous": x, "tokens": x[0]}[layout]
     x.requires_grad_()
-    actual = GeLU()(x)
+    actual = fast_gelu(in_place=False)(x)
     expected = torch.nn.functional.gelu(x.detach().double().requires_grad_())
     assert actual.shape == x.shape and actual.stride() == x.stride()
     assert max_diff(actual, expected) <= 1e-6
@@ -197,7 +183,7 @@ def test_in_place_gelu_overwrites_its_input_only_at_inference(layout):
     x = torch.randn(2, 5, 6, 7, generator=torch.Generator().manual_seed(0)) * 3
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
     expected = torch.nn.functional.gelu(x.double())
-    gelu = GeLU(in_place=True)
+    gelu = fast_gelu(in_place=True)
     with torch.no_grad():
         given = x.clone()
         actual = gelu(given)

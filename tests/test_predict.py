@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from finesam.fast import apply_fast_paths
 from finesam.model import SAM_VIT_B, SegmentAnything
 from finesam.model.processing import preprocess_image, scale_coordinates
 from finesam.weights.loading import sam_from_state_dict
@@ -15,6 +16,12 @@ from finesam.weights.loading import sam_from_state_dict
 from conftest import PHOTOS, SMALL, TOLERANCE, max_diff
 from helpers import assert_matches_official_predictor, assert_same_prediction, ours, prompts_for
 from official import SamPredictor, build_official
+
+
+@pytest.fixture
+def small(small_either):
+    """Every test here runs on the reference chains and on the fast paths (`conftest.small_either`)."""
+    return small_either
 
 
 @pytest.mark.parametrize("name", list(PHOTOS))
@@ -99,7 +106,9 @@ def test_cached_embedding_gives_the_same_masks_as_the_image(small):
 
 
 def test_full_size_vit_b_matches_official_at_1024():
-    """The full ViT-B encoder (windowed + global blocks, 64x64 grid) end to end on a real photo."""
+    """The full ViT-B encoder (windowed + global blocks, 64x64 grid) end to end on a real photo, with the fast
+    paths as `load_sam` gives them (global attention in chunks, windows with positions as channels)."""
     official = build_official(SAM_VIT_B, seed=3)
     model: SegmentAnything = sam_from_state_dict(official.state_dict())
+    apply_fast_paths(model)
     assert_matches_official_predictor(official, model, PHOTOS["landscape"](), multimasks=(True,))

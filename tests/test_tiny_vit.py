@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from finesam.adapters.hq import HQSAMAdapter
+from finesam.fast import apply_fast_paths
 from finesam.model import SAM_VIT_TINY, SegmentAnythingTiny
 from finesam.model.sam import SegmentAnything
 from finesam.model.tiny_vit import BatchNorm2d, BiasedAttention, Conv2dBN, attention_bias_indices
@@ -20,10 +21,14 @@ from helpers import assert_matches_official_hq_predictor, assert_matches_officia
 from official import SamPredictor, build_official_tiny, mobile_sam_from
 
 
-def from_official_state_dict(state_dict) -> tuple[SegmentAnything, HQSAMAdapter | None]:
-    """Our model, and the HQ adapter (not injected) when the checkpoint is an HQ-SAM one."""
+def from_official_state_dict(state_dict, fast: bool = True) -> tuple[SegmentAnything, HQSAMAdapter | None]:
+    """Our model, and the HQ adapter (not injected) when the checkpoint is an HQ-SAM one; with the fast paths
+    (`finesam.fast`) by default, as loading gives them."""
     model = sam_from_state_dict(state_dict)
-    return model, hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
+    adapter = hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
+    if fast:
+        apply_fast_paths(model, *(adapter.placed_adapters if adapter is not None else ()))
+    return model, adapter
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +48,9 @@ def test_config_is_read_from_both_checkpoint_layouts(official_tiny, mobile_sam_s
 
 
 @torch.no_grad()
-def test_image_and_early_embeddings_match(official_tiny):
-    model, adapter = from_official_state_dict(official_tiny.state_dict())
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_image_and_early_embeddings_match(official_tiny, fast):
+    model, adapter = from_official_state_dict(official_tiny.state_dict(), fast)
     assert adapter is not None
     adapter.inject()
     pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
@@ -100,10 +106,12 @@ def test_converting_tiny_checkpoints(tmp_path, official_tiny, mobile_sam_state_d
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("groups", [1, 6])
 def test_conv_bn_folds_batchnorm_in_eval_mode_only(training, groups):
-    """In eval mode `Conv2dBN` folds BatchNorm into the convolution: same values and gradients as convolution
-    then BatchNorm; in training mode BatchNorm uses batch statistics (and updates its running ones) as usual."""
+    """With the fast paths, in eval mode `Conv2dBN` folds BatchNorm into the convolution: same values and
+    gradients as convolution then BatchNorm; in training mode BatchNorm uses batch statistics (and updates its
+    running ones) as usual."""
     g = torch.Generator().manual_seed(groups)
     layer = Conv2dBN(6, 12, 3, stride=2, groups=groups).train(training)
+    assert apply_fast_paths(layer) == 1
     norm = layer.ensure_find(BatchNorm2d)
     with torch.no_grad():
         for p in layer.parameters():

@@ -14,6 +14,7 @@ from typing import Any
 
 from refiners.fluxion import layers as fl
 from refiners.fluxion.adapters import Adapter, LinearLora, LoraAdapter
+from torch import Tensor
 
 from finesam.adapters.placement import check_placement
 from finesam.model.sam import SegmentAnything
@@ -189,3 +190,20 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
             weights[f"{path}.down.weight"] = lora.down.weight
             weights[f"{path}.up.weight"] = lora.up.weight
         return weights
+
+
+def merged_weight(adapter: LoraAdapter) -> Tensor:
+    """The weight of the linear layer a `LoraAdapter` adapts, with every LoRA of it folded in.
+
+    Raises:
+        ValueError: the adapter holds something else than a linear layer and linear LoRAs.
+    """
+    linear = adapter.target
+    if not isinstance(linear, fl.Linear):
+        raise ValueError(f"{adapter.get_path()} adapts a {type(linear).__name__}, not a linear layer")
+    weight = linear.weight.detach().clone()
+    for lora in adapter.lora_layers:
+        if not isinstance(lora, LinearLora):
+            raise ValueError(f"{adapter.get_path()} holds a {type(lora).__name__}, not a linear LoRA")
+        weight += lora.scale * (lora.up.weight @ lora.down.weight)
+    return weight

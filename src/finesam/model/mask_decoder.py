@@ -9,7 +9,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from finesam.model.config import SAMConfig
-from finesam.model.layers import GeLU, LayerNorm2d
+from finesam.model.layers import LayerNorm2d
 from finesam.model.transformer import IMAGE, TOKENS, TwoWayTransformer
 
 
@@ -88,9 +88,9 @@ class UpscaledImageEmbedding(fl.Chain):
             fl.Permute(0, 3, 1, 2),  # a channels-last view, which the transposed convolution reads without a copy
             fl.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(dim // 4, device=device, dtype=dtype),
-            GeLU(in_place=True),
+            fl.GeLU(),
             fl.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2, device=device, dtype=dtype),
-            GeLU(in_place=True),
+            fl.GeLU(),
         )
 
 

@@ -5,7 +5,6 @@ Boxes enter as two corner points with their own labels, so every sparse prompt i
 """
 
 import math
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -16,7 +15,7 @@ from torch import dtype as DType
 
 from finesam.inputs import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PADDING_LABEL
 from finesam.model.config import SAMConfig
-from finesam.model.layers import GeLU, LayerNorm2d, eager_inference, weights_key
+from finesam.model.layers import LayerNorm2d
 from finesam.model.prompts import Prompts
 
 
@@ -120,10 +119,10 @@ class MaskEncoder(fl.Chain):
         super().__init__(
             fl.Conv2d(1, hidden // 4, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(hidden // 4, device=device, dtype=dtype),
-            GeLU(),
+            fl.GeLU(),
             fl.Conv2d(hidden // 4, hidden, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(hidden, device=device, dtype=dtype),
-            GeLU(),
+            fl.GeLU(),
             fl.Conv2d(hidden, config.decoder.prompt_dim, kernel_size=1, device=device, dtype=dtype),
         )
 
@@ -163,31 +162,22 @@ class DensePositionalEncoding(fl.Module):
     """Fourier encoding of the centres of the E x E image-embedding cells, (1, D, E, E), with channels-last
     strides (so its tokens are contiguous, as the image's).
 
-    It shares the Gaussian matrix of the point encoder, held by reference (not registered twice). It depends
-    on that matrix alone, so at inference it is computed once and remembered while the matrix is unchanged
-    (`weights_key`).
+    It shares the Gaussian matrix of the point encoder, held by reference (not registered twice).
     """
 
     def __init__(self, encoding: FourierPositionalEncoding, grid_size: int) -> None:
         super().__init__()
         self._encoding = [encoding]
         self.grid_size = grid_size
-        self._remembered: tuple[tuple[Any, ...], Tensor, Tensor] | None = None
+
+    @property
+    def encoding(self) -> FourierPositionalEncoding:
+        """The point encoder's Fourier encoding, whose Gaussian matrix this one reads."""
+        return self._encoding[0]
 
     def forward(self, *_: Tensor) -> Float[Tensor, "1 dim grid grid"]:
-        encoding = self._encoding[0]
+        encoding = self.encoding
         matrix = encoding.get_buffer("gaussian_matrix")
-        if not eager_inference():
-            return self._encode(encoding, matrix)
-        key = weights_key((matrix,))
-        remembered = self._remembered  # one read: another thread may replace it
-        if remembered is not None and remembered[0] == key:
-            return remembered[1]
-        output = self._encode(encoding, matrix)
-        self._remembered = (key, output, matrix)
-        return output
-
-    def _encode(self, encoding: FourierPositionalEncoding, matrix: Tensor) -> Tensor:
         centres = (torch.arange(self.grid_size, device=matrix.device, dtype=torch.float32) + 0.5) / self.grid_size
         grid = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), dim=-1)  # (y, x) -> (x, y)
         return encoding(grid).permute(2, 0, 1).unsqueeze(0)

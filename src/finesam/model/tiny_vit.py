@@ -17,7 +17,6 @@ from torch import dtype as DType
 
 from finesam.model.config import TinyViTConfig
 from finesam.model.image_encoder import Neck, WindowMerge, WindowPartition
-from finesam.model.layers import GeLU
 
 
 class BatchNorm2d(torch.nn.BatchNorm2d, fl.WeightedModule):
@@ -52,19 +51,6 @@ class Conv2dBN(fl.Chain):
             BatchNorm2d(out_channels, device=device, dtype=dtype),
         )
 
-    def forward(self, *inputs: Tensor) -> Float[Tensor, "batch out_channels height width"]:
-        conv, norm = self
-        if not (isinstance(conv, fl.Conv2d) and isinstance(norm, BatchNorm2d)) or norm.training:
-            return super().forward(*inputs)  # an adapter in place of a layer, or batch statistics: as written
-        mean, var = norm.running_mean, norm.running_var
-        if mean is None or var is None:
-            return super().forward(*inputs)
-        # in eval mode BatchNorm is a fixed affine map per channel: fold it into the convolution (one pass)
-        scale = norm.weight * torch.rsqrt(var + norm.eps)
-        shift = norm.bias - mean * scale
-        weight = conv.weight * scale[:, None, None, None]
-        return F.conv2d(inputs[0], weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
-
 
 class ChannelsLast(fl.Module):
     """The same map with channels-last strides, which the convolutions that follow (and their outputs) keep:
@@ -81,7 +67,7 @@ class ConvStem(fl.Chain):
         super().__init__(
             ChannelsLast(),
             Conv2dBN(3, dim // 2, 3, stride=2, device=device, dtype=dtype),
-            GeLU(in_place=True),
+            fl.GeLU(),
             Conv2dBN(dim // 2, dim, 3, stride=2, device=device, dtype=dtype),
         )
 
@@ -94,12 +80,12 @@ class MBConv(fl.Chain):
         super().__init__(
             fl.Residual(
                 Conv2dBN(dim, hidden, device=device, dtype=dtype),
-                GeLU(in_place=True),
+                fl.GeLU(),
                 Conv2dBN(hidden, hidden, 3, groups=hidden, device=device, dtype=dtype),
-                GeLU(in_place=True),
+                fl.GeLU(),
                 Conv2dBN(hidden, dim, device=device, dtype=dtype),
             ),
-            GeLU(in_place=True),
+            fl.GeLU(),
         )
 
 
@@ -111,9 +97,9 @@ class PatchMerging(fl.Chain):
         stride = 1 if out_dim in (320, 448, 576) else 2
         super().__init__(
             Conv2dBN(dim, out_dim, device=device, dtype=dtype),
-            GeLU(in_place=True),
+            fl.GeLU(),
             Conv2dBN(out_dim, out_dim, 3, stride=stride, groups=out_dim, device=device, dtype=dtype),
-            GeLU(in_place=True),
+            fl.GeLU(),
             Conv2dBN(out_dim, out_dim, device=device, dtype=dtype),
             fl.Permute(0, 2, 3, 1),
         )
@@ -213,7 +199,7 @@ class TinyViTBlock(fl.Chain):
             fl.Residual(
                 fl.LayerNorm(dim, device=device, dtype=dtype),
                 fl.Linear(dim, 4 * dim, device=device, dtype=dtype),
-                GeLU(in_place=True),
+                fl.GeLU(),
                 fl.Linear(4 * dim, dim, device=device, dtype=dtype),
             ),
         )

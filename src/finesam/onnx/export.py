@@ -26,11 +26,12 @@ from torch.jit import TracerWarning  # pyright: ignore[reportPrivateImportUsage]
 from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
 
 from finesam.adapters.hq.layers import HQOutputRule
+from finesam.fast import reference_paths
 from finesam.inputs import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
 from finesam.model.config import PRESETS
 from finesam.model.sam import SegmentAnything
 from finesam.onnx import interface as io
-from finesam.onnx.graphs import DecoderGraph, EncoderGraph, loras_merged, unchunked_attention
+from finesam.onnx.graphs import DecoderGraph, EncoderGraph, loras_merged
 from finesam.weights.io import process_running, process_umask
 
 # protobuf cannot hold a file over 2 GB: above this the weights go to one external-data file beside it
@@ -210,7 +211,8 @@ def export(
     # mode afterwards, which would leave every module of the model in that one mode: restored one by one below
     modes = [(module, module.training) for module in model.modules()]
     try:
-        with torch.no_grad(), loras_merged(model), unchunked_attention(model):
+        # the reference chains: the fast paths' memories and shortcuts are not for a graph
+        with torch.no_grad(), reference_paths(model), loras_merged(model):
             encoder_out = io.encoder_outputs(hq)
             encoder = EncoderGraph(model)
             (staging / "encoder").mkdir()

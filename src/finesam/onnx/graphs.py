@@ -13,8 +13,7 @@ from refiners.fluxion.adapters import LoraAdapter
 from torch import Tensor
 
 from finesam.adapters.hq.layers import CachedHQFeatures, HQFeatureFusion
-from finesam.model.image_encoder import RelativePositionAttention
-from finesam.model.layers import merged_weight
+from finesam.adapters.lora import merged_weight
 from finesam.model.prompt_encoder import MaskEncoder
 from finesam.model.sam import SegmentAnything
 
@@ -86,24 +85,6 @@ class DecoderGraph(torch.nn.Module):
         low_res, iou = mask_decoder(image_embeddings)
         model._reset_context()
         return masks_at_original_size(low_res, model.config.image_size, orig_im_size), iou, low_res
-
-
-@contextmanager
-def unchunked_attention(model: SegmentAnything) -> Iterator[None]:
-    """Global attention in one pass within the block: traced chunks would each become nodes of the graph
-    (64 per global block of ViT-B), slower to export and to run; onnxruntime holds the scores whole anyway."""
-    layers = [layer for layer, _ in model.walk(RelativePositionAttention)]
-    before = [vars(layer).get("chunk_bytes") for layer in layers]  # None: the class's setting
-    try:
-        for layer in layers:
-            layer.chunk_bytes = 2**62
-        yield
-    finally:
-        for layer, value in zip(layers, before, strict=True):
-            if value is None:
-                del layer.chunk_bytes
-            else:
-                layer.chunk_bytes = value
 
 
 @contextmanager

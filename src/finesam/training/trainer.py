@@ -81,7 +81,7 @@ class Trainer:
         self.dist = Distributed.from_environment()
         self.device = device = self.dist.join(torch.device(config.run.device))
         torch.manual_seed(config.run.seed)  # new adapter weights: the same in every process
-        model = load_sam(config.model.weights, device)
+        model = load_sam(config.model.weights, device, fast=False)  # training runs the reference chains
         model.eval()  # the base stays in inference behaviour (TinyViT BatchNorm statistics)
         for parameter in model.parameters():
             parameter.requires_grad_(False)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from finesam.adapters.hq.adapter import HQSAMAdapter
 from finesam.adapters.hq.layers import CompressViTFeatures, EmbeddingEncoder, HQMaskFeatures, HQToken, HQTokenMLP
+from finesam.fast import apply_fast_paths, has_fast_paths
 from finesam.model.sam import SegmentAnything
 from finesam.weights.io import (
     CheckpointError,
@@ -115,7 +116,8 @@ def load_hq_weights(path: str | Path, adapter: HQSAMAdapter) -> dict[str, Tensor
 
 
 def load_hq(model: SegmentAnything, path: str | Path, hq_mask_only: bool = False) -> HQSAMAdapter:
-    """An `HQSAMAdapter` for `model` with the weights of `path` (not injected yet).
+    """An `HQSAMAdapter` for `model` with the weights of `path` (not injected yet); its layers have their fast
+    paths (`finesam.fast`) where `model` has them.
 
     Args:
         model: the base model the adapter is for.
@@ -127,4 +129,6 @@ def load_hq(model: SegmentAnything, path: str | Path, hq_mask_only: bool = False
     """
     adapter = HQSAMAdapter(model, hq_mask_only=hq_mask_only)
     adapter.load_state_dict(load_hq_weights(path, adapter))
+    if has_fast_paths(model):
+        apply_fast_paths(*adapter.placed_adapters)
     return adapter

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from finesam.fast import apply_fast_paths
 from finesam.model.config import SAMConfig
 from finesam.model.sam import SegmentAnything
 from finesam.model.tiny_vit import BiasedAttention
@@ -77,7 +78,9 @@ def save_sam(model: SegmentAnything, path: str | Path) -> Path:
     return write_safetensors(state_dict, path, metadata)
 
 
-def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SegmentAnything:
+def load_sam(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, fast: bool = True
+) -> SegmentAnything:
     """Loads a SAM of any size from a converted `.safetensors` file or an official `.pth` (SAM, MobileSAM or the
     SAM part of HQ-SAM; its HQ part loads with `load_hq`).
 
@@ -86,6 +89,8 @@ def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
         device: where the model goes.
         dtype: the image encoder's precision (e.g. `torch.bfloat16`, see `SegmentAnything.set_encoder_dtype`);
             the decoder stays float32.
+        fast: with the fast paths of inference swapped in (`finesam.fast`); False for the reference chains
+            alone (what training and export run anyway).
 
     Returns:
         The model, in eval mode.
@@ -109,6 +114,8 @@ def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
         check_tensors(path, declared, model.state_dict(), what="the model in its metadata")
         tensors, _ = read_format(path, FORMAT_SAM)
         model = _assign(model, tensors, device)
+    if fast:
+        apply_fast_paths(model)
     return model if dtype is None else model.set_encoder_dtype(dtype)
 
 

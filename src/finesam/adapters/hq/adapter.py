@@ -148,6 +148,12 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         self.injected = False
 
     @property
+    def placed_adapters(self) -> list[fl.Chain]:
+        """The small adapters that `inject` places around modules of the base model; they hold the HQ parts
+        in the places where they run (e.g. `HQMaskPrediction` in `HQMaskHead`)."""
+        return [adapter for adapter in self._adapters if isinstance(adapter, fl.Chain)]
+
+    @property
     def hq_mask_only(self) -> bool:
         return self._rule[0].hq_mask_only
 

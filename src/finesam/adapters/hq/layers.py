@@ -13,8 +13,8 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.layers import GeLU, LayerNorm2d, weights_key
-from finesam.model.mask_decoder import MultiLayerPerceptron
+from finesam.model.layers import LayerNorm2d, weights_key
+from finesam.model.mask_decoder import MaskProduct, MultiLayerPerceptron
 from finesam.model.transformer import TOKENS
 
 # The contexts HQ-SAM uses, declared here once.
@@ -48,7 +48,7 @@ class UpscalingStack(fl.Chain):
         super().__init__(
             fl.ConvTranspose2d(in_dim, mid_dim, kernel_size=2, stride=2, device=device, dtype=dtype),
             LayerNorm2d(mid_dim, device=device, dtype=dtype),
-            GeLU(),
+            fl.GeLU(),
             fl.ConvTranspose2d(mid_dim, out_dim, kernel_size=2, stride=2, device=device, dtype=dtype),
         )
 
@@ -136,61 +136,14 @@ class HQMaskFeatures(fl.Chain):
         super().__init__(
             fl.Conv2d(dim // 8, dim // 4, kernel_size=3, padding=1, device=device, dtype=dtype),
             LayerNorm2d(dim // 4, device=device, dtype=dtype),
-            GeLU(),
+            fl.GeLU(),
             fl.Conv2d(dim // 4, dim // 8, kernel_size=3, padding=1, device=device, dtype=dtype),
         )
 
 
-class HQMaskProduct(fl.Chain):
-    """(HQ token weights w, SAM's upscaled features u, HQ features f) -> HQ mask logits w . (mask_features(u) + f).
-
-    The dot product with w is folded into the last (linear) convolution of the mask features: per prompt, the
-    3x3 convolution to D / 8 channels followed by a dot product becomes one 3x3 convolution to a single
-    channel, computed as nine 1x1 taps summed at their offsets. Same value up to float rounding, a fraction
-    of the work and no (B, D / 8, 4E, 4E) intermediate.
-
-    The hidden features are computed `band_rows` rows at a time (reading one input row more on each side) in the
-    channels-last layout SAM's upscaling produces: the per-prompt temporaries then stay a few MB, which on the CPU
-    keeps them in cache and out of the page-faulting path of large allocations. Only the nine tap maps (zero
-    outside the image, the projection's padding) are kept whole.
-    """
-
-    def __init__(self, mask_features: HQMaskFeatures, band_rows: int = 64) -> None:
-        super().__init__(mask_features)
-        self.band_rows = band_rows
-
-    def forward(self, *inputs: Tensor) -> Float[Tensor, "batch 1 height width"]:
-        # (B, 1, D/8) token weights, (B, D/8, H, W) SAM's upscaled features, (B or 1, D/8, H, W) HQ features
-        weights, upscaled, hq_features = inputs
-        *hidden, projection = self.ensure_find(HQMaskFeatures)
-        assert isinstance(projection, fl.Conv2d) and projection.bias is not None
-        batch, _, height, width = upscaled.shape
-        # (B, D/8) x (D/8, C, 3, 3) -> (B, C, 9): per prompt, one C-vector per kernel offset; padded with zero
-        # columns to 16, a width the CPU's matrix product handles several times faster than 9
-        taps_weight = torch.einsum("bo,ockl->bckl", weights[:, 0], projection.weight).flatten(2)
-        taps_weight = torch.nn.functional.pad(taps_weight, (0, 16 - 9))
-        # taps[b, k, 1 + y, 1 + x] = taps_weight[b, :, k] . hidden features at (y, x); zero outside the image,
-        # as the projection's padding
-        taps = upscaled.new_zeros(batch, 9, height + 2, width + 2)
-        for top in range(0, height, self.band_rows):
-            bottom = min(top + self.band_rows, height)
-            # one input row more on each side inside the image; the convolution pads the image's own borders
-            first, last = max(top - 1, 0), min(bottom + 1, height)
-            features = upscaled[:, :, first:last]
-            for layer in hidden:  # 3x3 convolution (padding 1), LayerNorm2d, GELU
-                features = layer(features)
-            features = features[:, :, top - first : bottom - first].permute(0, 2, 3, 1)  # (B, rows, W, C)
-            band = features.reshape(batch, -1, features.shape[-1]) @ taps_weight  # (B, rows * W, 16)
-            band = band.view(batch, bottom - top, width, 16)[..., :9]
-            taps[:, :, top + 1 : bottom + 1, 1:-1] = band.permute(0, 3, 1, 2)
-        product = sum(taps[:, 3 * dy + dx, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3))
-        bias = weights[:, 0] @ projection.bias  # (B,)
-        hq_product = (weights @ hq_features.flatten(2)).unflatten(-1, (height, width))  # (B, 1, H, W)
-        return hq_product + (product + bias[:, None, None])[:, None]
-
-
 class HQMaskPrediction(fl.Chain):
-    """(tokens, image) -> the HQ mask logits (B, 1, 4E, 4E)."""
+    """(tokens, image) -> the HQ mask logits (B, 1, 4E, 4E): the HQ token's MLP output dotted, at every pixel,
+    with SAM's upscaled mask features refined by `HQMaskFeatures` plus the HQ features."""
 
     def __init__(self, hq_token_mlp: HQTokenMLP, mask_features: HQMaskFeatures, hq_token_index: int) -> None:
         super().__init__(
@@ -200,10 +153,12 @@ class HQMaskPrediction(fl.Chain):
                     fl.Slicing(dim=1, start=hq_token_index, end=hq_token_index + 1),
                     hq_token_mlp,
                 ),
-                fl.UseContext(CONTEXT, "upscaled_embedding"),
-                fl.UseContext(CONTEXT, "hq_features"),
+                fl.Sum(
+                    fl.Chain(fl.UseContext(CONTEXT, "upscaled_embedding"), mask_features),
+                    fl.UseContext(CONTEXT, "hq_features"),
+                ),
             ),
-            HQMaskProduct(mask_features),
+            MaskProduct(),
         )
 
 
