@@ -34,6 +34,7 @@ from PIL import Image
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "reference"), str(Path(__file__).resolve().parent)]
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.evaluation.metrics import mask_iou
+from finesam.fast import apply_fast_paths
 from finesam.model import SegmentAnything
 from finesam.model.prompts import Prompts
 from finesam.weights.hq import convert_hq_state_dict
@@ -174,7 +175,10 @@ class Bench:
             print("transformers is not installed: no HF column (pip install transformers)", file=sys.stderr)
 
     def ours(self) -> SegmentAnything:
-        return sam_from_state_dict(self.official.state_dict(), device=self.device)
+        """finesam as `load_sam` gives it: with the fast paths."""
+        model = sam_from_state_dict(self.official.state_dict(), device=self.device)
+        apply_fast_paths(model)
+        return model
 
     def on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device)
@@ -201,6 +205,7 @@ class Bench:
         ]
         tiny_official = build_official_tiny(seed=0).to(self.device)
         tiny = sam_from_state_dict(tiny_official.state_dict(), device=self.device)
+        apply_fast_paths(tiny)
         theirs = tiny_official.image_encoder(self.pixels)[0]  # segment_anything_hq's encoders also return features
         difference = (tiny.encode(self.pixels) - theirs).abs().max().item()
         run_official, run_ours = (lambda: tiny_official.image_encoder(self.pixels)), (lambda: tiny.encode(self.pixels))
@@ -350,6 +355,7 @@ class Bench:
         model = sam_from_state_dict(official.state_dict(), device=self.device)
         adapter = HQSAMAdapter(model)
         adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
+        apply_fast_paths(model, *adapter.placed_adapters)  # as load_sam and load_hq give them
         predictor = HQSamPredictor(official)
         predictor.set_image(self.image)
         boxes = self.on_device(

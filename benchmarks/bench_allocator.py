@@ -25,6 +25,7 @@ sys.path[:0] = [{reference!r}]
 import finesam
 if {reuse}:
     assert finesam.reuse_freed_memory()
+from finesam.fast import apply_fast_paths
 from finesam.weights.loading import sam_from_state_dict
 from official import build_official_tiny, random_official
 
@@ -33,6 +34,7 @@ def faults():
 
 official = build_official_tiny(seed=0) if {size!r} == "vit_tiny" else random_official({size!r}, seed=0)
 ours = sam_from_state_dict(official.state_dict())
+apply_fast_paths(ours)
 pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
 sides = {{"official": lambda: official.image_encoder(pixels), "finesam": lambda: ours.encode(pixels)}}
 runs = {{name: [] for name in sides}}

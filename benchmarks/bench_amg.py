@@ -22,6 +22,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "reference"), str(Path(__file__).resolve().parent)]
 from finesam.amg import AutomaticMaskGenerator
+from finesam.fast import apply_fast_paths
 from finesam.weights.loading import sam_from_state_dict
 
 from bench import photos
@@ -41,6 +42,7 @@ def main() -> None:
 
     official = structured(random_official(args.size, seed=2))
     ours = sam_from_state_dict(official.state_dict())
+    apply_fast_paths(ours)  # as load_sam gives it
     pixels = np.asarray(photos()[0])  # truck.jpg, or a random image without the benchmark photos
     options = dict(
         points_per_side=args.points_per_side,

@@ -20,6 +20,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "reference"), str(Path(__file__).resolve().parent)]
 from finesam.adapters.hq import HQSAMAdapter
+from finesam.fast import apply_fast_paths
 from finesam.model.processing import preprocess_image
 from finesam.onnx import OnnxPredictor
 from finesam.onnx.export import export
@@ -44,6 +45,7 @@ def rows_for(size: str, hq: bool, repeats: int, prompts: int, folder: Path) -> l
         adapter = HQSAMAdapter(model)
         adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
         adapter.inject()
+    apply_fast_paths(model)  # the torch side as load_sam gives it; the export runs the reference chains
     del official
     report = export(model, folder, quantize=True)
     print(f"{name}: {report.summary()}", file=sys.stderr)
