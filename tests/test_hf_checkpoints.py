@@ -16,40 +16,30 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import SamConfig, SamHQConfig, SamHQModel, SamModel
+from transformers import SamHQConfig, SamHQModel, SamModel
 
-from finesam.model import SAMConfig
+from finesam.adapters.hq import HQSAMAdapter
+from finesam.model import SegmentAnything
+from finesam.model.config import ViTConfig
 from finesam.model.prompts import Prompts
 from finesam.weights import CheckpointError, convert_checkpoint, holds_hq, load_hq, load_sam
-from finesam.weights.hf import from_hf_key, is_hf_checkpoint, read_hf_checkpoint, to_hf_key, to_hf_state_dict
+from finesam.weights.hf import (
+    HF_SHARED_POSITIONAL,
+    from_hf_key,
+    is_hf_checkpoint,
+    read_hf_checkpoint,
+    to_hf_key,
+    to_hf_state_dict,
+)
+from finesam.weights.hq import convert_hq_state_dict, is_hq_key
+from finesam.weights.sam_keys import convert_state_dict, infer_config
 
 from conftest import SMALL, TOLERANCE, max_diff, photo
-from helpers import finesam
+from helpers import finesam, hf_config, hf_from_official
 from official import HQSamPredictor, build_official
 
 GRID = SMALL.embedding_size
 HEADS = 4  # not the default 8: the decoder's head count must come from config.json
-
-
-def hf_config(config: SAMConfig, hq: bool, decoder_heads: int = 8) -> Any:
-    """The transformers configuration of a finesam (ViT) configuration."""
-    encoder = config.encoder
-    vision = {
-        "hidden_size": encoder.dim,
-        "num_hidden_layers": encoder.depth,
-        "num_attention_heads": encoder.heads,
-        "mlp_dim": int(encoder.dim * encoder.mlp_ratio),
-        "window_size": encoder.window_size,
-        "global_attn_indexes": list(encoder.global_attention_blocks),
-        "image_size": config.image_size,
-    }
-    prompt = {"image_size": config.image_size, "image_embedding_size": config.embedding_size}
-    decoder: dict[str, Any] = {"num_attention_heads": decoder_heads}
-    if hq:
-        return SamHQConfig(
-            vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder | {"vit_dim": encoder.dim}
-        )
-    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 
 
 @contextlib.contextmanager
@@ -130,6 +120,57 @@ def test_renames_give_hf_layout_and_back():
         == "mask_decoder.iou_prediction_head.layers.1.weight"
     )
     assert from_hf_key("vision_decoder.foo") is None
+
+
+# the vision configurations of the Hub's copies, as HF's conversion scripts set them
+HUB_VISION = {
+    "sam-vit-base": {},
+    "sam-vit-large": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [5, 11, 17, 23],
+    },
+    "sam-vit-huge": {
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [7, 15, 23, 31],
+    },
+    "SlimSAM-uniform-50": {
+        "hidden_size": 384,
+        "mlp_dim": 1536,
+        "num_attention_heads": 12,
+        "global_attn_indexes": [2, 5, 8, 11],
+    },
+    "SlimSAM-uniform-77": {
+        "hidden_size": 168,
+        "mlp_dim": 696,
+        "num_attention_heads": 12,
+        "global_attn_indexes": [2, 5, 8, 11],
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_VISION))
+def test_hub_layouts_map_onto_finesam(name):
+    """Every tensor of the full-size Hub checkpoints (SAM-HQ: the same plus its HQ part) finds its place, by
+    shape, in the finesam model whose configuration the renamed tensors give (on `meta`: nothing is computed)."""
+    vision = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_dim": 3072}
+    vision |= HUB_VISION[name]
+    with torch.device("meta"):
+        hf = SamHQModel(SamHQConfig(vision_config=vision, mask_decoder_config={"vit_dim": vision["hidden_size"]}))
+    official = {from_hf_key(k): v for k, v in hf.state_dict().items() if k != HF_SHARED_POSITIONAL}
+    model = SegmentAnything(infer_config(official), device="meta")
+    encoder = model.config.encoder
+    assert isinstance(encoder, ViTConfig)
+    assert (encoder.dim, encoder.depth, encoder.heads) == tuple(
+        vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")
+    )
+    assert int(encoder.dim * encoder.mlp_ratio) == vision["mlp_dim"]
+    assert convert_state_dict(official, model, ignore=is_hq_key).keys() == model.state_dict().keys()
+    adapter = HQSAMAdapter(model)
+    assert convert_hq_state_dict(official, adapter).keys() == adapter.state_dict().keys()
 
 
 @torch.no_grad()
@@ -287,8 +328,7 @@ def official_hq():
 @pytest.fixture(scope="module")
 def hf_hq_folder(official_hq, tmp_path_factory) -> Path:
     """HF's SamHQModel holding the official model's weights (through the renames), saved by `save_pretrained`."""
-    model = SamHQModel(hf_config(SMALL, hq=True))
-    model.load_state_dict(to_hf_state_dict(official_hq.state_dict()), strict=True)
+    model = hf_from_official(official_hq, SMALL, hq=True)
     folder = tmp_path_factory.mktemp("hf") / "sam-hq-small"
     model.save_pretrained(folder)
     return folder
