@@ -261,7 +261,7 @@ def test_both_positional_matrices_as_older_transformers_wrote_them(hf_sam_folder
     [
         (
             lambda t: t | {"vision_encoder.layers.0.mlp.lin1.weight": torch.zeros(3, 3)},
-            r"image_encoder\.blocks\.0\.mlp\.lin1\.weight \(3, 3\)",
+            r"blocks\.0\.mlp\.lin1\.weight \(HF: vision_encoder\.layers\.0\.mlp\.lin1\.weight\) \(3, 3\)",
         ),
         (
             lambda t: {k: v for k, v in t.items() if k != "mask_decoder.iou_token.weight"},
@@ -438,3 +438,14 @@ def test_segment_command_with_an_hf_sam_hq_folder(official_hq, hf_hq_folder, tmp
     assert result.returncode == 0, result.stderr
     assert np.abs(np.load(tmp_path / "m.npy") - expected[0]).max() <= TOLERANCE
     assert f"predicted IoU {iou[0]:.4f}" in result.stdout
+
+
+def test_hq_part_errors_name_the_hf_keys(hf_hq_folder, hf_sam_folder, tmp_path):
+    model = load_sam(hf_hq_folder)
+    edited = copy_checkpoint(
+        hf_hq_folder, tmp_path / "no-hq-token", edit=lambda t: {k: v for k, v in t.items() if "hq_token" not in k}
+    )
+    with pytest.raises(CheckpointError, match=r"mask_decoder\.hf_token\.weight \(HF: mask_decoder\.hq_token\.weight\)"):
+        load_hq(model, edited)
+    with pytest.raises(CheckpointError, match="has no HQ-SAM weights"):
+        load_hq(load_sam(hf_sam_folder), hf_sam_folder)

@@ -8,9 +8,10 @@ benchmark give the official weights to HF's models (`to_hf_key`). Everything aft
 read off the shapes, the key map, the HQ split) is the official path's.
 """
 
+import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,7 +285,7 @@ def read_hf_checkpoint(path: str | Path) -> HFCheckpoint:
     config = read_hf_config(path)
     heads = _check_config(_folder(path) / CONFIG_FILE, config)
     tensors = _read_tensors(path)
-    dropped = []
+    dropped: list[str] = []
     if HF_SHARED_POSITIONAL in tensors:
         shared = tensors.pop(HF_SHARED_POSITIONAL)
         if _PROMPT_POSITIONAL not in tensors:
@@ -312,6 +313,17 @@ def read_hf_checkpoint(path: str | Path) -> HFCheckpoint:
     return HFCheckpoint(official, heads, dropped, config["model_type"])
 
 
+def with_hf_names(message: str) -> str:
+    """`message` with each official key in it followed by its HF name: errors about an HF file name its keys."""
+
+    def annotate(match: re.Match[str]) -> str:
+        key = match.group(0)
+        hf = to_hf_key(key)
+        return key if hf is None or hf == key else f"{key} (HF: {hf})"
+
+    return re.sub(r"\b(?:image_encoder|prompt_encoder|mask_decoder)\.[\w.]*\w", annotate, message)
+
+
 @dataclass(frozen=True)
 class OfficialCheckpoint:
     """A checkpoint in the official layout, read from an official `.pth` or a Hugging Face checkpoint."""
@@ -319,6 +331,17 @@ class OfficialCheckpoint:
     state_dict: dict[str, Tensor]  # official keys
     decoder_heads: int
     dropped: list[str]  # keys the official layout lacks, checked and left out (HF's second positional matrix)
+    hf: bool = False
+
+    @contextlib.contextmanager
+    def own_names(self) -> Iterator[None]:
+        """Errors raised inside (a missing or mis-shaped key) name the keys as the file does, HF's too."""
+        try:
+            yield
+        except CheckpointError as e:
+            if not self.hf:
+                raise
+            raise CheckpointError(with_hf_names(str(e))) from None
 
 
 def read_official(path: str | Path) -> OfficialCheckpoint | None:
@@ -330,7 +353,7 @@ def read_official(path: str | Path) -> OfficialCheckpoint | None:
     """
     if is_hf_checkpoint(path):
         hf = read_hf_checkpoint(path)
-        return OfficialCheckpoint(hf.state_dict, hf.decoder_heads, hf.dropped)
+        return OfficialCheckpoint(hf.state_dict, hf.decoder_heads, hf.dropped, hf=True)
     if is_official(path):
         return OfficialCheckpoint(load_official_state_dict(path), DEFAULT_DECODER_HEADS, [])
     return None

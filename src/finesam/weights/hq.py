@@ -111,7 +111,8 @@ def load_hq_weights(path: str | Path, adapter: HQSAMAdapter) -> dict[str, Tensor
     path = Path(path)
     if (official := read_official(path)) is not None:
         try:
-            return convert_hq_state_dict(official.state_dict, adapter)
+            with official.own_names():
+                return convert_hq_state_dict(official.state_dict, adapter)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
     tensors, _ = read_format(path, FORMAT_HQ)

@@ -12,7 +12,7 @@ from torch import Tensor
 from finesam.model.config import SAMConfig
 from finesam.model.sam import SegmentAnything
 from finesam.model.tiny_vit import BiasedAttention
-from finesam.weights.hf import DEFAULT_DECODER_HEADS, hf_name, is_hf_checkpoint, read_official
+from finesam.weights.hf import DEFAULT_DECODER_HEADS, hf_name, read_official
 from finesam.weights.hq import has_hq_keys, hq_from_state_dict, save_hq
 from finesam.weights.io import (
     CheckpointError,
@@ -106,7 +106,8 @@ def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     """
     path = Path(path)
     if (official := read_official(path)) is not None:
-        model = sam_from_state_dict(official.state_dict, device, official.decoder_heads)
+        with official.own_names():
+            model = sam_from_state_dict(official.state_dict, device, official.decoder_heads)
     else:
         declared, sections = read_format(path, FORMAT_SAM, tensors=False)
         if "config" not in sections:
@@ -178,12 +179,14 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
         )
         raise CheckpointError(f"{checkpoint}: {what}")
     state_dict = official.state_dict
-    model = sam_from_state_dict(state_dict, decoder_heads=official.decoder_heads)
-    name = hf_name(checkpoint) if is_hf_checkpoint(checkpoint) else checkpoint.stem
+    with official.own_names():
+        model = sam_from_state_dict(state_dict, decoder_heads=official.decoder_heads)
+        hq = hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
+    name = hf_name(checkpoint) if official.hf else checkpoint.stem
     base = out_dir / f"{name}.safetensors"
     written = [save_sam(model, base)]
-    if has_hq_keys(state_dict):
-        written.append(save_hq(hq_from_state_dict(model, state_dict), out_dir / f"{name}.hq.safetensors"))
+    if hq is not None:
+        written.append(save_hq(hq, out_dir / f"{name}.hq.safetensors"))
     digest = _digest_of(base)  # computed once, by save_sam
     assert digest is not None
     same = [other for other in sorted(out_dir.glob("*.safetensors")) if other != base and _digest_of(other) == digest]
