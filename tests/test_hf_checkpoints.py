@@ -162,7 +162,10 @@ def test_hub_layouts_map_onto_finesam(name):
     vision |= HUB_VISION[name]
     with torch.device("meta"):
         hf = SamHQModel(SamHQConfig(vision_config=vision, mask_decoder_config={"vit_dim": vision["hidden_size"]}))
-    official = {from_hf_key(k): v for k, v in hf.state_dict().items() if k != HF_SHARED_POSITIONAL}
+    tensors = hf.state_dict()
+    names = {k: from_hf_key(k) for k in tensors if k != HF_SHARED_POSITIONAL}
+    assert [k for k, name in names.items() if name is None] == []
+    official = {name: tensors[k] for k, name in names.items() if name is not None}
     model = SegmentAnything(infer_config(official), device="meta")
     encoder = model.config.encoder
     assert isinstance(encoder, ViTConfig)
