@@ -65,7 +65,7 @@ def pixels(seed: int) -> torch.Tensor:
 
 
 def scaled(tensor: torch.Tensor) -> float:
-    """TOLERANCE relative to the largest value (HQ logits of random weights reach the hundreds)."""
+    """TOLERANCE relative to the largest absolute value of `tensor` (and never below TOLERANCE)."""
     return TOLERANCE * max(1.0, tensor.abs().max().item())
 
 
