@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers  # noqa: F401  before `official`: its torchvision stand-in confuses transformers' import checks
 from PIL import Image
 from skimage import data as skimage_data
 

@@ -1,6 +1,6 @@
 """Helpers shared by several test modules (no test module imports another): the `finesam` command in this
 process and as a subprocess, parity with the official predictors, our model with an HQ adapter from official
-weights, and a training configuration file."""
+weights, HF transformers' models of a configuration, and a training configuration file."""
 
 import contextlib
 import io
@@ -12,6 +12,7 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,9 @@ from PIL import Image
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.cli import main
 from finesam.fast import apply_fast_paths
-from finesam.model import SegmentAnything
+from finesam.model import SAMConfig, SegmentAnything
+from finesam.model.config import ViTConfig
+from finesam.weights.hf import to_hf_state_dict
 from finesam.weights.hq import convert_hq_state_dict
 from finesam.weights.loading import sam_from_state_dict
 
@@ -171,6 +174,38 @@ def assert_matches_official_hq_predictor(official, model, adapter, image, hq_onl
     assert_matches_official_predictor(
         official, model, image, multimasks, predictor_class=HQSamPredictor, hq_token_only=hq_only
     )
+
+
+def hf_config(config: SAMConfig, hq: bool, decoder_heads: int = 8) -> Any:
+    """The transformers `SamConfig` (`SamHQConfig` with `hq`) of a finesam ViT configuration."""
+    from transformers import SamConfig, SamHQConfig  # here: importing HF's SAM takes seconds
+
+    encoder = config.encoder
+    assert isinstance(encoder, ViTConfig)
+    vision = {
+        "hidden_size": encoder.dim,
+        "num_hidden_layers": encoder.depth,
+        "num_attention_heads": encoder.heads,
+        "mlp_dim": int(encoder.dim * encoder.mlp_ratio),
+        "window_size": encoder.window_size,
+        "global_attn_indexes": list(encoder.global_attention_blocks),
+        "image_size": config.image_size,
+    }
+    prompt = {"image_size": config.image_size, "image_embedding_size": config.embedding_size}
+    decoder: dict[str, Any] = {"num_attention_heads": decoder_heads}
+    if hq:
+        decoder["vit_dim"] = encoder.dim
+        return SamHQConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def hf_from_official(official: Any, config: SAMConfig, hq: bool = False) -> Any:
+    """HF's `SamModel` (`SamHQModel` with `hq`) holding an official model's weights, through finesam's renames."""
+    from transformers import SamHQModel, SamModel
+
+    model = (SamHQModel if hq else SamModel)(hf_config(config, hq))
+    model.load_state_dict(to_hf_state_dict(official.state_dict()), strict=True)
+    return model.eval()
 
 
 def write_config(path: Path, base: Path, train: Path, out: Path, extra: str = "", **optim: object) -> Path:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SMALL, photo
-from helpers import finesam, write_config
+from helpers import finesam, hf_from_official, write_config
 from official import build_official
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -36,10 +36,12 @@ def readme_commands() -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, official_small) -> Path:
-    """The files the README's lines name: official checkpoints (random weights of a small SAM and HQ-SAM),
-    a photo, a prompts file, and a small training configuration at `configs/hq_sam.toml`."""
+    """The files the README's lines name: official checkpoints (random weights of a small SAM and HQ-SAM) and
+    the SAM as Hugging Face writes it, a photo, a prompts file, and a small training configuration at
+    `configs/hq_sam.toml`."""
     root = tmp_path_factory.mktemp("readme")
     torch.save(official_small.state_dict(), root / "sam_vit_b_01ec64.pth")
+    hf_from_official(official_small, SMALL).save_pretrained(root / "sam-vit-base")
     torch.save(build_official(SMALL, seed=0, hq=True).state_dict(), root / "sam_hq_vit_b.pth")
     photo("rocket").resize((1800, 1200)).save(root / "truck.jpg")  # the size of the README's truck.jpg
     (root / "photos").mkdir()

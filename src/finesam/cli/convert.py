@@ -1,4 +1,4 @@
-"""`finesam convert` and `finesam download`: official checkpoints to finesam files."""
+"""`finesam convert` and `finesam download`: official (and Hugging Face) checkpoints to finesam files."""
 
 import argparse
 import sys
@@ -35,8 +35,13 @@ def run_download(args: argparse.Namespace) -> None:
 
 
 def add_commands(commands: Commands) -> None:
-    convert = add_command(commands, "convert", "official .pth checkpoint -> safetensors")
-    convert.add_argument("checkpoint", type=Path, help="an official SAM, MobileSAM or HQ-SAM checkpoint")
+    convert = add_command(commands, "convert", "official .pth or Hugging Face checkpoint -> safetensors")
+    convert.add_argument(
+        "checkpoint",
+        type=Path,
+        help="an official SAM, MobileSAM or HQ-SAM checkpoint, or a Hugging Face SamModel / SamHQModel folder "
+        "(config.json + model.safetensors, or its model.safetensors)",
+    )
     convert.add_argument("--out", type=Path, required=True, help="output directory")
     convert.set_defaults(run=run_convert)
 

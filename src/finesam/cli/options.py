@@ -55,9 +55,15 @@ def model_options(
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("model")
     group.add_argument(
-        "--weights", type=Path, required=weights_required, help="converted .safetensors or official .pth"
+        "--weights",
+        type=Path,
+        required=weights_required,
+        help="converted .safetensors, official .pth, or a Hugging Face SamModel / SamHQModel folder (an HQ-SAM "
+        "checkpoint's HQ part is used without --hq)",
     )
-    group.add_argument("--hq", type=Path, metavar="HQ.safetensors", help=f"{hq_help} (or an official HQ-SAM .pth)")
+    group.add_argument(
+        "--hq", type=Path, metavar="HQ.safetensors", help=f"{hq_help} (or an official HQ-SAM .pth / HF SamHQModel)"
+    )
     group.add_argument(
         "--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone instead of SAM's mask + the HQ mask"
     )

@@ -1,4 +1,5 @@
-"""HQ-SAM weights: the official HQ keys -> `HQSAMAdapter`, and the adapter's own safetensors file."""
+"""HQ-SAM weights: the official HQ keys (of an official `.pth` or a Hugging Face `SamHQModel` checkpoint) ->
+`HQSAMAdapter`, and the adapter's own safetensors file."""
 
 import re
 from collections.abc import Iterable, Mapping
@@ -11,6 +12,7 @@ from finesam.adapters.hq.adapter import HQSAMAdapter
 from finesam.adapters.hq.layers import CompressViTFeatures, EmbeddingEncoder, HQMaskFeatures, HQToken, HQTokenMLP
 from finesam.fast import apply_fast_paths, has_fast_paths
 from finesam.model.sam import SegmentAnything
+from finesam.weights.hf import is_hf_checkpoint, read_hf_config, read_official
 from finesam.weights.io import (
     CheckpointError,
     check_tensors,
@@ -37,7 +39,10 @@ def has_hq_keys(keys: Iterable[str]) -> bool:
 
 
 def holds_hq(path: str | Path) -> bool:
-    """Whether `path` is an official HQ-SAM checkpoint (its HQ part loads with `load_hq`)."""
+    """Whether `path` is an official HQ-SAM checkpoint or a Hugging Face `SamHQModel` one (its HQ part loads with
+    `load_hq`)."""
+    if is_hf_checkpoint(path):
+        return read_hf_config(path)["model_type"] == "sam_hq"
     return is_official(path) and has_hq_keys(load_official_state_dict(path))
 
 
@@ -102,11 +107,13 @@ def save_hq(adapter: HQSAMAdapter, path: str | Path) -> Path:
 
 
 def load_hq_weights(path: str | Path, adapter: HQSAMAdapter) -> dict[str, Tensor]:
-    """Weights for `adapter` from a file written by `save_hq` or an official HQ-SAM `.pth`."""
+    """Weights for `adapter` from a file written by `save_hq`, an official HQ-SAM `.pth` or a Hugging Face
+    `SamHQModel` checkpoint."""
     path = Path(path)
-    if is_official(path):
+    if (official := read_official(path)) is not None:
         try:
-            return convert_hq_state_dict(load_official_state_dict(path), adapter)
+            with official.own_names():
+                return convert_hq_state_dict(official.state_dict, adapter)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
     tensors, _ = read_format(path, FORMAT_HQ)
@@ -121,7 +128,8 @@ def load_hq(model: SegmentAnything, path: str | Path, hq_mask_only: bool = False
 
     Args:
         model: the base model the adapter is for.
-        path: a file written by `save_hq` (`*.hq.safetensors`) or an official HQ-SAM `.pth`.
+        path: a file written by `save_hq` (`*.hq.safetensors`), an official HQ-SAM `.pth`, or a Hugging Face
+            `SamHQModel` checkpoint (its folder, or its `model.safetensors` with `config.json` beside it).
         hq_mask_only: the HQ mask alone instead of SAM's mask plus the HQ mask (official `hq_token_only`).
 
     Raises:

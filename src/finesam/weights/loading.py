@@ -1,4 +1,5 @@
-"""SAM weights: an official `state_dict` or `.pth`, or a finesam `.safetensors` file, to a `SegmentAnything`."""
+"""SAM weights: an official `state_dict` or `.pth`, a Hugging Face checkpoint, or a finesam `.safetensors` file, to a
+`SegmentAnything`."""
 
 import hashlib
 from collections.abc import Mapping
@@ -12,13 +13,12 @@ from finesam.fast import apply_fast_paths
 from finesam.model.config import SAMConfig
 from finesam.model.sam import SegmentAnything
 from finesam.model.tiny_vit import BiasedAttention
+from finesam.weights.hf import DEFAULT_DECODER_HEADS, hf_name, read_official
 from finesam.weights.hq import has_hq_keys, hq_from_state_dict, save_hq
 from finesam.weights.io import (
     CheckpointError,
     check_tensors,
     format_metadata,
-    is_official,
-    load_official_state_dict,
     read_format,
     write_safetensors,
 )
@@ -27,17 +27,28 @@ from finesam.weights.sam_keys import convert_state_dict, infer_config, is_unused
 FORMAT_SAM = "sam"
 
 
-def sam_from_state_dict(state_dict: Mapping[str, Tensor], device: torch.device | str = "cpu") -> SegmentAnything:
+def sam_from_state_dict(
+    state_dict: Mapping[str, Tensor], device: torch.device | str = "cpu", decoder_heads: int = DEFAULT_DECODER_HEADS
+) -> SegmentAnything:
     """A `SegmentAnything` holding the SAM weights of an official `state_dict` of any size (the converter's
     in-memory form; files go through `load_sam`).
 
     The HQ-SAM keys of an HQ-SAM checkpoint are left aside (its SAM part is a complete SAM), and so is the
     unused classifier head of TinyViT checkpoints.
 
+    Args:
+        state_dict: official keys.
+        device: where the model goes.
+        decoder_heads: the decoder's attention heads, which the shapes do not show (8 in every official release;
+            HF checkpoints state theirs).
+
+    Returns:
+        The model, in eval mode.
+
     Raises:
         CheckpointError: a missing, unexpected or mis-shaped key, named.
     """
-    model = SegmentAnything(infer_config(state_dict), device="meta")
+    model = SegmentAnything(infer_config(state_dict, decoder_heads), device="meta")
     weights = convert_state_dict(state_dict, model, ignore=lambda k: has_hq_keys([k]) or is_unused_key(k))
     return _assign(model, weights, device)
 
@@ -81,11 +92,11 @@ def save_sam(model: SegmentAnything, path: str | Path) -> Path:
 def load_sam(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, fast: bool = True
 ) -> SegmentAnything:
-    """Loads a SAM of any size from a converted `.safetensors` file or an official `.pth` (SAM, MobileSAM or the
-    SAM part of HQ-SAM; its HQ part loads with `load_hq`).
+    """Loads a SAM of any size from a converted `.safetensors` file, an official `.pth` (SAM, MobileSAM or the
+    SAM part of HQ-SAM; its HQ part loads with `load_hq`) or a Hugging Face `SamModel` / `SamHQModel` checkpoint.
 
     Args:
-        path: the weights file.
+        path: the weights file, or the folder of a Hugging Face checkpoint.
         device: where the model goes.
         dtype: the image encoder's precision (e.g. `torch.bfloat16`, see `SegmentAnything.set_encoder_dtype`);
             the decoder stays float32.
@@ -99,8 +110,9 @@ def load_sam(
         CheckpointError: the file is unreadable, unsafe to unpickle, or does not hold SAM weights.
     """
     path = Path(path)
-    if is_official(path):
-        model = sam_from_state_dict(load_official_state_dict(path), device)
+    if (official := read_official(path)) is not None:
+        with official.own_names():
+            model = sam_from_state_dict(official.state_dict, device, official.decoder_heads)
     else:
         declared, sections = read_format(path, FORMAT_SAM, tensors=False)
         if "config" not in sections:
@@ -124,7 +136,7 @@ class ConversionReport:
     written: list[Path]  # the base model, then the HQ adapter if the checkpoint has one
     base_digest: str
     same_base_as: list[Path]  # finesam SAM files beside the output with identical base weights
-    dropped: list[str]  # checkpoint keys SAM does not use (TinyViT's classifier head)
+    dropped: list[str]  # checkpoint keys SAM does not use (TinyViT's classifier head, HF's second positional matrix)
 
     def summary(self) -> str:
         note = f"dropped {len(self.dropped)} unused keys ({', '.join(self.dropped)}); " if self.dropped else ""
@@ -150,23 +162,40 @@ def _digest_of(path: Path) -> str | None:
 
 
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> ConversionReport:
-    """`CHECKPOINT.pth` -> `OUT_DIR/CHECKPOINT.safetensors`, plus `OUT_DIR/CHECKPOINT.hq.safetensors` for HQ-SAM.
+    """`CHECKPOINT.pth` -> `OUT_DIR/CHECKPOINT.safetensors`, plus `OUT_DIR/CHECKPOINT.hq.safetensors` for HQ-SAM;
+    a Hugging Face checkpoint takes its folder's name (`sam-vit-base/` -> `OUT_DIR/sam-vit-base.safetensors`).
 
     Args:
-        checkpoint: an official SAM, MobileSAM or HQ-SAM checkpoint.
+        checkpoint: an official SAM, MobileSAM or HQ-SAM checkpoint, or a Hugging Face `SamModel` /
+            `SamHQModel` checkpoint (its folder, or its `model.safetensors` with `config.json` beside it).
         out_dir: where the converted files go (created if needed).
 
     Returns:
         What was written, and whether its SAM part equals a SAM file already in `out_dir`.
+
+    Raises:
+        CheckpointError: the checkpoint is unreadable, unsafe to unpickle, or not a SAM / HQ-SAM checkpoint.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    state_dict = load_official_state_dict(checkpoint)
-    model = sam_from_state_dict(state_dict)
-    base = out_dir / f"{checkpoint.stem}.safetensors"
+    official = read_official(checkpoint)
+    if official is None:
+        what = (
+            "not an official checkpoint (.pth, .pt, .bin) nor a Hugging Face one"
+            if checkpoint.exists()
+            else "no such file"
+        )
+        raise CheckpointError(f"{checkpoint}: {what}")
+    state_dict = official.state_dict
+    with official.own_names():
+        model = sam_from_state_dict(state_dict, decoder_heads=official.decoder_heads)
+        hq = hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
+    name = hf_name(checkpoint) if official.hf else checkpoint.stem
+    base = out_dir / f"{name}.safetensors"
     written = [save_sam(model, base)]
-    if has_hq_keys(state_dict):
-        written.append(save_hq(hq_from_state_dict(model, state_dict), out_dir / f"{checkpoint.stem}.hq.safetensors"))
+    if hq is not None:
+        written.append(save_hq(hq, out_dir / f"{name}.hq.safetensors"))
     digest = _digest_of(base)  # computed once, by save_sam
     assert digest is not None
     same = [other for other in sorted(out_dir.glob("*.safetensors")) if other != base and _digest_of(other) == digest]
-    return ConversionReport(written, digest, same, sorted(k for k in state_dict if is_unused_key(k)))
+    dropped = sorted(k for k in state_dict if is_unused_key(k)) + official.dropped
+    return ConversionReport(written, digest, same, dropped)
