@@ -3,8 +3,7 @@
 import math
 from typing import Any
 
-from finesam.amg import AutomaticMaskGenerator
-from finesam.cli.options import GENERATOR_OPTIONS
+from finesam.amg import GENERATOR_OPTIONS, AutomaticMaskGenerator
 from finesam.serve.host import MaskRequest
 
 
