@@ -27,7 +27,7 @@ from finesam.cli import main
 from finesam.data.pairs import check_masks, list_pairs, load_pair, read_mask
 from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
-from finesam.model.processing import open_image
+from finesam.inputs import open_image
 from finesam.training.config import parse_config
 from finesam.weights import CheckpointError, load_sam, save_hq, save_lora, save_sam
 from finesam.weights.io import write_safetensors

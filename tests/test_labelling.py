@@ -26,11 +26,11 @@ from skimage import data as skimage_data
 from finesam.adapters import SAMLoraAdapter
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask
 from finesam.amg.rle import mask_to_rle
+from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, LabellingRun, ObjectPrompts, SegmentedObject, images_of, read_manifest
 from finesam.labelling.coco import annotation, coco_box, mask_polygons
 from finesam.labelling.prefetch import prefetched
 from finesam.model import SegmentAnything
-from finesam.model.processing import as_rgb, open_image
 from finesam.weights import save_lora
 from finesam.weights.loading import sam_from_state_dict
 

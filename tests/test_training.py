@@ -25,7 +25,8 @@ from finesam.data.sampling import sample_generator
 from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
 from finesam.evaluation.metrics import boundary_iou, mask_iou
-from finesam.model.processing import PIXEL_MEAN, PIXEL_STD, preprocess_image
+from finesam.inputs import PIXEL_MEAN, PIXEL_STD
+from finesam.model.processing import preprocess_image
 from finesam.training.config import load_config, parse_config
 from finesam.training.data import TrainingSet, to_input_frame
 from finesam.training.trainer import Trainer

@@ -21,9 +21,10 @@ from finesam.cli.common import (
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.overlay import overlay
+from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
-from finesam.model.processing import as_rgb, open_image, postprocess_masks
+from finesam.model.processing import postprocess_masks
 from finesam.model.prompts import prepare_prompts
 from finesam.progress import progress
 from finesam.weights import atomic_write, check_output
