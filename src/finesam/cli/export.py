@@ -62,4 +62,4 @@ def add_commands(commands: Commands) -> None:
     )
     export.add_argument("--opset", type=int, default=io.OPSET, help="ONNX opset")
     export.add_argument("--quantize", action="store_true", help="also int8 models (onnxruntime dynamic quantisation)")
-    export.set_defaults(run=run_export, device="cpu", dtype="float32")
+    export.set_defaults(run=run_export, device="cpu", dtype="float32", large_tensors=True)

@@ -61,6 +61,7 @@ def model_options(
         metavar="N",
         help="refuse input images with more pixels (decompression bombs; default: PIL's limit, about 89 million)",
     )
+    options.set_defaults(large_tensors=True)  # a model in this process: finesam.process.configure_command
     return options
 
 
