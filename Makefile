@@ -30,6 +30,7 @@ lint: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pyright --pythonpath $(BIN)/python
+	$(BIN)/lint-imports  # the layer graph of docs/architecture.md ([tool.importlinter] in pyproject.toml)
 
 test: lint
 	$(BIN)/pytest
