@@ -18,6 +18,8 @@ from PIL import ExifTags, Image, ImageOps
 
 # the label of every sparse prompt point, as the official encoder (and its ONNX interface) numbers them
 PADDING_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 0, 1, 2, 3
+# where the official encoder puts the point that stands for a missing box (see `needs_padding_point`)
+PADDING_POINT = (0.0, 0.0)
 
 ImageLike: TypeAlias = Image.Image | np.ndarray
 
@@ -118,6 +120,53 @@ def scale_coordinates(coords: np.ndarray, original_size: tuple[int, int], input_
     scaled[..., 0] *= input_size[1] / original_size[1]
     scaled[..., 1] *= input_size[0] / original_size[0]
     return scaled
+
+
+def needs_padding_point(has_points: bool, has_box: bool) -> bool:
+    """The padding-point rule of the official prompt encoder, stated once for the torch model
+    (`finesam.model.prompt_encoder.labelled_points`) and the ONNX predictor (`labelled_points` here).
+
+    The sparse sequence is the points, then the box's two corners; when there are points but no box, one
+    padding point (`PADDING_POINT`, labelled `PADDING_LABEL`) is appended after the points. Box-only and
+    mask-only prompts get none.
+
+    Args:
+        has_points: the prompt has clicked points.
+        has_box: the prompt has a box.
+
+    Returns:
+        Whether a padding point is appended.
+    """
+    return has_points and not has_box
+
+
+def labelled_points(
+    points: np.ndarray | None, labels: np.ndarray | None, box: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One prompt's points and box as the labelled point sequence the official encoder embeds (numpy; the
+    torch model's batched twin is `finesam.model.prompt_encoder.labelled_points`).
+
+    Args:
+        points: (n, 2) x/y points, or None.
+        labels: (n,) their labels (1 foreground, 0 background), or None.
+        box: (4,) x1, y1, x2, y2, or None.
+
+    Returns:
+        (k, 2) float64 coordinates and (k,) float64 labels: points, the padding point if
+        `needs_padding_point`, the box's corners labelled 2 and 3.
+    """
+    coords: list[Any] = [np.zeros((0, 2))]
+    kinds: list[Any] = [np.zeros(0)]
+    if points is not None and labels is not None:
+        coords.append(points)
+        kinds.append(labels)
+    if needs_padding_point(points is not None, box is not None):
+        coords.append([PADDING_POINT])
+        kinds.append([PADDING_LABEL])
+    if box is not None:
+        coords.append(np.reshape(box, (2, 2)))
+        kinds.append([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL])
+    return np.concatenate(coords).astype(np.float64), np.concatenate(kinds).astype(np.float64)
 
 
 def normalised(image: Image.Image, shape: tuple[int, int]) -> np.ndarray:
