@@ -53,11 +53,25 @@ def test_every_path_named_in_the_docs_exists(page):
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def anchors(page: Path) -> set[str]:
+    """The anchors of a page's headings, as GitHub makes them: lower case, punctuation dropped, spaces to '-'."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize(
+    "page", [*PAGES, ROOT / "docs" / "benchmarks.md"], ids=lambda p: p.relative_to(ROOT).as_posix()
+)
 def test_every_local_link_of_the_docs_exists(page):
-    targets = [t.split("#")[0] for t in LINK.findall(page.read_text()) if not t.startswith(("http", "mailto:", "#"))]
-    missing = [t for t in targets if not (page.parent / t).exists()]
-    assert not missing, f"{page.relative_to(ROOT)} links to files that do not exist: {missing}"
+    """Links to files of the project, and to headings of its pages, lead somewhere."""
+    for target in LINK.findall(page.read_text()):
+        if target.startswith(("http", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = page if not path else page.parent / path
+        assert linked.exists(), f"{page.relative_to(ROOT)} links to {target}: no such file"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked), f"{page.relative_to(ROOT)} links to {target}: no such heading"
 
 
 def test_the_check_sees_paths():
