@@ -48,4 +48,4 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_allocator.py --sizes $(SIZE),vit_tiny
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache .grimp_cache
