@@ -30,6 +30,7 @@ lint: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pyright --pythonpath $(BIN)/python
+	$(BIN)/lint-imports  # the layer graph of docs/architecture.md ([tool.importlinter] in pyproject.toml)
 
 test: lint
 	$(BIN)/pytest
@@ -47,4 +48,4 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_allocator.py --sizes $(SIZE),vit_tiny
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

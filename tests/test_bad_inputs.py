@@ -27,7 +27,7 @@ from finesam.cli import main
 from finesam.data.pairs import check_masks, list_pairs, load_pair, read_mask
 from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
-from finesam.model.processing import open_image
+from finesam.inputs import open_image
 from finesam.training.config import parse_config
 from finesam.weights import CheckpointError, load_sam, save_hq, save_lora, save_sam
 from finesam.weights.io import write_safetensors
@@ -330,7 +330,7 @@ PROMPT_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=16,
 )
-PROMPT_KEYS = st.sampled_from(["box", "points", "labels", "multimask", "extra"])
+PROMPT_KEYS = st.sampled_from(["box", "boxes", "points", "labels", "multimask", "extra"])
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -354,7 +354,7 @@ def test_prompt_file_values_are_typed(tmp_path, weights):
     photo("rocket").save(image)
     for prompt, message in [
         ({"box": [10, 10, 100, 100], "multimask": "false"}, '"multimask" must be true or false'),
-        ({"points": [[10, 10]], "labels": [True]}, '"labels" must hold numbers'),
+        ({"points": [[10, 10]], "labels": [True]}, '"labels" must be 1 (foreground) or 0 (background)'),
     ]:
         (tmp_path / "p.json").write_text(json.dumps([prompt]))
         result = finesam("segment", image, "--prompts", tmp_path / "p.json", "--weights", weights, "--out", "m.png")

@@ -281,10 +281,12 @@ def test_prompts_file_encodes_once_and_writes_one_mask_per_prompt(tmp_path, conv
     [
         ("{not json", "cannot read prompts"),
         ('{"prompts": []}', "expected a non-empty list of prompts"),
-        ('[{"labels": [1]}]', 'prompt 0: expected an object with "box" and/or "points"'),
+        ('[{"labels": [1]}]', 'prompt 0: "labels" were given without "points"'),
+        ('[{"points": []}]', 'prompt 0: give "box" (or "boxes") and/or "points"'),
         ('[{"box": [1, 2, 3, 4], "colour": "red"}]', "prompt 0: unknown keys ['colour']"),
-        ('[{"box": [1, 2, 30, 40]}, {"box": [50, 60, 10, 70]}]', "prompt 1: boxes must be x1, y1, x2, y2"),
-        ('[{"points": [[10, 10]], "labels": [3]}]', "prompt 0: labels must be 1 (foreground) or 0 (background)"),
+        ('[{"box": [1, 2, 30, 40]}, {"box": [50, 60, 10, 70]}]', 'prompt 1: "box" must be x1, y1, x2, y2'),
+        ('[{"points": [[10, 10]], "labels": [3]}]', 'prompt 0: "labels" must be 1 (foreground) or 0 (background)'),
+        ('[{"points": [[[1, 2]], [[3, 4], [5, 6]]]}]', "prompt 0: the point lists of one prompt must be equally long"),
     ],
 )
 def test_prompts_file_errors(tmp_path, image_path, content, message):

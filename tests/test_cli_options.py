@@ -6,9 +6,8 @@ import inspect
 
 import pytest
 
-from finesam.amg import AutomaticMaskGenerator
+from finesam.amg import GENERATOR_OPTIONS, AutomaticMaskGenerator
 from finesam.cli import build_parser
-from finesam.cli.options import GENERATOR_OPTIONS
 
 COMMANDS = ("convert", "download", "segment", "everything", "demo", "serve", "export", "train", "synth", "eval")
 

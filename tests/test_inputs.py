@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finesam.model.processing import as_rgb
+from finesam.inputs import as_rgb
 
 from conftest import SMALL, TOLERANCE, max_diff, photo
 from helpers import with_adapter

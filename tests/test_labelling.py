@@ -26,11 +26,11 @@ from skimage import data as skimage_data
 from finesam.adapters import SAMLoraAdapter
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask
 from finesam.amg.rle import mask_to_rle
+from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, LabellingRun, ObjectPrompts, SegmentedObject, images_of, read_manifest
 from finesam.labelling.coco import annotation, coco_box, mask_polygons
 from finesam.labelling.prefetch import prefetched
 from finesam.model import SegmentAnything
-from finesam.model.processing import as_rgb, open_image
 from finesam.weights import save_lora
 from finesam.weights.loading import sam_from_state_dict
 
@@ -320,17 +320,18 @@ def test_torchrun_two_processes_equal_one(tmp_path, everything_run, dataset, wei
     [
         ("not json", "not JSON"),
         ('{"boxes": [[0, 0, 1, 1]]}', '"image"'),
-        ('{"image": "a.png"}', '"boxes" and/or "points"'),
-        ('{"image": "a.png", "boxes": [[0, 0, 1]]}', "[[x1, y1, x2, y2], ...]"),
-        ('{"image": "a.png", "boxes": [[0, 0, 1, true]]}', "[[x1, y1, x2, y2], ...]"),
-        ('{"image": "a.png", "boxes": []}', "no objects"),
-        ('{"image": "a.png", "points": [[1, 2]]}', "one per object"),
+        ('{"image": "a.png"}', '"boxes") and/or "points"'),
+        ('{"image": "a.png", "boxes": [[0, 0, 1]]}', "[x1, y1, x2, y2] or a list of them"),
+        ('{"image": "a.png", "boxes": [[0, 0, 1, true]]}', '"boxes" must hold numbers'),
+        ('{"image": "a.png", "boxes": []}', '"boxes") and/or "points"'),
+        ('{"image": "a.png", "points": [[[1, 2]], []]}', "one per object"),
         ('{"image": "a.png", "points": [[[1, 2]]], "labels": [[2]]}', "1 (foreground) or 0"),
         ('{"image": "a.png", "points": [[[1, 2]]], "labels": [[1, 1]]}', "the shape of"),
         ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "points": [[[1, 2]], [[3, 4]]]}', "one point list per box"),
         ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "category_ids": [0]}', "positive integers"),
         ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "category_ids": [1, 2]}', "1 integers"),
-        ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "box": []}', "unknown keys ['box']"),
+        ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "box": []}', '"box" or "boxes", not both'),
+        ('{"image": "a.png", "boxes": [[0, 0, 1, 1]], "multimask": true}', "unknown keys ['multimask']"),
     ],
 )
 def test_manifest_errors_name_the_line(tmp_path, line, message):

@@ -67,15 +67,27 @@ TINY = dataclasses.replace(
 
 
 @torch.no_grad()
-def test_compiled_encoder_matches_eager():
+def test_compiled_encoder_matches_eager(monkeypatch):
     """Compiled mode (torch.compile + inductor freezing) on a tiny ViT: fp32 within 1e-4 of eager, bf16 with
-    cosine >= 0.9999; adapters injected afterwards still take effect (recompilation)."""
+    cosine >= 0.9999; adapters injected afterwards still take effect (recompilation). The weights are frozen
+    into the graph, and inductor's process-wide `freezing` setting is left as it was."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.freezing as inductor_freezing
+
+    frozen: list[int] = []
+    freeze = inductor_freezing.freeze
+    monkeypatch.setattr(inductor_freezing, "freeze", lambda *a, **k: frozen.append(1) or freeze(*a, **k))
+    # compiled here, not read back from a cache of an earlier run: the freezing pass must run
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    process_wide = inductor_config.freezing
     official = build_official(TINY, seed=2, hq=True)
     pixels = torch.randn(2, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(0))
     eager = sam_from_state_dict(official.state_dict())
     reference = eager.encode(pixels)
     compiled = sam_from_state_dict(official.state_dict()).compile_encoder()
     assert (compiled.encode(pixels) - reference).abs().max() <= 1e-4
+    assert frozen and inductor_config.freezing == process_wide
     adapter = HQSAMAdapter(compiled)
     adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
     adapter.inject()

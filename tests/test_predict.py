@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from finesam.fast import apply_fast_paths
+from finesam.inputs import scale_coordinates
 from finesam.model import SAM_VIT_B, SegmentAnything
-from finesam.model.processing import preprocess_image, scale_coordinates
+from finesam.model.processing import preprocess_image
 from finesam.weights.loading import sam_from_state_dict
 
 from conftest import PHOTOS, SMALL, TOLERANCE, max_diff

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from finesam.inputs import resized_shape, scale_coordinates
 from finesam.model import ImageEmbedding
-from finesam.model.processing import postprocess_masks, resized_shape, scale_coordinates
+from finesam.model.processing import postprocess_masks
 
 from conftest import SMALL
 from official import SamPredictor

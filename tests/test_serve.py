@@ -175,15 +175,17 @@ def bomb() -> bytes:
 BAD_MASK_REQUESTS = [
     ("not json", b"{points: [1, 2]", "not valid JSON"),
     ("not an object", [1, 2], "must be a JSON object"),
-    ("no prompt", {}, 'give "points" and/or a "box"'),
+    ("no prompt", {}, 'give "box" (or "boxes") and/or "points"'),
     ("unknown key", {"box": [1, 1, 5, 5], "colour": 1}, "unknown keys ['colour']"),
     ("point shape", {"points": [[1, 2, 3]]}, "list of [x, y] pairs"),
-    ("string coordinate", {"points": [["1", 2]]}, "must be a number"),
-    ("NaN", b'{"points": [[NaN, 2]]}', "must be finite"),
-    ("label", {"points": [[1, 2]], "labels": [2]}, "1 (foreground) and 0 (background)"),
+    ("string coordinate", {"points": [["1", 2]]}, "must hold numbers"),
+    ("NaN", b'{"points": [[NaN, 2]]}', "must hold finite numbers"),
+    ("label", {"points": [[1, 2]], "labels": [2]}, "1 (foreground) or 0 (background)"),
     ("label count", {"points": [[1, 2]], "labels": [1, 0]}, "one label per point"),
     ("box order", {"box": [50, 50, 10, 60]}, "x2 >= x1"),
     ("box length", {"box": [1, 2, 3]}, "[x1, y1, x2, y2]"),
+    ("box and boxes", {"box": [1, 1, 5, 5], "boxes": [1, 1, 5, 5]}, '"box" or "boxes", not both'),
+    ("two objects", {"boxes": [[1, 1, 5, 5], [2, 2, 6, 6]]}, "one object per request"),
     ("outside", {"points": [[5000, 10]]}, "outside"),
     ("multimask type", {"box": [1, 1, 5, 5], "multimask": "yes"}, '"multimask" must be true or false'),
     ("unknown lora", {"box": [1, 1, 5, 5], "loras": ["other"]}, "unknown LoRA other"),
@@ -197,6 +199,25 @@ def test_bad_mask_requests_get_422_and_the_server_keeps_serving(server, uploaded
     status, answer = server.call("POST", path, None if raw else body, raw=raw)
     assert status == 422 and message in answer["error"], (case, answer)
     assert server.call("POST", path, PROMPTS[1])[0] == 200
+
+
+def test_the_json_dialect_over_http(server, uploaded):
+    """ "box" or "boxes", empty lists meaning none (`"points": [], "labels": []` with a box was refused with
+    422): every spelling of one box gives the masks of `{"box": ...}`, bit for bit."""
+    path = f"/api/images/{uploaded['id']}/masks"
+    box = PROMPTS[1]["box"]
+    status, reference = server.call("POST", path, {"box": box})
+    assert status == 200, reference
+    for body in (
+        {"boxes": [box]},
+        {"boxes": box},
+        {"points": [], "labels": [], "box": box},
+        {"points": None, "box": [box]},
+    ):
+        status, answer = server.call("POST", path, body)
+        assert status == 200, (body, answer)
+        assert [m.tolist() for m in decoded(answer)] == [m.tolist() for m in decoded(reference)], body
+        assert answer["masks"][0]["score"] == reference["masks"][0]["score"]
 
 
 def test_bad_uploads_and_ids(server):

@@ -25,7 +25,8 @@ from finesam.data.sampling import sample_generator
 from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
 from finesam.evaluation.metrics import boundary_iou, mask_iou
-from finesam.model.processing import PIXEL_MEAN, PIXEL_STD, preprocess_image
+from finesam.inputs import PIXEL_MEAN, PIXEL_STD
+from finesam.model.processing import preprocess_image
 from finesam.training.config import load_config, parse_config
 from finesam.training.data import TrainingSet, to_input_frame
 from finesam.training.trainer import Trainer
@@ -273,3 +274,17 @@ def test_augmentation_keeps_image_and_mask_aligned(data):
         assert inside.mean() - outside.mean() > 30, index
         flipped.add(bool(torch.rand((), generator=sample_generator(0, 0, index)) < 0.5))  # the first draw
     assert flipped == {True, False}  # both cases were checked
+
+
+def test_new_adapter_weights_come_from_the_seed_and_the_global_rng_is_left_alone(base, data, tmp_path):
+    extra = "[hq]\n[lora]\nrank = 4\ntargets = ['decoder']"
+    config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", extra, epochs=1))
+    weights = []
+    for caller_seed in (1, 2):  # whatever the caller drew before, the same adapters
+        torch.manual_seed(caller_seed)
+        state = torch.get_rng_state()
+        trainer = Trainer(config, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream goes on unchanged
+        weights.append({f"{n}.{k}": v for n, a in trainer.adapters.items() for k, v in a.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

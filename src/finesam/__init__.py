@@ -8,7 +8,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from finesam.allocator import reuse_freed_memory
     from finesam.model import (
         SAM_VIT_B,
         SAM_VIT_H,
@@ -23,10 +22,11 @@ if TYPE_CHECKING:
         SegmentAnythingL,
         SegmentAnythingTiny,
     )
+    from finesam.process import reuse_freed_memory
 
 __version__ = "0.1.0"
 
-_HOMES = {"reuse_freed_memory": "finesam.allocator"}
+_HOMES = {"reuse_freed_memory": "finesam.process"}
 
 __all__ = [
     "SAM_VIT_B",

@@ -18,6 +18,8 @@ from PIL import ExifTags, Image, ImageOps
 
 # the label of every sparse prompt point, as the official encoder (and its ONNX interface) numbers them
 PADDING_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 0, 1, 2, 3
+# where the official encoder puts the point that stands for a missing box (see `needs_padding_point`)
+PADDING_POINT = (0.0, 0.0)
 
 ImageLike: TypeAlias = Image.Image | np.ndarray
 
@@ -118,6 +120,53 @@ def scale_coordinates(coords: np.ndarray, original_size: tuple[int, int], input_
     scaled[..., 0] *= input_size[1] / original_size[1]
     scaled[..., 1] *= input_size[0] / original_size[0]
     return scaled
+
+
+def needs_padding_point(has_points: bool, has_box: bool) -> bool:
+    """The padding-point rule of the official prompt encoder, stated once for the torch model
+    (`finesam.model.prompt_encoder.labelled_points`) and the ONNX predictor (`labelled_points` here).
+
+    The sparse sequence is the points, then the box's two corners; when there are points but no box, one
+    padding point (`PADDING_POINT`, labelled `PADDING_LABEL`) is appended after the points. Box-only and
+    mask-only prompts get none.
+
+    Args:
+        has_points: the prompt has clicked points.
+        has_box: the prompt has a box.
+
+    Returns:
+        Whether a padding point is appended.
+    """
+    return has_points and not has_box
+
+
+def labelled_points(
+    points: np.ndarray | None, labels: np.ndarray | None, box: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One prompt's points and box as the labelled point sequence the official encoder embeds (numpy; the
+    torch model's batched twin is `finesam.model.prompt_encoder.labelled_points`).
+
+    Args:
+        points: (n, 2) x/y points, or None.
+        labels: (n,) their labels (1 foreground, 0 background), or None.
+        box: (4,) x1, y1, x2, y2, or None.
+
+    Returns:
+        (k, 2) float64 coordinates and (k,) float64 labels: points, the padding point if
+        `needs_padding_point`, the box's corners labelled 2 and 3.
+    """
+    coords: list[Any] = [np.zeros((0, 2))]
+    kinds: list[Any] = [np.zeros(0)]
+    if points is not None and labels is not None:
+        coords.append(points)
+        kinds.append(labels)
+    if needs_padding_point(points is not None, box is not None):
+        coords.append([PADDING_POINT])
+        kinds.append([PADDING_LABEL])
+    if box is not None:
+        coords.append(np.reshape(box, (2, 2)))
+        kinds.append([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL])
+    return np.concatenate(coords).astype(np.float64), np.concatenate(kinds).astype(np.float64)
 
 
 def normalised(image: Image.Image, shape: tuple[int, int]) -> np.ndarray:
@@ -240,3 +289,132 @@ def check_prompts(
         raise ValueError(f"prompt batch sizes do not match: {batch_sizes}")
 
     return CheckedPrompts(batch, **checked)
+
+
+# The JSON prompt dialect (docs/prompting.md), read by one parser for `finesam segment --prompts`, the lines of a
+# manifest and the HTTP API; each of them adds its own keys (multimask, image, category_ids, hq, ...).
+JSON_PROMPT_KEYS = frozenset({"box", "boxes", "points", "labels"})
+_BOX_FORM = "[x1, y1, x2, y2] or a list of them, one per object"
+_POINTS_FORM = "a list of [x, y] pairs, or a list of such lists, one per object"
+
+
+@dataclass(frozen=True)
+class JsonPrompts:
+    """The objects that one JSON prompt object describes, one mask each: K boxes and/or K point lists, in
+    pixels of the original image (read by `parse_json_prompts`)."""
+
+    boxes: list[list[float]] | None = None  # K x [x1, y1, x2, y2]
+    points: list[list[list[float]]] | None = None  # K x [[x, y], ...]
+    labels: list[list[int]] | None = None  # K x [1 | 0, ...], the shape of points (all 1 when not given)
+
+    def __len__(self) -> int:
+        return len(self.boxes if self.boxes is not None else self.points or [])
+
+    def as_arrays(self) -> dict[str, np.ndarray | None]:
+        """The objects as one batch: the `points`, `labels` and `boxes` keyword arguments of `check_prompts`
+        (and of `SegmentAnything.predict`).
+
+        Returns:
+            points (K, N, 2), labels (K, N) and boxes (K, 4), each None when not given.
+
+        Raises:
+            ValueError: the point lists are not all equally long (one batch needs the same number per object).
+        """
+        if self.points is not None and len({len(p) for p in self.points}) > 1:
+            raise ValueError("the point lists of one prompt must be equally long; give them as separate prompts")
+        return {
+            "points": None if self.points is None else np.array(self.points, dtype=np.float64),
+            "labels": None if self.labels is None else np.array(self.labels, dtype=np.int64),
+            "boxes": None if self.boxes is None else np.array(self.boxes, dtype=np.float64),
+        }
+
+
+def _json_number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f'"{name}" must hold numbers, got {value!r}')
+    if not np.isfinite(value):
+        raise ValueError(f'"{name}" must hold finite numbers, got {value!r}')
+    return float(value)
+
+
+def _json_list(value: Any) -> list[Any] | None:
+    """A JSON value that may be absent: None and [] both mean "none"."""
+    return value if value else None
+
+
+def _depth(value: Any) -> int:
+    """How deep the first elements of nested lists go: 1 for [1, 2], 2 for [[1, 2]], 0 for a number."""
+    depth = 0
+    while isinstance(value, list) and value:
+        depth, value = depth + 1, value[0]
+    return depth
+
+
+def parse_json_prompts(data: dict[str, Any]) -> JsonPrompts:
+    """Reads the prompt keys of one JSON object; the caller checks its other keys.
+
+    The dialect: `"box"` or `"boxes"` (the same key, spelled either way): `[x1, y1, x2, y2]` for one object or
+    a list of them, one per object; `"points"`: `[[x, y], ...]` for one object or a list of such lists, one per
+    object; `"labels"`: the shape of `"points"` without the pair, 1 foreground / 0 background (default: all 1).
+    With boxes and points, each box goes with the point list at its position. `null` and `[]` mean "none".
+
+    Args:
+        data: a JSON object (a dict).
+
+    Returns:
+        The objects it describes (at least one).
+
+    Raises:
+        ValueError: one sentence naming the key and what is wrong.
+    """
+    if "box" in data and "boxes" in data:
+        raise ValueError('give "box" or "boxes", not both (they are the same key)')
+    key = "boxes" if "boxes" in data else "box"
+    boxes = _json_boxes(_json_list(data.get(key)), key)
+    points = _json_points(_json_list(data.get("points")))
+    labels = _json_list(data.get("labels"))
+    if labels is not None and points is None:
+        raise ValueError('"labels" were given without "points"')
+    if boxes is None and points is None:
+        raise ValueError('give "box" (or "boxes") and/or "points"')
+    if points is not None:
+        labels = _json_labels(labels, points, single=_depth(data["points"]) == 2)
+        if boxes is not None and len(points) != len(boxes):
+            raise ValueError(f"{len(boxes)} boxes but {len(points)} point lists: give one point list per box")
+    return JsonPrompts(boxes, points, labels)
+
+
+def _json_boxes(value: list[Any] | None, key: str) -> list[list[float]] | None:
+    if value is None:
+        return None
+    boxes = [value] if _depth(value) == 1 else value
+    if not all(isinstance(b, list) and len(b) == 4 for b in boxes):
+        raise ValueError(f'"{key}" must be {_BOX_FORM}, got {value!r}')
+    numbers = [[_json_number(v, key) for v in box] for box in boxes]
+    for box in numbers:
+        if box[2] < box[0] or box[3] < box[1]:
+            raise ValueError(f'"{key}" must be x1, y1, x2, y2 with x2 >= x1 and y2 >= y1, got {box}')
+    return numbers
+
+
+def _json_points(value: list[Any] | None) -> list[list[list[float]]] | None:
+    if value is None:
+        return None
+    lists = [value] if _depth(value) == 2 else value
+    if not all(isinstance(p, list) and p and all(isinstance(q, list) and len(q) == 2 for q in p) for p in lists):
+        raise ValueError(f'"points" must be {_POINTS_FORM}, got {value!r}')
+    return [[[_json_number(v, "points") for v in point] for point in points] for points in lists]
+
+
+def _json_labels(value: list[Any] | None, points: list[list[list[float]]], single: bool) -> list[list[int]]:
+    if value is None:
+        return [[FOREGROUND_LABEL] * len(p) for p in points]
+    lists = [value] if single else value
+    shape = "one label per point" if single else "one list of labels per point list, one label per point"
+    if not isinstance(lists, list) or [len(a) if isinstance(a, list) else -1 for a in lists] != [
+        len(p) for p in points
+    ]:
+        raise ValueError(f'"labels" must have the shape of "points": {shape}, got {value!r}')
+    if any(isinstance(v, bool) or v not in (BACKGROUND_LABEL, FOREGROUND_LABEL) for a in lists for v in a):
+        raise ValueError(f'"labels" must be 1 (foreground) or 0 (background), got {value!r}')
+    return [[int(v) for v in a] for a in lists]

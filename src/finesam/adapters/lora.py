@@ -85,7 +85,23 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
     Its children are the LoRA layers, so `state_dict()` / `parameters()` are the LoRA weights alone. The up
     projections start at zero: a new adapter leaves outputs unchanged until trained. Several adapters with
     different names can be injected at once (they share refiners' `LoraAdapter` where they hit the same
-    layer), with the HQ adapter, in any order; `eject()` restores the base exactly.
+    layer), with the HQ adapter, in any order (finesam's commands inject HQ-SAM first: `finesam.adapters.order`);
+    `eject()` restores the base exactly.
+
+    Lifecycle: build it on a loaded model (nothing changes yet), `inject()` it, run the model, `eject()` it;
+    it can be injected again, and saved (`finesam.weights.save_lora`) at any point.
+
+    Args:
+        target: the model whose linear layers it adapts.
+        name: names the LoRA (in files, evaluation rows, and where several LoRAs share a layer).
+        rank: the inner dimension of each LoRA.
+        scale: the factor of each LoRA's output.
+        include: names of chains (`TARGETS` lists the usual sets) whose linear layers are adapted.
+        exclude: names of chains whose linear layers are left alone.
+        paths: the exact target paths instead of `include` / `exclude` (as a LoRA file lists them).
+
+    Raises:
+        ValueError: a bad name or rank, a path not in the model, or no linear layer selected.
     """
 
     def __init__(
@@ -134,10 +150,12 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
 
     @property
     def loras(self) -> list[LinearLora]:
+        """The LoRA layers, one per target linear layer, in the order of `paths`."""
         return [lora for lora in self if isinstance(lora, LinearLora)]
 
     @property
     def scale(self) -> float:
+        """The factor of every LoRA layer's output (`up(down(x)) * scale`); it may be changed while injected."""
         return self.loras[0].scale
 
     @scale.setter
@@ -149,6 +167,25 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
         raise TypeError("SAMLoraAdapter is not called directly: inject() it and call the SegmentAnything model")
 
     def inject(self, parent: fl.Chain | None = None) -> "SAMLoraAdapter":
+        """Adds this LoRA to its target linear layers; overrides refiners' `Adapter.inject`, which would put the
+        adapter in place of the whole model.
+
+        Each target gets refiners' `LoraAdapter` around it, or, where another LoRA (of another name) already
+        holds that layer, this one joins it. The weights are checked to be on the device and in the dtype of
+        the layers first (`finesam.adapters.placement`).
+
+        Args:
+            parent: unused (the targets are found from the model given at construction); kept for the signature
+                of `Adapter.inject`.
+
+        Returns:
+            The adapter itself, injected.
+
+        Raises:
+            RuntimeError: this adapter is already injected.
+            ValueError: a LoRA with this name is already injected in the model, or the weights are on another
+                device / in another dtype than the layers.
+        """
         if self.injected:
             raise RuntimeError(f"LoRA '{self.name}' is already injected")
         holders = self._holders()
@@ -167,6 +204,14 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
         return self
 
     def eject(self) -> None:
+        """Removes this LoRA from its target layers, wherever other adapters have moved them since; overrides
+        refiners' `Adapter.eject`. A `LoraAdapter` left with no other LoRA is ejected too, so the base's
+        structure, `state_dict` and outputs are those before `inject()`. The LoRA weights are kept: the adapter
+        can be injected again.
+
+        Raises:
+            RuntimeError: this adapter is not injected.
+        """
         if not self.injected:
             raise RuntimeError(f"LoRA '{self.name}' is not injected")
         for (holder, _), lora in zip(self._holders(), self.loras, strict=True):
@@ -184,7 +229,11 @@ class SAMLoraAdapter(fl.Chain, Adapter[SegmentAnything]):
         return [(by_path[p].holder, by_path[p].layer) for p in self.paths]
 
     def lora_weights(self) -> dict[str, Any]:
-        """The weights keyed by target path: `{path}.down.weight`, `{path}.up.weight`."""
+        """The weights keyed by target path, as LoRA files store them (`finesam.weights.lora`).
+
+        Returns:
+            `{path}.down.weight` and `{path}.up.weight` for each target path.
+        """
         weights: dict[str, Any] = {}
         for path, lora in zip(self.paths, self.loras, strict=True):
             weights[f"{path}.down.weight"] = lora.down.weight

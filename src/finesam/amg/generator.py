@@ -32,7 +32,8 @@ from finesam.amg.geometry import (
 )
 from finesam.amg.regions import remove_small_regions
 from finesam.amg.rle import RLE, mask_to_rle, masks_to_rle, rle_area, rle_to_mask, to_coco
-from finesam.model.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks
+from finesam.inputs import MASK_THRESHOLD, ImageLike, as_rgb
+from finesam.model.processing import postprocess_masks
 from finesam.model.sam import ImageEmbedding, SegmentAnything
 from finesam.progress import progress_bar
 

@@ -6,11 +6,10 @@ import sys
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 
-from finesam.allocator import reuse_freed_memory
 from finesam.cli import convert, demo, eval, everything, export, segment, serve, train
 from finesam.cli.common import UsageError
+from finesam.process import configure_command
 from finesam.weights import CheckpointError
 
 COMMAND_GROUPS = (convert, segment, everything, demo, serve, export, train, eval)
@@ -57,10 +56,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    reuse_freed_memory()  # a process of our own: large tensors without fresh pages (see finesam.allocator)
     args = build_parser().parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
-    if getattr(args, "max_pixels", None) is not None:
-        Image.MAX_IMAGE_PIXELS = args.max_pixels  # our own process: PIL's limit is the one images are read with
+    # a process of our own, set once the arguments are valid (see finesam.process)
+    configure_command(getattr(args, "large_tensors", False), getattr(args, "max_pixels", None))
     try:
         args.run(args)
     except (UsageError, CheckpointError, ValueError) as e:

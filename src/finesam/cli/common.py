@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter
+from finesam.adapters.order import inject_in_order
 from finesam.devices import usable_device
 from finesam.model import SegmentAnything
 from finesam.weights import atomic_write, check_output, hq_weights_for, load_hq, load_lora, load_sam
@@ -113,10 +114,7 @@ def load_model(args: argparse.Namespace) -> SegmentAnything:
     order (where the command has the option), and compiled with --compile."""
     model, adapter = load_base(args)
     loras = [load_lora(model, path) for path in getattr(args, "lora", [])]  # every file checked before injecting
-    if adapter is not None:
-        adapter.inject()
-    for lora in loras:
-        lora.inject()
+    inject_in_order(adapter, loras)
     if not getattr(args, "compile", False):
         return model
     print("compiling the image encoder: its first image takes about a minute longer", file=sys.stderr)

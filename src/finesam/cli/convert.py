@@ -43,7 +43,7 @@ def add_commands(commands: Commands) -> None:
         "(config.json + model.safetensors, or its model.safetensors)",
     )
     convert.add_argument("--out", type=Path, required=True, help="output directory")
-    convert.set_defaults(run=run_convert)
+    convert.set_defaults(run=run_convert, large_tensors=True)
 
     listing = "\n".join(f"  {name:16s} {c.description}" for name, c in CHECKPOINTS.items())
     download_command = add_command(

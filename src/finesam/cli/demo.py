@@ -154,4 +154,4 @@ def run_demo(args: argparse.Namespace) -> None:
 def add_commands(commands: Commands) -> None:
     command = add_command(commands, "demo", "segment the example image (finds or downloads a checkpoint)")
     command.add_argument("--out-dir", type=Path, default=Path("out"), help="where the pictures go")
-    command.set_defaults(run=run_demo)
+    command.set_defaults(run=run_demo, large_tensors=True)

@@ -20,9 +20,9 @@ from finesam.cli.options import (
     model_options,
 )
 from finesam.cli.overlay import distinct_colours, overlay
+from finesam.inputs import as_rgb, open_image
 from finesam.labelling import everything_objects, images_of, is_image_file
 from finesam.model import SegmentAnything
-from finesam.model.processing import as_rgb, open_image
 from finesam.weights import atomic_write, check_output
 
 

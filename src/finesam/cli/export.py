@@ -5,10 +5,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from finesam.cli.common import UsageError, check_output_folder, load_base
+from finesam.cli.common import UsageError, check_output_folder, load_model
 from finesam.cli.options import Commands, add_command
 from finesam.onnx import interface as io
-from finesam.weights import load_lora
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -19,12 +18,7 @@ def run_export(args: argparse.Namespace) -> None:
 
     check_output_folder(args.out, "--out")
     check_opset(args.opset)
-    model, adapter = load_base(args)
-    loras = [load_lora(model, path) for path in args.lora]
-    if adapter is not None:
-        adapter.inject()
-    for lora in loras:
-        lora.inject()
+    model = load_model(args)  # HQ-SAM, then the LoRAs (finesam.adapters.order); export has no --compile
     report = export(model, args.out, multimask_output=args.multimask, opset=args.opset, quantize=args.quantize)
     for name in report.files:
         print(args.out / name)
@@ -62,4 +56,4 @@ def add_commands(commands: Commands) -> None:
     )
     export.add_argument("--opset", type=int, default=io.OPSET, help="ONNX opset")
     export.add_argument("--quantize", action="store_true", help="also int8 models (onnxruntime dynamic quantisation)")
-    export.set_defaults(run=run_export, device="cpu", dtype="float32")
+    export.set_defaults(run=run_export, device="cpu", dtype="float32", large_tensors=True)

@@ -15,11 +15,11 @@ import torch.distributed as dist
 from PIL import Image
 
 from finesam.cli.common import UsageError, check_output_folder, load_model
+from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, LabellingRun, SegmentedObject
 from finesam.labelling.coco import check_polygons_available
 from finesam.labelling.prefetch import prefetched
 from finesam.model import SegmentAnything
-from finesam.model.processing import as_rgb, open_image
 from finesam.progress import progress_bar
 from finesam.training.distributed import Distributed
 from finesam.weights import hq_weights_for

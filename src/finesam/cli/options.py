@@ -5,23 +5,10 @@ import inspect
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from finesam.amg import AutomaticMaskGenerator
+from finesam.amg import GENERATOR_OPTIONS, AutomaticMaskGenerator
 from finesam.cli.common import DTYPES
 
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-# the official generator's options (scripts/amg.py), in its order; their defaults are the constructor's
-GENERATOR_OPTIONS: dict[str, tuple[type, str]] = {
-    "points_per_side": (int, "points sampled along one side of the image (and of each crop)"),
-    "points_per_batch": (int, "points prompted at once (memory vs speed)"),
-    "pred_iou_thresh": (float, "keep masks whose predicted IoU is at least this"),
-    "stability_score_thresh": (float, "keep masks whose stability score is at least this"),
-    "stability_score_offset": (float, "logit offset of the stability score"),
-    "box_nms_thresh": (float, "IoU above which overlapping masks of one crop are suppressed"),
-    "crop_n_layers": (int, "layers of smaller crops segmented again (0: the whole image only)"),
-    "crop_nms_thresh": (float, "IoU above which masks of different crops are suppressed"),
-    "min_mask_region_area": (int, "remove holes and islands smaller than this many pixels (0: off)"),
-}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -80,6 +67,7 @@ def model_options(
         metavar="N",
         help="refuse input images with more pixels (decompression bombs; default: PIL's limit, about 89 million)",
     )
+    options.set_defaults(large_tensors=True)  # a model in this process: finesam.process.configure_command
     return options
 
 

@@ -2,8 +2,8 @@
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -21,9 +21,10 @@ from finesam.cli.common import (
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.overlay import overlay
+from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, as_rgb, open_image, parse_json_prompts
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
-from finesam.model.processing import as_rgb, open_image, postprocess_masks
+from finesam.model.processing import postprocess_masks
 from finesam.model.prompts import prepare_prompts
 from finesam.progress import progress
 from finesam.weights import atomic_write, check_output
@@ -40,12 +41,25 @@ def _point(text: str) -> list[float]:
     return values if len(values) == 3 else [*values, 1.0]
 
 
-PROMPT_KEYS = {"box", "points", "labels", "multimask"}
+PROMPT_KEYS = JSON_PROMPT_KEYS | {"multimask"}
 
 
-def read_prompt_file(path: Path) -> list[dict[str, Any]]:
-    """Prompts from JSON: a list (or {"prompts": [...]}) of {"box": [x1, y1, x2, y2], "points": [[x, y], ...],
-    "labels": [1, 0, ...], "multimask": bool}, each with a box and/or points."""
+@dataclass(frozen=True)
+class SegmentPrompt:
+    """One prompt of the command line or of a prompts file: its objects (one mask each, or three with
+    multimask) and its own multimask choice (None: the command's --multimask)."""
+
+    objects: JsonPrompts
+    multimask: bool | None = None
+
+
+def read_prompt_file(path: Path) -> list[SegmentPrompt]:
+    """Prompts from JSON: a list (or {"prompts": [...]}) of objects in the JSON prompt dialect
+    (docs/prompting.md: "box" or "boxes", "points", "labels"), each with an optional "multimask": bool.
+
+    Raises:
+        UsageError: the file cannot be read, or a prompt is malformed (the message names it by its position).
+    """
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -53,38 +67,30 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     prompts = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(prompts, list) or not prompts:
         raise UsageError(f'{path}: expected a non-empty list of prompts (or {{"prompts": [...]}})')
+    read = []
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, dict) or not ({"box", "points"} & prompt.keys()):
+        if not isinstance(prompt, dict):
             raise UsageError(f'{path}: prompt {i}: expected an object with "box" and/or "points"')
         if unknown := sorted(prompt.keys() - PROMPT_KEYS):
             raise UsageError(f"{path}: prompt {i}: unknown keys {unknown} (known: {sorted(PROMPT_KEYS)})")
-        if "multimask" in prompt and not isinstance(prompt["multimask"], bool):
-            raise UsageError(f'{path}: prompt {i}: "multimask" must be true or false, got {prompt["multimask"]!r}')
-        for key in ("box", "points", "labels"):
-            if _holds_booleans(prompt.get(key)):
-                raise UsageError(f'{path}: prompt {i}: "{key}" must hold numbers, not true/false')
-    return prompts
+        multimask = prompt.get("multimask")
+        if multimask is not None and not isinstance(multimask, bool):
+            raise UsageError(f'{path}: prompt {i}: "multimask" must be true or false, got {multimask!r}')
+        try:
+            read.append(SegmentPrompt(parse_json_prompts(prompt), multimask))
+        except ValueError as e:
+            raise UsageError(f"{path}: prompt {i}: {e}") from None
+    return read
 
 
-def _holds_booleans(value: Any) -> bool:
-    if isinstance(value, list):
-        return any(_holds_booleans(v) for v in value)
-    return isinstance(value, bool)
-
-
-def command_line_prompt(args: argparse.Namespace) -> dict[str, Any]:
-    prompt: dict[str, Any] = {"multimask": args.multimask}
-    if args.box:
-        prompt["box"] = args.box
-    if args.point:
-        prompt["points"] = [p[:2] for p in args.point]
-        prompt["labels"] = [int(p[2]) for p in args.point]
-    return prompt
-
-
-def _prompt(prompt: dict[str, Any]) -> dict[str, Any]:
-    """A prompt of the command line or of a prompts file as keyword arguments of `predict`."""
-    return {"points": prompt.get("points"), "labels": prompt.get("labels"), "boxes": prompt.get("box")}
+def command_line_prompt(args: argparse.Namespace) -> SegmentPrompt:
+    """The prompt of --box and --point: every box, with the points (if any) shared by all of them."""
+    objects = JsonPrompts(
+        boxes=args.box or None,
+        points=[[p[:2] for p in args.point]] if args.point else None,
+        labels=[[int(p[2]) for p in args.point]] if args.point else None,
+    )
+    return SegmentPrompt(objects, args.multimask)
 
 
 @inference
@@ -105,7 +111,9 @@ def run_segment(args: argparse.Namespace) -> None:
     counts = []  # masks per prompt
     for i, prompt in enumerate(prompts):  # every prompt checked before the model loads and encodes the image
         try:
-            checked = prepare_prompts(**_prompt(prompt), original_size=size, input_size=size, mask_input_size=0)
+            checked = prepare_prompts(
+                **prompt.objects.as_arrays(), original_size=size, input_size=size, mask_input_size=0
+            )
         except ValueError as e:
             raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
         counts.append(checked.batch_size)
@@ -120,8 +128,8 @@ def run_segment(args: argparse.Namespace) -> None:
     drawn: list[np.ndarray] = []  # the masks, for the overlay only
     # masks are written as they come: memory holds one mask's float logits at full size, not every mask's
     for prompt in progress(prompts, "prompts", quiet=args.quiet or len(prompts) == 1):
-        multimask = bool(prompt.get("multimask", args.multimask))
-        low_res, iou = model.decode_prompts(embedding, **_prompt(prompt), multimask_output=multimask)
+        multimask = args.multimask if prompt.multimask is None else prompt.multimask
+        low_res, iou = model.decode_prompts(embedding, **prompt.objects.as_arrays(), multimask_output=multimask)
         scores, best = iou.max(dim=1)  # each box's best mask (its only one without multimask)
         for j in range(len(scores)):  # upsampled one at a time: never a float copy of every mask at full size
             chosen = low_res[j : j + 1, int(best[j]) : int(best[j]) + 1]
@@ -134,13 +142,12 @@ def run_segment(args: argparse.Namespace) -> None:
                 drawn.append(values > 0)
             index += 1
     if args.overlay is not None:
-        boxes = [b for p in prompts for b in np.asarray(p.get("box", []), dtype=float).reshape(-1, 4).tolist()]
+        boxes = [box for p in prompts for box in p.objects.boxes or []]
         points = [
-            (x, y, int(label))
+            (x, y, label)
             for p in prompts
-            for (x, y), label in zip(
-                p.get("points", []), p.get("labels") or [1] * len(p.get("points", [])), strict=False
-            )
+            for one, labels in zip(p.objects.points or [], p.objects.labels or [], strict=True)
+            for (x, y), label in zip(one, labels, strict=True)
         ]
         picture = overlay(image, drawn, boxes=boxes, points=points)
         print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))

@@ -30,7 +30,7 @@ def add_commands(commands: Commands) -> None:
     train_command = add_command(commands, "train", "fine-tune adapters (HQ, LoRA, a variant) on a frozen base")
     train_command.add_argument("--config", type=Path, required=True, metavar="CONFIG.toml", help="see configs/")
     train_command.add_argument("--resume", action="store_true", help="continue the run in [run] out")
-    train_command.set_defaults(run=run_train)
+    train_command.set_defaults(run=run_train, large_tensors=True)
 
     synth = add_command(commands, "synth", "write a synthetic thin-structure dataset (im/ + gt/)")
     synth.add_argument("out", type=Path, help="the dataset folder")

@@ -10,7 +10,7 @@ from jaxtyping import Bool, Float
 from PIL import Image
 from torch import Tensor
 
-from finesam.model.processing import as_rgb, open_image
+from finesam.inputs import as_rgb, open_image
 from finesam.text import listing
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")

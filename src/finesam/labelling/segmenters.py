@@ -5,10 +5,11 @@ from PIL import Image
 
 from finesam.amg import AutomaticMaskGenerator, masks_to_rle
 from finesam.amg.generator import UPSCALE_BUDGET
+from finesam.inputs import MASK_THRESHOLD
 from finesam.labelling.coco import SegmentedObject
 from finesam.labelling.sources import DEFAULT_CATEGORY, ObjectPrompts
 from finesam.model import SegmentAnything
-from finesam.model.processing import MASK_THRESHOLD, postprocess_masks
+from finesam.model.processing import postprocess_masks
 
 DECODER_BATCH = 64  # objects decoded in one call (MobileSAMv2's batch of boxes)
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 from PIL import Image
+
+from finesam.inputs import JSON_PROMPT_KEYS, parse_json_prompts
 
 DEFAULT_CATEGORY = 1  # "object", when a manifest gives no category ids
 
@@ -145,14 +146,16 @@ def _file_name(name: str) -> str:
     return PurePosixPath(name.replace("\\", "/")).as_posix()
 
 
-MANIFEST_KEYS = {"image", "boxes", "points", "labels", "category_ids"}
+MANIFEST_KEYS = JSON_PROMPT_KEYS | {"image", "category_ids"}
 
 
 def read_manifest(manifest: Path) -> list[ImageJob]:
     """The images and prompts of a JSON Lines manifest: one line per image, `{"image": "path", "boxes":
     [[x1, y1, x2, y2], ...], "points": [[[x, y], ...], ...], "labels": [[1, 0, ...], ...], "category_ids":
-    [...]}`, paths relative to the manifest. Each box (or point list, with boxes: the points that go with that
-    box) is one object; give boxes, points or both (as many point lists as boxes).
+    [...]}`, paths relative to the manifest; the prompt keys are the JSON prompt dialect of docs/prompting.md
+    ("box" or "boxes"; one object's `[[x, y], ...]` points or one list per object). Each box (or point list,
+    with boxes: the points that go with that box) is one object; give boxes, points or both (as many point lists
+    as boxes).
 
     Raises:
         ValueError: a line is not such an object; the message names the line and what is wrong.
@@ -186,58 +189,11 @@ def read_manifest(manifest: Path) -> list[ImageJob]:
 
 
 def _object_prompts(entry: dict[str, Any]) -> ObjectPrompts:
-    boxes, points, labels = entry.get("boxes"), entry.get("points"), entry.get("labels")
-    if boxes is None and points is None:
-        raise ValueError('give "boxes" and/or "points"')
-    if labels is not None and points is None:
-        raise ValueError('"labels" were given without "points"')
-    count = None
-    if boxes is not None:
-        boxes = _numbers(boxes, "boxes", lambda a: a.ndim == 2 and a.shape[1] == 4, "[[x1, y1, x2, y2], ...]")
-        count = len(boxes)
-    if points is not None:
-        if not isinstance(points, list) or not all(
-            isinstance(p, list) and p and all(isinstance(q, list) for q in p) for p in points
-        ):
-            raise ValueError('"points" must be a list of point lists, one per object: [[[x, y], ...], ...]')
-        points = [_numbers(p, "points", lambda a: a.ndim == 2 and a.shape[1] == 2, "[[x, y], ...]") for p in points]
-        if count is not None and len(points) != count:
-            raise ValueError(f"{count} boxes but {len(points)} point lists: give one point list per box")
-        count = len(points)
-        if labels is None:
-            labels = [[1] * len(p) for p in points]
-        elif (
-            not isinstance(labels, list)
-            or len(labels) != len(points)
-            or any(not isinstance(a, list) or len(a) != len(p) for a, p in zip(labels, points, strict=False))
-        ):
-            raise ValueError('"labels" must have the shape of "points": one list of labels per point list')
-        elif any(label not in (0, 1) or isinstance(label, bool) for a in labels for label in a):
-            raise ValueError('"labels" must be 1 (foreground) or 0 (background)')
-    assert count is not None
-    if count == 0:
-        raise ValueError("no objects: the boxes or points are empty")
+    objects = parse_json_prompts(entry)  # the JSON prompt dialect of docs/prompting.md
+    count = len(objects)
     category_ids = entry.get("category_ids", [DEFAULT_CATEGORY] * count)
     if not isinstance(category_ids, list) or len(category_ids) != count:
         raise ValueError(f'"category_ids" must be a list of {count} integers, one per object')
     if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in category_ids):
         raise ValueError('"category_ids" must be positive integers')
-    return ObjectPrompts(boxes, points, labels, category_ids)
-
-
-def _numbers(value: Any, name: str, shaped: Any, form: str) -> list[Any]:
-    if not isinstance(value, list) or _holds_booleans(value):
-        raise ValueError(f'"{name}" must be {form}')
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise ValueError(f'"{name}" must be {form}') from None
-    if (array.size and not shaped(array)) or not np.isfinite(array).all():
-        raise ValueError(f'"{name}" must be {form} of finite numbers')
-    return array.tolist() if array.size else []
-
-
-def _holds_booleans(value: Any) -> bool:
-    if isinstance(value, list):
-        return any(_holds_booleans(v) for v in value)
-    return isinstance(value, bool) or value is None
+    return ObjectPrompts(objects.boxes, objects.points, objects.labels, category_ids)

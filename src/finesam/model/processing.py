@@ -11,18 +11,9 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
-from finesam.inputs import (  # noqa: F401  (re-exported: the model's users import them from here)
-    MASK_THRESHOLD,
-    PIXEL_MEAN,
-    PIXEL_STD,
-    ImageLike,
-    as_rgb,
-    model_input,
-    normalised,
-    open_image,
-    resized_shape,
-    scale_coordinates,
-)
+# MASK_THRESHOLD, ImageLike and as_rgb are read by model/sam.py through here; every other part imports image
+# I/O from finesam.inputs
+from finesam.inputs import MASK_THRESHOLD, ImageLike, as_rgb, model_input, normalised  # noqa: F401
 
 
 def resized_and_normalised(

@@ -13,7 +13,13 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.inputs import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PADDING_LABEL
+from finesam.inputs import (
+    BOX_BOTTOM_RIGHT_LABEL,
+    BOX_TOP_LEFT_LABEL,
+    PADDING_LABEL,
+    PADDING_POINT,
+    needs_padding_point,
+)
 from finesam.model.config import SAMConfig
 from finesam.model.layers import LayerNorm2d
 from finesam.model.prompts import Prompts
@@ -22,8 +28,9 @@ from finesam.model.prompts import Prompts
 def labelled_points(prompts: Prompts) -> tuple[Float[Tensor, "batch n 2"], Int[Tensor, "batch n"]]:
     """Merges points and boxes into one labelled point sequence, in the order the official encoder embeds them.
 
-    Points come first; a padding point is appended when there is no box; box corners come last.
-    Without points or boxes the sequence is empty, for each prompt of the batch (mask-only prompts).
+    Points come first; a padding point is appended as `finesam.inputs.needs_padding_point` says (points and
+    no box); box corners come last. Without points or boxes the sequence is empty, for each prompt of the batch
+    (mask-only prompts). The ONNX predictor's numpy twin, `finesam.inputs.labelled_points`, is tested equal.
     """
     points, labels, boxes = prompts.points, prompts.labels, prompts.boxes
     coords: list[Tensor] = []
@@ -31,8 +38,8 @@ def labelled_points(prompts: Prompts) -> tuple[Float[Tensor, "batch n 2"], Int[T
     if points is not None and labels is not None:
         coords.append(points)
         kinds.append(labels.long())
-        if boxes is None:
-            coords.append(points.new_zeros(points.shape[0], 1, 2))
+        if needs_padding_point(True, boxes is not None):
+            coords.append(points.new_tensor(PADDING_POINT).expand(points.shape[0], 1, 2))
             kinds.append(labels.new_full((labels.shape[0], 1), PADDING_LABEL).long())
     if boxes is not None:
         coords.append(boxes.reshape(-1, 2, 2))

@@ -245,15 +245,18 @@ class SegmentAnything(fl.Chain):
         faster encoder (see docs/performance.md). Off by default.
 
         `freeze` (inductor's `freezing`) folds the weights into the compiled graph, which is where most of the
-        CPU gain comes from; it applies to inference (`torch.no_grad`) and is a process-wide inductor setting.
-        Compiled kernels are cached on disk by inductor, so a later process compiles faster. Injecting an
-        adapter into the encoder afterwards triggers a recompilation.
-        """
-        if freeze:
-            import torch._inductor.config as inductor_config
+        CPU gain comes from; it applies to inference (`torch.no_grad`). It is passed to this compilation only
+        (inductor's options, applied around each of its compilations and recompilations): inductor's global
+        configuration is left as it was. Compiled kernels are cached on disk by inductor, so a later process
+        compiles faster. Injecting an adapter into the encoder afterwards triggers a recompilation.
 
-            inductor_config.freezing = True
-        self.image_encoder.compile(dynamic=False)
+        Args:
+            freeze: fold the weights into the compiled graph (inductor's `freezing`).
+
+        Returns:
+            The model itself.
+        """
+        self.image_encoder.compile(dynamic=False, options={"freezing": freeze})
         return self
 
     def _reset_image_features(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPS
 from finesam.adapters.hq.layers import HQOutputRule
 from finesam.fast import reference_paths
 from finesam.inputs import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
-from finesam.model.config import PRESETS
+from finesam.model.config import preset_name
 from finesam.model.sam import SegmentAnything
 from finesam.onnx import interface as io
 from finesam.onnx.graphs import DecoderGraph, EncoderGraph, loras_merged
@@ -56,10 +56,6 @@ def check_opset(opset: int) -> None:
         raise ValueError(f"opset {opset} is not supported: the exporter writes opsets {io.MIN_OPSET} to {MAX_OPSET}")
 
 
-def _size_name(model: SegmentAnything) -> str:
-    return next((name for name, config in PRESETS.items() if config == model.config), "custom")
-
-
 def _adapters(model: SegmentAnything) -> dict[str, Any]:
     rule = model.find(HQOutputRule)
     loras: dict[str, float] = {}
@@ -83,7 +79,7 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
     return {
         "format": io.FORMAT,
         "version": io.FORMAT_VERSION,
-        "model": {"size": _size_name(model), "encoder": type(config.encoder).__name__, **adapters},
+        "model": {"size": preset_name(config), "encoder": type(config.encoder).__name__, **adapters},
         "multimask_output": multimask_output,
         "opset": opset,
         "exporter": f"torch.onnx TorchScript-based (torch {torch.__version__.split('+')[0]})",

@@ -13,13 +13,11 @@ from typing import Any
 import numpy as np
 
 from finesam.inputs import (
-    BOX_BOTTOM_RIGHT_LABEL,
-    BOX_TOP_LEFT_LABEL,
     MASK_THRESHOLD,
-    PADDING_LABEL,
     ImageLike,
     as_rgb,
     check_prompts,
+    labelled_points,
     model_input,
     scale_coordinates,
 )
@@ -163,24 +161,18 @@ class OnnxPredictor:
             return None if array is None else array[index if len(array) > 1 else 0]
 
         sizes = (embedding.original_size, embedding.input_size)
-        coords: list[np.ndarray] = []
-        kinds: list[float] = []
         points, labels, box = pick(checked.points), pick(checked.labels), pick(checked.boxes)
-        if points is not None and labels is not None:
-            coords.append(scale_coordinates(points, *sizes))
-            kinds += list(labels)
-        if box is None and points is not None:  # as the torch model: a padding point stands for the missing box
-            coords.append(np.zeros((1, 2)))
-            kinds.append(PADDING_LABEL)
-        elif box is not None:
-            coords.append(scale_coordinates(box.reshape(2, 2), *sizes))
-            kinds += [BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL]
+        coords, kinds = labelled_points(  # the rule of the torch model, padding point included
+            None if points is None else scale_coordinates(points, *sizes),
+            labels,
+            None if box is None else scale_coordinates(box.reshape(2, 2), *sizes),
+        )
         mask = pick(checked.mask_input)
         low = self.mask_input_size
         feeds = {
             io.IMAGE_EMBEDDINGS: embedding.outputs[io.IMAGE_EMBEDDINGS],
-            io.POINT_COORDS: np.concatenate([np.zeros((0, 2)), *coords])[None].astype(np.float32),
-            io.POINT_LABELS: np.array([kinds], dtype=np.float32),
+            io.POINT_COORDS: coords[None].astype(np.float32),
+            io.POINT_LABELS: kinds[None].astype(np.float32),
             io.MASK_INPUT: np.zeros((1, 1, low, low), np.float32) if mask is None else mask[None].astype(np.float32),
             io.HAS_MASK_INPUT: np.array([0.0 if mask is None else 1.0], dtype=np.float32),
             io.ORIG_IM_SIZE: np.array(embedding.original_size, dtype=np.float32),

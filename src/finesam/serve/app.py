@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from finesam.data.pairs import IMAGE_SUFFIXES
-from finesam.model.processing import as_rgb, open_image
+from finesam.inputs import as_rgb, open_image
 from finesam.serve.host import ModelHost, NotFound
 from finesam.serve.requests import ApiError, everything_request, mask_request
 

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +18,7 @@ from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.lora import SAMLoraAdapter
+from finesam.adapters.order import injection_order
 from finesam.amg import AutomaticMaskGenerator
 from finesam.amg.rle import mask_to_rle, to_coco
 from finesam.model.config import describe
@@ -96,12 +97,17 @@ class ModelHost:
         assert adapter is not None
         return adapter
 
-    def _switch(self, wanted: set[str]) -> None:
-        """Injects and ejects adapters until exactly `wanted` are injected (lock held)."""
-        for name in reversed([n for n in self._injected if n not in wanted]):
+    def _switch(self, hq: bool, loras: Iterable[str]) -> None:
+        """Injects and ejects adapters until exactly these are injected, in finesam's one order (HQ-SAM, then
+        the LoRAs; `finesam.adapters.order`), keeping what is already injected in that order (lock held)."""
+        wanted = injection_order(HQ if hq else None, sorted(set(loras)))
+        kept = 0
+        while kept < min(len(wanted), len(self._injected)) and self._injected[kept] == wanted[kept]:
+            kept += 1
+        for name in reversed(self._injected[kept:]):
             self._adapter(name).eject()
-            self._injected.remove(name)
-        for name in sorted(wanted - set(self._injected)):
+        del self._injected[kept:]
+        for name in wanted[kept:]:
             self._adapter(name).inject()
             self._injected.append(name)
 
@@ -115,7 +121,7 @@ class ModelHost:
     @contextmanager
     def _setup(self, hq: bool, loras: Sequence[str], hq_only: bool = False) -> Iterator[None]:
         """The model with exactly these adapters injected (lock held; `check_adapters` already passed)."""
-        self._switch({*loras, *([HQ] if hq else [])})
+        self._switch(hq, loras)
         if self.hq is not None:
             self.hq.hq_mask_only = hq_only
         yield
@@ -150,7 +156,7 @@ class ModelHost:
         key = frozenset(self._in_encoder & set(loras))
         if key in entry.embeddings:
             return entry.embeddings[key], 0.0
-        self._switch({*key, *([HQ] if self.hq is not None else [])})
+        self._switch(self.hq is not None, key)
         start = time.perf_counter()
         embedding = self.model.encode_image(entry.image)
         entry.embeddings[key] = embedding

@@ -3,8 +3,8 @@
 import math
 from typing import Any
 
-from finesam.amg import AutomaticMaskGenerator
-from finesam.cli.options import GENERATOR_OPTIONS
+from finesam.amg import GENERATOR_OPTIONS, AutomaticMaskGenerator
+from finesam.inputs import JSON_PROMPT_KEYS, parse_json_prompts
 from finesam.serve.host import MaskRequest
 
 
@@ -45,41 +45,30 @@ def _loras(data: dict[str, Any]) -> tuple[str, ...]:
 
 
 MAX_POINTS_PER_SIDE = 128  # 16384 prompts: one request cannot hold the model for long
-MASK_KEYS = {"points", "labels", "box", "multimask", "hq", "hq_only", "loras"}
+MASK_KEYS = JSON_PROMPT_KEYS | {"multimask", "hq", "hq_only", "loras"}
 
 
 def mask_request(data: Any) -> MaskRequest:
-    """A `MaskRequest` from the JSON of `POST /api/images/{id}/masks`.
+    """A `MaskRequest` from the JSON of `POST /api/images/{id}/masks`: one object in the JSON prompt dialect
+    (docs/prompting.md: "box" or "boxes", "points", "labels"; `[]` means none) and the model setup.
 
     Raises:
-        ApiError: 422 naming the first problem (shapes, types, NaN, x2 < x1, ...).
+        ApiError: 422 naming the first problem (shapes, types, NaN, x2 < x1, more than one object, ...).
     """
     if not isinstance(data, dict):
         raise _invalid(f"the request body must be a JSON object, got {type(data).__name__}")
     if unknown := sorted(set(data) - MASK_KEYS):
         raise _invalid(f"unknown keys {unknown} (known: {sorted(MASK_KEYS)})")
-    points, labels, box = data.get("points"), data.get("labels"), data.get("box")
-    if points is not None:
-        if not isinstance(points, list) or not all(isinstance(p, list) and len(p) == 2 for p in points):
-            raise _invalid(f'"points" must be a list of [x, y] pairs, got {points!r}')
-        points = [[_number(v, f"points[{i}]") for v in p] for i, p in enumerate(points)] or None
-    if labels is not None:
-        if not isinstance(labels, list) or not all(type(v) is int and v in (0, 1) for v in labels):
-            raise _invalid(f'"labels" must be a list of 1 (foreground) and 0 (background), got {labels!r}')
-        if points is None or len(labels) != len(points):
-            raise _invalid(f'"labels" needs one label per point ({0 if points is None else len(points)} points)')
-    if box is not None:
-        if not isinstance(box, list) or len(box) != 4:
-            raise _invalid(f'"box" must be [x1, y1, x2, y2] or null, got {box!r}')
-        box = [_number(v, f"box[{i}]") for i, v in enumerate(box)]
-        if box[2] < box[0] or box[3] < box[1]:
-            raise _invalid(f'"box" must have x2 >= x1 and y2 >= y1, got {box!r}')
-    if points is None and box is None:
-        raise _invalid('give "points" and/or a "box"')
+    try:
+        objects = parse_json_prompts(data)
+    except ValueError as e:
+        raise _invalid(str(e)) from None
+    if len(objects) != 1:
+        raise _invalid(f"one object per request: one box and/or one point list, got {len(objects)} objects")
     return MaskRequest(
-        points=points,
-        labels=labels if labels else None,
-        box=box,
+        points=None if objects.points is None else objects.points[0],
+        labels=None if objects.labels is None else objects.labels[0],
+        box=None if objects.boxes is None else objects.boxes[0],
         multimask=_flag(data, "multimask"),
         hq=_flag(data, "hq"),
         hq_only=_flag(data, "hq_only"),

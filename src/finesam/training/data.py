@@ -15,7 +15,8 @@ from torch import Tensor
 
 from finesam.data.pairs import load_pair
 from finesam.data.sampling import foreground_points, mask_box, noisy_box, sample_generator
-from finesam.model.processing import resized_and_normalised, resized_shape
+from finesam.inputs import resized_shape
+from finesam.model.processing import resized_and_normalised
 from finesam.model.prompts import Prompts
 from finesam.training.config import DataConfig, PromptConfig
 

@@ -20,6 +20,7 @@ from finesam.data.pairs import check_masks, list_pairs
 from finesam.data.sampling import sample_generator
 from finesam.model.prompts import Prompts
 from finesam.model.sam import SegmentAnything
+from finesam.process import seeded_global_rng
 from finesam.training.adapters import build_adapters
 from finesam.training.cache import EmbeddingCache
 from finesam.training.config import TrainConfig
@@ -80,13 +81,13 @@ class Trainer:
         self.config, self.progress = config, progress
         self.dist = Distributed.from_environment()
         self.device = device = self.dist.join(torch.device(config.run.device))
-        torch.manual_seed(config.run.seed)  # new adapter weights: the same in every process
         model = load_sam(config.model.weights, device, fast=False)  # training runs the reference chains
         model.eval()  # the base stays in inference behaviour (TinyViT BatchNorm statistics)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self.model = model
-        self.adapters = build_adapters(config, model)
+        with seeded_global_rng(config.run.seed, device):  # new adapter weights: the same in every process and run
+            self.adapters = build_adapters(config, model)
         for adapter in self.adapters.values():
             adapter.to(device)
             adapter.inject()

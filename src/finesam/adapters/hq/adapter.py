@@ -155,6 +155,8 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
 
     @property
     def hq_mask_only(self) -> bool:
+        """The output rule: True, the HQ mask alone (official `hq_token_only`); False, SAM's mask plus the HQ
+        mask. It may be changed while injected (see also `hq_mask_only_set_to`)."""
         return self._rule[0].hq_mask_only
 
     @hq_mask_only.setter
@@ -165,6 +167,26 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         raise TypeError("HQSAMAdapter is not called directly: inject() it and call the SegmentAnything model")
 
     def inject(self, parent: fl.Chain | None = None) -> "HQSAMAdapter":
+        """Places the HQ parts in the target model; overrides refiners' `Adapter.inject`, which would put this
+        chain in place of the whole model.
+
+        Injects its small adapters instead (the early-feature capture in the encoder, the feature fusion, the
+        HQ token, the upscaled-embedding capture, the HQ mask head and the output rule), each around one base
+        module, and declares the `hq_sam` context and the `image` context's early-embedding key. The weights
+        are checked to be on the device and in the dtype of the mask decoder first.
+
+        Args:
+            parent: unused (the places are found from the model given at construction); kept for the signature
+                of `Adapter.inject`.
+
+        Returns:
+            The adapter itself, injected.
+
+        Raises:
+            RuntimeError: this adapter is already injected.
+            ValueError: the model already has an HQ-SAM adapter, or the weights are on another device / in
+                another dtype than the mask decoder.
+        """
         if self.injected:
             raise RuntimeError("this HQSAMAdapter is already injected")
         _ensure_no_hq(self.target)
@@ -179,6 +201,13 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         return self
 
     def eject(self) -> None:
+        """Takes the HQ parts out again, in reverse order, and drops the contexts `inject()` declared; overrides
+        refiners' `Adapter.eject`. The base's structure, `state_dict` and outputs are those before `inject()`;
+        the HQ weights are kept, so the adapter can be injected again.
+
+        Raises:
+            RuntimeError: this adapter is not injected.
+        """
         if not self.injected:
             raise RuntimeError("this HQSAMAdapter is not injected")
         for adapter in reversed(self._adapters):
