@@ -12,7 +12,7 @@ from refiners.fluxion.layers.chain import ChainError
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.hq.layers import CONTEXT, HQFeatureFusion, HQMaskFeatures, HQMaskPrediction, HQTokenMLP
-from finesam.fast import apply_fast_paths
+from finesam.fast import apply_fast_paths, has_fast_paths
 from finesam.fast.hq import HQMaskPrediction as FastHQMaskPrediction
 from finesam.model import PRESETS, SegmentAnything
 from finesam.model.prompts import Prompts
@@ -321,6 +321,8 @@ def test_adapter_weights_file_round_trip(tmp_path, official_hq, hq):
     path = save_hq(adapter, tmp_path / "small.hq.safetensors")
     assert path.stat().st_size < 2 * sum(p.numel() * 4 for p in adapter.parameters())  # only the adapter's weights
     fresh_model = sam_from_state_dict(official_hq.state_dict())
+    if has_fast_paths(model):
+        apply_fast_paths(fresh_model)  # load_hq follows its model
     fresh = load_hq(fresh_model, path).inject()
     assert fresh.state_dict().keys() == adapter.state_dict().keys()
     image = PHOTOS["square"]()

@@ -26,6 +26,7 @@ from skimage import data as skimage_data
 from finesam.adapters import SAMLoraAdapter
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask
 from finesam.amg.rle import mask_to_rle
+from finesam.fast import apply_fast_paths
 from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, LabellingRun, ObjectPrompts, SegmentedObject, images_of, read_manifest
 from finesam.labelling.coco import annotation, coco_box, mask_polygons
@@ -53,7 +54,10 @@ def official():
 
 @pytest.fixture(scope="module")
 def sam(official) -> SegmentAnything:
-    return sam_from_state_dict(official.state_dict())
+    """The model as the command loads it (with the fast paths), so that their outputs are equal bit for bit."""
+    model = sam_from_state_dict(official.state_dict())
+    apply_fast_paths(model)
+    return model
 
 
 @pytest.fixture(scope="module")
