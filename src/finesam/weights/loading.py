@@ -10,10 +10,10 @@ from torch import Tensor
 
 from finesam.model.config import SAMConfig
 from finesam.model.sam import SegmentAnything
-from finesam.model.tiny_vit import BiasedAttention
 from finesam.weights.hq import has_hq_keys, hq_from_state_dict, save_hq
 from finesam.weights.io import (
     CheckpointError,
+    PickledObjectError,
     check_tensors,
     format_metadata,
     is_official,
@@ -21,6 +21,7 @@ from finesam.weights.io import (
     read_format,
     write_safetensors,
 )
+from finesam.weights.layouts import layouts
 from finesam.weights.sam_keys import convert_state_dict, infer_config, is_unused_key
 
 FORMAT_SAM = "sam"
@@ -44,12 +45,27 @@ def sam_from_state_dict(state_dict: Mapping[str, Tensor], device: torch.device |
 def _assign(model: SegmentAnything, weights: Mapping[str, Tensor], device: torch.device | str) -> SegmentAnything:
     """Puts loaded tensors into a model built on `meta`, and rebuilds the buffers checkpoints do not store."""
     model.load_state_dict({k: v.to(device) for k, v in weights.items()}, assign=True)
-    for module in model.modules():
-        if isinstance(module, BiasedAttention):
-            module.rebuild_buffers(device)
+    model.image_encoder.rebuild_buffers(device)  # the family's hook (TinyViT: its attention-bias index tables)
     meta = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     assert not meta, f"buffers left on the meta device: {meta}"
     return model.eval()
+
+
+def read_official(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of an official checkpoint (`io.load_official_state_dict`); a pickled whole model is refused
+    with the file to use instead when a registered family knows its code.
+
+    Raises:
+        CheckpointError: the file is unreadable or holds more than plain weights.
+    """
+    try:
+        return load_official_state_dict(path)
+    except PickledObjectError as e:
+        hints = [hint for layout in layouts() if e.global_name and (hint := layout.whole_model_hint(e.global_name))]
+        if not hints:
+            raise
+        message = f"{path}: a whole pickled model, refused (finesam reads plain weights only); {hints[0]}"
+        raise CheckpointError(message) from None
 
 
 def weights_digest(state_dict: Mapping[str, Tensor]) -> str:
@@ -95,7 +111,7 @@ def load_sam(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     """
     path = Path(path)
     if is_official(path):
-        model = sam_from_state_dict(load_official_state_dict(path), device)
+        model = sam_from_state_dict(read_official(path), device)
     else:
         declared, sections = read_format(path, FORMAT_SAM, tensors=False)
         if "config" not in sections:
@@ -153,7 +169,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
         What was written, and whether its SAM part equals a SAM file already in `out_dir`.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    state_dict = load_official_state_dict(checkpoint)
+    state_dict = read_official(checkpoint)
     model = sam_from_state_dict(state_dict)
     base = out_dir / f"{checkpoint.stem}.safetensors"
     written = [save_sam(model, base)]
