@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from finesam.allocator import reuse_freed_memory
-from finesam.cli import convert, demo, eval, everything, export, segment, serve, train
+from finesam.cli import convert, demo, eval, everything, export, models, segment, serve, train
 from finesam.cli.common import UsageError
 from finesam.weights import CheckpointError
 
-COMMAND_GROUPS = (convert, segment, everything, demo, serve, export, train, eval)
+COMMAND_GROUPS = (convert, segment, everything, demo, serve, export, train, eval, models)
 
 
 def build_parser() -> argparse.ArgumentParser:
