@@ -135,7 +135,6 @@ class TinyViTConfig:
     """
 
     family: ClassVar[str] = "tiny_vit"
-    patch_size: ClassVar[int] = 16  # stem /4, two patch mergings /2: the embedding grid is the input / 16
     dims: tuple[int, int, int, int] = (64, 128, 160, 320)
     depths: tuple[int, int, int, int] = (2, 2, 6, 2)
     heads: tuple[int, int, int] = (4, 5, 10)
@@ -161,6 +160,11 @@ class TinyViTConfig:
                 "mbconv_expand": (0.01, 64),
             },
         )
+
+    @property
+    def patch_size(self) -> int:
+        """16: the stem divides the input by 4 and two patch mergings by 2 each."""
+        return 16
 
     @property
     def dim(self) -> int:
