@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.lora import TARGETS, SAMLoraAdapter
 from finesam.model import PRESETS, SAMConfig, SegmentAnything
 from finesam.model.config import TinyViTConfig, describe
@@ -139,6 +140,14 @@ def test_official_weights_convert_load_and_match(name):
     assert early.shape == (1, grid, grid, encoder.early_embedding_dim)
     assert encoder.early_embedding_dim == model.config.encoder.early_embedding_dim
     assert max_diff(early, expected_early) <= TOLERANCE
+    # and HQ-SAM's adapter finds that tap by itself and keeps it with the embedding
+    adapter = HQSAMAdapter(model)
+    adapter.inject()
+    try:
+        assert max_diff(model.encode(_pixels(size)), expected) <= TOLERANCE
+        assert max_diff(model.image_features()["early_vit_embedding"], expected_early) <= TOLERANCE
+    finally:
+        adapter.eject()
 
 
 @pytest.mark.parametrize("name", FAMILIES)

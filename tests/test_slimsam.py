@@ -2,12 +2,11 @@
 `segment_anything` model built with SlimSAM's widths and to HF transformers' `SamModel` on the same random
 weights; the original whole-model pickles are refused with the files to use instead."""
 
-import contextlib
 import dataclasses
+import os
+import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -29,27 +28,28 @@ from official import SamPredictor, build_official, segment_anything
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-@contextlib.contextmanager
-def _without_torchvision_stand_ins() -> Iterator[None]:
-    """transformers checks for torchvision when it is imported, and the official packages' stand-in (installed
-    by reference/official.py) has no module spec: it is set aside while transformers is imported (as the
-    benchmarks import it before the stand-in exists), then put back."""
-    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "torchvision"}
-    try:
-        yield
-    finally:
-        sys.modules.update(saved)
+# HF transformers in a process of its own: importing it changes process-wide state that other tests rely on
+# (huggingface_hub's endpoint, read once on import), and it must come before the official packages' stand-ins.
+# It loads the official weights under HF's names (the benchmarks' renames) into a `SamModel` with SlimSAM-77's
+# `SamVisionConfig` at the test's input size, and saves its image embedding, masks and IoUs for a box.
+HF_SCRIPT = """
+import sys
+import torch
+import hf_transformers  # imports transformers
+from transformers import SamConfig, SamModel
 
-
-def _hf_transformers() -> Any:
-    """benchmarks/hf_transformers.py (the official -> HF renames and `hf_sam`), imported as bench.py does."""
-    with _without_torchvision_stand_ins():
-        sys.path.insert(0, str(BENCHMARKS))
-        try:
-            import hf_transformers  # pyright: ignore[reportMissingImports]
-        finally:
-            sys.path.remove(str(BENCHMARKS))
-    return hf_transformers
+state_dict, pixels, box, out = torch.load(sys.argv[1]), torch.load(sys.argv[2]), torch.load(sys.argv[3]), sys.argv[4]
+vision = dict(hidden_size=168, mlp_dim=696, num_hidden_layers=12, num_attention_heads=12, window_size=14,
+              global_attn_indexes=[2, 5, 8, 11], image_size=256)
+config = SamConfig(vision_config=vision, prompt_encoder_config=dict(image_size=256, image_embedding_size=16))
+model = SamModel._from_config(config, attn_implementation="sdpa").eval()
+missing, unexpected = model.load_state_dict(hf_transformers.hf_state_dict(state_dict), strict=False)
+assert not missing and not unexpected, (missing, unexpected)
+with torch.no_grad():
+    embedding = model.get_image_embeddings(pixels)
+    output = model(image_embeddings=embedding, input_boxes=box[None], multimask_output=True)
+torch.save((embedding, output.pred_masks[:, 0], output.iou_scores[:, 0]), out)
+"""
 
 
 # SlimSAM-77's encoder widths and blocks at a 256 input (16 x 16 tokens: padded 14 x 14 windows), so that the
@@ -135,33 +135,23 @@ def test_the_automatic_mask_generator_runs_on_slimsam(official_77, model_77):
 
 
 @torch.no_grad()
-def test_slimsam_77_matches_hf_transformers(official_77, model_77):
-    """HF's `SamModel` with SlimSAM-77's `SamVisionConfig` and the same weights (renamed as the benchmarks do):
-    same image embedding, same masks and IoUs for a box."""
-    hf = _hf_transformers()
-    from transformers import SamConfig, SamModel  # pyright: ignore[reportMissingImports]
-
-    vision = {
-        "hidden_size": 168,
-        "mlp_dim": 696,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "window_size": 14,
-        "global_attn_indexes": [2, 5, 8, 11],
-        "image_size": 256,
-    }
-    config = SamConfig(vision_config=vision, prompt_encoder_config={"image_size": 256, "image_embedding_size": 16})
-    reference = SamModel._from_config(config, attn_implementation="sdpa").eval()
-    missing, unexpected = reference.load_state_dict(hf.hf_state_dict(official_77.state_dict()), strict=False)
-    assert not missing and not unexpected
+def test_slimsam_77_matches_hf_transformers(official_77, model_77, tmp_path):
+    """HF's `SamModel` with SlimSAM-77's `SamVisionConfig` and the same weights: same image embedding, same
+    masks and IoUs for a box."""
     pixels = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
-    expected = reference.get_image_embeddings(pixels)
-    assert max_diff(model_77.encode(pixels), expected) <= TOLERANCE
     box = torch.tensor([[20.0, 30.0, 180.0, 220.0]])
-    output = reference(image_embeddings=expected, input_boxes=box[None], multimask_output=True)
-    masks, iou = model_77.decode(expected, Prompts(boxes=box), multimask_output=True)
-    assert max_diff(masks, output.pred_masks[:, 0]) <= TOLERANCE
-    assert max_diff(iou, output.iou_scores[:, 0]) <= TOLERANCE
+    files = [tmp_path / name for name in ("weights.pt", "pixels.pt", "box.pt", "hf.pt")]
+    for value, path in zip((official_77.state_dict(), pixels, box), files, strict=False):
+        torch.save(value, path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", HF_SCRIPT, *map(str, files)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    embedding, masks, iou = torch.load(files[3])
+    assert max_diff(model_77.encode(pixels), embedding) <= TOLERANCE
+    ours = model_77.decode(embedding, Prompts(boxes=box), multimask_output=True)
+    assert max_diff(ours[0], masks) <= TOLERANCE and max_diff(ours[1], iou) <= TOLERANCE
 
 
 def test_the_file_round_trip(tmp_path, official_77, model_77):
