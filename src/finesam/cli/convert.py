@@ -36,7 +36,11 @@ def run_download(args: argparse.Namespace) -> None:
 
 def add_commands(commands: Commands) -> None:
     convert = add_command(commands, "convert", "official .pth checkpoint -> safetensors")
-    convert.add_argument("checkpoint", type=Path, help="an official SAM, MobileSAM or HQ-SAM checkpoint")
+    convert.add_argument(
+        "checkpoint",
+        type=Path,
+        help="an official checkpoint of a registered family (SAM, HQ-SAM, MobileSAM, SlimSAM, ...: finesam models)",
+    )
     convert.add_argument("--out", type=Path, required=True, help="output directory")
     convert.set_defaults(run=run_convert)
 

@@ -162,7 +162,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
     """`CHECKPOINT.pth` -> `OUT_DIR/CHECKPOINT.safetensors`, plus `OUT_DIR/CHECKPOINT.hq.safetensors` for HQ-SAM.
 
     Args:
-        checkpoint: an official SAM, MobileSAM or HQ-SAM checkpoint.
+        checkpoint: an official checkpoint of a registered encoder family (SAM, HQ-SAM, MobileSAM, SlimSAM, ...).
         out_dir: where the converted files go (created if needed).
 
     Returns:
