@@ -3,9 +3,12 @@
 weights; the original whole-model pickles are refused with the files to use instead."""
 
 import dataclasses
+import functools
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from finesam.model.config import describe
 from finesam.model.families.slimsam import SAM_SLIMSAM_50, SAM_SLIMSAM_77, SlimSAMConfig
 from finesam.model.prompts import Prompts
 from finesam.weights import CheckpointError, convert_checkpoint, load_sam
+from finesam.weights.download import CHECKPOINTS, download
 from finesam.weights.loading import sam_from_state_dict
 from finesam.weights.sam_keys import infer_config
 
@@ -161,6 +165,36 @@ def test_the_file_round_trip(tmp_path, official_77, model_77):
     loaded = load_sam(report.written[0])
     assert loaded.config == SLIM_77_256 and type(loaded.config.encoder) is SlimSAMConfig
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model_77.state_dict().items())
+
+
+def test_the_catalogue_downloads_the_uniform_files_by_name(tmp_path, official_77, monkeypatch):
+    """No size or SHA-256 is published: the file is checked whole and taken; its name is the release's even though
+    the URL (a Google Drive link) does not end with it, so a mirror serves it under that name."""
+    for name, file, preset in (
+        ("slimsam_50_uniform", "SlimSAM-50-uniform.pth", "vit_p50"),
+        ("slimsam_77_uniform", "SlimSAM-77-uniform.pth", "vit_p77"),
+    ):
+        checkpoint = CHECKPOINTS[name]
+        assert (checkpoint.filename, checkpoint.preset, checkpoint.size, checkpoint.sha256) == (
+            file,
+            preset,
+            None,
+            None,
+        )
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save(official_77.state_dict(), served / "SlimSAM-77-uniform.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *_: None  # type: ignore[attr-defined]
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        monkeypatch.setenv("FINESAM_MIRROR", f"http://127.0.0.1:{server.server_address[1]}/")
+        try:
+            path = download(CHECKPOINTS["slimsam_77_uniform"], tmp_path / "cache")
+        finally:
+            server.shutdown()
+    assert path == tmp_path / "cache" / "SlimSAM-77-uniform.pth"
+    assert load_sam(path).config == SLIM_77_256
 
 
 @pytest.mark.parametrize("name", ["SlimSAM-77.pth", "SlimSAM-50.pth"])
