@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime
@@ -231,6 +231,21 @@ def test_registering_checks_the_family():
     for problem in ("Other.family must be 'other'", "lora_targets must name", "'vit_tiny' exists already"):
         assert problem in str(error.value)
     assert "other" not in families()
+
+
+def test_an_unregistered_encoder_config_is_refused_with_a_clear_error():
+    @dataclasses.dataclass(frozen=True)
+    class Unregistered:
+        family: ClassVar[str] = "unregistered"
+        patch_size: int = 16
+
+    config = SAMConfig(encoder=Unregistered())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"must be one of the registered families' \(ViTConfig, TinyViTConfig"):
+        SegmentAnything(config, device="meta")
+    with pytest.raises(ValueError, match="unknown encoder family 'unregistered' \\(one of vit, tiny_vit"):
+        SAMConfig.from_dict(config.to_dict())
+    with pytest.raises(ValueError, match="encoder must be an encoder family's config"):
+        SAMConfig(encoder=object())  # type: ignore[arg-type]
 
 
 def _rows(stdout: str) -> dict[str, str]:
