@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finesam.model.config import SAMConfig, ViTConfig
+from finesam.model.config import SAMConfig
 
 
 def _to_pil_image(array: np.ndarray) -> Image.Image:
@@ -130,9 +130,10 @@ def build_official(config: SAMConfig, seed: int = 0, hq: bool = False) -> Any:  
     weight mapped to the wrong place changes the output.
     """
     package: Any = segment_anything_hq.modeling if hq else segment_anything.modeling  # either package's classes
-    encoder, decoder = config.encoder, config.decoder
-    if not isinstance(encoder, ViTConfig):
-        raise TypeError("build_official builds the ViT models (TinyViT: build_official_tiny)")
+    encoder: Any = config.encoder  # a ViTShape: ViTConfig, or a pruned ViT's config
+    decoder = config.decoder
+    if not hasattr(encoder, "mlp_dim") or not hasattr(encoder, "global_attention_blocks"):
+        raise TypeError("build_official builds the ViT models and pruned ViTs (TinyViT: build_official_tiny)")
     torch.manual_seed(seed)
     grid = config.embedding_size
     transformer = package.TwoWayTransformer(
@@ -155,7 +156,7 @@ def build_official(config: SAMConfig, seed: int = 0, hq: bool = False) -> Any:  
             embed_dim=encoder.dim,
             depth=encoder.depth,
             num_heads=encoder.heads,
-            mlp_ratio=encoder.mlp_ratio,
+            mlp_ratio=_mlp_ratio(encoder.dim, encoder.mlp_dim),
             out_chans=decoder.prompt_dim,
             qkv_bias=True,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
@@ -175,6 +176,16 @@ def build_official(config: SAMConfig, seed: int = 0, hq: bool = False) -> Any:  
     )
     perturb(sam, seed)
     return sam.eval()
+
+
+def _mlp_ratio(dim: int, mlp_dim: int) -> float:
+    """The `mlp_ratio` for which the official `int(dim * mlp_ratio)` is `mlp_dim` (SlimSAM's pruned widths are
+    not a round ratio of each other; its own code takes `mlp_dim` instead)."""
+    ratio = mlp_dim / dim
+    while int(dim * ratio) < mlp_dim:  # a quotient rounded down can multiply back to just below mlp_dim
+        ratio = float(np.nextafter(ratio, np.inf))
+    assert int(dim * ratio) == mlp_dim, (dim, mlp_dim)
+    return ratio
 
 
 @torch.no_grad()

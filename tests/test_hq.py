@@ -336,7 +336,9 @@ def test_adapter_weights_errors(tmp_path, official_hq, hq):
     model, adapter = hq
     path = save_hq(adapter, tmp_path / "small.hq.safetensors")
     wider = SegmentAnything(dataclasses.replace(SMALL, encoder=dataclasses.replace(SMALL.encoder, dim=128)))
-    with pytest.raises(CheckpointError, match=r"ViT width 128.*CompressViTFeatures\.ConvTranspose2d_1\.weight \(64"):
+    with pytest.raises(
+        CheckpointError, match=r"early embedding width 128.*CompressViTFeatures\.ConvTranspose2d_1\.weight \(64"
+    ):
         load_hq(wider, path)
     with pytest.raises(ValueError, match="already has an HQ-SAM adapter injected"):
         load_hq(model, path)

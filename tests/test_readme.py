@@ -64,7 +64,18 @@ def workspace(tmp_path_factory, official_small) -> Path:
 
 def test_the_readme_has_the_commands_this_test_knows():
     names = [command[1] for command in readme_commands()]
-    assert {"download", "convert", "segment", "everything", "export", "demo", "synth", "train", "eval"} <= set(names)
+    assert {
+        "models",
+        "download",
+        "convert",
+        "segment",
+        "everything",
+        "export",
+        "demo",
+        "synth",
+        "train",
+        "eval",
+    } <= set(names)
 
 
 def test_every_readme_command_line_runs(workspace):
@@ -102,4 +113,4 @@ def test_every_readme_command_line_runs(workspace):
     assert (workspace / "onnx" / "model.json").is_file()
     for labels in ("labels/annotations.json", "labels/run.json", "box_labels/annotations.json"):
         assert (workspace / labels).is_file(), labels
-    assert set(ran) == {"convert", "segment", "everything", "export", "demo", "synth", "train", "eval"}
+    assert set(ran) == {"models", "convert", "segment", "everything", "export", "demo", "synth", "train", "eval"}

@@ -17,16 +17,22 @@ from refiners.fluxion.adapters import Adapter, LinearLora, LoraAdapter
 from torch import Tensor
 
 from finesam.adapters.placement import check_placement
+from finesam.model.registry import ENCODER_LORA_TARGETS, families
 from finesam.model.sam import SegmentAnything
 from finesam.text import check_name, listing
 
 # Where LoRA goes, by ancestor class names. The default adapts the two-way transformer of the mask decoder
 # (token self-attention, both cross-attentions, token MLP): cheap, and it trains on cached image embeddings.
+# The encoder presets are each registered family's own (`EncoderFamily.lora_targets`): `encoder_attention` the
+# attention projections, `encoder` every encoder linear. Their union is listed here: a family's class names
+# occur only in its own encoder, so on any model the union selects exactly that family's layers.
 TARGETS: dict[str, tuple[str, ...]] = {
     "decoder": ("TwoWayTransformer",),
     "decoder_all": ("MaskDecoder",),  # also the mask hypernetworks and the IoU head
-    "encoder_attention": ("GridAttention", "BiasedAttention"),  # ViT / TinyViT attention projections
-    "encoder": ("ImageEncoder", "TinyViTEncoder"),  # every encoder linear, attention and MLP
+    **{
+        name: tuple(dict.fromkeys(c for family in families().values() for c in family.lora_targets[name]))
+        for name in ENCODER_LORA_TARGETS
+    },
 }
 
 

@@ -39,8 +39,8 @@ def add_commands(commands: Commands) -> None:
     convert.add_argument(
         "checkpoint",
         type=Path,
-        help="an official SAM, MobileSAM or HQ-SAM checkpoint, or a Hugging Face SamModel / SamHQModel folder "
-        "(config.json + model.safetensors, or its model.safetensors)",
+        help="an official checkpoint of a registered family (SAM, HQ-SAM, MobileSAM, SlimSAM, ...: finesam models), "
+        "or a Hugging Face SamModel / SamHQModel folder (config.json + model.safetensors, or its model.safetensors)",
     )
     convert.add_argument("--out", type=Path, required=True, help="output directory")
     convert.set_defaults(run=run_convert, large_tensors=True)

@@ -1,5 +1,7 @@
 """The base Segment Anything model as fluxion chains."""
 
+# the families register first: presets, configs read from files and models are looked up in the registry
+from finesam.model import families  # noqa: F401  (imported for its registrations)
 from finesam.model.config import (
     PRESETS,
     SAM_VIT_B,

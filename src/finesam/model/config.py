@@ -2,15 +2,23 @@
 the official presets."""
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, TypeAlias, get_args, get_origin
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Protocol, get_args, get_origin
+
+from finesam.model.registry import PRESETS, EncoderConfig, families, family_named
 
 
-def _problems(
+def check_config(
     config: object, checks: Callable[[], list[tuple[bool, str]]], limits: dict[str, tuple[float, float]]
 ) -> None:
     """Raises `ValueError` naming every field of the wrong type or out of `limits` (inclusive), else every failed
-    check. Types come first: the checks compute with the fields."""
+    check. Types come first: the checks compute with the fields. Every family's config checks itself with it.
+
+    Args:
+        config: a config dataclass (its fields' annotations give the types).
+        checks: (holds, message) pairs, computed after the types passed.
+        limits: inclusive (low, high) per numeric field; (0, 65536) by default.
+    """
     failed = _type_and_range_problems(config, limits)
     if not failed:
         failed = [message for ok, message in checks() if not ok]
@@ -60,7 +68,7 @@ class ViTConfig:
     patch_size: int = 16
 
     def __post_init__(self) -> None:
-        _problems(
+        check_config(
             self,
             lambda: [
                 (self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
@@ -80,6 +88,11 @@ class ViTConfig:
         )
 
     @property
+    def mlp_dim(self) -> int:
+        """Hidden width of each block's MLP."""
+        return int(self.dim * self.mlp_ratio)
+
+    @property
     def early_embedding_block(self) -> int:
         """Index of the first global-attention block, whose output HQ-SAM fuses with the final embedding."""
         return min(self.global_attention_blocks)
@@ -87,6 +100,31 @@ class ViTConfig:
     @property
     def early_embedding_dim(self) -> int:
         return self.dim
+
+    def describe(self) -> str:
+        return f"ViT {self.dim}x{self.depth}"
+
+
+class ViTShape(EncoderConfig, Protocol):
+    """What the ViT chain (`ImageEncoder`) reads of a config: `ViTConfig`, and the configs of ViT variants
+    (SlimSAM's pruned ViT, with an explicit MLP width)."""
+
+    @property
+    def dim(self) -> int: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def heads(self) -> int: ...
+    @property
+    def global_attention_blocks(self) -> tuple[int, ...]: ...
+    @property
+    def window_size(self) -> int: ...
+    @property
+    def patch_size(self) -> int: ...
+    @property
+    def mlp_dim(self) -> int: ...
+    @property
+    def early_embedding_block(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -97,7 +135,6 @@ class TinyViTConfig:
     """
 
     family: ClassVar[str] = "tiny_vit"
-    patch_size: ClassVar[int] = 16  # stem /4, two patch mergings /2: the embedding grid is the input / 16
     dims: tuple[int, int, int, int] = (64, 128, 160, 320)
     depths: tuple[int, int, int, int] = (2, 2, 6, 2)
     heads: tuple[int, int, int] = (4, 5, 10)
@@ -105,7 +142,7 @@ class TinyViTConfig:
     mbconv_expand: float = 4.0
 
     def __post_init__(self) -> None:
-        _problems(
+        check_config(
             self,
             lambda: [
                 (len(self.dims) == len(self.depths) == 4, "dims and depths need 4 entries (one per stage)"),
@@ -125,6 +162,11 @@ class TinyViTConfig:
         )
 
     @property
+    def patch_size(self) -> int:
+        """16: the stem divides the input by 4 and two patch mergings by 2 each."""
+        return 16
+
+    @property
     def dim(self) -> int:
         """Width of the last stage, which the neck projects to the prompt dimension."""
         return self.dims[3]
@@ -134,9 +176,8 @@ class TinyViTConfig:
         """HQ-SAM fuses the output of stage 1 (after its patch merging): `dims[2]` channels."""
         return self.dims[2]
 
-
-EncoderConfig: TypeAlias = ViTConfig | TinyViTConfig
-ENCODER_FAMILIES: dict[str, type[EncoderConfig]] = {c.family: c for c in (ViTConfig, TinyViTConfig)}
+    def describe(self) -> str:
+        return f"TinyViT {'/'.join(map(str, self.dims))}"
 
 
 @dataclass(frozen=True)
@@ -153,7 +194,7 @@ class DecoderConfig:
     iou_head_hidden_dim: int = 256
 
     def __post_init__(self) -> None:
-        _problems(
+        check_config(
             self,
             lambda: [
                 (self.prompt_dim % 8 == 0, f"prompt_dim {self.prompt_dim} must be a multiple of 8 (mask features)"),
@@ -181,8 +222,8 @@ class DecoderConfig:
 class SAMConfig:
     """Everything needed to build a `SegmentAnything`: the encoder of one family, the decoder, the input size.
 
-    `SAM_VIT_B`, `SAM_VIT_L`, `SAM_VIT_H` and `SAM_VIT_TINY` are the official releases; smaller
-    configurations (tests, experiments) change the fields freely.
+    `PRESETS` holds the official releases of every registered encoder family (`SAM_VIT_B`, `SAM_VIT_L`,
+    `SAM_VIT_H`, `SAM_VIT_TINY`, ...); smaller configurations (tests, experiments) change the fields freely.
     """
 
     encoder: EncoderConfig = field(default_factory=ViTConfig)
@@ -191,10 +232,13 @@ class SAMConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.encoder, (ViTConfig, TinyViTConfig)) or not isinstance(self.decoder, DecoderConfig):
-            raise ValueError("invalid SAMConfig: encoder must be a ViTConfig or TinyViTConfig, decoder a DecoderConfig")
+        # the encoder's family is looked up when a model is built (presets are made before families register)
+        if not is_dataclass(self.encoder) or not isinstance(getattr(self.encoder, "family", None), str):
+            raise ValueError(f"invalid SAMConfig: encoder must be an encoder family's config, got {self.encoder!r}")
+        if not isinstance(self.decoder, DecoderConfig):
+            raise ValueError(f"invalid SAMConfig: decoder must be a DecoderConfig, got {self.decoder!r}")
         patch = self.encoder.patch_size
-        _problems(
+        check_config(
             self,
             lambda: [(self.image_size % patch == 0, f"image_size {self.image_size} is not a multiple of {patch}")],
             {"image_size": (patch, 16384)},
@@ -231,11 +275,8 @@ class SAMConfig:
             if not isinstance(section, dict):
                 raise ValueError(f"the {what} configuration is a JSON object, got {section!r}")
         encoder, decoder = dict(encoder), dict(decoder)
-        family = encoder.pop("family", None)
-        if family not in ENCODER_FAMILIES:
-            raise ValueError(f"unknown encoder family {family!r} (one of {', '.join(ENCODER_FAMILIES)})")
+        kind = family_named(encoder.pop("family", None)).config
         _check_fields(cls, values, "SAMConfig")
-        kind = ENCODER_FAMILIES[family]
         _check_fields(kind, encoder, kind.__name__)
         _check_fields(DecoderConfig, decoder, "DecoderConfig")
         tuples = {k: tuple(v) for k, v in encoder.items() if isinstance(v, list)}  # JSON has lists, not tuples
@@ -258,34 +299,20 @@ _FLAT_DECODER = {
     "iou_head_depth": "iou_head_depth",
     "iou_head_hidden_dim": "iou_head_hidden_dim",
 }
-_FLAT_VIT = {
-    "encoder_dim": "dim",
-    "encoder_depth": "depth",
-    "encoder_heads": "heads",
-    "global_attention_blocks": "global_attention_blocks",
-    "window_size": "window_size",
-    "mlp_ratio": "mlp_ratio",
-    "patch_size": "patch_size",
-}
-_FLAT_TINY = {"tiny_dims": "dims", "tiny_depths": "depths", "tiny_mbconv_expand": "mbconv_expand"}
+_FLAT_DEFAULT_FAMILY = "vit"  # finesam 0.1 wrote no `encoder_type` for its ViTs
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    """The flat configuration of finesam 0.1 files (`encoder_type` plus `tiny_*` fields) as nested values."""
-    family = flat.pop("encoder_type", "vit")
+    """The flat configuration of finesam 0.1 files (`encoder_type` plus the encoders' fields) as nested values;
+    each family that existed then reads its own fields (`EncoderFamily.from_flat`)."""
+    name = flat.pop("encoder_type", _FLAT_DEFAULT_FAMILY)
+    family = family_named(name)
+    if family.from_flat is None:
+        raise ValueError(f"the {name} family did not exist in finesam 0.1: a flat configuration cannot name it")
     decoder = {new: flat.pop(old) for old, new in _FLAT_DECODER.items() if old in flat}
-    encoder: dict[str, Any] = {"family": family}
-    if family == "tiny_vit":
-        encoder |= {new: flat.pop(old) for old, new in _FLAT_TINY.items() if old in flat}
-        for old, new in (("tiny_heads", "heads"), ("tiny_windows", "windows")):
-            if old in flat:
-                encoder[new] = list(flat.pop(old))[1:]  # the convolutional stage had an unused entry
-        for old in _FLAT_VIT:
-            flat.pop(old, None)  # meaningless for TinyViT
-    else:
-        encoder |= {new: flat.pop(old) for old, new in _FLAT_VIT.items() if old in flat}
-        for old in (*_FLAT_TINY, "tiny_heads", "tiny_windows"):
-            flat.pop(old, None)
+    encoder = {"family": name, **family.from_flat(flat)}
+    for key in {k for f in families().values() for k in f.legacy_keys}:
+        flat.pop(key, None)  # the fields of the other families: 0.1 wrote them all
     return {**flat, "encoder": encoder, "decoder": decoder}
 
 
@@ -294,20 +321,31 @@ SAM_VIT_L = SAMConfig(ViTConfig(dim=1024, depth=24, heads=16, global_attention_b
 SAM_VIT_H = SAMConfig(ViTConfig(dim=1280, depth=32, heads=16, global_attention_blocks=(7, 15, 23, 31)), name="vit_h")
 # MobileSAM and Light HQ-SAM (`vit_t` / `vit_tiny`): TinyViT-5M at 1024, the same prompt encoder and decoder
 SAM_VIT_TINY = SAMConfig(TinyViTConfig(), name="vit_tiny")
-PRESETS: dict[str, SAMConfig] = {c.name: c for c in (SAM_VIT_B, SAM_VIT_L, SAM_VIT_H, SAM_VIT_TINY)}
 
 
 def preset_name(config: SAMConfig) -> str:
-    """The official name (`vit_b`, `vit_l`, `vit_h`, `vit_tiny`) of a configuration, or `custom`."""
+    """The official name (`vit_b`, `vit_l`, `vit_h`, `vit_tiny`, ...: `PRESETS`) of a configuration, or `custom`."""
     return next((name for name, preset in PRESETS.items() if preset == config), "custom")
 
 
 def describe(config: SAMConfig) -> str:
     """One line for people: `SAM vit_b (ViT 768x12, input 1024)`."""
-    encoder = config.encoder
-    shape = (
-        f"TinyViT {'/'.join(map(str, encoder.dims))}"
-        if isinstance(encoder, TinyViTConfig)
-        else f"ViT {encoder.dim}x{encoder.depth}"
-    )
-    return f"SAM {preset_name(config)} ({shape}, input {config.image_size})"
+    return f"SAM {preset_name(config)} ({config.encoder.describe()}, input {config.image_size})"
+
+
+__all__ = [
+    "PRESETS",
+    "SAM_VIT_B",
+    "SAM_VIT_H",
+    "SAM_VIT_L",
+    "SAM_VIT_TINY",
+    "DecoderConfig",
+    "EncoderConfig",
+    "SAMConfig",
+    "TinyViTConfig",
+    "ViTConfig",
+    "ViTShape",
+    "check_config",
+    "describe",
+    "preset_name",
+]

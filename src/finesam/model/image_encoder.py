@@ -8,8 +8,9 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.config import ViTConfig
+from finesam.model.config import ViTShape
 from finesam.model.layers import LayerNorm2d
+from finesam.model.registry import EncoderChain
 
 
 class PatchEmbedding(fl.Chain):
@@ -192,12 +193,12 @@ class Neck(fl.Chain):
         )
 
 
-class ImageEncoder(fl.Chain):
+class ImageEncoder(EncoderChain[ViTShape]):
     """ViT image encoder: (B, 3, S, S) normalised, padded image -> (B, prompt_dim, S/16, S/16) image embedding."""
 
     def __init__(
         self,
-        config: ViTConfig,
+        config: ViTShape,
         image_size: int,
         out_dim: int,
         device: Device | str | None = None,
@@ -212,7 +213,7 @@ class ImageEncoder(fl.Chain):
                 TransformerBlock(
                     dim,
                     config.heads,
-                    int(dim * config.mlp_ratio),
+                    config.mlp_dim,
                     grid,
                     window_size=None if i in config.global_attention_blocks else config.window_size,
                     device=device,

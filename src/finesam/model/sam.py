@@ -13,30 +13,13 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.config import (
-    SAM_VIT_B,
-    SAM_VIT_H,
-    SAM_VIT_L,
-    SAM_VIT_TINY,
-    EncoderConfig,
-    SAMConfig,
-    TinyViTConfig,
-    ViTConfig,
-)
-from finesam.model.image_encoder import ImageEncoder
+from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAM_VIT_TINY, SAMConfig
 from finesam.model.mask_decoder import MaskDecoder
 from finesam.model.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks, preprocess_image
 from finesam.model.prompt_encoder import PromptEncoder, labelled_points
 from finesam.model.prompts import Prompts, prepare_prompts
 from finesam.model.quantized import quantize_linears
-from finesam.model.tiny_vit import TinyViTEncoder
-
-# the encoder chain of each family: no code branches on a family name
-
-ENCODERS: dict[type[EncoderConfig], type[ImageEncoder | TinyViTEncoder]] = {
-    ViTConfig: ImageEncoder,
-    TinyViTConfig: TinyViTEncoder,
-}
+from finesam.model.registry import EncoderChain, family_of
 
 
 @dataclass(frozen=True)
@@ -90,9 +73,12 @@ class SegmentAnything(fl.Chain):
     def __init__(
         self, config: SAMConfig = SAM_VIT_B, device: Device | str | None = None, dtype: DType | None = None
     ) -> None:
-        encoder = ENCODERS[type(config.encoder)]
+        # the encoder chain of the config's family (`finesam.model.registry`): no code here branches on a family
+        encoder = family_of(config.encoder).build(
+            config.encoder, config.image_size, config.decoder.prompt_dim, device=device, dtype=dtype
+        )
         super().__init__(
-            encoder(config.encoder, config.image_size, config.decoder.prompt_dim, device=device, dtype=dtype),  # type: ignore[arg-type]
+            encoder,
             PromptEncoder(config, device=device, dtype=dtype),
             MaskDecoder(config, device=device, dtype=dtype),
         )
@@ -114,9 +100,9 @@ class SegmentAnything(fl.Chain):
         }
 
     @property
-    def image_encoder(self) -> ImageEncoder | TinyViTEncoder:
-        """The encoder of the configured family (`ImageEncoder` for ViT, `TinyViTEncoder` for TinyViT)."""
-        return self.ensure_find(ENCODERS[type(self.config.encoder)])
+    def image_encoder(self) -> EncoderChain[Any]:
+        """The encoder chain of the configured family (`ImageEncoder` for ViT, `TinyViTEncoder` for TinyViT, ...)."""
+        return self.ensure_find(family_of(self.config.encoder).encoder)
 
     @property
     def prompt_encoder(self) -> PromptEncoder:

@@ -17,6 +17,7 @@ from torch import dtype as DType
 
 from finesam.model.config import TinyViTConfig
 from finesam.model.image_encoder import Neck, WindowMerge, WindowPartition
+from finesam.model.registry import EncoderChain
 
 
 class BatchNorm2d(torch.nn.BatchNorm2d, fl.WeightedModule):
@@ -213,7 +214,7 @@ class TinyViTStage(fl.Chain):
     pass
 
 
-class TinyViTEncoder(fl.Chain):
+class TinyViTEncoder(EncoderChain[TinyViTConfig]):
     """TinyViT image encoder: (B, 3, S, S) normalised, padded image -> (B, prompt_dim, S/16, S/16).
 
     The output of stage 1 (after its patch merging, `dims[2]` channels at S/16) is HQ-SAM's early embedding.
@@ -248,7 +249,13 @@ class TinyViTEncoder(fl.Chain):
             *stages,
             Neck(dims[3], out_dim, device=device, dtype=dtype),
         )
+        self.config = config
 
     @property
     def early_embedding_layer(self) -> fl.Module:
         return self.layer("TinyViTStage_1", TinyViTStage)
+
+    def rebuild_buffers(self, device: Device | str | None = None) -> None:
+        """The attention-bias index tables, which checkpoints do not store."""
+        for attention, _ in self.walk(BiasedAttention):
+            attention.rebuild_buffers(device)

@@ -22,26 +22,13 @@ from filelock import FileLock, Timeout
 
 from finesam.progress import progress_bar
 from finesam.weights.integrity import checkpoint_problem
+from finesam.weights.layouts import Checkpoint, layouts
 
 CHUNK = 1 << 20
 
 
 class DownloadError(RuntimeError):
     """A download that failed; the message says what to do next."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    name: str
-    url: str
-    size: int | None  # bytes, where published
-    sha256: str | None  # where published
-    description: str
-    hub_repo: str | None = None  # a Hugging Face Hub repository: size and SHA-256 come from its LFS metadata
-
-    @property
-    def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -53,46 +40,8 @@ class Source:
     sha256: str | None
 
 
-_SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
-_HQ_REPO = "lkeab/hq-sam"
-_HQ = f"https://huggingface.co/{_HQ_REPO}/resolve/main/"
-CHECKPOINTS = {
-    c.name: c
-    for c in (
-        Checkpoint(
-            "sam_vit_b",
-            _SAM + "sam_vit_b_01ec64.pth",
-            375042383,
-            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-            "SAM ViT-B",
-        ),
-        Checkpoint(
-            "sam_vit_l",
-            _SAM + "sam_vit_l_0b3195.pth",
-            1249524607,
-            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-            "SAM ViT-L",
-        ),
-        Checkpoint(
-            "sam_vit_h",
-            _SAM + "sam_vit_h_4b8939.pth",
-            2564550879,
-            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-            "SAM ViT-H",
-        ),
-        Checkpoint("sam_hq_vit_b", _HQ + "sam_hq_vit_b.pth", None, None, "HQ-SAM ViT-B", _HQ_REPO),
-        Checkpoint("sam_hq_vit_l", _HQ + "sam_hq_vit_l.pth", None, None, "HQ-SAM ViT-L", _HQ_REPO),
-        Checkpoint("sam_hq_vit_h", _HQ + "sam_hq_vit_h.pth", None, None, "HQ-SAM ViT-H", _HQ_REPO),
-        Checkpoint("sam_hq_vit_tiny", _HQ + "sam_hq_vit_tiny.pth", None, None, "Light HQ-SAM (TinyViT)", _HQ_REPO),
-        Checkpoint(
-            "mobile_sam",
-            "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
-            None,
-            None,
-            "MobileSAM (TinyViT)",
-        ),
-    )
-}
+# the catalogue: every registered family's official files (`CheckpointLayout.checkpoints`)
+CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for layout in layouts() for c in layout.checkpoints}
 
 
 def source_url(checkpoint: Checkpoint) -> str:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from finesam.text import listing
-from finesam.weights.io import FORMAT_KEY, CheckpointError, is_official, load_official_state_dict, read_safetensors
+from finesam.weights.io import FORMAT_KEY, CheckpointError, is_official, read_safetensors
+from finesam.weights.layouts import read_plain_weights
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -355,5 +356,5 @@ def read_official(path: str | Path) -> OfficialCheckpoint | None:
         hf = read_hf_checkpoint(path)
         return OfficialCheckpoint(hf.state_dict, hf.decoder_heads, hf.dropped, hf=True)
     if is_official(path):
-        return OfficialCheckpoint(load_official_state_dict(path), DEFAULT_DECODER_HEADS, [])
+        return OfficialCheckpoint(read_plain_weights(path), DEFAULT_DECODER_HEADS, [])
     return None

@@ -91,9 +91,11 @@ def convert_hq_state_dict(official: Mapping[str, Tensor], adapter: HQSAMAdapter)
 
 
 def adapter_config(model: SegmentAnything) -> dict[str, int]:
-    """What an adapter file records of the model it was made for (its shapes depend on these)."""
+    """What an adapter file records of the model it was made for (its shapes depend on these): the channels of
+    the early embedding HQ-SAM fuses, and the prompt width. (Files of finesam 0.1 recorded `encoder_dim`, the
+    encoder's last width, instead; nothing reads it back: the tensor shapes are checked against the model.)"""
     config = model.config
-    return {"encoder_dim": config.encoder.dim, "prompt_dim": config.decoder.prompt_dim}
+    return {"early_embedding_dim": config.encoder.early_embedding_dim, "prompt_dim": config.decoder.prompt_dim}
 
 
 def save_hq(adapter: HQSAMAdapter, path: str | Path) -> Path:
@@ -117,8 +119,9 @@ def load_hq_weights(path: str | Path, adapter: HQSAMAdapter) -> dict[str, Tensor
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
     tensors, _ = read_format(path, FORMAT_HQ)
-    vit_dim = adapter.target.config.encoder.early_embedding_dim
-    check_tensors(path, tensors, adapter.state_dict(), what=f"an HQ adapter for this model (ViT width {vit_dim})")
+    early_dim = adapter.target.config.encoder.early_embedding_dim
+    what = f"an HQ adapter for this model (early embedding width {early_dim})"
+    check_tensors(path, tensors, adapter.state_dict(), what=what)
     return tensors
 
 

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -20,6 +21,15 @@ from finesam.weights.integrity import checkpoint_problem, impostor_problem, safe
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not have the expected layout."""
+
+
+class PickledObjectError(CheckpointError):
+    """A checkpoint that holds pickled Python objects (a whole model, say), refused; `global_name` is the first
+    class or function it names (`package.module.Class`), where the unpickler said."""
+
+    def __init__(self, message: str, global_name: str | None = None) -> None:
+        super().__init__(message)
+        self.global_name = global_name
 
 
 # safetensors metadata: `finesam.format` names the kind of file, `finesam.<section>` holds a JSON value
@@ -153,9 +163,13 @@ def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
                 raise
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first object it refuses
+        global_name = found.group(1) if found else None
+        raise PickledObjectError(
             f"{path}: refused to load; it holds Python objects other than tensors, and finesam only reads plain "
-            f"weights (torch.load weights_only=True). Detail: {str(e).splitlines()[0]}"
+            f"weights (torch.load weights_only=True). Detail: "
+            + (f"it names {global_name}" if global_name else str(e).splitlines()[0]),
+            global_name,
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, MemoryError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__

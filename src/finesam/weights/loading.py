@@ -12,7 +12,6 @@ from torch import Tensor
 from finesam.fast import apply_fast_paths
 from finesam.model.config import SAMConfig
 from finesam.model.sam import SegmentAnything
-from finesam.model.tiny_vit import BiasedAttention
 from finesam.weights.hf import DEFAULT_DECODER_HEADS, hf_name, read_official
 from finesam.weights.hq import has_hq_keys, hq_from_state_dict, save_hq
 from finesam.weights.io import (
@@ -56,9 +55,7 @@ def sam_from_state_dict(
 def _assign(model: SegmentAnything, weights: Mapping[str, Tensor], device: torch.device | str) -> SegmentAnything:
     """Puts loaded tensors into a model built on `meta`, and rebuilds the buffers checkpoints do not store."""
     model.load_state_dict({k: v.to(device) for k, v in weights.items()}, assign=True)
-    for module in model.modules():
-        if isinstance(module, BiasedAttention):
-            module.rebuild_buffers(device)
+    model.image_encoder.rebuild_buffers(device)  # the family's hook (TinyViT: its attention-bias index tables)
     meta = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     assert not meta, f"buffers left on the meta device: {meta}"
     return model.eval()
@@ -166,8 +163,9 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
     a Hugging Face checkpoint takes its folder's name (`sam-vit-base/` -> `OUT_DIR/sam-vit-base.safetensors`).
 
     Args:
-        checkpoint: an official SAM, MobileSAM or HQ-SAM checkpoint, or a Hugging Face `SamModel` /
-            `SamHQModel` checkpoint (its folder, or its `model.safetensors` with `config.json` beside it).
+        checkpoint: an official checkpoint of a registered encoder family (SAM, HQ-SAM, MobileSAM, SlimSAM, ...),
+            or a Hugging Face `SamModel` / `SamHQModel` checkpoint (its folder, or its `model.safetensors` with
+            `config.json` beside it).
         out_dir: where the converted files go (created if needed).
 
     Returns:

@@ -2,35 +2,22 @@
 
 The map pairs each official module prefix with the finesam module that holds the same weights; the finesam
 module is found by the structure of the chains (not by generated names), so the map reads like the
-official model. The configuration (ViT-B/L/H or any other size) is read off the tensor shapes.
+official model. The image encoder's part comes from its family's checkpoint layout
+(`finesam.weights.layouts`); the prompt encoder and mask decoder are the same in every SAM-1-style checkpoint.
+The configuration (ViT-B/L/H, TinyViT or any other size of a registered family) is read off the tensor shapes.
 """
 
-import math
-import re
 from collections.abc import Callable, Mapping
 
 import torch
 from refiners.fluxion import layers as fl
 from torch import Tensor
 
-from finesam.model.config import DecoderConfig, SAMConfig, TinyViTConfig, ViTConfig
-from finesam.model.image_encoder import ImageEncoder, Neck, RelativePositionAttention, TransformerBlock
+from finesam.model.config import DecoderConfig, SAMConfig
 from finesam.model.mask_decoder import IoUHead, MaskHypernetworks, OutputTokens, UpscaledImageEmbedding
 from finesam.model.prompt_encoder import FourierPositionalEncoding, MaskEncoder, NoMaskEmbedding, PointTypeEmbedding
+from finesam.model.registry import family_of
 from finesam.model.sam import SegmentAnything
-from finesam.model.tiny_vit import (
-    BatchNorm2d,
-    BiasedAttention,
-    Conv2dBN,
-    ConvStem,
-    LocalConv,
-    MBConv,
-    MBConvStage,
-    PatchMerging,
-    TinyViTBlock,
-    TinyViTEncoder,
-    TinyViTStage,
-)
 from finesam.model.transformer import (
     ImageToTokenAttention,
     TokenFeedForward,
@@ -39,144 +26,45 @@ from finesam.model.transformer import (
     TwoWayAttentionBlock,
     TwoWayTransformer,
 )
-from finesam.weights.io import CheckpointError
 from finesam.weights.key_map import Rule, apply_rules, rules_for
-
-UNUSED_KEY = re.compile(r"image_encoder\.(norm_head|head)\.")
+from finesam.weights.layouts import count, layout_for, layout_of, layouts, shape_of
 
 
 def is_unused_key(key: str) -> bool:
-    """Keys SAM never uses: the ImageNet classifier head TinyViT checkpoints carry (`norm_head`, `head`)."""
-    return UNUSED_KEY.match(key) is not None
-
-
-def _count(state_dict: Mapping[str, Tensor], pattern: str) -> int:
-    indices = {int(m.group(1)) for key in state_dict if (m := re.fullmatch(pattern, key))}
-    return max(indices) + 1 if indices else 0
+    """Keys no registered family uses (TinyViT's ImageNet classifier head `norm_head`, `head`, ...)."""
+    return any(layout.unused(key) for layout in layouts())
 
 
 def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SAMConfig:
-    """The `SAMConfig` of an official SAM, MobileSAM or HQ-SAM `state_dict`, from its tensor shapes.
+    """The `SAMConfig` of an official SAM, MobileSAM, HQ-SAM (or other registered family's) `state_dict`, from its
+    tensor shapes.
 
     Only the number of decoder attention heads cannot be seen in the shapes (8 in every official release).
+
+    Raises:
+        CheckpointError: a key the shapes are read from is missing, or no registered family recognises it.
     """
 
     def shape(key: str) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise CheckpointError(f"not a SAM checkpoint: key {key!r} is missing")
-        return tuple(state_dict[key].shape)
+        return shape_of(state_dict, key)
 
     decoder = DecoderConfig(
         prompt_dim=shape("image_encoder.neck.0.weight")[0],
         mask_in_channels=shape("prompt_encoder.mask_downscaling.3.weight")[0],
-        depth=_count(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight"),
+        depth=count(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight"),
         heads=decoder_heads,
         mlp_dim=shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
         num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1,
-        iou_head_depth=_count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
+        iou_head_depth=count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
         iou_head_hidden_dim=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
     )
-    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
-        return SAMConfig(_tiny_vit_config(state_dict, shape), decoder)  # input size not in the weights: 1024
-    dim, _, patch, _ = shape("image_encoder.patch_embed.proj.weight")
-    grid = shape("image_encoder.pos_embed")[1]
-    depth = _count(state_dict, r"image_encoder\.blocks\.(\d+)\.norm1\.weight")
-    rel_pos = [shape(f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
-    global_blocks = tuple(i for i, (length, _) in enumerate(rel_pos) if length == 2 * grid - 1)
-    windows = {(length + 1) // 2 for length, _ in rel_pos if length != 2 * grid - 1}
-    if len(windows) > 1:
-        raise CheckpointError(f"blocks use different window sizes {sorted(windows)}; finesam supports one")
-    head_dim = rel_pos[0][1] if rel_pos else dim
-    encoder = ViTConfig(
-        dim=dim,
-        depth=depth,
-        heads=dim // head_dim,
-        global_attention_blocks=global_blocks,
-        window_size=windows.pop() if windows else ViTConfig.window_size,
-        mlp_ratio=shape("image_encoder.blocks.0.mlp.lin1.weight")[0] / dim,
-        patch_size=patch,
-    )
-    return SAMConfig(encoder, decoder, image_size=grid * patch)
-
-
-def _tiny_vit_config(state_dict: Mapping[str, Tensor], shape: Callable[[str], tuple[int, ...]]) -> TinyViTConfig:
-    """TinyViT stage widths, depths, and the heads and windows of its attention stages."""
-    dims = [shape("image_encoder.layers.0.blocks.0.conv1.c.weight")[1]]
-    heads, windows = [], []
-    for s in (1, 2, 3):
-        num_heads, num_offsets = shape(f"image_encoder.layers.{s}.blocks.0.attn.attention_biases")
-        dims.append(shape(f"image_encoder.layers.{s}.blocks.0.attn.qkv.weight")[1])
-        heads.append(num_heads)
-        windows.append(math.isqrt(num_offsets))  # one offset per (|dy|, |dx|): window x window of them
-    depths = [_count(state_dict, rf"image_encoder\.layers\.{s}\.blocks\.(\d+)\..*") for s in range(4)]
-    return TinyViTConfig(
-        dims=(dims[0], dims[1], dims[2], dims[3]),
-        depths=(depths[0], depths[1], depths[2], depths[3]),
-        heads=(heads[0], heads[1], heads[2]),
-        windows=(windows[0], windows[1], windows[2]),
-        mbconv_expand=shape("image_encoder.layers.0.blocks.0.conv1.c.weight")[0] / dims[0],
-    )
-
-
-def _vit_modules(encoder: ImageEncoder) -> list[tuple[str, fl.Module]]:
-    pairs: list[tuple[str, fl.Module]] = [
-        ("image_encoder.patch_embed.proj", encoder.layer(("PatchEmbedding", "Conv2d"), fl.Conv2d))
-    ]
-    for i, (block, _) in enumerate(encoder.walk(TransformerBlock)):
-        norm1, norm2 = block.layers(fl.LayerNorm)
-        qkv, proj, lin1, lin2 = block.layers(fl.Linear)
-        prefix = f"image_encoder.blocks.{i}"
-        pairs += [
-            (f"{prefix}.norm1", norm1),
-            (f"{prefix}.attn.qkv", qkv),
-            (f"{prefix}.attn", block.ensure_find(RelativePositionAttention)),
-            (f"{prefix}.attn.proj", proj),
-            (f"{prefix}.norm2", norm2),
-            (f"{prefix}.mlp.lin1", lin1),
-            (f"{prefix}.mlp.lin2", lin2),
-        ]
-    return pairs
-
-
-def _conv_bn(prefix: str, layer: Conv2dBN) -> list[tuple[str, fl.Module]]:
-    return [(f"{prefix}.c", layer.ensure_find(fl.Conv2d)), (f"{prefix}.bn", layer.ensure_find(BatchNorm2d))]
-
-
-def _tiny_vit_modules(encoder: TinyViTEncoder) -> list[tuple[str, fl.Module]]:
-    stem = list(encoder.ensure_find(ConvStem).layers(Conv2dBN))
-    pairs = _conv_bn("image_encoder.patch_embed.seq.0", stem[0]) + _conv_bn("image_encoder.patch_embed.seq.2", stem[1])
-    stages = [encoder.ensure_find(MBConvStage), *(s for s, _ in encoder.walk(TinyViTStage))]
-    for s, stage in enumerate(stages):
-        prefix = f"image_encoder.layers.{s}"
-        for i, block in enumerate(m for m in stage if isinstance(m, MBConv | TinyViTBlock)):
-            if isinstance(block, MBConv):
-                for j, conv in enumerate(block.layers(Conv2dBN), start=1):
-                    pairs += _conv_bn(f"{prefix}.blocks.{i}.conv{j}", conv)
-                continue
-            norm, mlp_norm = block.layers(fl.LayerNorm)
-            qkv, proj, fc1, fc2 = block.layers(fl.Linear)
-            pairs += [
-                (f"{prefix}.blocks.{i}.attn.norm", norm),
-                (f"{prefix}.blocks.{i}.attn.qkv", qkv),
-                (f"{prefix}.blocks.{i}.attn", block.ensure_find(BiasedAttention)),
-                (f"{prefix}.blocks.{i}.attn.proj", proj),
-                (f"{prefix}.blocks.{i}.mlp.norm", mlp_norm),
-                (f"{prefix}.blocks.{i}.mlp.fc1", fc1),
-                (f"{prefix}.blocks.{i}.mlp.fc2", fc2),
-                *_conv_bn(f"{prefix}.blocks.{i}.local_conv", block.ensure_find(LocalConv).ensure_find(Conv2dBN)),
-            ]
-        if merge := stage.find(PatchMerging):
-            for j, conv in enumerate(merge.layers(Conv2dBN), start=1):
-                pairs += _conv_bn(f"{prefix}.downsample.conv{j}", conv)
-    return pairs
+    encoder, image_size = layout_for(state_dict).infer_encoder(state_dict)
+    return SAMConfig(encoder, decoder, image_size=image_size)
 
 
 def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
     """(official module prefix, finesam module) pairs whose parameters have the same names and shapes."""
-    encoder = model.image_encoder
-    pairs = _tiny_vit_modules(encoder) if isinstance(encoder, TinyViTEncoder) else _vit_modules(encoder)
-    neck = encoder.ensure_find(Neck)
-    pairs += [(f"image_encoder.neck.{i}", layer) for i, layer in enumerate(list(neck)[1:])]  # after the Permute
+    pairs = layout_of(family_of(model.config.encoder).name).modules(model.image_encoder)
     mask_encoder = model.ensure_find(MaskEncoder)
     pairs += [
         (f"prompt_encoder.mask_downscaling.{i}", layer)
@@ -234,9 +122,7 @@ def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
         return f"{names[id(module)]}.{tensor}"
 
     rules = rules_for(model, _modules(model))
-    if isinstance(encoder := model.image_encoder, ImageEncoder):
-        position = encoder.layer(("PositionEmbedding", "Parameter"), fl.Parameter)
-        rules[key(position, "weight")] = Rule(("image_encoder.pos_embed",), lambda t: t[0])
+    rules |= layout_of(family_of(model.config.encoder).name).rules(model.image_encoder, key)
     fourier = model.ensure_find(FourierPositionalEncoding)
     rules[key(fourier, "gaussian_matrix")] = Rule(("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",))
     point_types = (

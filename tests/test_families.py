@@ -1,0 +1,276 @@
+"""Every registered encoder family through the same checks, and `finesam models` listing them.
+
+A family is tested by registering it and saying here how to make an official-format checkpoint of it
+(`OFFICIAL`): built from the official package with a seed where one exists, small enough for CI. The checks:
+each preset builds (on meta); official weights convert, load and give the official encoder's outputs, its
+HQ-SAM tap included; every LoRA preset adapts layers of it and ejects bit-exactly; the encoder traces to
+ONNX; it runs in bf16.
+"""
+
+import copy
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from torch import Tensor
+
+from finesam.adapters.hq import HQSAMAdapter
+from finesam.adapters.lora import TARGETS, SAMLoraAdapter
+from finesam.model import PRESETS, SAMConfig, SegmentAnything
+from finesam.model.config import TinyViTConfig, describe
+from finesam.model.families.slimsam import SlimSAMConfig
+from finesam.model.prompts import Prompts
+from finesam.model.registry import families, family_of, register_family
+from finesam.weights.layouts import layout_for, layout_of
+from finesam.weights.loading import sam_from_state_dict
+
+from conftest import SMALL, TOLERANCE, max_diff
+from helpers import finesam
+from official import OFFICIAL_BUILDERS, build_official, perturb, segment_anything_hq
+
+# an official checkpoint, the official encoder as a function of the pixels (-> embedding, HQ-SAM's early
+# embedding), and the input size
+Official = tuple[dict[str, Tensor], Callable[[Tensor], tuple[Tensor, Tensor]], int]
+
+
+def _sam_package(config: SAMConfig) -> Official:
+    """A ViT-shaped family from the official HQ-SAM package (its encoder also returns the early embedding)."""
+    official = build_official(config, seed=0, hq=True)
+    encoder = official.image_encoder
+    return official.state_dict(), lambda x: (lambda y: (y[0], y[1][0]))(encoder(x)), config.image_size
+
+
+def _tiny_vit() -> Official:
+    """A narrow official TinyViT (the HQ package's, which keeps its early embedding): it only runs at 1024 (its
+    grid is written into the code), so the widths are small; the last stage keeps 320 channels (the official rule
+    of no downsampling at that width); the decoder keys are SAM's."""
+    torch.manual_seed(0)
+    encoder = segment_anything_hq.modeling.TinyViT(
+        img_size=1024,
+        embed_dims=[16, 32, 40, 320],
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 2, 4],
+        window_sizes=[7, 7, 14, 7],
+        drop_path_rate=0.0,
+    )
+    perturb(encoder, 0)
+    encoder.eval()  # after the weights are set: the attention biases are cached in eval mode
+    decoder = build_official(SMALL, seed=0).state_dict()
+    state_dict = {k: v for k, v in decoder.items() if not k.startswith("image_encoder.")}
+    state_dict |= {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}
+    return state_dict, lambda x: (lambda y: (y[0], y[1][0]))(encoder(x)), 1024
+
+
+# how to make an official-format checkpoint of each family; a registered family without one fails the tests
+OFFICIAL: dict[str, Callable[[], Official]] = {
+    "vit": lambda: _sam_package(SMALL),
+    "tiny_vit": _tiny_vit,
+    "slimsam": lambda: _sam_package(
+        SAMConfig(
+            SlimSAMConfig(dim=48, mlp_dim=100, depth=4, heads=4, global_attention_blocks=(1, 3), window_size=6),
+            image_size=256,
+        )
+    ),
+}
+
+FAMILIES = list(families())
+
+
+@functools.cache
+def _official(name: str) -> Official:
+    if name not in OFFICIAL:
+        raise AssertionError(f"family {name!r} is registered: say in OFFICIAL how to make its official checkpoint")
+    return OFFICIAL[name]()
+
+
+def _model(name: str) -> SegmentAnything:
+    return sam_from_state_dict(_official(name)[0])
+
+
+def _pixels(size: int, seed: int = 0) -> Tensor:
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_family_has_an_official_checkpoint_maker_and_a_layout():
+    assert set(OFFICIAL) == set(families())
+    for name, family in families().items():
+        layout = layout_of(name)
+        assert {c.preset for c in layout.checkpoints} <= {p.name for p in family.presets}
+    assert list(PRESETS) == [p.name for f in families().values() for p in f.presets]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_preset_builds(name):
+    family = families()[name]
+    assert family.presets
+    for preset in family.presets:
+        model = SegmentAnything(preset, device="meta")
+        assert isinstance(model.image_encoder, family.encoder) and family_of(preset.encoder) is family
+        assert sum(p.numel() for p in model.image_encoder.parameters()) > 0
+        assert SAMConfig.from_dict(preset.to_dict()) == preset and PRESETS[preset.name] is preset
+        assert describe(preset).startswith(f"SAM {preset.name} (")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_official_weights_convert_load_and_match(name):
+    state_dict, official, size = _official(name)
+    assert layout_for(state_dict).family == name
+    model = _model(name)
+    assert family_of(model.config.encoder).name == name
+    encoder = model.image_encoder
+    captured: list[Tensor] = []
+    hook = encoder.early_embedding_layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        embedding = encoder(_pixels(size))
+    finally:
+        hook.remove()
+    expected, expected_early = official(_pixels(size))
+    grid = size // model.config.encoder.patch_size
+    assert embedding.shape == (1, model.config.decoder.prompt_dim, grid, grid)
+    assert max_diff(embedding, expected) <= TOLERANCE
+    # HQ-SAM's tap: channels-last at the embedding grid, with the channels the family declares
+    (early,) = captured
+    assert early.shape == (1, grid, grid, encoder.early_embedding_dim)
+    assert encoder.early_embedding_dim == model.config.encoder.early_embedding_dim
+    assert max_diff(early, expected_early) <= TOLERANCE
+    # and HQ-SAM's adapter finds that tap by itself and keeps it with the embedding
+    adapter = HQSAMAdapter(model)
+    adapter.inject()
+    try:
+        assert max_diff(model.encode(_pixels(size)), expected) <= TOLERANCE
+        assert max_diff(model.image_features()["early_vit_embedding"], expected_early) <= TOLERANCE
+    finally:
+        adapter.eject()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_every_lora_preset_adapts_the_family_and_ejects_exactly(name):
+    model = _model(name)
+    pixels = _pixels(_official(name)[2])
+    size = pixels.shape[-1]
+    box = Prompts(boxes=torch.tensor([[0.1 * size, 0.2 * size, 0.7 * size, 0.9 * size]]))
+    embedding = model.encode(pixels)
+    # an encoder preset changes the embedding, a decoder preset the masks of a fixed embedding
+    stages: dict[bool, Callable[[], tuple[Tensor, ...]]] = {
+        True: lambda: (model.encode(pixels),),
+        False: lambda: model.decode(embedding, box, multimask_output=True),
+    }
+    before = {on_encoder: run() for on_encoder, run in stages.items()}
+    text, weights = repr(model), copy.deepcopy(model.state_dict())
+    encoder = type(model.image_encoder).__name__
+    selected = {}
+    for target, include in TARGETS.items():
+        adapter = SAMLoraAdapter(model, name=target, rank=2, include=include)
+        selected[target] = set(adapter.paths)
+        assert adapter.paths, f"LoRA preset {target!r} adapts no layer of the {name} family"
+        on_encoder = target.startswith("encoder")
+        # the encoder presets adapt the family's own layers, and nothing outside the encoder
+        assert all(path.startswith(f"{encoder}.") for path in adapter.paths) == on_encoder
+        for lora in adapter.loras:
+            torch.nn.init.normal_(lora.up.weight, std=0.5)  # a trained LoRA: the outputs change
+        adapter.inject()
+        changed = stages[on_encoder]()
+        assert any(not torch.equal(a, b) for a, b in zip(changed, before[on_encoder], strict=True))
+        adapter.eject()
+        assert repr(model) == text
+        after = model.state_dict()
+        assert list(after) == list(weights) and all(torch.equal(after[k], v) for k, v in weights.items())
+        assert all(torch.equal(a, b) for a, b in zip(stages[on_encoder](), before[on_encoder], strict=True))
+    assert selected["encoder_attention"] < selected["encoder"]
+    assert selected["decoder"] < selected["decoder_all"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_the_encoder_traces_to_onnx(name, tmp_path):
+    model = _model(name)
+    pixels = _pixels(_official(name)[2])
+    path = tmp_path / "encoder.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on sizes it records as constants
+        torch.onnx.export(model.image_encoder, (pixels,), str(path), opset_version=17, dynamo=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
+    assert max_diff(torch.from_numpy(np.asarray(output)), model.image_encoder(pixels)) <= 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16:UserWarning")
+@torch.no_grad()
+def test_the_encoder_runs_in_bf16(name):
+    pixels = _pixels(_official(name)[2])
+    reference = _model(name).encode(pixels)
+    bf16 = _model(name).set_encoder_dtype(torch.bfloat16)
+    assert bf16.image_encoder.dtype == torch.bfloat16
+    embedding = bf16.encode(pixels)
+    assert embedding.dtype == torch.float32  # handed to the decoder in its precision
+    cosine = torch.nn.functional.cosine_similarity(embedding.flatten(), reference.flatten(), dim=0)
+    assert cosine >= 0.999
+
+
+def test_registering_checks_the_family():
+    vit = families()["vit"]
+    with pytest.raises(ValueError, match="'vit' is registered already"):
+        register_family(vit)
+
+    @dataclasses.dataclass(frozen=True)
+    class Other(TinyViTConfig):
+        pass
+
+    other: Any = dataclasses.replace(vit, name="other", config=Other, presets=(PRESETS["vit_tiny"],), lora_targets={})
+    with pytest.raises(ValueError) as error:
+        register_family(other)
+    for problem in ("Other.family must be 'other'", "lora_targets must name", "'vit_tiny' exists already"):
+        assert problem in str(error.value)
+    assert "other" not in families()
+
+
+def test_an_unregistered_encoder_config_is_refused_with_a_clear_error():
+    @dataclasses.dataclass(frozen=True)
+    class Unregistered:
+        family: ClassVar[str] = "unregistered"
+        patch_size: int = 16
+
+    config = SAMConfig(encoder=Unregistered())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"must be one of the registered families' \(ViTConfig, TinyViTConfig"):
+        SegmentAnything(config, device="meta")
+    with pytest.raises(ValueError, match="unknown encoder family 'unregistered' \\(one of vit, tiny_vit"):
+        SAMConfig.from_dict(config.to_dict())
+    with pytest.raises(ValueError, match="encoder must be an encoder family's config"):
+        SAMConfig(encoder=object())  # type: ignore[arg-type]
+
+
+def _rows(stdout: str) -> dict[str, str]:
+    """The output lines of `finesam models` by their first word (a preset name, or a family header)."""
+    return {line.split()[0].rstrip(":"): line for line in stdout.splitlines() if line.strip()}
+
+
+def test_models_lists_every_family_preset_and_the_files_it_reads():
+    result = finesam("models")
+    assert result.returncode == 0, result.stderr
+    rows = _rows(result.stdout)
+    for family in families().values():
+        assert rows[family.name].startswith(f"{family.name}: {family.title}")
+        files = layout_of(family.name).checkpoints
+        for preset in family.presets:
+            row = rows[preset.name]
+            assert preset.encoder.describe() in row
+            for checkpoint in (c for c in files if c.preset == preset.name):
+                assert checkpoint.filename in row
+    # the official files, as their releases name them
+    assert "sam_vit_b_01ec64.pth" in rows["vit_b"] and "sam_hq_vit_b.pth" in rows["vit_b"]
+    assert "mobile_sam.pt" in rows["vit_tiny"] and "sam_hq_vit_tiny.pth" in rows["vit_tiny"]
+    assert "SlimSAM-77-uniform.pth" in rows["vit_p77"]
+    # the parameter counts are the official models'
+    for name in ("vit_b", "vit_h"):
+        with torch.device("meta"):
+            official = OFFICIAL_BUILDERS[name]()
+        assert f" {sum(p.numel() for p in official.parameters()):,} " in rows[name]
