@@ -12,7 +12,7 @@ from finesam.model.image_encoder import TransformerBlock
 class HQFromBlock(HQSAMAdapter):
     """HQ-SAM whose early features come from ViT block `block` instead of the first global-attention block.
 
-    Every part of HQ-SAM is kept; only the point where `EarlyViTEmbedding` taps the encoder moves. All ViT
+    Every part of HQ-SAM is kept; only the point where `EarlyEmbedding` taps the encoder moves. All ViT
     blocks have the same width, so the fusion layers fit any block.
     """
 

@@ -13,8 +13,8 @@ import torch
 from segment_anything.modeling.image_encoder import Attention as OfficialAttention
 
 from finesam.fast import apply_fast_paths
-from finesam.fast.encoder import CHUNK_BYTES
-from finesam.fast.encoder import RelativePositionAttention as FastRelativePositionAttention
+from finesam.fast.vit import CHUNK_BYTES
+from finesam.fast.vit import RelativePositionAttention as FastRelativePositionAttention
 from finesam.model.image_encoder import GridAttention, RelativePositionAttention
 
 TOLERANCE = 2e-6

@@ -145,7 +145,7 @@ def test_official_weights_convert_load_and_match(name):
     adapter.inject()
     try:
         assert max_diff(model.encode(_pixels(size)), expected) <= TOLERANCE
-        assert max_diff(model.image_features()["early_vit_embedding"], expected_early) <= TOLERANCE
+        assert max_diff(model.image_features()["early_embedding"], expected_early) <= TOLERANCE
     finally:
         adapter.eject()
 

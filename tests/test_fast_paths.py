@@ -13,7 +13,8 @@ from refiners.fluxion import layers as fl
 
 from finesam.adapters.lora import SAMLoraAdapter
 from finesam.fast import apply_fast_paths, has_fast_paths, reference_paths, remove_fast_paths
-from finesam.fast import encoder as fast_encoder
+from finesam.fast import layers as fast_layers
+from finesam.fast import vit as fast_vit
 from finesam.fast.decoder import RememberedProjection
 from finesam.fast.swap import fast_version_of, is_fast, restore, swap
 from finesam.model.image_encoder import RelativePositionAttention
@@ -81,7 +82,7 @@ def test_swap_keeps_keys_weights_and_is_undone_exactly(official_hq):
 def test_reference_paths_restore_the_fast_layers_with_their_settings(official_hq):
     model, _ = with_adapter(official_hq, fast=True)
     attention = next(m for m in model.modules() if isinstance(m, RelativePositionAttention))
-    assert type(attention) is fast_encoder.RelativePositionAttention
+    assert type(attention) is fast_vit.RelativePositionAttention
     attention.chunk_bytes = 12345
     fast_layers = {id(m) for m in model.modules() if is_fast(m)}
     with reference_paths(model):
@@ -130,7 +131,7 @@ def test_other_classes_are_left_alone():
 
 def test_swap_refuses_what_it_cannot_do():
     with pytest.raises(TypeError, match="has no fast version"):
-        swap(fl.ReLU(), fast_encoder.GeLU, in_place=False)
+        swap(fl.ReLU(), fast_layers.GeLU, in_place=False)
     with pytest.raises(TypeError, match="must subclass"):
 
         @fast_version_of(fl.GeLU)
@@ -138,7 +139,7 @@ def test_swap_refuses_what_it_cannot_do():
             pass
 
     gelu = fl.GeLU()
-    assert swap(gelu, fast_encoder.GeLU, in_place=True) and not swap(gelu, fast_encoder.GeLU, in_place=False)
+    assert swap(gelu, fast_layers.GeLU, in_place=True) and not swap(gelu, fast_layers.GeLU, in_place=False)
     assert type(gelu).__name__ == "GeLU" and gelu.in_place  # the name refiners keys children by
     assert restore(gelu) and type(gelu) is fl.GeLU and "in_place" not in vars(gelu) and not restore(gelu)
 

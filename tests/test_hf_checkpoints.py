@@ -23,6 +23,7 @@ from transformers import SamHQConfig, SamHQModel, SamModel
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.model import SegmentAnything
 from finesam.model.config import ViTConfig
+from finesam.model.families.slimsam import SlimSAMConfig
 from finesam.model.prompts import Prompts
 from finesam.weights import CheckpointError, convert_checkpoint, holds_hq, load_hq, load_sam
 from finesam.weights.hf import (
@@ -158,21 +159,23 @@ HUB_VISION = {
 def test_hub_layouts_map_onto_finesam(name):
     """Every tensor of the full-size Hub checkpoints (SAM-HQ: the same plus its HQ part) finds its place, by
     shape, in the finesam model whose configuration the renamed tensors give (on `meta`: nothing is computed)."""
-    vision = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_dim": 3072}
-    vision |= HUB_VISION[name]
+    vision = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
+    vision |= HUB_VISION[name]  # the MLP width, where not given, is HF's default: 4 x hidden_size
     with torch.device("meta"):
         hf = SamHQModel(SamHQConfig(vision_config=vision, mask_decoder_config={"vit_dim": vision["hidden_size"]}))
+    mlp_dim = hf.config.vision_config.mlp_dim
     tensors = hf.state_dict()
     names = {k: from_hf_key(k) for k in tensors if k != HF_SHARED_POSITIONAL}
     assert [k for k, name in names.items() if name is None] == []
     official = {name: tensors[k] for k, name in names.items() if name is not None}
     model = SegmentAnything(infer_config(official), device="meta")
     encoder = model.config.encoder
-    assert isinstance(encoder, ViTConfig)
-    assert (encoder.dim, encoder.depth, encoder.heads) == tuple(
-        vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")
+    assert isinstance(encoder, ViTConfig | SlimSAMConfig)
+    assert encoder.family == ("slimsam" if name.startswith("SlimSAM") else "vit")
+    assert (encoder.dim, encoder.depth, encoder.heads, encoder.mlp_dim) == (
+        *(vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")),
+        mlp_dim,
     )
-    assert int(encoder.dim * encoder.mlp_ratio) == vision["mlp_dim"]
     assert convert_state_dict(official, model, ignore=is_hq_key).keys() == model.state_dict().keys()
     adapter = HQSAMAdapter(model)
     assert convert_hq_state_dict(official, adapter).keys() == adapter.state_dict().keys()
@@ -403,7 +406,7 @@ def test_sam_hq_three_ways(official_hq, hf_hq_folder, hf_hq, kind):
     embedding, interm = official_hq.image_encoder(x)
     hf_embedding, hf_interm = hf_hq.get_image_embeddings(x)
     assert max_diff(model.encode(x), embedding) <= TOLERANCE and max_diff(hf_embedding, embedding) <= TOLERANCE
-    early = model.image_features()["early_vit_embedding"]  # the first global block's output, in all three
+    early = model.image_features()["early_embedding"]  # the first global block's output, in all three
     assert max_diff(early, interm[0]) <= TOLERANCE and max_diff(hf_interm[0], interm[0]) <= TOLERANCE
     for multimask in (False, True):
         for hq_only in (False, True):

@@ -7,8 +7,10 @@ logits and IoU predictions. "Bit-identical" checks use `torch.equal`.
 import dataclasses
 
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
 from refiners.fluxion.layers.chain import ChainError
+from safetensors import safe_open
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.adapters.hq.layers import CONTEXT, HQFeatureFusion, HQMaskFeatures, HQMaskPrediction, HQTokenMLP
@@ -149,7 +151,7 @@ def test_early_embedding_and_hq_features_match(official_hq, hq):
     embedding, interm = official_hq.image_encoder(pixels)
     ours = model.encode(pixels)
     assert max_diff(ours, embedding) <= TOLERANCE
-    assert max_diff(model.image_features()["early_vit_embedding"], interm[0]) <= TOLERANCE
+    assert max_diff(model.image_features()["early_embedding"], interm[0]) <= TOLERANCE
     decoder = official_hq.mask_decoder
     expected = decoder.embedding_encoder(embedding) + decoder.compress_vit_feat(interm[0].permute(0, 3, 1, 2))
     assert expected.std() > 0.1
@@ -199,7 +201,7 @@ def test_hq_weights_for_each_size(name):
     g = torch.Generator().manual_seed(4)
     embedding = torch.randn(1, 256, 64, 64, generator=g)
     early = torch.randn(1, 64, 64, model.config.encoder.dim, generator=g)
-    model.use_context("image")["early_vit_embedding"] = early
+    model.use_context("image")["early_embedding"] = early
     features = model.ensure_find(HQFeatureFusion)(embedding)
     decoder = official.mask_decoder
     expected = decoder.embedding_encoder(embedding) + decoder.compress_vit_feat(early.permute(0, 3, 1, 2))
@@ -207,7 +209,7 @@ def test_hq_weights_for_each_size(name):
     box = {"boxes": torch.tensor([[100.0, 200.0, 700.0, 900.0]])}
     expected_masks, expected_iou = official_decode(official, embedding, [early], box, True, False)
     masks, iou = model.decode(
-        embedding, Prompts(**box), multimask_output=True, image_features={"early_vit_embedding": early}
+        embedding, Prompts(**box), multimask_output=True, image_features={"early_embedding": early}
     )
     assert max_diff(masks, expected_masks) <= TOLERANCE
     assert max_diff(iou, expected_iou) <= TOLERANCE
@@ -306,7 +308,7 @@ def test_cached_embeddings_across_inject_and_eject(official_hq):
     with pytest.raises(Exception, match="encoded without the adapter that computes it"):
         model.predict(plain, boxes=[100, 100, 900, 900])
     with_hq = model.encode_image(image)
-    assert "early_vit_embedding" in with_hq.features
+    assert "early_embedding" in with_hq.features
     hq_masks = model.predict(with_hq, boxes=[100, 100, 900, 900]).masks
     assert torch.equal(model.predict(image, boxes=[100, 100, 900, 900]).masks, hq_masks)
     adapter.eject()
@@ -332,12 +334,26 @@ def test_adapter_weights_file_round_trip(tmp_path, official_hq, hq):
     )
 
 
+def test_adapter_files_of_finesam_0_1_load_under_todays_names(tmp_path, official_hq, hq):
+    """Files written when the early-feature stack was named `CompressViTFeatures` load, to the same weights."""
+    model, adapter = hq
+    path = save_hq(adapter, tmp_path / "now.hq.safetensors")
+    tensors, metadata = safetensors_torch.load_file(path), safe_open(path, "pt").metadata()
+    old = {k.replace("CompressEarlyFeatures.", "CompressViTFeatures."): v for k, v in tensors.items()}
+    assert old.keys() != tensors.keys()
+    safetensors_torch.save_file(old, tmp_path / "old.hq.safetensors", metadata)
+    adapter.eject()
+    loaded = load_hq(model, tmp_path / "old.hq.safetensors")
+    state = loaded.state_dict()
+    assert state.keys() == tensors.keys() and all(torch.equal(state[k], tensors[k]) for k in tensors)
+
+
 def test_adapter_weights_errors(tmp_path, official_hq, hq):
     model, adapter = hq
     path = save_hq(adapter, tmp_path / "small.hq.safetensors")
     wider = SegmentAnything(dataclasses.replace(SMALL, encoder=dataclasses.replace(SMALL.encoder, dim=128)))
     with pytest.raises(
-        CheckpointError, match=r"early embedding width 128.*CompressViTFeatures\.ConvTranspose2d_1\.weight \(64"
+        CheckpointError, match=r"early embedding width 128.*CompressEarlyFeatures\.ConvTranspose2d_1\.weight \(64"
     ):
         load_hq(wider, path)
     with pytest.raises(ValueError, match="already has an HQ-SAM adapter injected"):

@@ -148,9 +148,9 @@ def test_hq_batch_of_images_keeps_per_image_features(hq_pair):
     batched = model.encode_images(images)
     for image, embedding in zip(images, batched, strict=True):
         single = model.encode_image(image)
-        early = embedding.features["early_vit_embedding"]
+        early = embedding.features["early_embedding"]
         assert early.shape[0] == 1
-        assert max_diff(early, single.features["early_vit_embedding"]) <= TOLERANCE
+        assert max_diff(early, single.features["early_embedding"]) <= TOLERANCE
         prediction = model.predict(embedding, boxes=[50, 60, 500, 600], return_logits=True)
         assert (
             max_diff(prediction.masks, model.predict(single, boxes=[50, 60, 500, 600], return_logits=True).masks)

@@ -94,7 +94,7 @@ def test_int8_with_hq_adapter_matches_fp32_hq():
     fp32, int8 = models
     image = photo("rocket")
     reference, candidate = fp32.encode_image(image), int8.encode_image(image)
-    early = "early_vit_embedding"
+    early = "early_embedding"
     assert cosine(reference.features[early], candidate.features[early]) >= COSINE
     box = [100, 80, 600, 450]
     assert iou(fp32.predict(reference, boxes=box).masks, int8.predict(candidate, boxes=box).masks) >= MASK_IOU

@@ -7,7 +7,7 @@ import pytest
 import torch
 from refiners.fluxion import layers as fl
 
-from finesam.fast.encoder import GeLU as FastGeLU
+from finesam.fast.layers import GeLU as FastGeLU
 from finesam.fast.swap import swap
 from finesam.model import SegmentAnything
 from finesam.model.prompts import Prompts

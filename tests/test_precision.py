@@ -53,7 +53,7 @@ def test_bf16_encoder_with_hq_and_mask_prompts():
     adapter.inject()
     image = photo("rocket")
     embedding = model.encode_image(image)
-    assert embedding.features["early_vit_embedding"].dtype == torch.float32
+    assert embedding.features["early_embedding"].dtype == torch.float32
     first = model.predict(embedding, points=[[400, 260]], multimask_output=True)
     refined = model.predict(embedding, points=[[400, 260]], mask_input=first.low_res_logits[:, :1])
     assert refined.masks.shape == (1, 1, 534, 800)
@@ -93,7 +93,7 @@ def test_compiled_encoder_matches_eager(monkeypatch):
     adapter.inject()
     compiled.encode(pixels)
     _, interm = official.image_encoder(pixels)
-    assert (compiled.image_features()["early_vit_embedding"] - interm[0]).abs().max() <= 1e-4
+    assert (compiled.image_features()["early_embedding"] - interm[0]).abs().max() <= 1e-4
     bf16 = sam_from_state_dict(official.state_dict()).set_encoder_dtype(torch.bfloat16).compile_encoder()
     embedding = bf16.encode(pixels.to(torch.bfloat16))  # pixels in the encoder's precision, as encode_image does
     cosine = torch.nn.functional.cosine_similarity(embedding.flatten(), reference.flatten(), dim=0)

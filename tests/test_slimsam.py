@@ -34,12 +34,13 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 # HF transformers in a process of its own: importing it changes process-wide state that other tests rely on
 # (huggingface_hub's endpoint, read once on import), and it must come before the official packages' stand-ins.
-# It loads the official weights under HF's names (the benchmarks' renames) into a `SamModel` with SlimSAM-77's
+# It loads the official weights under HF's names (finesam.weights.hf's renames) into a `SamModel` with SlimSAM-77's
 # `SamVisionConfig` at the test's input size, and saves its image embedding, masks and IoUs for a box.
 HF_SCRIPT = """
 import sys
 import torch
-import hf_transformers  # imports transformers
+import transformers  # before finesam: nothing stands in for torchvision here
+from finesam.weights.hf import to_hf_state_dict
 from transformers import SamConfig, SamModel
 
 state_dict, pixels, box, out = torch.load(sys.argv[1]), torch.load(sys.argv[2]), torch.load(sys.argv[3]), sys.argv[4]
@@ -47,7 +48,7 @@ vision = dict(hidden_size=168, mlp_dim=696, num_hidden_layers=12, num_attention_
               global_attn_indexes=[2, 5, 8, 11], image_size=256)
 config = SamConfig(vision_config=vision, prompt_encoder_config=dict(image_size=256, image_embedding_size=16))
 model = SamModel._from_config(config, attn_implementation="sdpa").eval()
-missing, unexpected = model.load_state_dict(hf_transformers.hf_state_dict(state_dict), strict=False)
+missing, unexpected = model.load_state_dict(to_hf_state_dict(state_dict), strict=False)
 assert not missing and not unexpected, (missing, unexpected)
 with torch.no_grad():
     embedding = model.get_image_embeddings(pixels)

@@ -56,7 +56,7 @@ def test_image_and_early_embeddings_match(official_tiny, fast):
     pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
     embedding, interm = official_tiny.image_encoder(pixels)
     assert max_diff(model.encode(pixels), embedding) <= TOLERANCE
-    early = model.image_features()["early_vit_embedding"]
+    early = model.image_features()["early_embedding"]
     assert early.shape == (1, 64, 64, 160)
     assert max_diff(early, interm[0]) <= TOLERANCE
 

@@ -200,7 +200,7 @@ def test_embedding_cache_hits_and_invalidates(base, data, tmp_path):
     assert trainer.cache is not None and (trainer.cache.misses, trainer.cache.hits) == (16, 0)
     samples = [trainer.data.sample(i, 1) for i in range(4)]
     cached, features = trainer._encode(samples)
-    assert trainer.cache.hits == 4 and "early_vit_embedding" in features[0]
+    assert trainer.cache.hits == 4 and "early_embedding" in features[0]
     fresh = trainer.model.encode(torch.stack([s.pixels for s in samples]))
     assert torch.equal(cached, fresh)
     # a changed image is a miss, not a stale embedding

@@ -18,32 +18,29 @@ from typing import Any
 import torch
 from refiners.fluxion import layers as fl
 
-from finesam.adapters.hq.layers import HQMaskPrediction as ReferenceHQMaskPrediction
-from finesam.fast import decoder, encoder, hq
-from finesam.fast.swap import is_fast, restore, swap
-from finesam.model.image_encoder import RelativePositionAttention
-from finesam.model.layers import LayerNorm2d
-from finesam.model.prompt_encoder import DensePositionalEncoding
-from finesam.model.tiny_vit import BatchNorm2d, Conv2dBN
+# the modules that declare fast versions; those swapped by type register themselves (`swapped_by_type`)
+from finesam.fast import decoder, hq, layers, tiny_vit, vit  # noqa: F401
+from finesam.fast.swap import fast_version_by_type, is_fast, restore, settings, swap
 from finesam.model.transformer import ImageToTokenAttention, TokenToImageAttention, TwoWayTransformer
 
 __all__ = ["apply_fast_paths", "has_fast_paths", "reference_paths", "remove_fast_paths"]
 
 Site = tuple[torch.nn.Module, type, dict[str, Any]]
 
-# layers that make a fresh tensor, which a GELU right after them in a sequence may overwrite
-_FRESH_OUTPUT = (fl.Linear, fl.Conv2d, fl.ConvTranspose2d, fl.LayerNorm, LayerNorm2d, BatchNorm2d)
-
 
 def _makes_fresh_tensor(module: fl.Module) -> bool:
-    if type(module) in _FRESH_OUTPUT or isinstance(module, fl.Residual | Conv2dBN):
-        return True  # Residual: x + f(x); Conv2dBN: ends in a BatchNorm
-    return type(module) is fl.Chain and len(module) > 0 and _makes_fresh_tensor(module[-1])
+    """Whether `module` returns a tensor of its own: a weighted layer (linear, convolution, norm; not a bare
+    parameter), a residual sum, or a sequence ending in one."""
+    if isinstance(module, fl.WeightedModule) and not isinstance(module, fl.Parameter):
+        return True
+    if isinstance(module, fl.Residual):
+        return True  # x + f(x)
+    return isinstance(module, fl.Chain) and _sequential(module) and len(module) > 0 and _makes_fresh_tensor(module[-1])
 
 
 def _sequential(chain: fl.Chain) -> bool:
     """Whether `chain` feeds each child the output of the one before (and nothing else reads it)."""
-    return type(chain).forward is fl.Chain.forward or isinstance(chain, fl.Residual)
+    return type(chain).forward is fl.Chain.forward or type(chain).forward is fl.Residual.forward
 
 
 def _gelu_sites(root: torch.nn.Module) -> Iterator[Site]:
@@ -52,7 +49,7 @@ def _gelu_sites(root: torch.nn.Module) -> Iterator[Site]:
         for i, child in enumerate(children):
             if type(child) is fl.GeLU:
                 in_place = i > 0 and _sequential(chain) and _makes_fresh_tensor(children[i - 1])
-                yield child, encoder.GeLU, {"in_place": in_place}
+                yield child, layers.GeLU, {"in_place": in_place}
 
 
 def _decoder_sites(root: torch.nn.Module) -> Iterator[Site]:
@@ -78,14 +75,9 @@ def _sites(root: torch.nn.Module) -> Iterator[Site]:
     yield from _decoder_sites(root)
     yield from _gelu_sites(root)
     for module in root.modules():
-        if type(module) is RelativePositionAttention:
-            yield module, encoder.RelativePositionAttention, {"chunk_bytes": encoder.CHUNK_BYTES}
-        elif type(module) is Conv2dBN:
-            yield module, encoder.Conv2dBN, {}
-        elif type(module) is DensePositionalEncoding:
-            yield module, decoder.DensePositionalEncoding, {}
-        elif type(module) is ReferenceHQMaskPrediction:
-            yield module, hq.HQMaskPrediction, {"band_rows": 64}
+        if (by_type := fast_version_by_type(module)) is not None:
+            fast, settings = by_type
+            yield module, fast, dict(settings)
 
 
 def apply_fast_paths(*roots: torch.nn.Module) -> int:
@@ -127,10 +119,7 @@ def reference_paths(*roots: torch.nn.Module) -> Iterator[None]:
     """Within the block every layer of `roots` computes its reference formula (for export, tracing or
     training); afterwards the layers that were fast are fast again, with the same settings."""
     swapped = [
-        (module, type(module), {name: vars(module)[name] for name in vars(module).get("_fast_added_attributes", ())})
-        for root in roots
-        for module in root.modules()
-        if is_fast(module)
+        (module, type(module), settings(module)) for root in roots for module in root.modules() if is_fast(module)
     ]
     for module, _, _ in swapped:
         restore(module)

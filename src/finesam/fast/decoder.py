@@ -12,7 +12,7 @@ from refiners.fluxion.adapters import LinearLora, LoraAdapter
 from torch import Tensor
 
 from finesam.adapters.lora import merged_weight
-from finesam.fast.swap import fast_version_of, is_fast
+from finesam.fast.swap import fast_version_of, is_fast, swapped_by_type
 from finesam.model.layers import weights_key
 from finesam.model.prompt_encoder import DensePositionalEncoding as ReferenceDensePositionalEncoding
 
@@ -215,6 +215,7 @@ class FewKeysAttention(fl.Attention):
         return torch.baddbmm(out_bias, weights.transpose(1, 2), projected_values)  # the bias in the same pass
 
 
+@swapped_by_type()
 @fast_version_of(ReferenceDensePositionalEncoding)
 class DensePositionalEncoding(ReferenceDensePositionalEncoding):
     """The dense positional encoding computed once and remembered while the Gaussian matrix is unchanged

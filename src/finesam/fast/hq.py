@@ -9,7 +9,7 @@ from torch import Tensor
 
 from finesam.adapters.hq.layers import CONTEXT, HQMaskFeatures
 from finesam.adapters.hq.layers import HQMaskPrediction as ReferenceHQMaskPrediction
-from finesam.fast.swap import fast_version_of
+from finesam.fast.swap import fast_version_of, swapped_by_type
 
 
 def _as_built(hidden: list[fl.Module], projection: fl.Module) -> bool:
@@ -22,6 +22,7 @@ def _as_built(hidden: list[fl.Module], projection: fl.Module) -> bool:
     return kinds == ["Conv2d", "LayerNorm2d", "GeLU"] and type(first) is fl.Conv2d and local and linear
 
 
+@swapped_by_type(band_rows=64)
 @fast_version_of(ReferenceHQMaskPrediction)
 class HQMaskPrediction(ReferenceHQMaskPrediction):
     """w . (mask_features(u) + f) for the HQ token weights w, SAM's upscaled features u and the HQ features f,

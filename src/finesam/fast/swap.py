@@ -33,6 +33,31 @@ def fast_version_of(reference: type[torch.nn.Module]) -> Callable[[FastClass], F
     return declare
 
 
+_BY_TYPE: dict[type, tuple[type, dict[str, Any]]] = {}
+
+
+def swapped_by_type(**settings: Any) -> Callable[[FastClass], FastClass]:
+    """Declares that every layer of exactly the decorated fast class's reference class takes it, with
+    `settings` as its instance attributes (below `fast_version_of`, which names the reference). Layers whose
+    fast version depends on where they sit (the decoder's attentions, GELU) are placed by the swap itself."""
+
+    def register(fast: FastClass) -> FastClass:
+        reference = reference_class(fast)
+        if reference is None:
+            raise TypeError(f"{fast.__name__} is not declared with fast_version_of")
+        if reference in _BY_TYPE:
+            raise ValueError(f"{reference.__name__} already has the fast version {_BY_TYPE[reference][0].__module__}")
+        _BY_TYPE[reference] = (fast, settings)
+        return fast
+
+    return register
+
+
+def fast_version_by_type(module: torch.nn.Module) -> tuple[type, dict[str, Any]] | None:
+    """The fast class and settings every layer of `module`'s exact class takes, if one was declared."""
+    return _BY_TYPE.get(type(module))
+
+
 def reference_class(fast: type) -> type | None:
     """The reference class a fast class stands in for (None for any other class)."""
     return fast.__dict__.get(_REFERENCE)
@@ -73,6 +98,11 @@ def restore(module: torch.nn.Module) -> bool:
         vars(module).pop(name, None)
     module.__class__ = reference
     return True
+
+
+def settings(module: torch.nn.Module) -> dict[str, Any]:
+    """The instance attributes `swap` gave a fast `module` (what a later `swap` needs to make it again)."""
+    return {name: vars(module)[name] for name in vars(module).get(_ADDED, ())}
 
 
 def fast_state(module: torch.nn.Module) -> tuple[str, ...]:

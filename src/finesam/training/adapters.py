@@ -11,6 +11,7 @@ from finesam.adapters.lora import TARGETS, SAMLoraAdapter
 from finesam.model.sam import SegmentAnything
 from finesam.training.config import TrainConfig, VariantConfig
 from finesam.weights import hq_weights_for, load_hq, load_lora
+from finesam.weights.hq import with_current_names
 from finesam.weights.io import read_safetensors
 
 
@@ -31,7 +32,7 @@ def build_variant(model: SegmentAnything, config: VariantConfig) -> Any:
         raise ValueError(f"[variant] {config.adapter} must build a refiners Adapter chain")
     if config.init is not None:
         tensors, _ = read_safetensors(config.init)
-        adapter.load_state_dict(tensors)
+        adapter.load_state_dict(with_current_names(tensors))  # variants of HQ-SAM share its part names
     return adapter
 
 

@@ -9,7 +9,7 @@ from refiners.fluxion import layers as fl
 from torch import Tensor
 
 from finesam.adapters.hq.adapter import HQSAMAdapter
-from finesam.adapters.hq.layers import CompressViTFeatures, EmbeddingEncoder, HQMaskFeatures, HQToken, HQTokenMLP
+from finesam.adapters.hq.layers import CompressEarlyFeatures, EmbeddingEncoder, HQMaskFeatures, HQToken, HQTokenMLP
 from finesam.fast import apply_fast_paths, has_fast_paths
 from finesam.model.sam import SegmentAnything
 from finesam.weights.hf import is_hf_checkpoint, read_hf_config, read_official
@@ -66,7 +66,7 @@ def hq_key_map(adapter: HQSAMAdapter) -> dict[str, Rule]:
         for j, linear in enumerate(adapter.ensure_find(HQTokenMLP).layers(fl.Linear))
     ]
     for name, part in (
-        ("compress_vit_feat", CompressViTFeatures),
+        ("compress_vit_feat", CompressEarlyFeatures),
         ("embedding_encoder", EmbeddingEncoder),
         ("embedding_maskfeature", HQMaskFeatures),
     ):
@@ -108,6 +108,19 @@ def save_hq(adapter: HQSAMAdapter, path: str | Path) -> Path:
     return write_safetensors(adapter.state_dict(), path, metadata)
 
 
+# the adapter's parts were renamed when they stopped being ViT-only; files written before name them the old way
+_FORMER_PREFIXES = {"CompressViTFeatures.": "CompressEarlyFeatures."}
+
+
+def with_current_names(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Adapter weights with the keys of finesam 0.1 files (`CompressViTFeatures.*`) under today's names."""
+    renamed = {}
+    for key, tensor in tensors.items():
+        old = next((prefix for prefix in _FORMER_PREFIXES if key.startswith(prefix)), None)
+        renamed[key if old is None else _FORMER_PREFIXES[old] + key[len(old) :]] = tensor
+    return renamed
+
+
 def load_hq_weights(path: str | Path, adapter: HQSAMAdapter) -> dict[str, Tensor]:
     """Weights for `adapter` from a file written by `save_hq`, an official HQ-SAM `.pth` or a Hugging Face
     `SamHQModel` checkpoint."""
@@ -119,6 +132,7 @@ def load_hq_weights(path: str | Path, adapter: HQSAMAdapter) -> dict[str, Tensor
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
     tensors, _ = read_format(path, FORMAT_HQ)
+    tensors = with_current_names(tensors)
     early_dim = adapter.target.config.encoder.early_embedding_dim
     what = f"an HQ adapter for this model (early embedding width {early_dim})"
     check_tensors(path, tensors, adapter.state_dict(), what=what)

@@ -15,7 +15,7 @@ from finesam.adapters.hq.layers import (
     EARLY_EMBEDDING,
     IMAGE_KEYS,
     CachedHQFeatures,
-    CompressViTFeatures,
+    CompressEarlyFeatures,
     EmbeddingEncoder,
     HQFeatureFusion,
     HQMaskFeatures,
@@ -29,8 +29,8 @@ from finesam.model.mask_decoder import MaskDecoder, MaskHead, MultimaskSelection
 from finesam.model.sam import SegmentAnything
 
 
-class EarlyViTEmbedding(fl.Chain, Adapter[fl.Module]):
-    """Keeps the early encoder output (first global ViT block, or TinyViT stage 1) as `early_vit_embedding`."""
+class EarlyEmbedding(fl.Chain, Adapter[fl.Module]):
+    """Keeps the early encoder output (first global ViT block, or TinyViT stage 1) as `early_embedding`."""
 
     def __init__(self, target: fl.Module) -> None:
         with self.setup_adapter(target):
@@ -38,7 +38,7 @@ class EarlyViTEmbedding(fl.Chain, Adapter[fl.Module]):
 
 
 class HQFeatures(fl.Chain, Adapter[MaskDecoder]):
-    """Before the mask decoder, fuses the early ViT embedding with the image embedding into `hq_sam.hq_features`.
+    """Before the mask decoder, fuses the early encoder embedding with the image embedding into `hq_sam.hq_features`.
 
     Done in the decoder stage (as in the official model) so that the fusion trains on a frozen, cached encoder.
     """
@@ -127,7 +127,7 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
         self._rule = [HQOutputRule(hq_mask_only)]
         self._adapters: list[Adapter[Any]] = [
-            EarlyViTEmbedding(target.image_encoder.early_embedding_layer if early_layer is None else early_layer),
+            EarlyEmbedding(target.image_encoder.early_embedding_layer if early_layer is None else early_layer),
             HQFeatures(target.mask_decoder, fusion),
             HQOutputToken(target.ensure_find(OutputTokens), token),
             UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),
@@ -138,7 +138,7 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
             HQMaskSelection(target.ensure_find(MultimaskSelection), self._rule[0]),
         ]
         parts: list[fl.Module] = [token, token_mlp, fusion.ensure_find(EmbeddingEncoder)]
-        parts += [fusion.ensure_find(CompressViTFeatures), mask_features]
+        parts += [fusion.ensure_find(CompressEarlyFeatures), mask_features]
         with self.setup_adapter(target), ExitStack() as stack:
             # the parts stay children of the small adapters (their parent) and are listed here for their weights
             for part in parts:

@@ -1,6 +1,6 @@
-"""The parts HQ-SAM adds to SAM: the HQ output token, the fusion of early and final ViT features, the HQ mask head.
+"""The parts HQ-SAM adds to SAM: the HQ output token, the fusion of early and final encoder features, the HQ mask head.
 
-Contexts used: `image` (`early_vit_embedding`, captured while the image is encoded and kept with a cached
+Contexts used: `image` (`early_embedding`, captured while the image is encoded and kept with a cached
 embedding) and `hq_sam` (`hq_features`, `upscaled_embedding`, written while the decoder runs).
 """
 
@@ -20,7 +20,7 @@ from finesam.model.transformer import TOKENS
 # The contexts HQ-SAM uses, declared here once.
 CONTEXT = "hq_sam"  # written while the decoder runs
 CONTEXT_KEYS = ("hq_features", "upscaled_embedding")
-EARLY_EMBEDDING = "early_vit_embedding"  # in the model's `image` context, captured while encoding
+EARLY_EMBEDDING = "early_embedding"  # in the model's `image` context, captured while encoding
 HQ_FEATURES, HQ_FEATURES_KEY = "hq_features", "hq_features_key"  # `image` context: the fused features, cached
 IMAGE_KEYS = (EARLY_EMBEDDING, HQ_FEATURES, HQ_FEATURES_KEY)
 
@@ -60,11 +60,15 @@ class EmbeddingEncoder(UpscalingStack):
         super().__init__(dim, dim // 4, dim // 8, device=device, dtype=dtype)
 
 
-class CompressViTFeatures(UpscalingStack):
-    """The early ViT embedding (ViT width) upscaled 4x to the mask features (D / 8 channels)."""
+class CompressEarlyFeatures(UpscalingStack):
+    """The early encoder embedding (`early_dim` channels: the ViT width, or TinyViT's stage-1 width) upscaled 4x to
+    the mask features (D / 8 channels). Official key: `compress_vit_feat`; finesam files before 0.2 named it
+    `CompressViTFeatures` (read by `weights.hq`)."""
 
-    def __init__(self, vit_dim: int, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        super().__init__(vit_dim, dim, dim // 8, device=device, dtype=dtype)
+    def __init__(
+        self, early_dim: int, dim: int, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        super().__init__(early_dim, dim, dim // 8, device=device, dtype=dtype)
 
 
 class ImageFeature(fl.UseContext):
@@ -84,15 +88,17 @@ class ImageFeature(fl.UseContext):
 
 
 class HQFeatureFusion(fl.Sum):
-    """Image embedding (B, D, E, E) -> HQ features (B, D / 8, 4E, 4E): final plus early ViT features."""
+    """Image embedding (B, D, E, E) -> HQ features (B, D / 8, 4E, 4E): final plus early encoder features."""
 
-    def __init__(self, vit_dim: int, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+    def __init__(
+        self, early_dim: int, dim: int, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
         super().__init__(
             EmbeddingEncoder(dim, device=device, dtype=dtype),
             fl.Chain(
                 ImageFeature(EARLY_EMBEDDING),
                 fl.Permute(0, 3, 1, 2),
-                CompressViTFeatures(vit_dim, dim, device=device, dtype=dtype),
+                CompressEarlyFeatures(early_dim, dim, device=device, dtype=dtype),
             ),
         )
 

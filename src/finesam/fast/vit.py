@@ -1,17 +1,14 @@
-"""Fast versions of the image encoders' layers: windowed attention with its positions as channels, global
-attention in bounded chunks, GELU in place, TinyViT's BatchNorm folded into its convolution. Each computes its
-reference's formula up to float rounding (tests/test_fast_paths.py)."""
+"""The fast version of the ViT encoder's attention: windows with their positions as channels, global
+attention in bounded chunks. Same formula as `RelativePositionAttention` up to float rounding
+(tests/test_encoder_attention.py)."""
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from refiners.fluxion import layers as fl
 from torch import Tensor
 
-from finesam.fast.swap import fast_version_of
+from finesam.fast.swap import fast_version_of, swapped_by_type
 from finesam.model.image_encoder import RelativePositionAttention as ReferenceRelativePositionAttention
-from finesam.model.tiny_vit import BatchNorm2d
-from finesam.model.tiny_vit import Conv2dBN as ReferenceConv2dBN
 
 # the (tokens x tokens) bias of a global block is built for at most this many bytes of queries at a time:
 # whole images (windows) while they fit, else rows of one image. Fewer, larger chunks keep the attention kernel
@@ -19,6 +16,7 @@ from finesam.model.tiny_vit import Conv2dBN as ReferenceConv2dBN
 CHUNK_BYTES = 48 * 2**20
 
 
+@swapped_by_type(chunk_bytes=CHUNK_BYTES)
 @fast_version_of(ReferenceRelativePositionAttention)
 class RelativePositionAttention(ReferenceRelativePositionAttention):
     """Small grids (windows, `height + width <= head_dim`): the position terms ride along as query and key
@@ -107,44 +105,3 @@ class RelativePositionAttention(ReferenceRelativePositionAttention):
                 )
             outputs.append(torch.cat(image_outputs, dim=2) if len(image_outputs) > 1 else image_outputs[0])
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-
-
-@fast_version_of(fl.GeLU)
-class GeLU(fl.GeLU):
-    """GELU through the dense (B, H, W, C) view of a channels-last map (torch's CPU kernel runs about twice as
-    slow on a channels-last tensor as on the same memory seen as contiguous), and at inference, where the swap
-    found it safe (`in_place`: its input is a fresh output of the layer before it, read by nothing else), over
-    its input instead of a new tensor: a fresh output of tens of MB costs more in page faults than the GELU.
-    With gradients, the reference formula.
-
-    Set by the swap: `in_place`.
-    """
-
-    in_place: bool
-
-    def forward(self, x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
-        if torch.is_grad_enabled():
-            return super().forward(x)
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return self.forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        if self.in_place and self.approximation == fl.GeLUApproximation.NONE:
-            return torch.ops.aten.gelu_(x)
-        return super().forward(x)
-
-
-@fast_version_of(ReferenceConv2dBN)
-class Conv2dBN(ReferenceConv2dBN):
-    """In eval mode BatchNorm is a fixed affine map per channel: folded into the convolution (one pass), at
-    inference."""
-
-    def forward(self, *inputs: Tensor) -> Float[Tensor, "batch out_channels height width"]:
-        conv, norm = self
-        if torch.is_grad_enabled() or type(conv) is not fl.Conv2d or type(norm) is not BatchNorm2d or norm.training:
-            return super().forward(*inputs)  # an adapter in place of a layer, or batch statistics: as written
-        mean, var = norm.running_mean, norm.running_var
-        if mean is None or var is None:
-            return super().forward(*inputs)
-        scale = norm.weight * torch.rsqrt(var + norm.eps)
-        shift = norm.bias - mean * scale
-        weight = conv.weight * scale[:, None, None, None]
-        return F.conv2d(inputs[0], weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -1,0 +1,31 @@
+"""The fast version of TinyViT's convolution + BatchNorm: the norm folded into the convolution at inference.
+Same formula as `Conv2dBN` up to float rounding (tests/test_tiny_vit.py)."""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from refiners.fluxion import layers as fl
+from torch import Tensor
+
+from finesam.fast.swap import fast_version_of, swapped_by_type
+from finesam.model.tiny_vit import BatchNorm2d
+from finesam.model.tiny_vit import Conv2dBN as ReferenceConv2dBN
+
+
+@swapped_by_type()
+@fast_version_of(ReferenceConv2dBN)
+class Conv2dBN(ReferenceConv2dBN):
+    """In eval mode BatchNorm is a fixed affine map per channel: folded into the convolution (one pass), at
+    inference."""
+
+    def forward(self, *inputs: Tensor) -> Float[Tensor, "batch out_channels height width"]:
+        conv, norm = self
+        if torch.is_grad_enabled() or type(conv) is not fl.Conv2d or type(norm) is not BatchNorm2d or norm.training:
+            return super().forward(*inputs)  # an adapter in place of a layer, or batch statistics: as written
+        mean, var = norm.running_mean, norm.running_var
+        if mean is None or var is None:
+            return super().forward(*inputs)
+        scale = norm.weight * torch.rsqrt(var + norm.eps)
+        shift = norm.bias - mean * scale
+        weight = conv.weight * scale[:, None, None, None]
+        return F.conv2d(inputs[0], weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
