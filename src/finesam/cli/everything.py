@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask, to_coco
-from finesam.cli.common import UsageError, check_output_folder, inference, load_model, save_mask, write_json
+from finesam.cli.common import (
+    UsageError,
+    check_distinct_paths,
+    check_output_folder,
+    inference,
+    load_model,
+    save_mask,
+    write_json,
+)
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.options import (
     Commands,
@@ -36,8 +44,10 @@ def run_everything(args: argparse.Namespace) -> None:
     refuse_labelling_options(args, "use --format")
     image = as_rgb(open_image(args.source))
     check_output_folder(args.out, "--out")
-    for output in (args.out / "masks.json", args.out / "overlay.png"):  # refused before the model loads
-        check_output(output)
+    outputs = [("--out", check_output(args.out / name)) for name in ("masks.json", "overlay.png")]
+    check_distinct_paths(outputs, [("IMAGE", args.source), ("--weights", args.weights)])  # before the model loads
+    if args.source.resolve().is_relative_to((args.out / "masks").resolve()):
+        raise UsageError(f"{args.source} is in {args.out / 'masks'}, where the masks are written: use another --out")
     model = load_model(args)
     records = AutomaticMaskGenerator(model, **options, output_mode="uncompressed_rle").generate(
         image, progress=not args.quiet

@@ -39,7 +39,12 @@ def labelling_options() -> argparse.ArgumentParser:
         "--polygons", action="store_true", help="polygon segmentations in annotations.json (scikit-image)"
     )
     group.add_argument("--png", action="store_true", help="also one mask PNG per object, under OUT/masks/")
-    group.add_argument("--overwrite", action="store_true", help="start again in an OUT made with other settings")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an OUT made with other settings (removes only what the earlier run recorded), or "
+        "replace an annotations.json / errors.jsonl that no run recorded",
+    )
     return options
 
 
@@ -88,8 +93,10 @@ def run_labelling(
         "loras": [_digest(path, "--lora") for path in args.lora],
     }
     run = LabellingRun(out, identity, polygons=args.polygons, png=args.png)
+    # by every process: a refused run stops them all alike, before the model loads
+    run.check_outputs(args.overwrite)
     if not args.overwrite:
-        run.check()  # by every process: a refused run stops them all alike, before the model loads
+        run.check()
     place = Distributed.from_environment()
     args.device = str(place.join(torch.device(args.device), timeout=WAIT_FOR_OTHERS))
     if place.main:

@@ -1,0 +1,194 @@
+"""The second fault round of the data commands (issue 34): a run never replaces or deletes what it did not make,
+no input hangs it, Ctrl-C stops it, writers fail in one line, text inputs share one BOM rule, folder scans take
+images only, manifests are read as recorded, COCO files score against themselves, messages say what happened.
+
+Real subprocesses, real FIFOs and links, a real small tmpfs for a full disk; the small random weights of the
+other CLI tests.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from conftest import SMALL, photo
+from helpers import finesam
+from official import build_official
+
+SIZE = (96, 64)  # small photos: each image takes a few milliseconds with the small weights
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "sam_small.pth"
+    torch.save(build_official(SMALL, seed=2).state_dict(), path)
+    return path
+
+
+def save_photo(path: Path, source: str = "rocket", size: tuple[int, int] = SIZE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), "PNG")
+    photo(source).resize(size).save(path, format=fmt)
+    return path
+
+
+def write_lines(path: Path, lines: list[object], bom: bool = False) -> Path:
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    path.write_bytes(("\ufeff" if bom else "").encode() + text.encode())
+    return path
+
+
+def box_line(name: str, box: tuple[int, int, int, int] = (5, 5, 60, 50)) -> dict[str, object]:
+    return {"image": name, "boxes": [list(box)]}
+
+
+def manifest_run(manifest: Path, weights: Path, out: Path, *extra: object):
+    return finesam("segment", "--manifest", manifest, "--weights", weights, "--out", out, *extra)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# 1. data loss ----------------------------------------------------------------------------------------------------
+
+
+def test_overwrite_removes_only_what_the_earlier_run_recorded(tmp_path, weights):
+    images = tmp_path / "images"
+    for name in ("a.png", "b.jpg"):
+        save_photo(images / name)
+    manifest = write_lines(images / "m.jsonl", [box_line("a.png"), box_line("b.jpg")])
+    out = tmp_path / "out"
+    assert manifest_run(manifest, weights, out).returncode == 0  # no --png: masks/ is not the run's
+    truth = save_photo(out / "masks" / "gt" / "a.png", "chelsea")
+    notes = out / "parts" / "notes.txt"
+    notes.write_text("mine")
+    result = manifest_run(manifest, weights, out, "--multimask", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert truth.is_file() and notes.read_text() == "mine"
+    # an earlier --png run: its recorded PNGs go, a file of the user's beside them stays
+    png_out = tmp_path / "png"
+    assert manifest_run(manifest, weights, png_out, "--png").returncode == 0
+    recorded = [p for p in (png_out / "masks").rglob("*.png") if p.is_file()]
+    assert len(recorded) == 2
+    extra = save_photo(png_out / "masks" / "a.png" / "reviewed.png")
+    only_a = write_lines(images / "a.jsonl", [box_line("a.png")])
+    result = manifest_run(only_a, weights, png_out, "--png", "--multimask", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert extra.is_file() and json.loads((png_out / "run.json").read_text())["multimask"] is True
+    left = sorted(p.relative_to(png_out).as_posix() for p in (png_out / "masks").rglob("*") if p.is_file())
+    assert left == ["masks/a.png/0000.png", "masks/a.png/reviewed.png"]  # b.jpg's recorded mask (and folder) went
+    # a hand-made masks/ is never written into by --png, even with --overwrite
+    for extra_options in ([], ["--overwrite"]):
+        result = manifest_run(manifest, weights, out, "--png", *extra_options)
+        assert result.returncode == 2 and "masks" in result.stderr and "use another --out" in result.stderr
+        assert truth.is_file()
+
+
+def test_outputs_that_no_run_recorded_are_refused_unless_overwrite(tmp_path, weights):
+    images = tmp_path / "images"
+    save_photo(images / "a.png")
+    manifest = write_lines(images / "m.jsonl", [box_line("a.png")])
+    for name in ("annotations.json", "errors.jsonl"):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        (out / name).write_text("the dataset's own")
+        for command in (
+            ["segment", "--manifest", manifest],
+            ["everything", images, "--points-per-side=2"],
+        ):
+            result = finesam(*command, "--weights", weights, "--out", out)
+            assert result.returncode == 2 and f"{out / name} exists" in result.stderr, result.stderr
+            assert (out / name).read_text() == "the dataset's own" and not (out / "run.json").exists()
+        assert manifest_run(manifest, weights, out, "--overwrite").returncode == 0
+        assert (out / "run.json").is_file() and (out / name).read_text() != "the dataset's own"
+
+
+@pytest.mark.parametrize("source", ["folder", "list", "manifest"])
+def test_png_mask_folders_are_unique_per_image(tmp_path, weights, source):
+    images = tmp_path / "images"
+    names = ["a.png", "a.jpg", "a.PNG", "sub/a.png", "A.png"]
+    for name, picture in zip(names, ["rocket", "chelsea", "astronaut_crop", "coffee", "astronaut"], strict=True):
+        save_photo(images / name, picture)
+    out = tmp_path / "out"
+    if source == "manifest":
+        # boxes of different sizes: every image's masks differ
+        lines = [box_line(name, (2 * i, 2 * i, 60 + 5 * i, 40 + 4 * i)) for i, name in enumerate(names)]
+        result = manifest_run(
+            write_lines(tmp_path / "m.jsonl", [{**line, "image": f"images/{line['image']}"} for line in lines]),
+            weights,
+            out,
+            "--png",
+        )
+    else:
+        given = images if source == "folder" else write_lines(tmp_path / "list.txt", [f"images/{n}" for n in names])
+        result = finesam(
+            "everything",
+            given,
+            "--weights",
+            weights,
+            "--out",
+            out,
+            "--png",
+            "--points-per-side=4",
+            "--pred-iou-thresh=0",
+            "--stability-score-thresh=0",
+        )
+    assert result.returncode == 0, result.stderr
+    document = json.loads((out / "annotations.json").read_text())
+    assert len(document["images"]) == len(names)
+    folders: dict[int, set[str]] = {}
+    for record in document["annotations"]:
+        path = out / record["mask_file"]
+        mask = np.asarray(Image.open(path)) > 0
+        assert np.array_equal(mask, coco_mask.decode(record["segmentation"]).astype(bool)), record["mask_file"]
+        folders.setdefault(record["image_id"], set()).add(str(Path(record["mask_file"]).parent).lower())
+    assert len(folders) == len(names)
+    for image_id, mine in folders.items():  # unique even where case is ignored
+        assert all(not mine & theirs for other, theirs in folders.items() if other != image_id)
+
+
+def test_segment_outputs_never_replace_inputs_or_each_other(tmp_path, weights):
+    image = save_photo(tmp_path / "image.png")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"box": [5, 5, 60, 50]}, {"box": [1, 1, 30, 30]}]))
+    (tmp_path / "link.png").symlink_to(image)
+    os.link(image, tmp_path / "hard.png")
+    before = snapshot(tmp_path)
+    base = ["segment", image, "--weights", weights, "--box", "5,5,60,50"]
+    cases = [
+        ["--out", image],  # the input itself
+        ["--out", tmp_path / "link.png"],  # through a symbolic link
+        ["--out", tmp_path / "hard.png"],  # through a hard link
+        ["--out", tmp_path / "m.png", "--logits", tmp_path / "m.png"],
+        ["--out", tmp_path / "m.png", "--overlay", tmp_path / "m.png"],
+        ["--out", tmp_path / "m.png", "--overlay", tmp_path / "sub" / ".." / "image.png"],
+        ["--out", tmp_path / "m.png", "--logits", tmp_path / "logits.png"],  # not .npy
+        ["--out", tmp_path / "m.png", "--weights", tmp_path / "m.png"],
+    ]
+    for extra in cases:
+        result = finesam(*base, *extra)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (extra, result.stderr)
+    # with --prompts the outputs are numbered: m_1.png is the overlay too
+    result = finesam(
+        "segment",
+        image,
+        "--weights",
+        weights,
+        "--prompts",
+        prompts,
+        "--out",
+        tmp_path / "m.png",
+        "--overlay",
+        tmp_path / "m_1.png",
+    )
+    assert result.returncode == 2 and "m_1.png" in result.stderr
+    result = finesam("segment", image, "--weights", weights, "--prompts", prompts, "--out", prompts.with_suffix(".png"))
+    assert result.returncode == 0, result.stderr
+    assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before
+    assert "same file" in finesam(*base, "--out", image).stderr
