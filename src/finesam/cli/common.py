@@ -67,9 +67,10 @@ def check_mask_output(path: Path) -> Path:
 
 def check_logits_output(path: Path) -> Path:
     """`check_output`, and the `.npy` suffix: the logits are a NumPy array, never bytes in an image file."""
+    check_output(path)
     if path.suffix.lower() != ".npy":
         raise UsageError(f"{path}: logits are written as NumPy arrays (.npy), not {path.suffix or 'no suffix'}")
-    return check_output(path)
+    return path
 
 
 def file_identity(path: Path) -> tuple[object, ...]:
