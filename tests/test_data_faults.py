@@ -8,6 +8,10 @@ other CLI tests.
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from conftest import SMALL, photo
-from helpers import finesam
+from helpers import FINESAM_COMMAND, finesam
 from official import build_official
 
 SIZE = (96, 64)  # small photos: each image takes a few milliseconds with the small weights
@@ -192,3 +196,115 @@ def test_segment_outputs_never_replace_inputs_or_each_other(tmp_path, weights):
     assert result.returncode == 0, result.stderr
     assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before
     assert "same file" in finesam(*base, "--out", image).stderr
+
+
+# 2. hangs -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def alarm():
+    """A test that would hang fails instead: SIGALRM interrupts a blocked open after 30 s."""
+
+    def timed_out(signum: int, frame: object) -> None:
+        raise TimeoutError("the command hung")
+
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_inputs_that_block_on_open_are_refused_in_one_line(tmp_path, weights, alarm):
+    images = tmp_path / "images"
+    save_photo(images / "a.png")
+    fifo = images / "b.png"
+    os.mkfifo(fifo)
+    (images / "c.png").symlink_to(fifo)
+    fifo_list, fifo_prompts = tmp_path / "list.txt", tmp_path / "prompts.json"
+    os.mkfifo(fifo_list)
+    os.mkfifo(fifo_prompts)
+    lists = [write_lines(tmp_path / f"{n}.txt", ["images/a.png", f"images/{n}"]) for n in ("b.png", "c.png")]
+    manifest = write_lines(tmp_path / "m.jsonl", [box_line("images/a.png"), box_line("images/b.png")])
+    cases = [
+        (["segment", fifo, "--box", "1,1,9,9", "--out", tmp_path / "m.png"], "FIFO"),
+        (["segment", "/dev/zero", "--box", "1,1,9,9", "--out", tmp_path / "m.png"], "a device"),
+        (["segment", images / "a.png", "--prompts", fifo_prompts, "--out", tmp_path / "m.png"], "FIFO"),
+        (["segment", "--manifest", manifest, "--out", tmp_path / "o1"], "m.jsonl:2"),
+        (["segment", "--manifest", fifo_list, "--out", tmp_path / "o2"], "FIFO"),
+        (["everything", lists[0], "--out", tmp_path / "o3"], "b.png.txt:2"),
+        (["everything", lists[1], "--out", tmp_path / "o4"], "c.png.txt:2"),  # a link to a FIFO
+        (["everything", fifo_list, "--out", tmp_path / "o5"], "FIFO"),
+        (["everything", fifo, "--out", tmp_path / "o6"], "FIFO"),
+    ]
+    for args, words in cases:
+        result = finesam(*args, "--weights", weights)
+        assert result.returncode == 2 and words in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # a folder leaves them out and says so
+    result = finesam("everything", images, "--weights", weights, "--out", tmp_path / "o7", "--points-per-side=2")
+    assert result.returncode == 0, result.stderr
+    assert [i["file_name"] for i in json.loads((tmp_path / "o7" / "annotations.json").read_text())["images"]] == [
+        "a.png"
+    ]
+
+
+def test_a_load_that_never_returns_does_not_keep_the_process_alive(tmp_path):
+    """The decoding thread blocked for good on a real FIFO: the first SIGINT ends the process at once."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    script = (
+        "import sys, time\n"
+        "from finesam.labelling.prefetch import prefetched\n"
+        "def load(path):\n"
+        "    if path == 'slow':\n"
+        "        time.sleep(0.2)\n"
+        "        return path\n"
+        "    return open(path).read()\n"
+        "try:\n"
+        f"    for job, value in prefetched(['slow', {str(fifo)!r}], load):\n"
+        "        print(job, flush=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(130)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "slow"
+    time.sleep(0.3)  # the thread is now blocked in open(fifo); the consumer waits for it
+    process.send_signal(signal.SIGINT)
+    try:
+        out, _ = process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("the first SIGINT did not end the process")
+    assert process.returncode == 130 and "interrupted" in out
+
+
+def test_ctrl_c_stops_a_run_at_once_and_keeps_what_was_committed(tmp_path, weights):
+    images = tmp_path / "images"
+    names = [f"{i:02d}.png" for i in range(24)]
+    for i, name in enumerate(names):
+        save_photo(images / name, ["rocket", "chelsea", "coffee"][i % 3])
+    listing = write_lines(tmp_path / "list.txt", [f"images/{n}" for n in names])
+    out = tmp_path / "out"
+    args = ["everything", listing, "--weights", weights, "--out", out, "--points-per-side=4"]
+    process = subprocess.Popen(
+        [*FINESAM_COMMAND, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not list((out / "parts").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        _, err = process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("the first SIGINT did not end the run")
+    assert time.monotonic() - sent < 10
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    parts = list((out / "parts").glob("*.json"))
+    assert 1 <= len(parts) < len(names) and all(json.loads(p.read_text())["key"] for p in parts)
+    assert not (out / "annotations.json").exists()

@@ -23,7 +23,7 @@ from finesam.cli.common import (
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.overlay import overlay
-from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, as_rgb, open_image, parse_json_prompts
+from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, as_rgb, open_image, parse_json_prompts, read_text_input
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
 from finesam.model.processing import postprocess_masks
@@ -63,9 +63,10 @@ def read_prompt_file(path: Path) -> list[SegmentPrompt]:
         UsageError: the file cannot be read, or a prompt is malformed (the message names it by its position).
     """
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read prompts from {path}: {e}") from None
+        data = json.loads(read_text_input(path, "prompts"))
+    except ValueError as e:  # unreadable (its message names the file), or not JSON
+        detail = str(e) if not isinstance(e, json.JSONDecodeError) else f"not JSON: {e}"
+        raise UsageError(f"cannot read prompts from {path}: {detail}") from None
     prompts = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(prompts, list) or not prompts:
         raise UsageError(f'{path}: expected a non-empty list of prompts (or {{"prompts": [...]}})')

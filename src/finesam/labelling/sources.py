@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from finesam.inputs import JSON_PROMPT_KEYS, parse_json_prompts
+from finesam.inputs import JSON_PROMPT_KEYS, parse_json_prompts, read_text_input, special_file
 
 DEFAULT_CATEGORY = 1  # "object", when a manifest gives no category ids
 
@@ -97,7 +97,10 @@ def images_of(source: Path, exclude: Path | None = None) -> list[ImageJob]:
     elif source.is_file():
         jobs = _listed_images(source)
     else:
-        raise ValueError(f"{source}: no such folder or list file")
+        kind = special_file(source)
+        raise ValueError(
+            f"{source}: " + (f"is {kind}, not a folder or list file" if kind else "no such folder or list file")
+        )
     if not jobs:
         raise ValueError(f"{source}: no images ({'suffixes: ' + ', '.join(sorted(image_suffixes()))})")
     return jobs
@@ -113,17 +116,14 @@ def _folder_images(folder: Path, exclude: Path | None) -> list[ImageJob]:
             continue
         if skipped is not None and path.resolve().is_relative_to(skipped):
             continue
-        if path.is_file():
+        if special_file(path) is None:  # FIFOs and devices left out: opening them can wait forever
             jobs.append(ImageJob(path, relative.as_posix()))
     return sorted(jobs, key=lambda job: job.file_name)
 
 
 def _numbered_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
     """The non-blank lines of a text file, stripped, with their line numbers (from 1)."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read {what}: {e}") from None
+    lines = read_text_input(path, what).splitlines()
     return ((number, line.strip()) for number, line in enumerate(lines, 1) if line.strip())
 
 
@@ -137,8 +137,19 @@ def _listed_images(listing: Path) -> list[ImageJob]:
         if file_name in seen:
             raise ValueError(f"{listing}:{number}: {name!r} is listed twice (first on line {seen[file_name]})")
         seen[file_name] = number
-        jobs.append(ImageJob(listing.parent / name, file_name))
+        jobs.append(_listed_job(listing, number, name, file_name))
     return jobs
+
+
+def _listed_job(
+    listing: Path, number: int, name: str, file_name: str, prompts: ObjectPrompts | None = None
+) -> ImageJob:
+    """The job of line `number` of a list or manifest, refused when the file is a FIFO or a device (opening it
+    would wait forever; folders leave such files out)."""
+    path = listing.parent / name
+    if (kind := special_file(path)) is not None:
+        raise ValueError(f"{listing}:{number}: {path} is {kind}, not an image file")
+    return ImageJob(path, file_name, prompts)
 
 
 def _file_name(name: str) -> str:
@@ -182,7 +193,7 @@ def read_manifest(manifest: Path) -> list[ImageJob]:
             prompts = _object_prompts(entry)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        jobs.append(ImageJob(manifest.parent / entry["image"], file_name, prompts))
+        jobs.append(_listed_job(manifest, number, entry["image"], file_name, prompts))
     if not jobs:
         raise ValueError(f"{manifest}: no images (one JSON object per line)")
     return jobs
