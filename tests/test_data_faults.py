@@ -308,3 +308,123 @@ def test_ctrl_c_stops_a_run_at_once_and_keeps_what_was_committed(tmp_path, weigh
     parts = list((out / "parts").glob("*.json"))
     assert 1 <= len(parts) < len(names) and all(json.loads(p.read_text())["key"] for p in parts)
     assert not (out / "annotations.json").exists()
+
+
+# 3. tracebacks owed a line: long names, a full disk --------------------------------------------------------------
+
+
+def test_long_legal_names_work_and_too_long_ones_are_refused_before_any_work(tmp_path, weights):
+    image = save_photo(tmp_path / "image.png")
+    box = ["--box", "5,5,60,50"]
+    longest = "m" * (255 - len(".png"))  # the longest legal name: its temporary must fit too
+    result = finesam(
+        "segment",
+        image,
+        "--weights",
+        weights,
+        *box,
+        "--out",
+        tmp_path / f"{longest}.png",
+        "--logits",
+        tmp_path / f"{'l' * 251}.npy",
+        "--overlay",
+        tmp_path / f"{'o' * 251}.png",
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"{longest}.png").is_file() and not list(tmp_path.glob(".*.tmp"))
+    for option in ("--out", "--logits", "--overlay"):
+        outputs = {
+            "--out": tmp_path / "m.png",
+            option: tmp_path / ("x" * 253 + (".npy" if option == "--logits" else ".png")),
+        }
+        # absent weights: a check after loading would fail on them instead
+        result = finesam(
+            "segment",
+            image,
+            "--weights",
+            tmp_path / "absent.pth",
+            *box,
+            *(a for flag, path in outputs.items() for a in (flag, path)),
+        )
+        assert result.returncode == 2 and "over the limit of 255" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    # a dataset whose image names are the longest legal ones: mask folders and files fit
+    images = tmp_path / "images"
+    long_image = save_photo(images / f"{'i' * 251}.jpg")
+    manifest = write_lines(images / "m.jsonl", [box_line(long_image.name)])
+    result = manifest_run(manifest, weights, tmp_path / "out", "--png")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB tmpfs (root only: skipped elsewhere), and a way to fill it to `free` bytes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+
+    def fill(free: int = 0) -> None:
+        filler = disk / "filler"
+        with open(filler, "ab", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        if free:
+            os.truncate(filler, max(0, filler.stat().st_size - free))
+
+    yield disk, fill
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def one_error_line(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in ("No space left on device", *words)), result.stderr
+
+
+def test_a_full_disk_is_one_line_and_what_was_committed_stays(small_disk, tmp_path, weights):
+    disk, fill = small_disk
+    image = save_photo(tmp_path / "image.png", size=(400, 267))  # its logits: 427 kB, more than the disk
+    result = finesam(
+        "segment",
+        image,
+        "--weights",
+        weights,
+        "--box",
+        "5,5,60,50",
+        "--out",
+        disk / "m.png",
+        "--logits",
+        disk / "m.npy",
+    )
+    one_error_line(result, str(disk / "m.npy"))
+    assert (disk / "m.png").is_file() and not (disk / "m.npy").exists() and not list(disk.glob(".*.tmp"))
+    (disk / "m.png").unlink()
+    # a dataset run: the first image committed, then the disk fills; then the merge of a finished run
+    images = tmp_path / "images"
+    for name in ("a.png", "b.png", "c.png"):
+        save_photo(images / name)
+    first = write_lines(images / "first.jsonl", [box_line("a.png")])
+    out = disk / "out"
+    assert manifest_run(first, weights, out).returncode == 0
+    committed = snapshot(out)
+    fill()
+    every = write_lines(images / "first.jsonl", [box_line(n) for n in ("a.png", "b.png", "c.png")])
+    one_error_line(manifest_run(every, weights, out), "the same command resumes")
+    assert {k: v for k, v in snapshot(out).items() if k in committed} == committed
+    (disk / "filler").unlink()
+    assert manifest_run(every, weights, out).returncode == 0
+    finished = snapshot(out)
+    (out / "annotations.json").unlink()
+    fill()
+    one_error_line(manifest_run(every, weights, out), "annotations.json")
+    assert {k: v for k, v in snapshot(out).items()} == {k: v for k, v in finished.items() if k != "annotations.json"}
+    # convert: the converted file does not fit
+    (disk / "filler").unlink()
+    fill(free=8192)
+    result = finesam("convert", weights, "--out", disk / "converted")
+    one_error_line(result, "converted")
+    assert not list((disk / "converted").glob("*")) if (disk / "converted").exists() else True

@@ -2,6 +2,7 @@
 
 import argparse
 import functools
+import io
 import json
 import os
 import sys
@@ -114,8 +115,12 @@ def save_mask(mask: np.ndarray, path: Path) -> Path:
 
 def save_array(array: np.ndarray, path: Path) -> Path:
     def write(tmp: Path) -> None:
+        # through a buffer: numpy's own file writes report a full disk without its errno ("N requested and M
+        # written"); Python's file object raises the OSError that names the cause
+        encoded = io.BytesIO()
+        np.save(encoded, array)
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            f.write(encoded.getbuffer())
 
     return atomic_write(path, write)
 

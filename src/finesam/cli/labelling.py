@@ -22,7 +22,7 @@ from finesam.labelling.prefetch import prefetched
 from finesam.model import SegmentAnything
 from finesam.progress import progress_bar
 from finesam.training.distributed import Distributed
-from finesam.weights import hq_weights_for
+from finesam.weights import OutputError, hq_weights_for
 from finesam.weights.download import sha256_of
 
 # how long a process waits for the others at the end (a resumed run can leave one process most of the work)
@@ -125,6 +125,9 @@ def run_labelling(
                 bar.update(1)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(f"what is done is kept in {run.parts}: the same command resumes") from None
+        except OutputError as e:  # the disk is full, say: every image after this one would fail the same way
+            kept = f"{e.strerror}; what is done is kept in {run.parts}: the same command resumes"
+            raise OutputError(e.errno, kept) from None
     if place.world > 1:
         dist.barrier()  # every part is written
     if not place.main:

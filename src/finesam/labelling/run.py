@@ -131,9 +131,16 @@ class LabellingRun:
         """Records the identity (after `check` and `check_outputs`); with `overwrite`, first removes what an
         earlier run recorded that it wrote: its parts, the mask PNGs its parts name, its annotations.json and
         errors.jsonl (only where a run.json shows that the folder is a run's). Other files are never touched."""
-        if overwrite and (self.out / "run.json").is_file():
+        record = self.out / "run.json"
+        if overwrite and record.is_file():
             self._remove_recorded()
-        write_text(self.out / "run.json", json.dumps(self.identity, indent=1, sort_keys=True) + "\n")
+        text = json.dumps(self.identity, indent=1, sort_keys=True) + "\n"
+        try:
+            if record.read_text() == text:
+                return  # a resumed run: nothing to write (and nothing to fail on a full disk)
+        except (OSError, UnicodeDecodeError):
+            pass
+        write_text(record, text)
 
     def _remove_recorded(self) -> None:
         masks = (self.out / "masks").resolve()
