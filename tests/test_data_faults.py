@@ -428,3 +428,132 @@ def test_a_full_disk_is_one_line_and_what_was_committed_stays(small_disk, tmp_pa
     result = finesam("convert", weights, "--out", disk / "converted")
     one_error_line(result, "converted")
     assert not list((disk / "converted").glob("*")) if (disk / "converted").exists() else True
+
+
+# 4. wrong results ------------------------------------------------------------------------------------------------
+
+
+def test_a_byte_order_mark_is_accepted_in_every_text_input(tmp_path, weights):
+    images = tmp_path / "images"
+    save_photo(images / "a.png")
+    listing = write_lines(tmp_path / "list.txt", ["images/a.png"], bom=True)
+    manifest = write_lines(tmp_path / "m.jsonl", [box_line("images/a.png")], bom=True)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"box": [5, 5, 60, 50]}]).encode())
+    result = finesam("everything", listing, "--weights", weights, "--out", tmp_path / "o1", "--points-per-side=2")
+    assert result.returncode == 0, result.stderr
+    assert manifest_run(manifest, weights, tmp_path / "o2").returncode == 0
+    for out in ("o1", "o2"):
+        names = [i["file_name"] for i in json.loads((tmp_path / out / "annotations.json").read_text())["images"]]
+        assert names == ["images/a.png"]
+    result = finesam(
+        "segment", images / "a.png", "--weights", weights, "--prompts", prompts, "--out", tmp_path / "m.png"
+    )
+    assert result.returncode == 0, result.stderr
+    from finesam.training.config import load_config
+
+    config = tmp_path / "train.toml"
+    config.write_bytes(
+        b"\xef\xbb\xbf" + f'[model]\nweights = "{weights}"\n[data]\ntrain = "{images}"\n[lora]\n'.encode()
+    )
+    assert load_config(config).model.weights == weights
+    # a BOM elsewhere than at the start is the text's own
+    broken = write_lines(tmp_path / "broken.txt", ["images/a.png", "\ufeffimages/a.png"])
+    result = finesam("everything", broken, "--weights", weights, "--out", tmp_path / "o3")
+    assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_folder_scans_take_images_only_and_say_what_they_skipped(tmp_path, weights):
+    images = tmp_path / "images"
+    save_photo(images / "a.png")
+    save_photo(images / "B.JPG")
+    save_photo(images / "sub" / "c.tiff")
+    for name in ("clip.mpg", "figure.ps", "data.h5", "notes.txt", "README"):
+        (images / name).write_bytes(b"\x00\x00\x01\xba" + bytes(64))  # an MPEG pack header, and other bytes
+    (images / ".hidden.mpg").write_bytes(bytes(8))
+    out = tmp_path / "out"
+    result = finesam("everything", images, "--weights", weights, "--out", out, "--points-per-side=2")
+    assert result.returncode == 0, result.stderr
+    names = [i["file_name"] for i in json.loads((out / "annotations.json").read_text())["images"]]
+    assert names == ["B.JPG", "a.png", "sub/c.tiff"]
+    skipped = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and "5 files that are not images" in skipped[0] and "clip.mpg" in skipped[0]
+    assert ".hidden" not in skipped[0]
+
+
+def test_manifest_and_list_paths_are_read_as_recorded(tmp_path, weights):
+    images = tmp_path / "images"
+    save_photo(images / "sub" / "a.png")
+    manifest = write_lines(tmp_path / "m.jsonl", [box_line("images\\sub\\a.png"), box_line("images\\sub\\gone.png")])
+    out = tmp_path / "out"
+    result = manifest_run(manifest, weights, out)
+    assert result.returncode == 1, result.stderr
+    document = json.loads((out / "annotations.json").read_text())
+    assert [i["file_name"] for i in document["images"]] == ["images/sub/a.png"] and document["annotations"]
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["image"] for e in errors] == ["images/sub/gone.png"]
+    assert str(tmp_path / "images" / "sub" / "gone.png") in errors[0]["error"]  # what was tried
+    listing = write_lines(tmp_path / "list.txt", ["images\\sub\\a.png"])
+    result = finesam("everything", listing, "--weights", weights, "--out", tmp_path / "o2", "--points-per-side=2")
+    assert result.returncode == 0, result.stderr
+
+
+def empty_and_full(height: int = 20, width: int = 30) -> list:
+    from finesam.amg.rle import mask_to_rle
+    from finesam.labelling import SegmentedObject
+
+    full = np.zeros((height, width), bool)
+    full[3:12, 4:20] = True
+    other = np.zeros((height, width), bool)
+    other[10:18, 15:29] = True
+    empty = np.zeros((height, width), bool)
+    return [SegmentedObject(mask_to_rle(m), s, 1) for m, s in ((full, 0.9), (empty, 0.5), (other, 0.7))]
+
+
+def self_score(annotations: Path) -> float:
+    """COCOeval's segmentation AP of a COCO file's annotations scored against the file itself."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotations))
+        found = truth.loadRes([dict(a) for a in truth.dataset["annotations"]])
+        evaluation = COCOeval(truth, found, "segm")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return float(evaluation.stats[0])
+
+
+def test_empty_masks_are_left_out_and_counted_so_the_file_scores_itself_perfectly(tmp_path, weights):
+    from finesam.labelling import ImageJob, LabellingRun
+
+    image = save_photo(tmp_path / "a.png", size=(30, 20))
+    job = ImageJob(image, "a.png")
+    for keep_empty in (False, True):
+        run = LabellingRun(tmp_path / f"out{keep_empty}", {"command": "test"}, keep_empty=keep_empty, png=True)
+        run.start(overwrite=False)
+        run.commit(job, Image.open(image), empty_and_full())
+        summary = run.merge([job])
+        document = json.loads((run.out / "annotations.json").read_text())
+        areas = [a["area"] for a in document["annotations"]]
+        if keep_empty:
+            assert (summary.masks, summary.empty) == (3, 0) and 0 in areas
+            assert self_score(run.out / "annotations.json") < 1.0  # why they are left out by default
+        else:
+            assert (summary.masks, summary.empty) == (2, 1) and 0 not in areas
+            assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in document["annotations"])
+            assert self_score(run.out / "annotations.json") == 1.0
+    # the CLI: the option is a setting of the run; a manifest's file scores itself perfectly
+    images = tmp_path / "images"
+    for name in ("a.png", "b.png"):
+        save_photo(images / name)
+    manifest = write_lines(images / "m.jsonl", [box_line("a.png"), box_line("b.png", (0, 0, 2, 2))])
+    out = tmp_path / "cli"
+    result = manifest_run(manifest, weights, out)
+    assert result.returncode == 0 and self_score(out / "annotations.json") == 1.0
+    result = manifest_run(manifest, weights, out, "--keep-empty")
+    assert result.returncode == 2 and "keep_empty: False -> True" in result.stderr

@@ -84,7 +84,7 @@ def read_text_input(path: str | Path, what: str) -> str:
         what: what it is ("the list of images", ...), for the message.
 
     Returns:
-        Its text, decoded as UTF-8.
+        Its text, decoded as UTF-8, without the byte-order mark it may start with.
 
     Raises:
         ValueError: it is not a regular file (a FIFO would block), cannot be read, or is not UTF-8; one line
@@ -92,7 +92,8 @@ def read_text_input(path: str | Path, what: str) -> str:
     """
     check_regular_file(path, "text file")
     try:
-        return Path(path).read_bytes().decode("utf-8")
+        # one rule for a byte-order mark (Windows editors write one): accepted and dropped, in every text input
+        return Path(path).read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise ValueError(f"{path}: cannot read {what}: no such file") from None
     except OSError as e:

@@ -3,6 +3,7 @@
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,9 @@ def run_everything_on_dataset(args: argparse.Namespace, options: dict[str, Any])
     if args.format is not None:
         raise UsageError("--format is for one image; a folder or list is written as OUT/annotations.json (COCO)")
     try:
-        jobs = images_of(args.source, exclude=args.out)
+        jobs = images_of(
+            args.source, exclude=args.out, report=lambda line: print(f"finesam everything: {line}", file=sys.stderr)
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
 

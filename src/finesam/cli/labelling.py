@@ -40,6 +40,11 @@ def labelling_options() -> argparse.ArgumentParser:
     )
     group.add_argument("--png", action="store_true", help="also one mask PNG per object, under OUT/masks/")
     group.add_argument(
+        "--keep-empty",
+        action="store_true",
+        help="keep empty masks as annotations (area 0); by default they are left out and counted in the summary",
+    )
+    group.add_argument(
         "--overwrite",
         action="store_true",
         help="start again in an OUT made with other settings (removes only what the earlier run recorded), or "
@@ -50,7 +55,9 @@ def labelling_options() -> argparse.ArgumentParser:
 
 def refuse_labelling_options(args: argparse.Namespace, alternative: str) -> None:
     """The dataset options given to a single-image command: an error that says what to use instead."""
-    given = [f"--{name}" for name in ("polygons", "png", "overwrite") if getattr(args, name)]
+    given = [
+        f"--{name.replace('_', '-')}" for name in ("polygons", "png", "keep_empty", "overwrite") if getattr(args, name)
+    ]
     if given:
         raise UsageError(f"{', '.join(given)}: for folders, lists and manifests; for one image {alternative}")
 
@@ -92,7 +99,7 @@ def run_labelling(
         "hq": None if hq is None or hq == args.weights else _digest(hq, "--hq"),
         "loras": [_digest(path, "--lora") for path in args.lora],
     }
-    run = LabellingRun(out, identity, polygons=args.polygons, png=args.png)
+    run = LabellingRun(out, identity, polygons=args.polygons, png=args.png, keep_empty=args.keep_empty)
     # by every process: a refused run stops them all alike, before the model loads
     run.check_outputs(args.overwrite)
     if not args.overwrite:
@@ -137,7 +144,9 @@ def run_labelling(
     skipped = len(mine) - len(pending) if place.world == 1 else 0
     print(
         f"{out / 'annotations.json'}\t{summary.images} images, {summary.masks} masks, {summary.failures} failed, "
-        f"{elapsed:.1f} s" + (f" ({skipped} done before)" if skipped else "")
+        f"{elapsed:.1f} s"
+        + (f" ({skipped} done before)" if skipped else "")
+        + (f"; {summary.empty} empty masks left out (--keep-empty keeps them)" if summary.empty else "")
     )
     if summary.failures:
         print(f"finesam {command}: {summary.failures} images failed: see {out / 'errors.jsonl'}", file=sys.stderr)

@@ -45,6 +45,7 @@ class Summary:
     images: int  # segmented, in annotations.json
     masks: int
     failures: int
+    empty: int = 0  # empty masks left out of annotations.json (kept with keep_empty)
 
 
 class LabellingRun:
@@ -55,13 +56,24 @@ class LabellingRun:
         identity: everything besides the images that the results depend on, JSON-serialisable.
         polygons: annotations with polygon segmentations.
         png: also one mask PNG per object, under `out/masks/`.
+        keep_empty: keep empty masks as annotations (area 0, bbox [0, 0, 0, 0]); by default they are left out
+            and counted: COCO evaluation cannot match them and many trainers refuse zero-area boxes.
     """
 
-    def __init__(self, out: Path, identity: dict[str, Any], *, polygons: bool = False, png: bool = False) -> None:
+    def __init__(
+        self,
+        out: Path,
+        identity: dict[str, Any],
+        *,
+        polygons: bool = False,
+        png: bool = False,
+        keep_empty: bool = False,
+    ) -> None:
         self.out = out
-        self.identity = {"format": RUN_FORMAT, **identity, "polygons": polygons, "png": png}
+        self.identity = {"format": RUN_FORMAT, **identity, "polygons": polygons, "png": png, "keep_empty": keep_empty}
         self.polygons = polygons
         self.png = png
+        self.keep_empty = keep_empty
 
     @property
     def parts(self) -> Path:
@@ -173,7 +185,10 @@ class LabellingRun:
         return self._read(job) is not None
 
     def commit(self, job: ImageJob, image: Image.Image, objects: list[SegmentedObject]) -> int:
-        """Writes the image's mask PNGs (with --png), then its part: the image is done. Returns the mask count."""
+        """Writes the image's mask PNGs (with --png), then its part: the image is done. Returns the mask count
+        (empty masks, left out unless `keep_empty`, are counted in the part and the merge's summary)."""
+        kept = objects if self.keep_empty else [item for item in objects if item.area > 0]
+        objects, empty = kept, len(objects) - len(kept)
         records = [annotation(item, polygons=self.polygons) for item in objects]
         if self.png:
             for i, (item, record) in enumerate(zip(objects, records, strict=True)):
@@ -185,6 +200,7 @@ class LabellingRun:
             "key": job.key(),
             "image": {"file_name": job.file_name, "width": image.width, "height": image.height},
             "annotations": records,
+            "empty": empty,
         }
         write_text(self._part(job), json.dumps(part))
         self._part(job, error=True).unlink(missing_ok=True)
@@ -209,7 +225,7 @@ class LabellingRun:
     def merge(self, jobs: list[ImageJob]) -> Summary:
         """Writes annotations.json from the parts of `jobs` (in their order) and errors.jsonl (always: empty
         when nothing failed); a job with neither part nor recorded failure counts as failed."""
-        images, annotations, errors, categories = [], [], [], set()
+        images, annotations, errors, categories, empty = [], [], [], set(), 0
         for job in jobs:
             part = self._read(job)
             if part is None:
@@ -219,11 +235,12 @@ class LabellingRun:
                 continue
             images.append(part["image"])
             annotations.append(part["annotations"])
+            empty += int(part.get("empty", 0))
             categories |= {record["category_id"] for record in part["annotations"]}
         document = coco_document(images, annotations, categories or {DEFAULT_CATEGORY})
         write_text(self.out / "annotations.json", json.dumps(document))
         write_text(self.out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
-        return Summary(len(images), sum(map(len, annotations)), len(errors))
+        return Summary(len(images), sum(map(len, annotations)), len(errors), empty)
 
 
 def _mask_files(part: Path) -> list[str]:
