@@ -557,3 +557,46 @@ def test_empty_masks_are_left_out_and_counted_so_the_file_scores_itself_perfectl
     assert result.returncode == 0 and self_score(out / "annotations.json") == 1.0
     result = manifest_run(manifest, weights, out, "--keep-empty")
     assert result.returncode == 2 and "keep_empty: False -> True" in result.stderr
+
+
+# 5. messages that mislead ----------------------------------------------------------------------------------------
+
+
+def test_unreadable_images_say_what_they_are(tmp_path, weights):
+    files = {
+        "clip.jpg": b"\x00\x00\x01\xba" + bytes(200),  # an MPEG stream named .jpg
+        "paper.png": b"%PDF-1.4\n" + bytes(200),
+        "empty.jpg": b"",
+    }
+    expected = {"clip.jpg": "no image format PIL reads", "paper.png": "no image format PIL reads", "empty.jpg": "empty"}
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        result = finesam("segment", path, "--weights", weights, "--box", "1,1,5,5", "--out", tmp_path / "m.png")
+        assert result.returncode == 2 and expected[name] in result.stderr, result.stderr
+        assert "truncated or corrupt" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # permission denied, as a user who may not read the file (root reads everything)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run as another user")
+    secret = save_photo(tmp_path / "secret.png")
+    secret.chmod(0o600)
+    tmp_path.chmod(0o755)
+    from finesam.inputs import open_image
+
+    os.seteuid(65534)  # nobody, for this one open; the real user stays root and takes the effective one back
+    try:
+        with pytest.raises(ValueError) as refused:
+            open_image(secret)
+    finally:
+        os.seteuid(0)
+    assert "permission denied" in str(refused.value) and "truncated" not in str(refused.value)
+
+
+def test_an_output_folder_that_is_the_input_folder_is_named(tmp_path, weights):
+    images = tmp_path / "images"
+    save_photo(images / "a.png")
+    for out in (images, tmp_path):
+        result = finesam("everything", images, "--weights", weights, "--out", out)
+        assert result.returncode == 2 and "the input folder" in result.stderr and "no images" not in result.stderr
+    result = finesam("everything", images, "--weights", weights, "--out", images / "labels", "--points-per-side=2")
+    assert result.returncode == 0, result.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # the label of every sparse prompt point, as the official encoder (and its ONNX interface) numbers them
 PADDING_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 0, 1, 2, 3
@@ -135,10 +135,25 @@ def open_image(path: str | Path | BinaryIO) -> Image.Image:
         raise ValueError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a folder, not an image") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied (the file cannot be read by this user)") from None
+    except UnidentifiedImageError:  # before OSError: not a damaged image, not an image PIL knows at all
+        raise ValueError(f"{path}: not a readable image: {_unknown_format(path)}") from None
     except (OSError, SyntaxError, EOFError, struct.error, IndexError, TypeError) as e:
         # PIL's decoders raise all of these on corrupt files
         raise ValueError(f"{path}: not a readable image (truncated or corrupt?): {e}") from None
     return image
+
+
+def _unknown_format(path: str | Path | BinaryIO) -> str:
+    """Why PIL did not recognise a file, in words: empty, or in no format this PIL reads."""
+    try:
+        if isinstance(path, (str, Path)) and os.path.getsize(path) == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    formats = "PNG, JPEG, TIFF, BMP, WebP, GIF, ..."
+    return f"its content is in no image format PIL reads ({formats}; video, PDF, RAW and HEIC are not)"
 
 
 def as_rgb(image: ImageLike) -> Image.Image:

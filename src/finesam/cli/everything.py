@@ -83,6 +83,13 @@ def run_everything_on_dataset(args: argparse.Namespace, options: dict[str, Any])
     """Every image of a folder or list into OUT/annotations.json (see `finesam.cli.labelling`)."""
     if args.format is not None:
         raise UsageError("--format is for one image; a folder or list is written as OUT/annotations.json (COCO)")
+    if args.source.is_dir() and args.source.resolve().is_relative_to(args.out.resolve()):
+        # the scan leaves the output folder out (its mask PNGs are not inputs): nothing would be left
+        where = "is" if args.source.resolve() == args.out.resolve() else "holds"
+        raise UsageError(
+            f"--out {args.out} {where} the input folder {args.source}: give another --out (a folder inside the "
+            "input is fine: the scan leaves it out)"
+        )
     try:
         jobs = images_of(
             args.source, exclude=args.out, report=lambda line: print(f"finesam everything: {line}", file=sys.stderr)
