@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as coco_mask
 
@@ -600,3 +602,148 @@ def test_an_output_folder_that_is_the_input_folder_is_named(tmp_path, weights):
         assert result.returncode == 2 and "the input folder" in result.stderr and "no images" not in result.stderr
     result = finesam("everything", images, "--weights", weights, "--out", images / "labels", "--points-per-side=2")
     assert result.returncode == 0, result.stderr
+
+
+# 6. the output-path rule, property-based ----------------------------------------------------------------------------
+
+FILES = ("f0", "f1", "f2")  # regular files, each with its own bytes
+NAMES = (*FILES, "s0", "s1", "h0", "m0", "m1", "x/../f0")  # s: symbolic links, h: a hard link, m: missing
+
+
+def make_universe(root: Path, links: tuple[str, str, str]) -> dict[str, str]:
+    """The files of NAMES under `root`: s0, s1 link to `links[0]`, `links[1]` (a file, or a missing name), h0 is a
+    hard link to `links[2]`. Returns each name's ground truth: the underlying file, or the path it would be."""
+    for name in FILES:
+        (root / name).write_text(f"the user's {name}")
+    truth = {name: name for name in NAMES}
+    truth["x/../f0"] = "f0"
+    for link, target in (("s0", links[0]), ("s1", links[1])):
+        (root / link).symlink_to(root / target)
+        truth[link] = truth[target]
+    os.link(root / links[2], root / "h0")
+    truth["h0"] = links[2]
+    return truth
+
+
+def state(root: Path) -> dict[str, tuple[str, object]]:
+    """What each entry under `root` is: a link and its target, or a file and its bytes."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        key = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            found[key] = ("link", os.readlink(path))
+        elif path.is_file():
+            found[key] = ("file", path.read_bytes())
+    return found
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    links=st.tuples(st.sampled_from(("f0", "f1", "m0")), st.sampled_from(("f1", "f2", "m1")), st.sampled_from(FILES)),
+    inputs=st.lists(st.sampled_from(NAMES), max_size=3),
+    outputs=st.lists(st.sampled_from(NAMES), min_size=1, max_size=3),
+)
+def test_outputs_never_touch_inputs_or_each_other(links, inputs, outputs):
+    """For any inputs, outputs and links: the check refuses exactly the runs where two paths are one file; a run
+    it lets through changes no file but its outputs (and the inputs not at all)."""
+    import tempfile
+
+    from finesam.cli.common import UsageError, check_distinct_paths
+    from finesam.weights import atomic_write
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        (root / "x").mkdir()
+        truth = make_universe(root, links)
+        before = state(root)
+        clash = len({truth[n] for n in outputs}) < len(outputs) or bool(
+            {truth[n] for n in outputs} & {truth[n] for n in inputs}
+        )
+        try:
+            check_distinct_paths([("out", root / n) for n in outputs], [("in", root / n) for n in inputs])
+        except UsageError:
+            assert clash
+            assert state(root) == before
+            return
+        assert not clash
+        for name in outputs:
+            atomic_write(root / name, lambda tmp: tmp.write_text("written"))
+        written = {n for n in outputs} | {truth[n] for n in outputs if not (root / n).is_symlink()}
+        after = state(root)
+        for name, entry in before.items():
+            if name not in written and name not in outputs:
+                assert after.get(name) == entry, (name, outputs, inputs)
+        for name in inputs:
+            assert state(root).get(name) == before.get(name)
+
+
+USER_FILES = ("annotations.json", "errors.jsonl", "masks/gt/a.png", "masks/a.png/0000.png", "parts/notes.txt", "x.txt")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    user=st.lists(st.sampled_from(USER_FILES), unique=True, max_size=4),
+    runs=st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=3),
+)
+def test_a_run_never_replaces_or_removes_what_no_run_made(user, runs):
+    """Files of the user's in OUT before any run, then runs with random --png / --overwrite / settings: each file
+    stays as it was, except an annotations.json / errors.jsonl that --overwrite was given to replace."""
+    import tempfile
+
+    from finesam.amg.rle import mask_to_rle
+    from finesam.labelling import ImageJob, LabellingRun, SegmentedObject
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        image = root / "a.png"
+        Image.new("RGB", (8, 6), (10, 20, 30)).save(image)
+        out = root / "out"
+        for name in user:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(f"the user's {name}")
+        before = state(out) if out.exists() else {}
+        mask = np.zeros((6, 8), bool)
+        mask[1:4, 2:6] = True
+        replaceable: set[str] = set()
+        for png, overwrite, other_setting in runs:
+            job = ImageJob(image, "a.png")
+            run = LabellingRun(out, {"command": "test", "setting": other_setting}, png=png)
+            try:
+                run.check_outputs(overwrite)
+                if not overwrite:
+                    run.check()
+            except ValueError:
+                continue
+            if overwrite:
+                replaceable |= {"annotations.json", "errors.jsonl"}
+            run.start(overwrite)
+            if not run.done(job):
+                run.commit(job, Image.open(image), [SegmentedObject(mask_to_rle(mask), 0.9, 1)])
+            run.merge([job])
+        after = state(out) if out.exists() else {}
+        for name, entry in before.items():
+            if name not in replaceable:
+                assert after.get(name) == entry, (name, user, runs)
+
+
+def test_the_output_rule_in_real_runs(tmp_path, weights):
+    """A few real runs of the rule's cases: nothing of the user's changes, whatever the command is given."""
+    image = save_photo(tmp_path / "image.png")
+    (tmp_path / "alias.png").symlink_to(image)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "m.png")
+    before = state(tmp_path)
+    for outputs in (
+        ["--out", tmp_path / "alias.png"],
+        ["--out", tmp_path / "m.png", "--overlay", tmp_path / "dangling.png"],
+        [
+            "--out",
+            tmp_path / "m.png",
+            "--logits",
+            tmp_path / "image.npy",
+            "--overlay",
+            tmp_path / "x" / ".." / "alias.png",
+        ],
+    ):
+        result = finesam("segment", image, "--weights", weights, "--box", "5,5,60,50", *outputs)
+        assert result.returncode == 2 and "same file" in result.stderr, result.stderr
+        assert state(tmp_path) == before
