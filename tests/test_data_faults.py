@@ -461,7 +461,7 @@ def test_a_byte_order_mark_is_accepted_in_every_text_input(tmp_path, weights):
     assert load_config(config).model.weights == weights
     # a BOM elsewhere than at the start is the text's own
     broken = write_lines(tmp_path / "broken.txt", ["images/a.png", "\ufeffimages/a.png"])
-    result = finesam("everything", broken, "--weights", weights, "--out", tmp_path / "o3")
+    result = finesam("everything", broken, "--weights", weights, "--out", tmp_path / "o3", "--points-per-side=2")
     assert result.returncode == 1 and "no such file" in result.stderr
 
 
