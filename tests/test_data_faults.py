@@ -754,3 +754,11 @@ def test_the_output_rule_in_real_runs(tmp_path, weights):
         result = finesam("segment", image, "--weights", weights, "--box", "5,5,60,50", *outputs)
         assert result.returncode == 2 and "same file" in result.stderr, result.stderr
         assert state(tmp_path) == before
+    # a dataset run whose manifest is kept in OUT under the name of an output
+    out = tmp_path / "out"
+    manifest = write_lines(tmp_path / "m.jsonl", [box_line("image.png")])
+    assert manifest_run(manifest, weights, out).returncode == 0
+    kept = write_lines(out / "errors.jsonl", [box_line("../image.png")])
+    result = manifest_run(kept, weights, out)
+    assert result.returncode == 2 and "same file" in result.stderr
+    assert json.loads(kept.read_text()) == box_line("../image.png")

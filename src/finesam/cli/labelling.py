@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from finesam.cli.common import UsageError, check_output_folder, load_model
+from finesam.cli.common import UsageError, check_distinct_paths, check_output_folder, load_model
 from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, LabellingRun, SegmentedObject
 from finesam.labelling.coco import check_polygons_available
 from finesam.labelling.prefetch import prefetched
+from finesam.labelling.run import OUTPUTS
 from finesam.model import SegmentAnything
 from finesam.progress import progress_bar
 from finesam.training.distributed import Distributed
@@ -87,6 +88,14 @@ def run_labelling(
         segmenter: makes the function from an image and its job to its objects, given the model.
     """
     out: Path = check_output_folder(args.out, "--out")
+    # the files of the folder itself are never an input (a manifest kept as OUT/errors.jsonl, say)
+    sources = [
+        (option, getattr(args, name, None)) for option, name in (("--manifest", "manifest"), ("SOURCE", "source"))
+    ]
+    inputs = [(option, path) for option, path in sources if path is not None]
+    inputs += [("--weights", args.weights), *(("--hq", path) for path in [args.hq] if path is not None)]
+    inputs += [("--lora", path) for path in args.lora]
+    check_distinct_paths([("--out", out / name) for name in ("run.json", *OUTPUTS)], inputs)
     if args.polygons:
         check_polygons_available()
     hq = hq_weights_for(args.weights, args.hq)
