@@ -111,7 +111,12 @@ class LabellingRun:
                         "or --overwrite to replace it"
                     )
         masks = self.out / "masks"
-        ours = earlier is not None and earlier.get("format") == RUN_FORMAT and earlier.get("png") is True
+        # any format of ours: a run of format 1 recorded its masks in its parts as well
+        ours = (
+            earlier is not None
+            and str(earlier.get("format")).startswith(RUN_FORMAT.split("/")[0] + "/")
+            and earlier.get("png") is True
+        )
         if self.png and masks.exists() and not ours and any(masks.iterdir()):
             raise ValueError(
                 f"{masks} holds files that no finesam run of this folder wrote, and --png writes there: "
