@@ -176,7 +176,8 @@ def write_manifest(path: Path, lines: list[dict]) -> Path:
 def test_manifest_equals_predict(tmp_path, dataset, weights, sam, official):
     manifest = write_manifest(dataset / "prompts.jsonl", manifest_lines())
     out = tmp_path / "out"
-    result = finesam("segment", "--manifest", manifest, "--weights", weights, "--out", out, "--png")
+    # --keep-empty: every object has its annotation, to be compared with predict (empty masks included)
+    result = finesam("segment", "--manifest", manifest, "--weights", weights, "--out", out, "--png", "--keep-empty")
     assert result.returncode == 0, result.stderr
     coco = COCO(str(out / "annotations.json"))
     assert {c["id"]: c["name"] for c in coco.dataset["categories"]} == {1: "object", 3: "category 3"}
@@ -375,7 +376,9 @@ def test_a_list_of_paths_and_a_prompt_outside_the_image(tmp_path, dataset, weigh
         ],
     )
     result = finesam("segment", "--manifest", manifest, "--weights", weights, "--out", tmp_path / "out", "--quiet")
-    assert result.returncode == 1 and "1 images, 1 masks, 1 failed" in result.stdout
+    # the random weights' mask for the small box is empty: left out of annotations.json, and counted
+    assert result.returncode == 1 and "1 images, 0 masks, 1 failed" in result.stdout
+    assert "1 empty masks left out" in result.stdout
     error = json.loads((tmp_path / "out" / "errors.jsonl").read_text())
     assert error["image"].endswith("astronaut.png") and "astronaut.png: box corners lie outside" in error["error"]
 

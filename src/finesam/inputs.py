@@ -7,6 +7,8 @@ Images: longest side resized to the model size (PIL bilinear on uint8, as the of
 normalised with SAM's pixel mean and std, padded bottom/right with zeros.
 """
 
+import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # the label of every sparse prompt point, as the official encoder (and its ONNX interface) numbers them
 PADDING_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 0, 1, 2, 3
@@ -42,6 +44,64 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return ((values.astype(np.float64) * 255.0 / 65535.0).round().clip(0, 255)).astype(np.uint8)
 
 
+def special_file(path: str | Path) -> str | None:
+    """What `path` is when it exists and is not a regular file ("a FIFO", "a device", "a folder", ...); None for
+    a regular file (through links) or a missing one. Opening a FIFO or a device can wait forever: every input
+    is checked with this before it is opened (folders, lists, manifests, single images, text files).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (a named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def check_regular_file(path: str | Path, what: str = "file") -> None:
+    """Raises `ValueError` (one line) when `path` exists and is not a regular file (see `special_file`).
+
+    Args:
+        path: the input.
+        what: what the input should be ("image", "list of images", ...), for the message.
+    """
+    if (kind := special_file(path)) is not None:
+        raise ValueError(f"{path}: is {kind}, not a{'n' if what[0] in 'aeiou' else ''} {what}")
+
+
+def read_text_input(path: str | Path, what: str) -> str:
+    """The text of an input file a user wrote (a list of images, a manifest, a prompts file, a TOML config):
+    the one rule for every text input.
+
+    Args:
+        path: the file.
+        what: what it is ("the list of images", ...), for the message.
+
+    Returns:
+        Its text, decoded as UTF-8, without the byte-order mark it may start with.
+
+    Raises:
+        ValueError: it is not a regular file (a FIFO would block), cannot be read, or is not UTF-8; one line
+            that names the file.
+    """
+    check_regular_file(path, "text file")
+    try:
+        # one rule for a byte-order mark (Windows editors write one): accepted and dropped, in every text input
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: cannot read {what}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: cannot read {what}: not UTF-8 text ({e})") from None
+
+
 def open_image(path: str | Path | BinaryIO) -> Image.Image:
     """An image file opened and fully decoded (nothing is left to fail later), in its own mode.
 
@@ -51,6 +111,8 @@ def open_image(path: str | Path | BinaryIO) -> Image.Image:
     Raises:
         ValueError: the file is missing, not an image, truncated or corrupt, or over the pixel limit.
     """
+    if isinstance(path, (str, Path)):
+        check_regular_file(path, "image")  # before opening: a FIFO would block here
     limit = Image.MAX_IMAGE_PIXELS
     hint = "a decompression bomb? Raise the limit with --max-pixels or PIL.Image.MAX_IMAGE_PIXELS"
     try:
@@ -73,10 +135,25 @@ def open_image(path: str | Path | BinaryIO) -> Image.Image:
         raise ValueError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a folder, not an image") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied (the file cannot be read by this user)") from None
+    except UnidentifiedImageError:  # before OSError: not a damaged image, not an image PIL knows at all
+        raise ValueError(f"{path}: not a readable image: {_unknown_format(path)}") from None
     except (OSError, SyntaxError, EOFError, struct.error, IndexError, TypeError) as e:
         # PIL's decoders raise all of these on corrupt files
         raise ValueError(f"{path}: not a readable image (truncated or corrupt?): {e}") from None
     return image
+
+
+def _unknown_format(path: str | Path | BinaryIO) -> str:
+    """Why PIL did not recognise a file, in words: empty, or in no format this PIL reads."""
+    try:
+        if isinstance(path, (str, Path)) and os.path.getsize(path) == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    formats = "PNG, JPEG, TIFF, BMP, WebP, GIF, ..."
+    return f"its content is in no image format PIL reads ({formats}; video, PDF, RAW and HEIC are not)"
 
 
 def as_rgb(image: ImageLike) -> Image.Image:

@@ -10,7 +10,7 @@ import torch
 from finesam.cli import convert, demo, eval, everything, export, models, segment, serve, train
 from finesam.cli.common import UsageError
 from finesam.process import configure_command
-from finesam.weights import CheckpointError
+from finesam.weights import CheckpointError, OutputError
 
 COMMAND_GROUPS = (convert, segment, everything, demo, serve, export, train, eval, models)
 
@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (UsageError, CheckpointError, ValueError) as e:
         print(f"finesam {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OutputError as e:  # disk full, I/O error: the file and the cause; what was committed stays
+        print(f"finesam {args.command}: error: {e.strerror}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not _out_of_memory(e):
             raise

@@ -2,9 +2,11 @@
 
 import argparse
 import functools
+import io
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,47 @@ def check_mask_output(path: Path) -> Path:
     return check_output(path)
 
 
+def check_logits_output(path: Path) -> Path:
+    """`check_output`, and the `.npy` suffix: the logits are a NumPy array, never bytes in an image file."""
+    check_output(path)
+    if path.suffix.lower() != ".npy":
+        raise UsageError(f"{path}: logits are written as NumPy arrays (.npy), not {path.suffix or 'no suffix'}")
+    return path
+
+
+def file_identity(path: Path) -> tuple[object, ...]:
+    """What makes two paths one file: device and inode where the file exists (symbolic and hard links
+    included), else the resolved path (an output that does not exist yet may still be another's path)."""
+    resolved = path.resolve()  # `missing/../file` is `file`, which the kernel's own lookup would not find
+    try:
+        found = os.stat(resolved)
+    except (OSError, ValueError):
+        return ("path", str(resolved))
+    return ("file", found.st_dev, found.st_ino)
+
+
+def check_distinct_paths(outputs: Sequence[tuple[str, Path]], inputs: Sequence[tuple[str, Path]]) -> None:
+    """The one rule for the files a command writes: none of them is an input or another output. Call it before
+    any work (the model loads).
+
+    Args:
+        outputs: (what, path) of every file the command will write, e.g. ("--out", Path("mask.png")).
+        inputs: (what, path) of every file it reads.
+
+    Raises:
+        UsageError: an output is an input or another output; the message names both.
+    """
+    seen = {file_identity(path): (option, path) for option, path in inputs}
+    for option, path in outputs:
+        identity = file_identity(path)
+        if identity in seen:
+            other_option, other = seen[identity]
+            raise UsageError(
+                f"{option} {path} is the same file as {other_option} {other}: give each output its own path"
+            )
+        seen[identity] = (option, path)
+
+
 def save_mask(mask: np.ndarray, path: Path) -> Path:
     image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
@@ -72,8 +115,12 @@ def save_mask(mask: np.ndarray, path: Path) -> Path:
 
 def save_array(array: np.ndarray, path: Path) -> Path:
     def write(tmp: Path) -> None:
+        # through a buffer: numpy's own file writes report a full disk without its errno ("N requested and M
+        # written"); Python's file object raises the OSError that names the cause
+        encoded = io.BytesIO()
+        np.save(encoded, array)
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            f.write(encoded.getbuffer())
 
     return atomic_write(path, write)
 

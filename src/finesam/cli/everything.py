@@ -3,13 +3,22 @@
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from finesam.amg import AutomaticMaskGenerator, rle_to_mask, to_coco
-from finesam.cli.common import UsageError, check_output_folder, inference, load_model, save_mask, write_json
+from finesam.cli.common import (
+    UsageError,
+    check_distinct_paths,
+    check_output_folder,
+    inference,
+    load_model,
+    save_mask,
+    write_json,
+)
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.options import (
     Commands,
@@ -36,8 +45,10 @@ def run_everything(args: argparse.Namespace) -> None:
     refuse_labelling_options(args, "use --format")
     image = as_rgb(open_image(args.source))
     check_output_folder(args.out, "--out")
-    for output in (args.out / "masks.json", args.out / "overlay.png"):  # refused before the model loads
-        check_output(output)
+    outputs = [("--out", check_output(args.out / name)) for name in ("masks.json", "overlay.png")]
+    check_distinct_paths(outputs, [("IMAGE", args.source), ("--weights", args.weights)])  # before the model loads
+    if args.source.resolve().is_relative_to((args.out / "masks").resolve()):
+        raise UsageError(f"{args.source} is in {args.out / 'masks'}, where the masks are written: use another --out")
     model = load_model(args)
     records = AutomaticMaskGenerator(model, **options, output_mode="uncompressed_rle").generate(
         image, progress=not args.quiet
@@ -72,8 +83,17 @@ def run_everything_on_dataset(args: argparse.Namespace, options: dict[str, Any])
     """Every image of a folder or list into OUT/annotations.json (see `finesam.cli.labelling`)."""
     if args.format is not None:
         raise UsageError("--format is for one image; a folder or list is written as OUT/annotations.json (COCO)")
+    if args.source.is_dir() and args.source.resolve().is_relative_to(args.out.resolve()):
+        # the scan leaves the output folder out (its mask PNGs are not inputs): nothing would be left
+        where = "is" if args.source.resolve() == args.out.resolve() else "holds"
+        raise UsageError(
+            f"--out {args.out} {where} the input folder {args.source}: give another --out (a folder inside the "
+            "input is fine: the scan leaves it out)"
+        )
     try:
-        jobs = images_of(args.source, exclude=args.out)
+        jobs = images_of(
+            args.source, exclude=args.out, report=lambda line: print(f"finesam everything: {line}", file=sys.stderr)
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from finesam.cli.common import UsageError, check_output_folder, load_model
 from finesam.cli.options import Commands, add_command
 from finesam.onnx import interface as io
+from finesam.weights import output_error
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -19,7 +20,10 @@ def run_export(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "--out")
     check_opset(args.opset)
     model = load_model(args)  # HQ-SAM, then the LoRAs (finesam.adapters.order); export has no --compile
-    report = export(model, args.out, multimask_output=args.multimask, opset=args.opset, quantize=args.quantize)
+    try:
+        report = export(model, args.out, multimask_output=args.multimask, opset=args.opset, quantize=args.quantize)
+    except OSError as e:  # disk full in the staging folder, say: the earlier export in --out is untouched
+        raise output_error(Path(e.filename) if e.filename else args.out, e) from None
     for name in report.files:
         print(args.out / name)
     for name in report.files:

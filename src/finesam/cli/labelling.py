@@ -14,15 +14,16 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from finesam.cli.common import UsageError, check_output_folder, load_model
+from finesam.cli.common import UsageError, check_distinct_paths, check_output_folder, load_model
 from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, LabellingRun, SegmentedObject
 from finesam.labelling.coco import check_polygons_available
 from finesam.labelling.prefetch import prefetched
+from finesam.labelling.run import OUTPUTS
 from finesam.model import SegmentAnything
 from finesam.progress import progress_bar
 from finesam.training.distributed import Distributed
-from finesam.weights import hq_weights_for
+from finesam.weights import OutputError, hq_weights_for
 from finesam.weights.download import sha256_of
 
 # how long a process waits for the others at the end (a resumed run can leave one process most of the work)
@@ -39,13 +40,25 @@ def labelling_options() -> argparse.ArgumentParser:
         "--polygons", action="store_true", help="polygon segmentations in annotations.json (scikit-image)"
     )
     group.add_argument("--png", action="store_true", help="also one mask PNG per object, under OUT/masks/")
-    group.add_argument("--overwrite", action="store_true", help="start again in an OUT made with other settings")
+    group.add_argument(
+        "--keep-empty",
+        action="store_true",
+        help="keep empty masks as annotations (area 0); by default they are left out and counted in the summary",
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an OUT made with other settings (removes only what the earlier run recorded), or "
+        "replace an annotations.json / errors.jsonl that no run recorded",
+    )
     return options
 
 
 def refuse_labelling_options(args: argparse.Namespace, alternative: str) -> None:
     """The dataset options given to a single-image command: an error that says what to use instead."""
-    given = [f"--{name}" for name in ("polygons", "png", "overwrite") if getattr(args, name)]
+    given = [
+        f"--{name.replace('_', '-')}" for name in ("polygons", "png", "keep_empty", "overwrite") if getattr(args, name)
+    ]
     if given:
         raise UsageError(f"{', '.join(given)}: for folders, lists and manifests; for one image {alternative}")
 
@@ -75,6 +88,14 @@ def run_labelling(
         segmenter: makes the function from an image and its job to its objects, given the model.
     """
     out: Path = check_output_folder(args.out, "--out")
+    # the files of the folder itself are never an input (a manifest kept as OUT/errors.jsonl, say)
+    sources = [
+        (option, getattr(args, name, None)) for option, name in (("--manifest", "manifest"), ("SOURCE", "source"))
+    ]
+    inputs = [(option, path) for option, path in sources if path is not None]
+    inputs += [("--weights", args.weights), *(("--hq", path) for path in [args.hq] if path is not None)]
+    inputs += [("--lora", path) for path in args.lora]
+    check_distinct_paths([("--out", out / name) for name in ("run.json", *OUTPUTS)], inputs)
     if args.polygons:
         check_polygons_available()
     hq = hq_weights_for(args.weights, args.hq)
@@ -87,9 +108,11 @@ def run_labelling(
         "hq": None if hq is None or hq == args.weights else _digest(hq, "--hq"),
         "loras": [_digest(path, "--lora") for path in args.lora],
     }
-    run = LabellingRun(out, identity, polygons=args.polygons, png=args.png)
+    run = LabellingRun(out, identity, polygons=args.polygons, png=args.png, keep_empty=args.keep_empty)
+    # by every process: a refused run stops them all alike, before the model loads
+    run.check_outputs(args.overwrite)
     if not args.overwrite:
-        run.check()  # by every process: a refused run stops them all alike, before the model loads
+        run.check()
     place = Distributed.from_environment()
     args.device = str(place.join(torch.device(args.device), timeout=WAIT_FOR_OTHERS))
     if place.main:
@@ -118,6 +141,9 @@ def run_labelling(
                 bar.update(1)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(f"what is done is kept in {run.parts}: the same command resumes") from None
+        except OutputError as e:  # the disk is full, say: every image after this one would fail the same way
+            kept = f"{e.strerror}; what is done is kept in {run.parts}: the same command resumes"
+            raise OutputError(e.errno, kept) from None
     if place.world > 1:
         dist.barrier()  # every part is written
     if not place.main:
@@ -127,7 +153,9 @@ def run_labelling(
     skipped = len(mine) - len(pending) if place.world == 1 else 0
     print(
         f"{out / 'annotations.json'}\t{summary.images} images, {summary.masks} masks, {summary.failures} failed, "
-        f"{elapsed:.1f} s" + (f" ({skipped} done before)" if skipped else "")
+        f"{elapsed:.1f} s"
+        + (f" ({skipped} done before)" if skipped else "")
+        + (f"; {summary.empty} empty masks left out (--keep-empty keeps them)" if summary.empty else "")
     )
     if summary.failures:
         print(f"finesam {command}: {summary.failures} images failed: see {out / 'errors.jsonl'}", file=sys.stderr)

@@ -10,6 +10,8 @@ from PIL import Image
 
 from finesam.cli.common import (
     UsageError,
+    check_distinct_paths,
+    check_logits_output,
     check_mask_output,
     floats,
     inference,
@@ -21,7 +23,7 @@ from finesam.cli.common import (
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.overlay import overlay
-from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, as_rgb, open_image, parse_json_prompts
+from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, as_rgb, open_image, parse_json_prompts, read_text_input
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
 from finesam.model.processing import postprocess_masks
@@ -61,9 +63,10 @@ def read_prompt_file(path: Path) -> list[SegmentPrompt]:
         UsageError: the file cannot be read, or a prompt is malformed (the message names it by its position).
     """
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read prompts from {path}: {e}") from None
+        data = json.loads(read_text_input(path, "prompts"))
+    except ValueError as e:  # unreadable (its message names the file), or not JSON
+        detail = str(e) if not isinstance(e, json.JSONDecodeError) else f"not JSON: {e}"
+        raise UsageError(f"cannot read prompts from {path}: {detail}") from None
     prompts = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(prompts, list) or not prompts:
         raise UsageError(f'{path}: expected a non-empty list of prompts (or {{"prompts": [...]}})')
@@ -117,10 +120,7 @@ def run_segment(args: argparse.Namespace) -> None:
         except ValueError as e:
             raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
         counts.append(checked.batch_size)
-    check_mask_output(args.out)  # outputs are refused before the model loads
-    for output in (args.logits, args.overlay):
-        if output is not None:
-            check_output(output)
+    _check_outputs(args, sum(counts))  # before the model loads
     model = load_model(args)
     embedding = model.encode_image(image)  # once, for every prompt
     total, index = sum(counts), 0
@@ -151,6 +151,20 @@ def run_segment(args: argparse.Namespace) -> None:
         ]
         picture = overlay(image, drawn, boxes=boxes, points=points)
         print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
+
+
+def _check_outputs(args: argparse.Namespace, total: int) -> None:
+    """Every file `segment IMAGE` will write: writable, of the right kind, and none of them an input or another
+    output (`check_distinct_paths`)."""
+    outputs = [("--out", check_mask_output(suffixed(args.out, i, total))) for i in range(total)]
+    if args.logits is not None:
+        outputs += [("--logits", check_logits_output(suffixed(args.logits, i, total))) for i in range(total)]
+    if args.overlay is not None:
+        outputs.append(("--overlay", check_output(args.overlay)))
+    inputs = [("IMAGE", args.image), ("--weights", args.weights)]
+    inputs += [(option, path) for option, path in (("--hq", args.hq), ("--prompts", args.prompts)) if path is not None]
+    inputs += [("--lora", path) for path in args.lora]
+    check_distinct_paths(outputs, inputs)
 
 
 def run_segment_manifest(args: argparse.Namespace) -> None:

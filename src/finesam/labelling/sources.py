@@ -7,14 +7,14 @@ manifests), so every process of a run sees the same list.
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from PIL import Image
 
-from finesam.inputs import JSON_PROMPT_KEYS, parse_json_prompts
+from finesam.inputs import JSON_PROMPT_KEYS, parse_json_prompts, read_text_input, special_file
 
 DEFAULT_CATEGORY = 1  # "object", when a manifest gives no category ids
 
@@ -74,56 +74,84 @@ class ImageJob:
         return hashlib.sha256(self.file_name.encode()).hexdigest()[:32]
 
 
+# the image formats a folder scan takes: a fixed list, because PIL also opens videos, PostScript, HDF5, ... by
+# their suffix, which are not photos to label (those PIL cannot read here are dropped by `image_suffixes`)
+IMAGE_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".jpx", ".avif",
+)  # fmt: skip
+SKIPPED_SHOWN = 5  # skipped files named in the one line that reports them
+
+
 def image_suffixes() -> set[str]:
-    """The file suffixes of the image formats PIL reads."""
-    return {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
+    """The suffixes of `IMAGE_SUFFIXES` that this PIL opens (lower case; names are compared case-insensitively)."""
+    registered = Image.registered_extensions()
+    return {suffix for suffix in IMAGE_SUFFIXES if registered.get(suffix) in Image.OPEN}
 
 
 def is_image_file(path: Path) -> bool:
-    """A file named as an image PIL reads (a single-image command), not a list of paths."""
+    """A file named as an image (a single-image command), not a list of paths."""
     return path.suffix.lower() in image_suffixes()
 
 
-def images_of(source: Path, exclude: Path | None = None) -> list[ImageJob]:
+def images_of(
+    source: Path, exclude: Path | None = None, report: Callable[[str], object] | None = None
+) -> list[ImageJob]:
     """The images of a folder (recursively, sorted by path; hidden files and folders and `exclude`, the run's
     own output folder, left out) or of a text file of paths (one per line, relative to the file's folder; blank
     lines and lines starting with # ignored).
+
+    Args:
+        source: the folder or the list file.
+        exclude: a folder a folder scan leaves out (the run's output).
+        report: called with one line when a folder scan skips files that are not images (`IMAGE_SUFFIXES`) or
+            not regular files.
+
+    Returns:
+        The jobs, in output order.
 
     Raises:
         ValueError: the source cannot be read, or holds no image.
     """
     if source.is_dir():
-        jobs = _folder_images(source, exclude)
+        jobs, skipped = _folder_images(source, exclude)
+        if skipped and report is not None:
+            shown = ", ".join(skipped[:SKIPPED_SHOWN]) + (", ..." if len(skipped) > SKIPPED_SHOWN else "")
+            report(f"{source}: skipped {len(skipped)} files that are not images ({shown})")
     elif source.is_file():
         jobs = _listed_images(source)
     else:
-        raise ValueError(f"{source}: no such folder or list file")
+        kind = special_file(source)
+        raise ValueError(
+            f"{source}: " + (f"is {kind}, not a folder or list file" if kind else "no such folder or list file")
+        )
     if not jobs:
         raise ValueError(f"{source}: no images ({'suffixes: ' + ', '.join(sorted(image_suffixes()))})")
     return jobs
 
 
-def _folder_images(folder: Path, exclude: Path | None) -> list[ImageJob]:
+def _folder_images(folder: Path, exclude: Path | None) -> tuple[list[ImageJob], list[str]]:
+    """The images of a folder, sorted, and the names of the other files it holds (not hidden, not excluded)."""
     suffixes = image_suffixes()
-    skipped = exclude.resolve() if exclude is not None else None
-    jobs = []
+    excluded = exclude.resolve() if exclude is not None else None
+    jobs, skipped = [], []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() not in suffixes:
+        if any(part.startswith(".") for part in relative.parts) or path.is_dir():
             continue
-        if skipped is not None and path.resolve().is_relative_to(skipped):
+        if excluded is not None and path.resolve().is_relative_to(excluded):
             continue
-        if path.is_file():
+        # FIFOs and devices left out as well: opening them can wait forever
+        if path.suffix.lower() in suffixes and special_file(path) is None:
             jobs.append(ImageJob(path, relative.as_posix()))
-    return sorted(jobs, key=lambda job: job.file_name)
+        else:
+            skipped.append(relative.as_posix())
+    return sorted(jobs, key=lambda job: job.file_name), sorted(skipped)
 
 
 def _numbered_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
     """The non-blank lines of a text file, stripped, with their line numbers (from 1)."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read {what}: {e}") from None
+    lines = read_text_input(path, what).splitlines()
     return ((number, line.strip()) for number, line in enumerate(lines, 1) if line.strip())
 
 
@@ -137,8 +165,17 @@ def _listed_images(listing: Path) -> list[ImageJob]:
         if file_name in seen:
             raise ValueError(f"{listing}:{number}: {name!r} is listed twice (first on line {seen[file_name]})")
         seen[file_name] = number
-        jobs.append(ImageJob(listing.parent / name, file_name))
+        jobs.append(_listed_job(listing, number, file_name))
     return jobs
+
+
+def _listed_job(listing: Path, number: int, file_name: str, prompts: ObjectPrompts | None = None) -> ImageJob:
+    """The job of line `number` of a list or manifest, refused when the file is a FIFO or a device (opening it
+    would wait forever; folders leave such files out)."""
+    path = listing.parent / file_name  # as recorded: backslashes read as the separators they were written as
+    if (kind := special_file(path)) is not None:
+        raise ValueError(f"{listing}:{number}: {path} is {kind}, not an image file")
+    return ImageJob(path, file_name, prompts)
 
 
 def _file_name(name: str) -> str:
@@ -182,7 +219,7 @@ def read_manifest(manifest: Path) -> list[ImageJob]:
             prompts = _object_prompts(entry)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        jobs.append(ImageJob(manifest.parent / entry["image"], file_name, prompts))
+        jobs.append(_listed_job(manifest, number, file_name, prompts))
     if not jobs:
         raise ValueError(f"{manifest}: no images (one JSON object per line)")
     return jobs

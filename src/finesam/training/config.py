@@ -13,6 +13,7 @@ else:  # pragma: no cover
     import tomli as tomllib  # pyright: ignore[reportMissingImports]
 
 from finesam.devices import usable_device
+from finesam.inputs import read_text_input
 from finesam.text import check_name
 from finesam.training.loss import IMPORTANCE_SAMPLE_RATIO, NUM_POINTS, OVERSAMPLE_RATIO
 
@@ -225,8 +226,8 @@ def load_config(path: str | Path) -> TrainConfig:
     """Reads a training TOML file (see `configs/`)."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        data = tomllib.loads(read_text_input(path, "the training config"))
+    except (ValueError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"cannot read training config {path}: {e}") from None
     try:
         return parse_config(data, path.parent)
