@@ -9,7 +9,19 @@ import pytest
 from finesam.amg import GENERATOR_OPTIONS, AutomaticMaskGenerator
 from finesam.cli import build_parser
 
-COMMANDS = ("convert", "download", "segment", "everything", "demo", "serve", "export", "train", "synth", "eval")
+COMMANDS = (
+    "convert",
+    "download",
+    "segment",
+    "everything",
+    "demo",
+    "serve",
+    "export",
+    "train",
+    "synth",
+    "eval",
+    "models",
+)
 
 
 def sub_parsers() -> dict[str, argparse.ArgumentParser]:

@@ -283,10 +283,7 @@ def test_a_stalled_server_times_out_with_a_message(tmp_path, server):
 def test_hub_metadata_gives_size_and_sha256(tmp_path, server, monkeypatch):
     """Files hosted on the Hugging Face Hub are checked against the SHA-256 of its LFS metadata."""
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.delenv("FINESAM_MIRROR", raising=False)
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)  # it reads $HF_ENDPOINT on import
+    monkeypatch.delenv("FINESAM_MIRROR", raising=False)  # finesam reads $HF_ENDPOINT at each download
     hub = Checkpoint("t", "https://huggingface.co/x/y/resolve/main/sam_hq_vit_b.pth", None, None, "t", "lkeab/hq-sam")
     server.hub_sha256["sam_hq_vit_b.pth"] = "ab" * 32
     with pytest.raises(DownloadError, match=f"expected {'ab' * 32}"):

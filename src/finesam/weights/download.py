@@ -49,9 +49,10 @@ def source_url(checkpoint: Checkpoint) -> str:
     if mirror:
         return f"{mirror.rstrip('/')}/{checkpoint.filename}"
     if checkpoint.hub_repo is not None:
-        from huggingface_hub import hf_hub_url  # honours $HF_ENDPOINT
+        from huggingface_hub import hf_hub_url
 
-        return hf_hub_url(checkpoint.hub_repo, checkpoint.filename)
+        # $HF_ENDPOINT as it is now: huggingface_hub reads it once, when something first imports it
+        return hf_hub_url(checkpoint.hub_repo, checkpoint.filename, endpoint=os.environ.get("HF_ENDPOINT") or None)
     return checkpoint.url
 
 
