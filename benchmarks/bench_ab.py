@@ -3,7 +3,8 @@
     python benchmarks/bench_ab.py OLD_TREE NEW_TREE [--size vit_b] [--rounds 3]
 
 Each tree is a checkout of the project (its `src/` goes first on the child's path). The weights are random
-official ones, saved once by this process as finesam files; each child loads them with its own tree's
+official ones, saved once by this process (SAM as a finesam file, HQ-SAM as the official `.pth`, which every
+tree reads); each child loads them with its own tree's
 `load_sam` / `load_hq` (with whatever that tree applies by default) and times the image encoder, a one-box
 decode, an HQ-SAM box and 16 boxes, with the TinyViT encoder. Children alternate (old, new, old, new, ...), so
 both see the same machine load; the table gives the median over rounds of each child's median and the ratio
@@ -51,7 +52,7 @@ with torch.no_grad():
     decode = lambda prompts: sam.decode(embedding.embedding, prompts, image_features=embedding.features)
     result["1 box"] = median_ms(lambda: decode(one), 30)
     result["16 boxes"] = median_ms(lambda: decode(many), 5)
-    hq = load_hq(sam, f"{folder}/sam.hq.safetensors").inject()
+    hq = load_hq(sam, f"{folder}/sam_hq.pth").inject()  # the official file: every tree reads it
     embedding = sam.encode_image(image)
     result["HQ 1 box"] = median_ms(lambda: decode(one), 30)
     hq.eject()
@@ -62,19 +63,16 @@ print(json.dumps(result))
 
 
 def write_weights(folder: Path, size: str) -> None:
-    from finesam.adapters.hq import HQSAMAdapter
-    from finesam.weights import save_hq, save_sam
-    from finesam.weights.hq import convert_hq_state_dict
+    import torch
+
+    from finesam.weights import save_sam
     from finesam.weights.loading import sam_from_state_dict
 
     from official import build_official_tiny, random_official
 
     official = random_official(size, seed=0, hq=True)
-    model = sam_from_state_dict(official.state_dict())
-    adapter = HQSAMAdapter(model)
-    adapter.load_state_dict(convert_hq_state_dict(official.state_dict(), adapter))
-    save_sam(model, folder / "sam.safetensors")
-    save_hq(adapter, folder / "sam.hq.safetensors")
+    save_sam(sam_from_state_dict(official.state_dict()), folder / "sam.safetensors")
+    torch.save(official.state_dict(), folder / "sam_hq.pth")
     save_sam(sam_from_state_dict(build_official_tiny(seed=0).state_dict()), folder / "tiny.safetensors")
 
 
