@@ -491,3 +491,31 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(files):
         f"finesam serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert time.perf_counter() - start < 5
+
+
+HUGE = "9" * 400  # an integer no float holds: OverflowError where it meets float arithmetic
+DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError in the JSON parser
+NUMBER_AND_NESTING_CASES = [
+    ("masks", f'{{"points": [[{HUGE}, 2]]}}', '"points" must hold finite numbers, got 99999'),
+    ("masks", f'{{"box": [1, 2, 3, -{HUGE}]}}', '"box" must hold finite numbers'),
+    ("masks", '{"points": [[1e999, 2]]}', '"points" must hold finite numbers, got inf'),
+    ("masks", f'{{"points": [[1, 2]], "labels": [{HUGE}]}}', '"labels" must be 1 (foreground) or 0'),
+    ("everything", f'{{"pred_iou_thresh": {HUGE}}}', '"pred_iou_thresh" must be a finite number'),
+    ("everything", f'{{"points_per_side": {HUGE}}}', '"points_per_side" must be a finite number'),
+    ("everything", f'{{"min_mask_region_area": -{HUGE}}}', '"min_mask_region_area" must be a finite number'),
+    ("everything", '{"crop_n_layers": 1000000000000000000}', "crop_n_layers must be in 0..4, got"),
+    ("masks", f'{{"points": {DEEP}}}', "nested deeper than 32 levels"),
+    ("masks", DEEP, "nested deeper than 32 levels"),
+    ("everything", '{"hq": ' * 50_000 + "1" + "}" * 50_000, "nested deeper than 32 levels"),
+    ("masks", '{"points": ' + "[" * 40 + "]" * 40 + "}", "nested deeper than 32 levels"),  # parses; deeper checks
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "message"), NUMBER_AND_NESTING_CASES)
+def test_huge_numbers_and_deep_nesting_are_422(server, fresh, endpoint, body, message):
+    status, answer = server.call(
+        "POST", f"/api/images/{fresh}/{endpoint}", raw=body.encode(), headers={"Content-Type": "x"}
+    )
+    assert status == 422 and message in answer["error"], answer
+    assert len(answer["error"]) < 300  # the value is shown cut short, not its 400 digits
+    assert server.call("POST", f"/api/images/{fresh}/masks", PROMPTS[1])[0] == 200
