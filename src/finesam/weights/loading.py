@@ -55,7 +55,8 @@ def sam_from_state_dict(
 
 def _assign(model: SegmentAnything, weights: Mapping[str, Tensor], device: torch.device | str) -> SegmentAnything:
     """Puts loaded tensors into a model built on `meta`, and rebuilds the buffers checkpoints do not store."""
-    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, assign=True)
+    expected = model.state_dict()  # float64 / float16 files take the model's dtype (assign would keep theirs)
+    model.load_state_dict({k: v.to(device=device, dtype=expected[k].dtype) for k, v in weights.items()}, assign=True)
     for module in model.modules():
         if isinstance(module, BiasedAttention):
             module.rebuild_buffers(device)
@@ -111,8 +112,11 @@ def load_sam(
     """
     path = Path(path)
     if (official := read_official(path)) is not None:
-        with official.own_names():
-            model = sam_from_state_dict(official.state_dict, device, official.decoder_heads)
+        try:
+            with official.own_names():
+                model = sam_from_state_dict(official.state_dict, device, official.decoder_heads)
+        except CheckpointError as e:  # the layout's problems, named with the file they are in
+            raise CheckpointError(f"{path}: {e}") from None
     else:
         declared, sections = read_format(path, FORMAT_SAM, tensors=False)
         if "config" not in sections:
@@ -186,9 +190,12 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
         )
         raise CheckpointError(f"{checkpoint}: {what}")
     state_dict = official.state_dict
-    with official.own_names():
-        model = sam_from_state_dict(state_dict, decoder_heads=official.decoder_heads)
-        hq = hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
+    try:
+        with official.own_names():
+            model = sam_from_state_dict(state_dict, decoder_heads=official.decoder_heads)
+            hq = hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
+    except CheckpointError as e:  # the layout's problems, named with the file they are in
+        raise CheckpointError(f"{checkpoint}: {e}") from None
     name = hf_name(checkpoint) if official.hf else checkpoint.stem
     base = out_dir / f"{name}.safetensors"
     written = [save_sam(model, base)]
