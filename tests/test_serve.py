@@ -519,3 +519,13 @@ def test_huge_numbers_and_deep_nesting_are_422(server, fresh, endpoint, body, me
     assert status == 422 and message in answer["error"], answer
     assert len(answer["error"]) < 300  # the value is shown cut short, not its 400 digits
     assert server.call("POST", f"/api/images/{fresh}/masks", PROMPTS[1])[0] == 200
+
+
+def test_upload_errors_name_the_upload_not_a_buffer(server):
+    good = io.BytesIO()
+    photo("rocket").save(good, format="JPEG")
+    for content, name in ((b"hello, not an image", "notes.png"), (good.getvalue()[:5000], "cut.jpg")):
+        status, answer = server.upload(content, name)
+        assert status == 422 and answer["error"].startswith(f"{name}: not a readable image"), answer
+        assert "BytesIO" not in answer["error"] and " at 0x" not in answer["error"], answer
+    assert server.call("GET", "/api/health")[0] == 200

@@ -221,12 +221,13 @@ def create_app(
         return parse_json(await read_body(request, MAX_JSON_BYTES, too_large, body_timeout))
 
     def decoded(data: bytes, name: str) -> Image.Image:
+        buffer = io.BytesIO(data)
         try:
-            return as_rgb(open_image(io.BytesIO(data)))
-        except ValueError as e:
-            message = str(e).split(": ", 1)[-1]
+            return as_rgb(open_image(buffer))
+        except ValueError as e:  # PIL names an in-memory file by its repr (<_io.BytesIO object at 0x...>)
+            message = str(e).replace(repr(buffer), name)
             status = 413 if "pixel limit" in message else 422
-            raise ApiError(status, f"{name}: {message}") from None
+            raise ApiError(status, message if message.startswith(name) else f"{name}: {message}") from None
 
     def added(image: Image.Image) -> JSONResponse:
         return JSONResponse({"id": host.add_image(image), "width": image.width, "height": image.height})

@@ -16,10 +16,14 @@ from finesam.model.tiny_vit import BiasedAttention
 from finesam.weights.hf import DEFAULT_DECODER_HEADS, hf_name, read_official
 from finesam.weights.hq import has_hq_keys, hq_from_state_dict, save_hq
 from finesam.weights.io import (
+    FORMAT_KEY,
+    FORMATS,
     CheckpointError,
+    check_readable,
     check_tensors,
     format_metadata,
     read_format,
+    read_safetensors,
     write_safetensors,
 )
 from finesam.weights.sam_keys import convert_state_dict, infer_config, is_unused_key
@@ -165,6 +169,14 @@ def _digest_of(path: Path) -> str | None:
         return None  # another kind of file (HQ, LoRA) or unreadable: not a base to compare with
 
 
+def _finesam_kind(path: Path) -> str | None:
+    """The `finesam.format` of a finesam file (`sam`, `hq_sam`, `lora`, ...), None for any other file."""
+    try:
+        return read_safetensors(path, tensors=False)[1].get(FORMAT_KEY)
+    except CheckpointError:
+        return None
+
+
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> ConversionReport:
     """`CHECKPOINT.pth` -> `OUT_DIR/CHECKPOINT.safetensors`, plus `OUT_DIR/CHECKPOINT.hq.safetensors` for HQ-SAM;
     a Hugging Face checkpoint takes its folder's name (`sam-vit-base/` -> `OUT_DIR/sam-vit-base.safetensors`).
@@ -183,12 +195,14 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     official = read_official(checkpoint)
     if official is None:
-        what = (
-            "not an official checkpoint (.pth, .pt, .bin) nor a Hugging Face one"
-            if checkpoint.exists()
-            else "no such file"
-        )
-        raise CheckpointError(f"{checkpoint}: {what}")
+        check_readable(checkpoint)
+        kind = _finesam_kind(checkpoint)
+        if kind is not None:
+            raise CheckpointError(
+                f"{checkpoint}: already a finesam {FORMATS.get(kind, kind)} file; it needs no conversion (give it "
+                "to the commands as it is)"
+            )
+        raise CheckpointError(f"{checkpoint}: not an official checkpoint (.pth, .pt, .bin) nor a Hugging Face one")
     state_dict = official.state_dict
     try:
         with official.own_names():
