@@ -299,7 +299,7 @@ def test_other_checkpoints_are_refused_with_a_reason(hf_sam_folder, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "model.safetensors").write_bytes((hf_sam_folder / "model.safetensors").read_bytes())
-    with pytest.raises(CheckpointError, match=r"no config\.json in .*bare; a Hugging Face checkpoint is the folder"):
+    with pytest.raises(CheckpointError, match=r"bare: is a folder, not a weights file; .*has no config\.json"):
         load_sam(bare)
     with pytest.raises(CheckpointError, match="not a finesam SAM file"):  # a lone file: not taken for an HF one
         load_sam(bare / "model.safetensors")

@@ -3,8 +3,10 @@ official HQ-SAM package, its masks compared bit for bit with `predict` on the sa
 
 import io
 import json
+import socket
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from finesam.amg.rle import from_coco, rle_to_mask
 from finesam.weights import convert_checkpoint, load_hq, load_lora, load_sam, save_lora
 
 from conftest import SMALL, photo
+from helpers import finesam
 from official import build_official
 from served import Served
 
@@ -46,7 +49,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def server(files):
     served = Served(
         "--weights", files["base"], "--hq", files["hq"], "--lora", files["lora"], "--images", files["images"],
-        "--max-upload-mb", "2", "--cache-images", "3",
+        "--max-upload-mb", "2", "--cache-images", "3", "--body-timeout", "2",
     )  # fmt: skip
     yield served
     served.close()
@@ -290,15 +293,22 @@ def test_one_log_line_per_request(server):
     assert any(line.startswith("POST /api/images/") and " 422 " in line for line in log)
 
 
+TOKEN = "s3cret-token-of-24-chars"
+
+
 def test_token_is_required_when_set_and_off_this_machine(files):
-    served = Served("--weights", files["base"], "--token", "s3cret-token")
+    served = Served("--weights", files["base"], "--token", TOKEN)
     try:
-        assert served.page.endswith("/?token=s3cret-token")
+        assert served.page.endswith(f"/?token={TOKEN}")
         status, answer = served.call("GET", "/api/model")
         assert status == 401 and "access token" in answer["error"]
         assert served.call("GET", "/api/model", headers={"Authorization": "Bearer wrong"})[0] == 401
-        assert served.call("GET", "/api/model", headers={"Authorization": "Bearer s3cret-token"})[0] == 200
-        assert served.call("GET", "/api/health?token=s3cret-token")[0] == 200
+        assert served.call("GET", "/api/health?token=s3cret-token")[0] == 401  # a prefix is not the token
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):  # schemes are case-insensitive (RFC 7235)
+            assert served.call("GET", "/api/model", headers={"Authorization": f"{scheme} {TOKEN}"})[0] == 200
+        for header in (f"Basic {TOKEN}", TOKEN, f"Bearer{TOKEN}", "Bearer", f"Token {TOKEN}"):
+            assert served.call("GET", "/api/model", headers={"Authorization": header})[0] == 401, header
+        assert served.call("GET", f"/api/health?token={TOKEN}")[0] == 200
     finally:
         served.close()
     anywhere = Served("--weights", files["base"], "--host", "0.0.0.0")
@@ -335,3 +345,187 @@ def test_without_weights_it_serves_the_demo_checkpoint(files, tmp_path):
     finally:
         served.close()
     assert (tmp_path / "cache" / "sam_hq_small.hq.safetensors").is_file()
+
+
+# -- access: the token, the Host header, body sizes and times (docs/serve.md#access) ----------------------------
+
+
+def raw_call(server: Served, request: bytes, body: bytes = b"", timeout: float = 60) -> tuple[int, dict]:
+    """Sends bytes as they are on a real socket and reads one response: (status, its JSON); (0, {}) when the
+    server closed the connection without answering."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        connection.sendall(request + body)
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := connection.recv(65536)):
+            data += chunk
+        head, _, payload = data.partition(b"\r\n\r\n")
+        if not head:
+            return 0, {}
+        lines = head.decode().split("\r\n")
+        length = next(int(v) for k, _, v in (line.partition(": ") for line in lines) if k.lower() == "content-length")
+        while len(payload) < length and (chunk := connection.recv(65536)):
+            payload += chunk
+    return int(lines[0].split()[1]), json.loads(payload)
+
+
+def request_bytes(method: str, path: str, host: str | None, headers: str = "", version: str = "1.1") -> bytes:
+    host_line = "" if host is None else f"Host: {host}\r\n"
+    return f"{method} {path} HTTP/{version}\r\n{host_line}{headers}Connection: close\r\n\r\n".encode()
+
+
+@pytest.fixture
+def fresh(server) -> str:
+    """The id of an image uploaded for this test (the module's cache keeps only the last 3)."""
+    status, answer = server.upload(png(photo("rocket")))
+    assert status == 200, answer
+    return answer["id"]
+
+
+def test_only_the_host_names_it_was_started_for(server):
+    """DNS rebinding: a page of another site that resolves its name to 127.0.0.1 sends its own Host header; a
+    tokenless 127.0.0.1 server answers it with 400, the page, the API and the --images files alike."""
+    port = server.url.rsplit(":", 1)[1]
+    for name in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LocalHost:{port}", "[::1]", f"[::1]:{port}"):
+        status, answer = raw_call(server, request_bytes("GET", "/api/health", name))
+        assert (status, answer) == (200, {"status": "ok"}), name
+    bad = ["evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", f"localhost.evil.example:{port}",
+           "127.0.0.2", "", f"127.0.0.1:{port}:1", "[::1", "a b"]  # fmt: skip
+    for name in bad:
+        for method, path in (("GET", "/api/health"), ("GET", "/"), ("POST", "/api/library/rocket.png")):
+            status, answer = raw_call(server, request_bytes(method, path, name, "Content-Length: 0\r\n"))
+            assert status == 400 and "answers to the host names" in answer["error"], (name, path, answer)
+    status, answer = raw_call(server, request_bytes("GET", "/api/health", None, version="1.0"))  # no Host at all
+    assert status == 400 and "answers to the host names" in answer["error"]
+    assert server.call("GET", "/api/health")[0] == 200
+
+
+def test_json_bodies_have_a_size_limit(server, fresh):
+    path = f"/api/images/{fresh}/masks"
+    host = server.url.removeprefix("http://")
+    # declared far over the limit: refused at once, before the client has sent (or the server read) it
+    start = time.perf_counter()
+    head = request_bytes("POST", path, host, "Content-Type: application/json\r\nContent-Length: 100000000\r\n")
+    status, answer = raw_call(server, head, b'{"box": [' + b" " * 10_000)
+    assert status == 413 and "over the limit of 1000000 bytes" in answer["error"]
+    assert time.perf_counter() - start < 5
+    # over the limit, declared or streamed in chunks (no length): counted while it arrives
+    padded = b'{"box": [10, 10, 100, 100]' + b" " * 1_500_000 + b"}"
+    status, answer = server.call("POST", path, raw=padded, headers={"Content-Type": "application/json"})
+    assert status == 413 and "JSON body is over the limit" in answer["error"]
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(padded[i : i + 65536]), padded[i : i + 65536])
+                      for i in range(0, len(padded), 65536)) + b"0\r\n\r\n"  # fmt: skip
+    status, answer = raw_call(server, request_bytes("POST", path, host, "Transfer-Encoding: chunked\r\n"), chunks)
+    assert status == 413 and "JSON body is over the limit" in answer["error"]
+    assert server.call("POST", path, PROMPTS[1])[0] == 200  # under the limit, spaces and all: fine
+
+
+def test_held_partial_bodies_are_cut_off(server, fresh):
+    """A client that sends half a body and waits is answered 408 after --body-timeout (2 s here) and its
+    connection closed; one that goes away leaves one log line; others are served meanwhile."""
+    path = f"/api/images/{fresh}/masks"
+    host = server.url.removeprefix("http://")
+    before = server.stderr()
+    results: dict[str, tuple[int, dict, float]] = {}
+
+    def held(target: str, kind: str, body: bytes) -> None:
+        start = time.perf_counter()
+        head = request_bytes("POST", target, host, f"Content-Type: {kind}\r\nContent-Length: 4000\r\n")
+        results[target] = (*raw_call(server, head, body, timeout=30), time.perf_counter() - start)
+
+    cases = [
+        (path, "application/json", b'{"box": [1, 2,'),
+        ("/api/images", "multipart/form-data; boundary=b", b"--b\r\nContent-Disposition: form-data"),
+    ]
+    threads = [threading.Thread(target=held, args=case) for case in cases]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    assert server.call("POST", path, PROMPTS[1])[0] == 200  # served while the others hold their bodies
+    for thread in threads:
+        thread.join(timeout=30)
+    for kind, (status, answer, seconds) in results.items():
+        assert status == 408 and "did not arrive in full within 2 s" in answer["error"], (kind, answer)
+        assert 1.5 < seconds < 10, (kind, seconds)
+    host_name, port = host.rsplit(":", 1)
+    for _ in range(3):  # half a body, then the client goes away
+        with socket.create_connection((host_name, int(port))) as connection:
+            head = request_bytes("POST", path, host, "Content-Type: application/json\r\nContent-Length: 400\r\n")
+            connection.sendall(head + b'{"points"')
+    time.sleep(0.5)
+    assert server.call("GET", "/api/health")[0] == 200
+    log = server.stderr()[len(before) :]
+    assert "Traceback" not in log and "Exception" not in log, log
+    assert len([line for line in log.splitlines() if line.startswith("POST ")]) == 6, log
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--token", ""], "at least 16 characters, got an empty token"),
+        (["--token", "short-token"], "at least 16 characters, got 11 characters"),
+        (["--port", "http"], "expected a port number, got 'http'"),
+        (["--port", "70000"], "from 0 to 65535, got 70000"),
+        (["--port", "-1"], "from 0 to 65535, got -1"),
+        (["--max-upload-mb", "0"], "expected a number above 0, got '0'"),
+        (["--max-upload-mb", "-5"], "expected a number above 0, got '-5'"),
+        (["--max-upload-mb", "ten"], "expected a number, got 'ten'"),
+        (["--max-upload-mb", "nan"], "expected a number above 0, got 'nan'"),
+        (["--body-timeout", "inf"], "expected a number above 0, got 'inf'"),
+    ],
+)
+def test_bad_serve_options_are_one_line_and_status_2(files, args, message):
+    result = finesam("serve", "--weights", files["base"], *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("finesam serve")
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(files):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        start = time.perf_counter()
+        result = finesam("serve", "--weights", files["base"], "--port", port)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"finesam serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert time.perf_counter() - start < 5
+
+
+HUGE = "9" * 400  # an integer no float holds: OverflowError where it meets float arithmetic
+DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError in the JSON parser
+NUMBER_AND_NESTING_CASES = [
+    ("masks", f'{{"points": [[{HUGE}, 2]]}}', '"points" must hold finite numbers, got 99999'),
+    ("masks", f'{{"box": [1, 2, 3, -{HUGE}]}}', '"box" must hold finite numbers'),
+    ("masks", '{"points": [[1e999, 2]]}', '"points" must hold finite numbers, got inf'),
+    ("masks", f'{{"points": [[1, 2]], "labels": [{HUGE}]}}', '"labels" must be 1 (foreground) or 0'),
+    ("everything", f'{{"pred_iou_thresh": {HUGE}}}', '"pred_iou_thresh" must be a finite number'),
+    ("everything", f'{{"points_per_side": {HUGE}}}', '"points_per_side" must be a finite number'),
+    ("everything", f'{{"min_mask_region_area": -{HUGE}}}', '"min_mask_region_area" must be a finite number'),
+    ("everything", '{"crop_n_layers": 1000000000000000000}', "crop_n_layers must be in 0..4, got"),
+    ("masks", f'{{"points": {DEEP}}}', "nested deeper than 32 levels"),
+    ("masks", DEEP, "nested deeper than 32 levels"),
+    ("everything", '{"hq": ' * 50_000 + "1" + "}" * 50_000, "nested deeper than 32 levels"),
+    ("masks", '{"points": ' + "[" * 40 + "]" * 40 + "}", "nested deeper than 32 levels"),  # parses; deeper checks
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "message"), NUMBER_AND_NESTING_CASES)
+def test_huge_numbers_and_deep_nesting_are_422(server, fresh, endpoint, body, message):
+    status, answer = server.call(
+        "POST", f"/api/images/{fresh}/{endpoint}", raw=body.encode(), headers={"Content-Type": "x"}
+    )
+    assert status == 422 and message in answer["error"], answer
+    assert len(answer["error"]) < 300  # the value is shown cut short, not its 400 digits
+    assert server.call("POST", f"/api/images/{fresh}/masks", PROMPTS[1])[0] == 200
+
+
+def test_upload_errors_name_the_upload_not_a_buffer(server):
+    good = io.BytesIO()
+    photo("rocket").save(good, format="JPEG")
+    for content, name in ((b"hello, not an image", "notes.png"), (good.getvalue()[:5000], "cut.jpg")):
+        status, answer = server.upload(content, name)
+        assert status == 422 and answer["error"].startswith(f"{name}: not a readable image"), answer
+        assert "BytesIO" not in answer["error"] and " at 0x" not in answer["error"], answer
+    assert server.call("GET", "/api/health")[0] == 200

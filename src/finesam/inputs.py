@@ -7,6 +7,7 @@ Images: longest side resized to the model size (PIL bilinear on uint8, as the of
 normalised with SAM's pixel mean and std, padded bottom/right with zeros.
 """
 
+import math
 import os
 import stat
 import struct
@@ -406,12 +407,40 @@ class JsonPrompts:
         }
 
 
-def _json_number(value: Any, name: str) -> float:
+def finite_number(value: Any) -> float | None:
+    """A JSON number as a float: None for a non-number (bools included) and for a value no float holds finitely
+    (NaN, infinity, an integer of hundreds of digits). The one number rule of the JSON inputs.
+
+    Args:
+        value: a decoded JSON value.
+
+    Returns:
+        The float, or None.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f'"{name}" must hold numbers, got {value!r}')
-    if not np.isfinite(value):
-        raise ValueError(f'"{name}" must hold finite numbers, got {value!r}')
-    return float(value)
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond a float's range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters, for messages (a number of hundreds of digits, a long list)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # ints over Python's digit limit; deep nesting
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def _json_number(value: Any, name: str) -> float:
+    number = finite_number(value)
+    if number is None:
+        kind = "finite numbers" if isinstance(value, (int, float)) and not isinstance(value, bool) else "numbers"
+        raise ValueError(f'"{name}" must hold {kind}, got {shown(value)}')
+    return number
 
 
 def _json_list(value: Any) -> list[Any] | None:
@@ -466,7 +495,7 @@ def _json_boxes(value: list[Any] | None, key: str) -> list[list[float]] | None:
         return None
     boxes = [value] if _depth(value) == 1 else value
     if not all(isinstance(b, list) and len(b) == 4 for b in boxes):
-        raise ValueError(f'"{key}" must be {_BOX_FORM}, got {value!r}')
+        raise ValueError(f'"{key}" must be {_BOX_FORM}, got {shown(value)}')
     numbers = [[_json_number(v, key) for v in box] for box in boxes]
     for box in numbers:
         if box[2] < box[0] or box[3] < box[1]:
@@ -479,7 +508,7 @@ def _json_points(value: list[Any] | None) -> list[list[list[float]]] | None:
         return None
     lists = [value] if _depth(value) == 2 else value
     if not all(isinstance(p, list) and p and all(isinstance(q, list) and len(q) == 2 for q in p) for p in lists):
-        raise ValueError(f'"points" must be {_POINTS_FORM}, got {value!r}')
+        raise ValueError(f'"points" must be {_POINTS_FORM}, got {shown(value)}')
     return [[[_json_number(v, "points") for v in point] for point in points] for points in lists]
 
 
@@ -491,7 +520,7 @@ def _json_labels(value: list[Any] | None, points: list[list[list[float]]], singl
     if not isinstance(lists, list) or [len(a) if isinstance(a, list) else -1 for a in lists] != [
         len(p) for p in points
     ]:
-        raise ValueError(f'"labels" must have the shape of "points": {shape}, got {value!r}')
+        raise ValueError(f'"labels" must have the shape of "points": {shape}, got {shown(value)}')
     if any(isinstance(v, bool) or v not in (BACKGROUND_LABEL, FOREGROUND_LABEL) for a in lists for v in a):
-        raise ValueError(f'"labels" must be 1 (foreground) or 0 (background), got {value!r}')
+        raise ValueError(f'"labels" must be 1 (foreground) or 0 (background), got {shown(value)}')
     return [[int(v) for v in a] for a in lists]

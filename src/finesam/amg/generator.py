@@ -172,10 +172,11 @@ class AutomaticMaskGenerator:
         hq_mask_only: bool | None = None,
     ) -> None:
         if not 0 <= crop_n_layers <= MAX_CROP_LAYERS:
-            crops = sum(4**i for i in range(max(crop_n_layers, 0) + 1))
+            # the crop count only where it is a number worth reading: a request may send 10**30 layers
+            crops = sum(4**i for i in range(crop_n_layers + 1)) if 0 < crop_n_layers <= 16 else None
             raise ValueError(
                 f"crop_n_layers must be in 0..{MAX_CROP_LAYERS}, got {crop_n_layers}"
-                + (f" ({crops} crops, each encoded)" if crop_n_layers > 0 else "")
+                + (f" ({crops} crops, each encoded)" if crops else "")
             )
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")

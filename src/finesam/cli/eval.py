@@ -16,6 +16,9 @@ from finesam.training.config import VariantConfig
 from finesam.training.distributed import Distributed
 from finesam.weights import load_lora
 
+# the parts of --configs that an option brings, and that option
+PART_OPTIONS = {"hq": "--hq HQ.safetensors (or an HQ-SAM checkpoint as --weights)", "variant": "--variant MODULE:CLASS"}
+
 
 def evaluation_configurations(args: argparse.Namespace, model: SegmentAnything, hq: Any) -> list[Any]:
     """The named configurations of `--configs` (default: base, then each adapter added in turn)."""
@@ -49,7 +52,11 @@ def evaluation_configurations(args: argparse.Namespace, model: SegmentAnything, 
     for name in names:
         wanted = [] if name == "base" else name.split("+")
         if unknown := [w for w in wanted if w not in parts]:
-            raise UsageError(f"--configs {name}: unknown part(s) {unknown} (available: base, {', '.join(parts)})")
+            hints = [f"'{w}' needs {PART_OPTIONS[w]}" if w in PART_OPTIONS else f"unknown part '{w}'" for w in unknown]
+            raise UsageError(
+                f"--configs {name}: {'; '.join(hints)} (parts of this run: {', '.join(['base', *parts])}; a LoRA "
+                "is named by its --lora file)"
+            )
         configurations.append(adapter_configuration(name, [parts[w] for w in wanted], args.hq_only))
     return configurations
 

@@ -8,10 +8,19 @@ from pathlib import Path
 
 from finesam.cli.common import UsageError, load_base
 from finesam.cli.demo import converted_checkpoint, find_checkpoint, instructions
-from finesam.cli.options import Commands, add_command, model_options, positive_int
+from finesam.cli.options import Commands, add_command, model_options, port_number, positive_int, positive_number
+from finesam.serve.app import BODY_TIMEOUT_S, MIN_TOKEN_LENGTH, allowed_hosts, check_token
 from finesam.weights import load_lora
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def access_token(text: str) -> str:
+    """An argparse type: `--token`, checked by the server's one rule (`finesam.serve.app.check_token`)."""
+    try:
+        return check_token(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -41,7 +50,14 @@ def run_serve(args: argparse.Namespace) -> None:
     model, adapter = load_base(args)
     loras = [load_lora(model, path) for path in args.lora]
     host = ModelHost(model, adapter, loras, cache_images=args.cache_images)
-    app = create_app(host, images=args.images, token=token, max_upload_mb=args.max_upload_mb)
+    app = create_app(
+        host,
+        images=args.images,
+        token=token,
+        max_upload_mb=args.max_upload_mb,
+        hosts=allowed_hosts(args.host),
+        body_timeout=args.body_timeout,
+    )
     listener.listen(128)  # from here connections wait in the backlog until uvicorn accepts them
     port = listener.getsockname()[1]
     shown = f"[{args.host}]" if family == socket.AF_INET6 else args.host
@@ -62,9 +78,21 @@ def add_commands(commands: Commands) -> None:
     )
     serve.add_argument("--lora", type=Path, action="append", default=[], metavar="LORA.safetensors", help="repeatable")
     serve.add_argument("--host", default="127.0.0.1", help="any other address than this machine's needs a token")
-    serve.add_argument("--port", type=int, default=7860, help="0: any free port (the URL printed says which)")
-    serve.add_argument("--token", help="the access token API calls must send (default: one is generated off-machine)")
+    serve.add_argument("--port", type=port_number, default=7860, help="0: any free port (the URL printed says which)")
+    serve.add_argument(
+        "--token",
+        type=access_token,
+        help=f"the access token API calls must send, at least {MIN_TOKEN_LENGTH} characters (default: one is "
+        "generated off-machine)",
+    )
     serve.add_argument("--images", type=Path, metavar="DIR", help="a folder of images the page may open by name")
     serve.add_argument("--cache-images", type=positive_int, default=8, help="images (and embeddings) kept")
-    serve.add_argument("--max-upload-mb", type=float, default=50, help="the largest image upload accepted")
+    serve.add_argument("--max-upload-mb", type=positive_number, default=50, help="the largest image upload accepted")
+    serve.add_argument(
+        "--body-timeout",
+        type=positive_number,
+        default=BODY_TIMEOUT_S,
+        metavar="S",
+        help="seconds a request body may take to arrive in full (a client that stops halfway is cut off)",
+    )
     serve.set_defaults(run=run_serve)

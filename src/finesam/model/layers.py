@@ -31,3 +31,30 @@ def weights_key(weights: tuple[Tensor, ...]) -> tuple[tuple[Any, ...], ...]:
     """What identifies the current values of weights for a memory of their outputs: each tensor's identity,
     storage, dtype, device and in-place version (keep the tensors referenced, so their ids stay theirs)."""
     return tuple((id(w), w.data_ptr(), w.dtype, w.device, tensor_version(w)) for w in weights)
+
+
+class ImageFeature(fl.UseContext):
+    """Reads a feature an adapter computed while the image was encoded (`image` context), or says why it cannot.
+
+    Adapters declare what they need from the encoding with this layer (HQ-SAM: the early ViT embedding):
+    `SegmentAnything.decode` checks every one of them before it runs, so that an embedding made before such an
+    adapter was injected is refused with one sentence.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__("image", key)
+
+    def __call__(self, *_: Tensor) -> Tensor:
+        value = self.use_context("image").get(self.key)
+        if value is None:
+            raise ValueError(missing_features_message([self.key]))
+        return value
+
+
+def missing_features_message(keys: list[str]) -> str:
+    """The one sentence for an embedding that lacks features an injected adapter needs."""
+    names = ", ".join(f"'{key}'" for key in keys)
+    return (
+        f"this image embedding has no {names}: it was encoded without the adapter that computes it (made before "
+        "inject()?); encode the image again with the adapter injected"
+    )

@@ -14,6 +14,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAM_VIT_TINY, SAMConfig
+from finesam.model.layers import ImageFeature, missing_features_message
 from finesam.model.mask_decoder import MaskDecoder
 from finesam.model.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks, preprocess_image
 from finesam.model.prompt_encoder import PromptEncoder, labelled_points
@@ -251,6 +252,16 @@ class SegmentAnything(fl.Chain):
         image.update(dict.fromkeys(image))
         return image
 
+    def _check_image_features(self) -> None:
+        """Raises `ValueError` before decoding when an adapter injected after the encoder needs an image feature
+        (an `ImageFeature` layer) that the current image's features lack: refiners would bury the same error in
+        a dump of the whole chain."""
+        image = self.use_context("image")
+        stages = [stage for stage in list(self)[1:] if isinstance(stage, fl.Chain)]
+        needed = {layer.key for stage in stages for layer, _ in stage.walk(ImageFeature)}
+        if missing := sorted(key for key in needed if image.get(key) is None):
+            raise ValueError(missing_features_message(missing))
+
     def image_features(self) -> dict[str, Any]:
         """The adapter features of the last encoded image (see `ImageEmbedding.features`)."""
         return {k: v for k, v in self.use_context("image").items() if v is not None}
@@ -280,6 +291,7 @@ class SegmentAnything(fl.Chain):
         """
         if image_features is not None:
             self._reset_image_features().update(image_features)
+        self._check_image_features()
         batch = prompts.batch_size
         chunk = self.prompt_chunk_size if self.device is None or self.device.type == "cpu" else None
         if not chunk or batch <= chunk or image_embedding.shape[0] != 1:

@@ -1,10 +1,9 @@
 """What an API request may send, checked before it reaches the model: every bad value is one sentence."""
 
-import math
 from typing import Any
 
 from finesam.amg import GENERATOR_OPTIONS, AutomaticMaskGenerator
-from finesam.inputs import JSON_PROMPT_KEYS, parse_json_prompts
+from finesam.inputs import JSON_PROMPT_KEYS, finite_number, parse_json_prompts, shown
 from finesam.serve.host import MaskRequest
 
 
@@ -21,26 +20,27 @@ def _invalid(message: str) -> ApiError:
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid(f"{where} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise _invalid(f"{where} must be finite, got {value!r}")
-    return float(value)
+    number = finite_number(value)
+    if number is None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _invalid(f"{where} must be a number, got {shown(value)}")
+        raise _invalid(f"{where} must be a finite number a float holds, got {shown(value)}")
+    return number
 
 
 def _flag(data: dict[str, Any], key: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
-        raise _invalid(f'"{key}" must be true or false, got {value!r}')
+        raise _invalid(f'"{key}" must be true or false, got {shown(value)}')
     return value
 
 
 def _loras(data: dict[str, Any]) -> tuple[str, ...]:
     value = data.get("loras", [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _invalid(f'"loras" must be a list of names, got {value!r}')
+        raise _invalid(f'"loras" must be a list of names, got {shown(value)}')
     if len(set(value)) != len(value):
-        raise _invalid(f'"loras" names a LoRA twice: {value!r}')
+        raise _invalid(f'"loras" names a LoRA twice: {shown(value)}')
     return tuple(value)
 
 
@@ -88,7 +88,7 @@ def everything_request(data: Any) -> tuple[dict[str, Any], bool, bool, tuple[str
         if name in data:
             value = data[name]
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise _invalid(f'"{name}" must be an integer, got {value!r}')
+                raise _invalid(f'"{name}" must be an integer, got {shown(value)}')
             options[name] = kind(_number(value, f'"{name}"'))
     if options.get("points_per_side", 0) > MAX_POINTS_PER_SIDE:
         raise _invalid(f'"points_per_side" is at most {MAX_POINTS_PER_SIDE} on this server')

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from finesam.text import listing
-from finesam.weights.io import FORMAT_KEY, CheckpointError, is_official, read_safetensors
+from finesam.weights.io import FORMAT_KEY, WEIGHTS_FORMS, CheckpointError, is_official, read_safetensors
 from finesam.weights.layouts import read_plain_weights
 
 CONFIG_FILE = "config.json"
@@ -193,6 +193,11 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     config_path = _folder(path) / CONFIG_FILE
+    if not config_path.is_file() and path.is_dir():
+        raise CheckpointError(
+            f"{path}: is a folder, not a weights file; expected {WEIGHTS_FORMS} ({CONFIG_FILE} + {WEIGHTS_FILE}: "
+            f"this folder has no {CONFIG_FILE})"
+        )
     if not config_path.is_file():
         raise CheckpointError(
             f"{path}: no {CONFIG_FILE} in {_folder(path)}; a Hugging Face checkpoint is the folder that "

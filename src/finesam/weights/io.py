@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -193,11 +194,65 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+WEIGHTS_FORMS = "a converted .safetensors, an official .pth, or a Hugging Face checkpoint folder"
+
+
+def check_readable(path: Path) -> None:
+    """Raises `CheckpointError` with the cause, in one line, when `path` cannot be opened as a weights file: it
+    does not exist, a folder on its way is a file, it is a folder or not a regular file, or it may not be read.
+
+    Opened without blocking: a FIFO named as weights is refused, not waited on.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except NotADirectoryError:
+        blocking = next((p for p in reversed(path.parents) if p.is_file()), path.parent)
+        raise CheckpointError(f"{path}: no such file ({blocking} is a file, not a folder)") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a weights file; expected {WEIGHTS_FORMS}") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: cannot be read: permission denied") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {e.strerror or e}") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
+    finally:
+        os.close(descriptor)
+    if not regular:
+        raise CheckpointError(f"{path}: not a regular file (a FIFO or a device?); expected {WEIGHTS_FORMS}")
+
+
+def dtype_problems(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> list[str]:
+    """The keys whose dtype cannot stand for the model's: integer or bool tensors where it has floating-point
+    weights, or the reverse. Floating-point tensors of another precision (float64, float16) are fine: loading
+    casts them to the model's dtype.
+
+    Returns:
+        `key (dtype, expected dtype)` for each, sorted.
+    """
+    return [
+        f"{key} ({_dtype_name(tensors[key].dtype)}, expected {_dtype_name(expected[key].dtype)})"
+        for key in sorted(set(tensors) & set(expected))
+        if tensors[key].dtype.is_floating_point != expected[key].dtype.is_floating_point
+    ]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_dtypes(path: str | Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    """Raises `CheckpointError` naming the tensors of a file whose dtype the model cannot take (`dtype_problems`)."""
+    if problems := dtype_problems(tensors, expected):
+        raise CheckpointError(f"{path}: {len(problems)} tensors of the wrong dtype: {listing(problems, 3)}")
+
+
 def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of an official `.pth` checkpoint, refusing anything but plain weights."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    check_readable(path)
     if (problem := checkpoint_problem(path)) is not None:
         raise CheckpointError(f"{path}: {problem}")
     try:
@@ -229,8 +284,7 @@ def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
 def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file (memory-mapped read). With `tensors=False` the tensors are on
     `meta`: their shapes and dtypes come from the header alone, nothing is read or mapped."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"{path}: no such file")
+    check_readable(Path(path))
     if (problem := impostor_problem(path) or safetensors_problem(path)) is not None:
         raise CheckpointError(f"{path}: {problem}")
     try:
@@ -301,7 +355,8 @@ def _meta_tensor(view: Any) -> Tensor:
 
 
 def check_tensors(path: str | Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
-    """Raises `CheckpointError` naming missing, unexpected and mis-shaped keys of a file against a model."""
+    """Raises `CheckpointError` naming missing, unexpected and mis-shaped keys of a file against a model, then
+    tensors of a dtype it cannot take (`check_dtypes`)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     misshaped = [
@@ -314,3 +369,4 @@ def check_tensors(path: str | Path, tensors: Mapping[str, Tensor], expected: Map
             f"{path}: weights do not match {what}; missing [{listing(missing)}], unexpected "
             f"[{listing(unexpected)}], mis-shaped [{listing(misshaped)}]"
         )
+    check_dtypes(path, tensors, expected)

@@ -12,7 +12,7 @@ from refiners.fluxion import layers as fl
 from torch import Tensor
 
 from finesam.text import listing
-from finesam.weights.io import CheckpointError
+from finesam.weights.io import CheckpointError, dtype_problems
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,11 @@ def _persistent_tensors(module: torch.nn.Module) -> list[str]:
     return [name for name, _ in module.named_parameters(recurse=False)] + buffers
 
 
+def _source_dtypes(rules: Mapping[str, Rule], expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """For each official key, a tensor of the dtype its target has (what `dtype_problems` compares with)."""
+    return {s: expected[target] for target, rule in rules.items() for s in rule.sources}
+
+
 def apply_rules(
     official: Mapping[str, Tensor],
     rules: Mapping[str, Rule],
@@ -56,7 +61,10 @@ def apply_rules(
     unexpected = sorted(k for k in official if k not in used and not ignore(k))
     converted: dict[str, Tensor] = {}
     misshaped: list[str] = []
-    if not missing:
+    # integer weights where the model has float ones (or the reverse) are no checkpoint of it; other float
+    # precisions are cast below
+    wrong = dtype_problems({k: official[k] for k in used if k in official}, _source_dtypes(rules, expected))
+    if not missing and not wrong:
         for target, rule in rules.items():
             try:
                 tensor = rule.combine(*(official[s] for s in rule.sources))
@@ -69,6 +77,8 @@ def apply_rules(
                 continue
             converted[target] = tensor.to(expected[target].dtype).contiguous()
     problems = []
+    if wrong:
+        problems.append(f"tensors of the wrong dtype: {listing(wrong, 3)}")
     if missing:
         problems.append(f"missing keys: {listing(missing)}")
     if unexpected:

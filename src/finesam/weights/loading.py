@@ -15,10 +15,14 @@ from finesam.model.sam import SegmentAnything
 from finesam.weights.hf import DEFAULT_DECODER_HEADS, hf_name, read_official
 from finesam.weights.hq import has_hq_keys, hq_from_state_dict, save_hq
 from finesam.weights.io import (
+    FORMAT_KEY,
+    FORMATS,
     CheckpointError,
+    check_readable,
     check_tensors,
     format_metadata,
     read_format,
+    read_safetensors,
     write_safetensors,
 )
 from finesam.weights.sam_keys import convert_state_dict, infer_config, is_unused_key
@@ -54,7 +58,8 @@ def sam_from_state_dict(
 
 def _assign(model: SegmentAnything, weights: Mapping[str, Tensor], device: torch.device | str) -> SegmentAnything:
     """Puts loaded tensors into a model built on `meta`, and rebuilds the buffers checkpoints do not store."""
-    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, assign=True)
+    expected = model.state_dict()  # float64 / float16 files take the model's dtype (assign would keep theirs)
+    model.load_state_dict({k: v.to(device=device, dtype=expected[k].dtype) for k, v in weights.items()}, assign=True)
     model.image_encoder.rebuild_buffers(device)  # the family's hook (TinyViT: its attention-bias index tables)
     meta = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     assert not meta, f"buffers left on the meta device: {meta}"
@@ -108,8 +113,11 @@ def load_sam(
     """
     path = Path(path)
     if (official := read_official(path)) is not None:
-        with official.own_names():
-            model = sam_from_state_dict(official.state_dict, device, official.decoder_heads)
+        try:
+            with official.own_names():
+                model = sam_from_state_dict(official.state_dict, device, official.decoder_heads)
+        except CheckpointError as e:  # the layout's problems, named with the file they are in
+            raise CheckpointError(f"{path}: {e}") from None
     else:
         declared, sections = read_format(path, FORMAT_SAM, tensors=False)
         if "config" not in sections:
@@ -158,6 +166,14 @@ def _digest_of(path: Path) -> str | None:
         return None  # another kind of file (HQ, LoRA) or unreadable: not a base to compare with
 
 
+def _finesam_kind(path: Path) -> str | None:
+    """The `finesam.format` of a finesam file (`sam`, `hq_sam`, `lora`, ...), None for any other file."""
+    try:
+        return read_safetensors(path, tensors=False)[1].get(FORMAT_KEY)
+    except CheckpointError:
+        return None
+
+
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> ConversionReport:
     """`CHECKPOINT.pth` -> `OUT_DIR/CHECKPOINT.safetensors`, plus `OUT_DIR/CHECKPOINT.hq.safetensors` for HQ-SAM;
     a Hugging Face checkpoint takes its folder's name (`sam-vit-base/` -> `OUT_DIR/sam-vit-base.safetensors`).
@@ -177,16 +193,21 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     official = read_official(checkpoint)
     if official is None:
-        what = (
-            "not an official checkpoint (.pth, .pt, .bin) nor a Hugging Face one"
-            if checkpoint.exists()
-            else "no such file"
-        )
-        raise CheckpointError(f"{checkpoint}: {what}")
+        check_readable(checkpoint)
+        kind = _finesam_kind(checkpoint)
+        if kind is not None:
+            raise CheckpointError(
+                f"{checkpoint}: already a finesam {FORMATS.get(kind, kind)} file; it needs no conversion (give it "
+                "to the commands as it is)"
+            )
+        raise CheckpointError(f"{checkpoint}: not an official checkpoint (.pth, .pt, .bin) nor a Hugging Face one")
     state_dict = official.state_dict
-    with official.own_names():
-        model = sam_from_state_dict(state_dict, decoder_heads=official.decoder_heads)
-        hq = hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
+    try:
+        with official.own_names():
+            model = sam_from_state_dict(state_dict, decoder_heads=official.decoder_heads)
+            hq = hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
+    except CheckpointError as e:  # the layout's problems, named with the file they are in
+        raise CheckpointError(f"{checkpoint}: {e}") from None
     name = hf_name(checkpoint) if official.hf else checkpoint.stem
     base = out_dir / f"{name}.safetensors"
     written = [save_sam(model, base)]

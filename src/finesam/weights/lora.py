@@ -8,7 +8,7 @@ from finesam.model.quantized import DynamicInt8Linear
 from finesam.model.sam import SegmentAnything
 from finesam.text import listing
 from finesam.weights.hq import adapter_config
-from finesam.weights.io import CheckpointError, format_metadata, read_format, write_safetensors
+from finesam.weights.io import CheckpointError, check_dtypes, format_metadata, read_format, write_safetensors
 
 FORMAT_LORA = "lora"
 
@@ -78,6 +78,7 @@ def load_lora(
     problems += [k for k in tensors if k not in expected]
     if problems:
         raise CheckpointError(f"{path}: LoRA weights do not fit this model: {listing(problems, 5)}")
+    check_dtypes(path, tensors, expected)
     for key, parameter in expected.items():
         parameter.data.copy_(tensors[key])
     return adapter

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.model.layers import LayerNorm2d, weights_key
+from finesam.model.layers import ImageFeature, LayerNorm2d, weights_key
 from finesam.model.mask_decoder import MaskProduct, MultiLayerPerceptron
 from finesam.model.transformer import TOKENS
 
@@ -69,22 +69,6 @@ class CompressEarlyFeatures(UpscalingStack):
         self, early_dim: int, dim: int, device: Device | str | None = None, dtype: DType | None = None
     ) -> None:
         super().__init__(early_dim, dim, dim // 8, device=device, dtype=dtype)
-
-
-class ImageFeature(fl.UseContext):
-    """Reads a feature an adapter computed while the image was encoded (`image` context), or says why it cannot."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__("image", key)
-
-    def __call__(self, *_: Tensor) -> Tensor:
-        value = self.use_context("image").get(self.key)
-        if value is None:
-            raise ValueError(
-                f"no '{self.key}' for this image: it was encoded without the adapter that computes it; "
-                "encode the image again with the adapter injected"
-            )
-        return value
 
 
 class HQFeatureFusion(fl.Sum):
