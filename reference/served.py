@@ -1,8 +1,10 @@
 """A real `finesam serve` subprocess and calls to its API over HTTP: what the serve tests, the browser test and
 the serve benchmark share."""
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -12,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 FINESAM = Path(sys.executable).with_name("finesam")
+
+
+def _die_with_parent() -> None:
+    """In the child before it runs the server: killed when the test process dies (Linux), so that a test run
+    stopped midway leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class Served:
@@ -26,6 +35,7 @@ class Served:
             stderr=self.log,
             text=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()

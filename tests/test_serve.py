@@ -3,6 +3,7 @@ official HQ-SAM package, its masks compared bit for bit with `predict` on the sa
 
 import io
 import json
+import signal
 import socket
 import struct
 import threading
@@ -529,3 +530,23 @@ def test_upload_errors_name_the_upload_not_a_buffer(server):
         assert status == 422 and answer["error"].startswith(f"{name}: not a readable image"), answer
         assert "BytesIO" not in answer["error"] and " at 0x" not in answer["error"], answer
     assert server.call("GET", "/api/health")[0] == 200
+
+
+def test_sigterm_stops_the_server_while_a_client_holds_a_connection(files):
+    """A client that sent half its request body and waits must not keep the server from stopping until the body
+    timeout (30 s by default): SIGTERM ends it within the bounded graceful shutdown (uvicorn then re-raises the
+    signal: status -SIGTERM)."""
+    served = Served("--weights", files["base"])
+    assert served.call("GET", "/api/health")[0] == 200  # serving: its signal handlers are in place
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as held:
+        head = f"POST /api/images/none/masks HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        held.sendall(f"{head}Content-Length: 1000\r\n\r\n{{\"box\": ".encode())  # 9 bytes of 1000
+        time.sleep(0.5)
+        served.process.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        try:
+            status = served.process.wait(timeout=20)
+        finally:
+            served.process.kill()
+    assert status in (0, -signal.SIGTERM) and time.monotonic() - start < 15

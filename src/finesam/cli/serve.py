@@ -63,7 +63,9 @@ def run_serve(args: argparse.Namespace) -> None:
     shown = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     print(f"finesam serve: {url}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    # a bounded graceful shutdown: a client holding a connection open must not keep Ctrl-C / SIGTERM waiting
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
     server.run(sockets=[listener])
 
 
