@@ -541,7 +541,7 @@ def test_sigterm_stops_the_server_while_a_client_holds_a_connection(files):
     host, port = served.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as held:
         head = f"POST /api/images/none/masks HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        held.sendall(f"{head}Content-Length: 1000\r\n\r\n{{\"box\": ".encode())  # 9 bytes of 1000
+        held.sendall(f'{head}Content-Length: 1000\r\n\r\n{{"box": '.encode())  # 9 bytes of 1000
         time.sleep(0.5)
         served.process.send_signal(signal.SIGTERM)
         start = time.monotonic()
