@@ -114,7 +114,7 @@ def test_an_embedding_made_before_inject_is_a_short_value_error(small: SegmentAn
             with pytest.raises(ValueError, match="encode the image again with the adapter injected") as error:
                 call()
             assert type(error.value) is ValueError and len(str(error.value)) < 300
-            assert "early_vit_embedding" in str(error.value) and "Chain" not in str(error.value)
+            assert "early_embedding" in str(error.value) and "Chain" not in str(error.value)
         after = small.encode_image(image)
         assert small.predict(after, boxes=[10, 10, 100, 80]).masks.shape[-2:] == (107, 160)
     finally:
