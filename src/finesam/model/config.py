@@ -54,6 +54,27 @@ def _type_and_range_problems(config: object, limits: dict[str, tuple[float, floa
     return problems
 
 
+# the limits of the ViT chain's fields, far beyond every released model (see `_type_and_range_problems`)
+VIT_LIMITS: dict[str, tuple[float, float]] = {
+    "dim": (1, 8192),
+    "depth": (1, 128),
+    "heads": (1, 256),
+    "window_size": (1, 256),
+    "patch_size": (1, 256),
+}
+
+
+def vit_shape_checks(config: "ViTShape") -> list[tuple[bool, str]]:
+    """The checks every configuration of the ViT chain passes (SAM's ViT and its variants)."""
+    return [
+        (config.dim % config.heads == 0, f"dim {config.dim} is not divisible by heads {config.heads}"),
+        (
+            all(0 <= i < config.depth for i in config.global_attention_blocks),
+            f"global_attention_blocks {config.global_attention_blocks} must be in 0..{config.depth - 1}",
+        ),
+    ]
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """The plain ViT of SAM ViT-B/L/H: windowed attention blocks with a few global ones. Defaults: ViT-B."""
@@ -68,24 +89,7 @@ class ViTConfig:
     patch_size: int = 16
 
     def __post_init__(self) -> None:
-        check_config(
-            self,
-            lambda: [
-                (self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
-                (
-                    all(0 <= i < self.depth for i in self.global_attention_blocks),
-                    f"global_attention_blocks {self.global_attention_blocks} must be in 0..{self.depth - 1}",
-                ),
-            ],
-            {
-                "dim": (1, 8192),
-                "depth": (1, 128),
-                "heads": (1, 256),
-                "window_size": (1, 256),
-                "mlp_ratio": (0.01, 64),
-                "patch_size": (1, 256),
-            },
-        )
+        check_config(self, lambda: vit_shape_checks(self), {**VIT_LIMITS, "mlp_ratio": (0.01, 64)})
 
     @property
     def mlp_dim(self) -> int:

@@ -9,7 +9,7 @@ the ViT chain (`ImageEncoder`) with other widths. The MLP width is a field of it
 from dataclasses import dataclass
 from typing import ClassVar
 
-from finesam.model.config import SAMConfig, check_config
+from finesam.model.config import VIT_LIMITS, SAMConfig, check_config, vit_shape_checks
 from finesam.model.image_encoder import ImageEncoder
 from finesam.model.registry import EncoderFamily, register_family
 
@@ -31,21 +31,10 @@ class SlimSAMConfig:
         check_config(
             self,
             lambda: [
-                (self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
-                (
-                    all(0 <= i < self.depth for i in self.global_attention_blocks),
-                    f"global_attention_blocks {self.global_attention_blocks} must be in 0..{self.depth - 1}",
-                ),
+                *vit_shape_checks(self),
                 (len(self.global_attention_blocks) > 0, "HQ-SAM and the layout need one global attention block"),
             ],
-            {
-                "dim": (1, 8192),
-                "mlp_dim": (1, 65536),
-                "depth": (1, 128),
-                "heads": (1, 256),
-                "window_size": (1, 256),
-                "patch_size": (1, 256),
-            },
+            {**VIT_LIMITS, "mlp_dim": (1, 65536)},
         )
 
     @property
