@@ -3,8 +3,9 @@
 import argparse
 import inspect
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from finesam.amg import GENERATOR_OPTIONS, AutomaticMaskGenerator
 from finesam.cli.common import DTYPES
@@ -81,11 +82,19 @@ def lora_options(
     return options
 
 
-def positive_int(text: str) -> int:
+Number = TypeVar("Number", int, float)
+
+
+def _parsed(text: str, convert: Callable[[str], Number], noun: str) -> Number:
+    """`convert(text)`, or the argparse error that says what was expected."""
     try:
-        value = int(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _parsed(text, int, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
     return value
@@ -93,10 +102,7 @@ def positive_int(text: str) -> int:
 
 def positive_number(text: str) -> float:
     """An argparse type: a finite number above 0 (a size limit, a timeout)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _parsed(text, float, "a number")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
     return value
@@ -104,10 +110,7 @@ def positive_number(text: str) -> float:
 
 def port_number(text: str) -> int:
     """An argparse type: a TCP port, 0 to 65535 (0: any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    value = _parsed(text, int, "a port number")
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {value}")
     return value

@@ -20,7 +20,7 @@ from refiners.fluxion import layers as fl
 
 # the modules that declare fast versions; those swapped by type register themselves (`swapped_by_type`)
 from finesam.fast import decoder, hq, layers, tiny_vit, vit  # noqa: F401
-from finesam.fast.swap import fast_version_by_type, is_fast, restore, settings, swap
+from finesam.fast.swap import fast_version_by_type, is_fast, reference_class, restore, settings, swap
 from finesam.model.transformer import ImageToTokenAttention, TokenToImageAttention, TwoWayTransformer
 
 __all__ = ["apply_fast_paths", "has_fast_paths", "reference_paths", "remove_fast_paths"]
@@ -95,7 +95,7 @@ def apply_fast_paths(*roots: torch.nn.Module) -> int:
     for root in roots:
         # the sites are listed before any swap: a swapped layer is no longer of its reference class
         for module, fast, attributes in list(_sites(root)):
-            if type(module) is fast.__bases__[0]:
+            if type(module) is reference_class(fast):  # not a subclass (a variant), not already fast
                 swapped += swap(module, fast, **attributes)
     return swapped
 

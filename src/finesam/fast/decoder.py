@@ -12,7 +12,7 @@ from refiners.fluxion.adapters import LinearLora, LoraAdapter
 from torch import Tensor
 
 from finesam.adapters.lora import merged_weight
-from finesam.fast.swap import fast_version_of, is_fast, swapped_by_type
+from finesam.fast.swap import fast_version_of, swapped_by_type
 from finesam.model.layers import weights_key
 from finesam.model.prompt_encoder import DensePositionalEncoding as ReferenceDensePositionalEncoding
 
@@ -94,10 +94,11 @@ class Distribute(fl.Distribute):
     def project(self, index: int, x: Tensor) -> Tensor:
         """Projection `index` of `x`, from the image's memory where it holds it."""
         module = self[index]
+        if index not in self.image_side or x.shape[0] != 1 or torch.is_grad_enabled():
+            return module(x)
         memory = self.provider.get_context("image")
-        identity = _projection_identity(module)
-        image_side = index in self.image_side and x.shape[0] == 1 and not torch.is_grad_enabled()
-        if not image_side or memory is None or identity is None:
+        identity = _projection_identity(module)  # only for what may be remembered: it reads every weight
+        if memory is None or identity is None:
             return module(x)
         key = f"{self.memory_key}.{index}"
         remembered = memory.get(key)
@@ -114,7 +115,7 @@ class Distribute(fl.Distribute):
 
 def _remembers_queries(attention: fl.Attention) -> bool:
     projections = attention[0]
-    return isinstance(projections, Distribute) and is_fast(projections) and 0 in projections.image_side
+    return isinstance(projections, Distribute) and 0 in projections.image_side
 
 
 @fast_version_of(fl.Attention)
