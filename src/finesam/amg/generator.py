@@ -33,7 +33,6 @@ from finesam.amg.geometry import (
 from finesam.amg.regions import remove_small_regions
 from finesam.amg.rle import RLE, mask_to_rle, masks_to_rle, rle_area, rle_to_mask, to_coco
 from finesam.inputs import MASK_THRESHOLD, ImageLike, as_rgb
-from finesam.model.processing import postprocess_masks
 from finesam.model.sam import ImageEmbedding, SegmentAnything
 from finesam.progress import progress_bar
 
@@ -327,8 +326,8 @@ class AutomaticMaskGenerator:
         crop_box: list[int],
         image_size: tuple[int, int],
     ) -> Candidates:
-        resize = (self.model.config.image_size, embedding.input_size, embedding.original_size)
-        logits = postprocess_masks(low_res[:, None], *resize)[:, 0]
+        resize = (embedding.input_size, embedding.original_size)
+        logits = self.model.postprocess(low_res[:, None], *resize)[:, 0]
         stability = stability_score(logits, MASK_THRESHOLD, self.stability_score_offset)
         if self.stability_score_thresh > 0:
             stable = stability >= self.stability_score_thresh

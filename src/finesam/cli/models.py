@@ -4,7 +4,7 @@ import argparse
 
 from finesam.cli.options import Commands, add_command
 from finesam.model.registry import EncoderFamily, families
-from finesam.model.sam import SegmentAnything
+from finesam.model.sam import build_sam
 from finesam.weights.layouts import layout_of
 
 
@@ -14,7 +14,7 @@ def model_rows(family: EncoderFamily) -> list[tuple[str, str, str, str]]:
     checkpoints = layout_of(family.name).checkpoints
     rows = []
     for preset in family.presets:
-        parameters = sum(p.numel() for p in SegmentAnything(preset, device="meta").parameters())
+        parameters = sum(p.numel() for p in build_sam(preset, device="meta").parameters())
         files = ", ".join(c.filename for c in checkpoints if c.preset == preset.name) or "-"
         rows.append((preset.name, f"{parameters:,}", f"{preset.encoder.describe()}, input {preset.image_size}", files))
     return rows

@@ -26,7 +26,6 @@ from finesam.cli.overlay import overlay
 from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, as_rgb, open_image, parse_json_prompts, read_text_input
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
-from finesam.model.processing import postprocess_masks
 from finesam.model.prompts import prepare_prompts
 from finesam.progress import progress
 from finesam.weights import atomic_write, check_output
@@ -124,7 +123,7 @@ def run_segment(args: argparse.Namespace) -> None:
     model = load_model(args)
     embedding = model.encode_image(image)  # once, for every prompt
     total, index = sum(counts), 0
-    resize = (model.config.image_size, embedding.input_size, embedding.original_size)
+    resize = (embedding.input_size, embedding.original_size)
     drawn: list[np.ndarray] = []  # the masks, for the overlay only
     # masks are written as they come: memory holds one mask's float logits at full size, not every mask's
     for prompt in progress(prompts, "prompts", quiet=args.quiet or len(prompts) == 1):
@@ -133,7 +132,7 @@ def run_segment(args: argparse.Namespace) -> None:
         scores, best = iou.max(dim=1)  # each box's best mask (its only one without multimask)
         for j in range(len(scores)):  # upsampled one at a time: never a float copy of every mask at full size
             chosen = low_res[j : j + 1, int(best[j]) : int(best[j]) + 1]
-            values = postprocess_masks(chosen, *resize)[0, 0].float().cpu().numpy()
+            values = model.postprocess(chosen, *resize)[0, 0].float().cpu().numpy()
             mask_path = save_mask(values > 0, suffixed(args.out, index, total))
             print(f"{mask_path}\tpredicted IoU {scores[j].item():.4f}")
             if args.logits is not None:

@@ -9,7 +9,6 @@ from finesam.inputs import MASK_THRESHOLD
 from finesam.labelling.coco import SegmentedObject
 from finesam.labelling.sources import DEFAULT_CATEGORY, ObjectPrompts
 from finesam.model import SegmentAnything
-from finesam.model.processing import postprocess_masks
 
 DECODER_BATCH = 64  # objects decoded in one call (MobileSAMv2's batch of boxes)
 
@@ -39,7 +38,7 @@ def prompted_objects(
         ValueError: a prompt lies outside the image (the message says which).
     """
     embedding = model.encode_image(image)
-    resize = (model.config.image_size, embedding.input_size, embedding.original_size)
+    resize = (embedding.input_size, embedding.original_size)
     height, width = embedding.original_size
     upscaled_at_once = max(1, UPSCALE_BUDGET // max(height * width, model.config.image_size**2))
     found: dict[int, SegmentedObject] = {}
@@ -57,7 +56,7 @@ def prompted_objects(
             best_low_res = low_res[torch.arange(len(best)), best][:, None]
             for offset in range(0, len(chosen), upscaled_at_once):
                 part = slice(offset, offset + upscaled_at_once)
-                masks = postprocess_masks(best_low_res[part], *resize)[:, 0] > MASK_THRESHOLD
+                masks = model.postprocess(best_low_res[part], *resize)[:, 0] > MASK_THRESHOLD
                 for i, rle, score in zip(chosen[part], masks_to_rle(masks), scores[part].tolist(), strict=True):
                     found[i] = SegmentedObject(rle, score, prompts.category_ids[i])
     return [found[i] for i in range(len(prompts))]

@@ -221,6 +221,16 @@ class DecoderConfig:
     def num_mask_tokens(self) -> int:
         return self.num_multimask_outputs + 1
 
+    @property
+    def iou_token(self) -> int:
+        """Position of the IoU token among the output tokens; the mask tokens follow it."""
+        return 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        """The learned tokens the decoder puts before the prompt tokens."""
+        return self.iou_token + 1 + self.num_mask_tokens
+
 
 @dataclass(frozen=True)
 class SAMConfig:
@@ -279,12 +289,13 @@ class SAMConfig:
             if not isinstance(section, dict):
                 raise ValueError(f"the {what} configuration is a JSON object, got {section!r}")
         encoder, decoder = dict(encoder), dict(decoder)
-        kind = family_named(encoder.pop("family", None)).config
+        family = family_named(encoder.pop("family", None))
+        kind, decoder_kind = family.config, family.decoder_config or DecoderConfig
         _check_fields(cls, values, "SAMConfig")
         _check_fields(kind, encoder, kind.__name__)
-        _check_fields(DecoderConfig, decoder, "DecoderConfig")
+        _check_fields(decoder_kind, decoder, decoder_kind.__name__)
         tuples = {k: tuple(v) for k, v in encoder.items() if isinstance(v, list)}  # JSON has lists, not tuples
-        return cls(encoder=kind(**{**encoder, **tuples}), decoder=DecoderConfig(**decoder), **values)
+        return cls(encoder=kind(**{**encoder, **tuples}), decoder=decoder_kind(**decoder), **values)
 
 
 def _check_fields(kind: type, values: dict[str, Any], what: str) -> None:

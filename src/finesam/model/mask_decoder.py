@@ -35,7 +35,8 @@ class MultiLayerPerceptron(fl.Chain):
 
 
 class OutputTokens(fl.Parameter):
-    """The learned IoU token followed by the mask tokens, expanded to the prompt batch."""
+    """The learned IoU token followed by the mask tokens (SAM 2: after its object-score token), expanded to the
+    prompt batch."""
 
     def __init__(self, num_tokens: int, dim: int, device: Device | str | None = None, dtype: DType | None = None):
         super().__init__(num_tokens, dim, device=device, dtype=dtype)
@@ -48,7 +49,7 @@ class DecoderTokens(fl.Chain):
         super().__init__(
             fl.UseContext("mask_decoder", "sparse_prompt_embedding"),
             fl.Concatenate(
-                OutputTokens(1 + config.decoder.num_mask_tokens, config.decoder.prompt_dim, device=device, dtype=dtype),
+                OutputTokens(config.decoder.num_output_tokens, config.decoder.prompt_dim, device=device, dtype=dtype),
                 fl.Identity(),
                 dim=1,
             ),
@@ -98,11 +99,11 @@ class MaskHypernetworks(fl.Concatenate):
     """One MLP per mask token, mapping it to the weights of its mask over the mask features."""
 
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        dim = config.decoder.prompt_dim
+        dim, first = config.decoder.prompt_dim, config.decoder.iou_token + 1
         super().__init__(
             *(
                 fl.Chain(
-                    fl.Slicing(dim=1, start=1 + i, end=2 + i),
+                    fl.Slicing(dim=1, start=first + i, end=first + i + 1),
                     MultiLayerPerceptron(dim, dim, dim // 8, 3, device=device, dtype=dtype),
                 )
                 for i in range(config.decoder.num_mask_tokens)
@@ -140,7 +141,7 @@ class IoUHead(fl.Chain):
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
         super().__init__(
             fl.GetArg(TOKENS),
-            fl.Slicing(dim=1, start=0, end=1),
+            fl.Slicing(dim=1, start=config.decoder.iou_token, end=config.decoder.iou_token + 1),
             fl.Squeeze(1),
             MultiLayerPerceptron(
                 config.decoder.prompt_dim,

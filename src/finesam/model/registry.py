@@ -89,6 +89,10 @@ class EncoderFamily:
             it adapts (see `finesam.adapters.lora`).
         from_flat: reads this family's fields from the flat configuration of finesam 0.1 files, if it existed
             then; `legacy_keys` are every flat key it owns (dropped when another family is read).
+        model: the model chain class of a family that brings its own decoder and processing (SAM 2's
+            `SegmentAnything2`, a subclass of `SegmentAnything`); None for `SegmentAnything`.
+        decoder_config: that model's decoder config class (a subclass of `DecoderConfig`); None for
+            `DecoderConfig`.
     """
 
     name: str
@@ -99,6 +103,8 @@ class EncoderFamily:
     lora_targets: Mapping[str, tuple[str, ...]]
     from_flat: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     legacy_keys: frozenset[str] = field(default_factory=frozenset)
+    model: type[Any] | None = None
+    decoder_config: type[Any] | None = None
 
     def build(
         self,

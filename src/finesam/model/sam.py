@@ -1,12 +1,13 @@
 """`SegmentAnything`: image encoder -> prompt encoder -> mask decoder, as one fluxion chain."""
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
+from PIL import Image
 from refiners.fluxion import layers as fl
 from refiners.fluxion.context import Contexts
 from torch import Tensor
@@ -41,6 +42,8 @@ class Prediction:
     masks: Tensor  # (B, C, H, W) at the original size: bool, or float logits with return_logits=True
     iou_predictions: Float[Tensor, "batch masks"]
     low_res_logits: Float[Tensor, "batch masks low low"]  # feed back as `mask_input` to refine
+    # SAM 2: the logit that the prompted object is in the image at all (B, 1); None for SAM
+    object_score_logits: Float[Tensor, "batch 1"] | None = None
 
     def best(self) -> tuple[Tensor, Float[Tensor, " batch"]]:
         """The mask with the highest predicted IoU for each prompt: (B, H, W) and its score (B,)."""
@@ -69,7 +72,12 @@ class SegmentAnything(fl.Chain):
     Adapters that compute more from the image than the embedding (HQ-SAM's fused features) write it to the
     `image` context while the first stage runs; `encode_image` keeps it in `ImageEmbedding.features` and
     `decode` puts it back, so a cached embedding serves every later prompt.
+
+    Other model generations (SAM 2) subclass it, with their decoder (`decoder_class`) and their pre- and
+    postprocessing (`preprocess`, `sparse_points`, `postprocess`, `returned_low_res`).
     """
+
+    decoder_class: ClassVar[type[fl.Chain]] = MaskDecoder
 
     def __init__(
         self, config: SAMConfig = SAM_VIT_B, device: Device | str | None = None, dtype: DType | None = None
@@ -81,7 +89,7 @@ class SegmentAnything(fl.Chain):
         super().__init__(
             encoder,
             PromptEncoder(config, device=device, dtype=dtype),
-            MaskDecoder(config, device=device, dtype=dtype),
+            cast(Callable[..., fl.Chain], self.decoder_class)(config, device=device, dtype=dtype),
         )
         self.config = config
         self.prompt_chunk_size: int | None = 2  # see `decode`; None decodes a batch of prompts at once
@@ -110,8 +118,32 @@ class SegmentAnything(fl.Chain):
         return self.ensure_find(PromptEncoder)
 
     @property
-    def mask_decoder(self) -> MaskDecoder:
-        return self.ensure_find(MaskDecoder)
+    def mask_decoder(self) -> fl.Chain:
+        return self.ensure_find(self.decoder_class)
+
+    def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
+        """The model input for an RGB image, and the (height, width) the image occupies inside it: SAM resizes
+        the longest side and pads (`finesam.model.processing.preprocess_image`)."""
+        dtype = self.dtype or torch.float32
+        return preprocess_image(image, self.config.image_size, device=self.device, dtype=dtype)
+
+    def sparse_points(self, prompts: Prompts) -> tuple[Float[Tensor, "batch n 2"], Int[Tensor, "batch n"]]:
+        """Points and boxes as one labelled point sequence, as the official encoder embeds them
+        (`finesam.model.prompt_encoder.labelled_points`)."""
+        return labelled_points(prompts)
+
+    def postprocess(
+        self,
+        low_res: Float[Tensor, "batch masks low low"],
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> Float[Tensor, "batch masks height width"]:
+        """Mask logits at the original image size (`finesam.model.processing.postprocess_masks`)."""
+        return postprocess_masks(low_res, self.config.image_size, input_size, original_size)
+
+    def returned_low_res(self, low_res: Float[Tensor, "batch masks low low"]) -> Float[Tensor, "batch masks low low"]:
+        """The low-resolution logits `predict` returns (to feed back as a mask input): SAM's as they are."""
+        return low_res
 
     def set_prompt(self, prompts: Prompts, multimask_output: bool = False) -> None:
         """Puts prompts, in model-input pixel coordinates, in the `sam` context for the next forward pass.
@@ -120,7 +152,7 @@ class SegmentAnything(fl.Chain):
             prompts: a batch of prompts (points with labels, boxes, mask inputs).
             multimask_output: three masks per prompt instead of one.
         """
-        coords, kinds = labelled_points(prompts)
+        coords, kinds = self.sparse_points(prompts)
         mask_input = prompts.mask_input
         device = self.device
         self.set_context(
@@ -160,8 +192,7 @@ class SegmentAnything(fl.Chain):
         if not images:
             raise ValueError("no image to encode")
         rgb = [as_rgb(image) for image in images]
-        dtype = self.dtype or torch.float32
-        inputs = [preprocess_image(image, self.config.image_size, device=self.device, dtype=dtype) for image in rgb]
+        inputs = [self.preprocess(image) for image in rgb]
         embeddings = self.encode(torch.cat([pixels for pixels, _ in inputs]))
         features = self.image_features()
         return [
@@ -289,6 +320,18 @@ class SegmentAnything(fl.Chain):
         Returns:
             Low-resolution mask logits and predicted IoUs.
         """
+        masks, iou, *_ = self.decode_outputs(image_embedding, prompts, multimask_output, image_features)
+        return masks, iou
+
+    def decode_outputs(
+        self,
+        image_embedding: Float[Tensor, "batch dim grid grid"],
+        prompts: Prompts,
+        multimask_output: bool = False,
+        image_features: dict[str, Any] | None = None,
+    ) -> tuple[Tensor, ...]:
+        """`decode` with every output of the decoder: mask logits, IoUs, then what a decoder adds (SAM 2's
+        object-score logits)."""
         if image_features is not None:
             self._reset_image_features().update(image_features)
         self._check_image_features()
@@ -300,12 +343,12 @@ class SegmentAnything(fl.Chain):
             parts = [
                 self._decode(image_embedding, prompts[i : i + chunk], multimask_output) for i in range(0, batch, chunk)
             ]
-            result = torch.cat([masks for masks, _ in parts]), torch.cat([iou for _, iou in parts])
+            result = tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
         if image_features is not None:
             image_features.update(self.image_features())  # keep what the decoder cached for this image
         return result
 
-    def _decode(self, image_embedding: Tensor, prompts: Prompts, multimask_output: bool) -> tuple[Tensor, Tensor]:
+    def _decode(self, image_embedding: Tensor, prompts: Prompts, multimask_output: bool) -> tuple[Tensor, ...]:
         self.set_prompt(prompts, multimask_output)
         x: Any = image_embedding
         for stage in list(self)[1:]:
@@ -334,6 +377,21 @@ class SegmentAnything(fl.Chain):
         Returns:
             float32 logits (B, C, 256, 256) and predicted IoUs (B, C).
         """
+        prompt = dict(points=points, labels=labels, boxes=boxes, mask_input=mask_input)
+        low_res, iou, *_ = self._prompt_outputs(embedding, **prompt, multimask_output=multimask_output)
+        return low_res, iou
+
+    def _prompt_outputs(
+        self,
+        embedding: ImageEmbedding,
+        *,
+        points: Any,
+        labels: Any,
+        boxes: Any,
+        mask_input: Any,
+        multimask_output: bool,
+    ) -> tuple[Tensor, ...]:
+        """Every decoder output for prompts in pixels of the original image, in float32."""
         prompts = prepare_prompts(
             points=points,
             labels=labels,
@@ -343,8 +401,8 @@ class SegmentAnything(fl.Chain):
             input_size=embedding.input_size,
             mask_input_size=self.config.mask_input_size,
         )
-        low_res, iou = self.decode(embedding.embedding, prompts, multimask_output, image_features=embedding.features)
-        return low_res.float(), iou.float()
+        outputs = self.decode_outputs(embedding.embedding, prompts, multimask_output, embedding.features)
+        return tuple(output.float() for output in outputs)
 
     @torch.no_grad()
     def predict(
@@ -377,16 +435,31 @@ class SegmentAnything(fl.Chain):
         """
         embedding = image if isinstance(image, ImageEmbedding) else self.encode_image(image)
         prompt = dict(points=points, labels=labels, boxes=boxes, mask_input=mask_input)
-        low_res, iou = self.decode_prompts(embedding, **prompt, multimask_output=multimask_output)
-        resize = (self.config.image_size, embedding.input_size, embedding.original_size)
+        low_res, iou, *extra = self._prompt_outputs(embedding, **prompt, multimask_output=multimask_output)
+        scores = extra[0] if extra else None
+        sizes = (embedding.input_size, embedding.original_size)
         if return_logits:
-            return Prediction(postprocess_masks(low_res, *resize), iou, low_res)
+            return Prediction(self.postprocess(low_res, *sizes), iou, self.returned_low_res(low_res), scores)
         # one prompt at a time: the float logits of a huge image never exist for the whole batch at once
         height, width = embedding.original_size
         masks = torch.empty(low_res.shape[0], low_res.shape[1], height, width, dtype=torch.bool, device=low_res.device)
         for i in range(low_res.shape[0]):
-            masks[i] = postprocess_masks(low_res[i : i + 1], *resize)[0] > MASK_THRESHOLD
-        return Prediction(masks, iou, low_res)
+            masks[i] = self.postprocess(low_res[i : i + 1], *sizes)[0] > MASK_THRESHOLD
+        return Prediction(masks, iou, self.returned_low_res(low_res), scores)
+
+
+def build_sam(config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> SegmentAnything:
+    """The model chain of `config`'s family: `SegmentAnything`, or the family's own subclass (SAM 2's).
+
+    Args:
+        config: any registered family's configuration.
+        device, dtype: where and in which precision the weights are made.
+
+    Returns:
+        The model, with freshly initialised weights.
+    """
+    model = family_of(config.encoder).model or SegmentAnything
+    return model(config, device=device, dtype=dtype)
 
 
 class SegmentAnythingB(SegmentAnything):

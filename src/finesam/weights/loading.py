@@ -11,7 +11,7 @@ from torch import Tensor
 
 from finesam.fast import apply_fast_paths
 from finesam.model.config import SAMConfig
-from finesam.model.sam import SegmentAnything
+from finesam.model.sam import SegmentAnything, build_sam
 from finesam.weights.hf import DEFAULT_DECODER_HEADS, hf_name, read_official
 from finesam.weights.hq import has_hq_keys, hq_from_state_dict, save_hq
 from finesam.weights.io import (
@@ -51,7 +51,7 @@ def sam_from_state_dict(
     Raises:
         CheckpointError: a missing, unexpected or mis-shaped key, named.
     """
-    model = SegmentAnything(infer_config(state_dict, decoder_heads), device="meta")
+    model = build_sam(infer_config(state_dict, decoder_heads), device="meta")
     weights = convert_state_dict(state_dict, model, ignore=lambda k: has_hq_keys([k]) or is_unused_key(k))
     return _assign(model, weights, device)
 
@@ -126,7 +126,7 @@ def load_sam(
             config = SAMConfig.from_dict(sections["config"])
         except ValueError as e:
             raise CheckpointError(f"{path}: bad 'finesam.config' metadata: {e}") from None
-        model = SegmentAnything(config, device="meta")
+        model = build_sam(config, device="meta")
         # shapes from the header first: a crafted file is refused before any tensor is mapped
         check_tensors(path, declared, model.state_dict(), what="the model in its metadata")
         tensors, _ = read_format(path, FORMAT_SAM)

@@ -8,6 +8,7 @@ The configuration (ViT-B/L/H, TinyViT or any other size of a registered family) 
 """
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from refiners.fluxion import layers as fl
@@ -27,7 +28,7 @@ from finesam.model.transformer import (
     TwoWayTransformer,
 )
 from finesam.weights.key_map import Rule, apply_rules, rules_for
-from finesam.weights.layouts import count, layout_for, layout_of, layouts, shape_of
+from finesam.weights.layouts import KeyOf, count, layout_for, layout_of, layouts, shape_of
 
 
 def is_unused_key(key: str) -> bool:
@@ -48,6 +49,9 @@ def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SA
     def shape(key: str) -> tuple[int, ...]:
         return shape_of(state_dict, key)
 
+    layout = layout_for(state_dict)
+    if layout.infer_config is not None:
+        return layout.infer_config(state_dict)
     decoder = DecoderConfig(
         prompt_dim=shape("image_encoder.neck.0.weight")[0],
         mask_in_channels=shape("prompt_encoder.mask_downscaling.3.weight")[0],
@@ -58,19 +62,39 @@ def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SA
         iou_head_depth=count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
         iou_head_hidden_dim=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
     )
-    encoder, image_size = layout_for(state_dict).infer_encoder(state_dict)
+    encoder, image_size = layout.infer_encoder(state_dict)
     return SAMConfig(encoder, decoder, image_size=image_size)
+
+
+@dataclass(frozen=True)
+class DecoderKeys:
+    """How a checkpoint names the prompt encoder and mask decoder: SAM's names by default; SAM 2 has other
+    prefixes, `mlp.layers.{0,1}` in the transformer, an object-score token first and the skip upscaling."""
+
+    prompt_encoder: str = "prompt_encoder"
+    mask_decoder: str = "mask_decoder"
+    mlp: tuple[str, str] = ("mlp.lin1", "mlp.lin2")
+    output_tokens: tuple[str, ...] = ("iou_token.weight", "mask_tokens.weight")
+    upscaling: type[fl.Chain] = UpscaledImageEmbedding
+
+
+SAM_KEYS = DecoderKeys()
 
 
 def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
     """(official module prefix, finesam module) pairs whose parameters have the same names and shapes."""
-    pairs = layout_of(family_of(model.config.encoder).name).modules(model.image_encoder)
+    return layout_of(family_of(model.config.encoder).name).modules(model.image_encoder) + decoder_modules(model)
+
+
+def decoder_modules(model: SegmentAnything, keys: DecoderKeys = SAM_KEYS) -> list[tuple[str, fl.Module]]:
+    """The (official prefix, module) pairs of the prompt encoder and the mask decoder, named as `keys` says."""
+    prompt, decoder = keys.prompt_encoder, keys.mask_decoder
     mask_encoder = model.ensure_find(MaskEncoder)
-    pairs += [
-        (f"prompt_encoder.mask_downscaling.{i}", layer)
+    pairs = [
+        (f"{prompt}.mask_downscaling.{i}", layer)
         for i, layer in zip((0, 1, 3, 4, 6), [m for m in mask_encoder if not isinstance(m, fl.GeLU)], strict=True)
     ]
-    pairs.append(("prompt_encoder.no_mask_embed", model.ensure_find(NoMaskEmbedding)))
+    pairs.append((f"{prompt}.no_mask_embed", model.ensure_find(NoMaskEmbedding)))
 
     def attention(prefix: str, layer: fl.Attention) -> list[tuple[str, fl.Module]]:
         q, k, v, out = layer.layers(fl.Linear)
@@ -78,7 +102,7 @@ def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
 
     transformer = model.ensure_find(TwoWayTransformer)
     for i, (block, _) in enumerate(transformer.walk(TwoWayAttentionBlock)):
-        prefix = f"mask_decoder.transformer.layers.{i}"
+        prefix = f"{decoder}.transformer.layers.{i}"
         self_attn, to_image = block.ensure_find(TokenSelfAttention), block.ensure_find(TokenToImageAttention)
         feed_forward, to_tokens = block.ensure_find(TokenFeedForward), block.ensure_find(ImageToTokenAttention)
         lin1, lin2 = feed_forward.layers(fl.Linear)
@@ -88,52 +112,63 @@ def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
         pairs += [
             (f"{prefix}.norm1", self_attn.ensure_find(fl.LayerNorm)),
             (f"{prefix}.norm2", to_image.ensure_find(fl.LayerNorm)),
-            (f"{prefix}.mlp.lin1", lin1),
-            (f"{prefix}.mlp.lin2", lin2),
+            (f"{prefix}.{keys.mlp[0]}", lin1),
+            (f"{prefix}.{keys.mlp[1]}", lin2),
             (f"{prefix}.norm3", feed_forward.ensure_find(fl.LayerNorm)),
             (f"{prefix}.norm4", to_tokens.ensure_find(fl.LayerNorm)),
         ]
     final = transformer.layer(-1, TokenToImageAttention)
-    pairs += attention("mask_decoder.transformer.final_attn_token_to_image", final.ensure_find(fl.Attention))
-    pairs.append(("mask_decoder.transformer.norm_final_attn", final.ensure_find(fl.LayerNorm)))
-    upscaling = model.ensure_find(UpscaledImageEmbedding)
+    pairs += attention(f"{decoder}.transformer.final_attn_token_to_image", final.ensure_find(fl.Attention))
+    pairs.append((f"{decoder}.transformer.norm_final_attn", final.ensure_find(fl.LayerNorm)))
+    upscaling = model.ensure_find(keys.upscaling)
     pairs += [
-        (f"mask_decoder.output_upscaling.{i}", layer)
+        (f"{decoder}.output_upscaling.{i}", layer)
         for i, layer in zip((0, 1, 3), [m for m in upscaling if isinstance(m, fl.WeightedModule)], strict=True)
     ]
     for i, hypernetwork in enumerate(model.ensure_find(MaskHypernetworks)):
         assert isinstance(hypernetwork, fl.Chain)
         pairs += [
-            (f"mask_decoder.output_hypernetworks_mlps.{i}.layers.{j}", linear)
+            (f"{decoder}.output_hypernetworks_mlps.{i}.layers.{j}", linear)
             for j, linear in enumerate(hypernetwork.layers(fl.Linear))
         ]
     pairs += [
-        (f"mask_decoder.iou_prediction_head.layers.{j}", linear)
+        (f"{decoder}.iou_prediction_head.layers.{j}", linear)
         for j, linear in enumerate(model.ensure_find(IoUHead).layers(fl.Linear))
     ]
     return pairs
 
 
-def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
-    """For every key of `model.state_dict()`, the official key(s) it is made from."""
+def key_of(model: torch.nn.Module) -> KeyOf:
+    """The `KeyOf` of `model`: the `state_dict` key of a tensor of one of its modules."""
     names = {id(module): name for name, module in model.named_modules()}
 
     def key(module: torch.nn.Module, tensor: str) -> str:
         return f"{names[id(module)]}.{tensor}"
 
+    return key
+
+
+def sam_key_map(model: SegmentAnything) -> dict[str, Rule]:
+    """For every key of `model.state_dict()`, the official key(s) it is made from (the family's layout gives
+    the whole map when its checkpoints are not SAM-1-style)."""
+    layout, key = layout_of(family_of(model.config.encoder).name), key_of(model)
+    if layout.model_rules is not None:
+        return layout.model_rules(model, key)
     rules = rules_for(model, _modules(model))
-    rules |= layout_of(family_of(model.config.encoder).name).rules(model.image_encoder, key)
+    return rules | layout.rules(model.image_encoder, key) | decoder_rules(model, key)
+
+
+def decoder_rules(model: SegmentAnything, key: KeyOf, keys: DecoderKeys = SAM_KEYS) -> dict[str, Rule]:
+    """The prompt encoder's and mask decoder's tensors that are not one-to-one, named as `keys` says."""
+    prompt, decoder = keys.prompt_encoder, keys.mask_decoder
     fourier = model.ensure_find(FourierPositionalEncoding)
-    rules[key(fourier, "gaussian_matrix")] = Rule(("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",))
-    point_types = (
-        "prompt_encoder.not_a_point_embed.weight",
-        *(f"prompt_encoder.point_embeddings.{i}.weight" for i in range(4)),
-    )
-    rules[key(model.ensure_find(PointTypeEmbedding), "weight")] = Rule(point_types, lambda *ts: torch.cat(ts))
-    rules[key(model.ensure_find(OutputTokens), "weight")] = Rule(
-        ("mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight"), lambda *ts: torch.cat(ts)
-    )
-    return rules
+    point_types = (f"{prompt}.not_a_point_embed.weight", *(f"{prompt}.point_embeddings.{i}.weight" for i in range(4)))
+    tokens = tuple(f"{decoder}.{name}" for name in keys.output_tokens)
+    return {
+        key(fourier, "gaussian_matrix"): Rule((f"{prompt}.pe_layer.positional_encoding_gaussian_matrix",)),
+        key(model.ensure_find(PointTypeEmbedding), "weight"): Rule(point_types, lambda *ts: torch.cat(ts)),
+        key(model.ensure_find(OutputTokens), "weight"): Rule(tokens, lambda *ts: torch.cat(ts)),
+    }
 
 
 def convert_state_dict(

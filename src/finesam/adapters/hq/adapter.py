@@ -128,12 +128,12 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         self._rule = [HQOutputRule(hq_mask_only)]
         self._adapters: list[Adapter[Any]] = [
             EarlyEmbedding(target.image_encoder.early_embedding_layer if early_layer is None else early_layer),
-            HQFeatures(target.mask_decoder, fusion),
+            HQFeatures(target.ensure_find(MaskDecoder), fusion),
             HQOutputToken(target.ensure_find(OutputTokens), token),
             UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),
             HQMaskHead(
                 target.ensure_find(MaskHead),
-                HQMaskPrediction(token_mlp, mask_features, 1 + config.decoder.num_mask_tokens),
+                HQMaskPrediction(token_mlp, mask_features, config.decoder.num_output_tokens),
             ),
             HQMaskSelection(target.ensure_find(MultimaskSelection), self._rule[0]),
         ]

@@ -110,6 +110,11 @@ class SAM2DecoderConfig(DecoderConfig):
     stability_delta: float = 0.05
     stability_threshold: float = 0.98
 
+    @property
+    def iou_token(self) -> int:
+        """After the object-score token."""
+        return 1
+
 
 def _sam2(name: str, encoder: HieraConfig) -> SAMConfig:
     return SAMConfig(encoder, SAM2DecoderConfig(), image_size=1024, name=name)

@@ -19,6 +19,7 @@ import torch
 from refiners.fluxion import layers as fl
 from torch import Tensor
 
+from finesam.model.config import SAMConfig
 from finesam.model.image_encoder import Neck
 from finesam.model.registry import EncoderChain, EncoderConfig, families, family_named
 from finesam.weights.io import CheckpointError, PickledObjectError, load_official_state_dict
@@ -71,6 +72,9 @@ class CheckpointLayout:
         checkpoints: the official files of the download catalogue.
         priority: layouts are asked highest first: a family that refines another (a pruned ViT is also a ViT)
             comes before it.
+        infer_config: the whole configuration from the shapes, for a family whose checkpoints do not have
+            SAM 1's prompt encoder and decoder keys (SAM 2); None reads those the SAM 1 way.
+        model_rules: the whole model's key map for such a family (`modules` and `rules` then serve it alone).
     """
 
     family: str
@@ -82,6 +86,8 @@ class CheckpointLayout:
     whole_model_hint: Callable[[str], str | None] = _no_hint
     checkpoints: tuple[Checkpoint, ...] = ()
     priority: int = 0
+    infer_config: Callable[[Mapping[str, Tensor]], SAMConfig] | None = None
+    model_rules: Callable[[Any, KeyOf], dict[str, Rule]] | None = None
 
 
 def layout_of(family: str) -> CheckpointLayout:
