@@ -23,10 +23,10 @@ from finesam.model.mask_decoder import (
     MultiLayerPerceptron,
 )
 from finesam.model.sam2.config import SAM2DecoderConfig
+from finesam.model.sam2.hiera import HIGH_RES_KEYS
 from finesam.model.transformer import IMAGE, TOKENS, TwoWayTransformer
 
-# the `image` context keys of the encoder's high-resolution features (stride 4 and 8)
-HIGH_RES_S0, HIGH_RES_S1 = "high_res_s0", "high_res_s1"
+HIGH_RES_S0, HIGH_RES_S1 = HIGH_RES_KEYS  # written by the encoder (strides 4 and 8)
 
 
 def sam2_decoder(config: SAMConfig) -> SAM2DecoderConfig:
