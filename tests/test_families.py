@@ -27,8 +27,10 @@ from finesam.model.config import TinyViTConfig, describe
 from finesam.model.families.slimsam import SlimSAMConfig
 from finesam.model.prompts import Prompts
 from finesam.model.registry import families, family_of, register_family
+from finesam.model.sam import build_sam
 from finesam.weights.layouts import layout_for, layout_of
 from finesam.weights.loading import sam_from_state_dict
+from official_sam2 import build_official_sam2
 
 from conftest import SMALL, TOLERANCE, max_diff
 from helpers import finesam
@@ -68,6 +70,19 @@ def _tiny_vit() -> Official:
 
 
 # how to make an official-format checkpoint of each family; a registered family without one fails the tests
+def _sam2() -> Official:
+    """SAM 2.1 Hiera-T from Meta's sam2 package (a released size: the layout reads its configuration from the
+    shapes), at 1024; its early embedding is stage 1's output (channels-last, 4x the embedding grid)."""
+    official = build_official_sam2("sam2.1_hiera_tiny")
+
+    def encode(pixels: Tensor) -> tuple[Tensor, Tensor]:
+        out = official.image_encoder(pixels)
+        embedding = out["vision_features"] + official.no_mem_embed.reshape(1, -1, 1, 1)
+        return embedding, official.image_encoder.trunk(pixels)[0].permute(0, 2, 3, 1)
+
+    return official.state_dict(), encode, 1024
+
+
 OFFICIAL: dict[str, Callable[[], Official]] = {
     "vit": lambda: _sam_package(SMALL),
     "tiny_vit": _tiny_vit,
@@ -77,7 +92,11 @@ OFFICIAL: dict[str, Callable[[], Official]] = {
             image_size=256,
         )
     ),
+    "hiera": _sam2,
 }
+
+# families whose early embedding HQ-SAM (1) fuses: SAM 2's HQ adapter is another one
+HQ_TAP = {name for name, family in families().items() if family.model is None}
 
 FAMILIES = list(families())
 
@@ -110,7 +129,8 @@ def test_every_preset_builds(name):
     family = families()[name]
     assert family.presets
     for preset in family.presets:
-        model = SegmentAnything(preset, device="meta")
+        model = build_sam(preset, device="meta")
+        assert isinstance(model, family.model or SegmentAnything)
         assert isinstance(model.image_encoder, family.encoder) and family_of(preset.encoder) is family
         assert sum(p.numel() for p in model.image_encoder.parameters()) > 0
         assert SAMConfig.from_dict(preset.to_dict()) == preset and PRESETS[preset.name] is preset
@@ -135,11 +155,13 @@ def test_official_weights_convert_load_and_match(name):
     grid = size // model.config.encoder.patch_size
     assert embedding.shape == (1, model.config.decoder.prompt_dim, grid, grid)
     assert max_diff(embedding, expected) <= TOLERANCE
-    # HQ-SAM's tap: channels-last at the embedding grid, with the channels the family declares
     (early,) = captured
-    assert early.shape == (1, grid, grid, encoder.early_embedding_dim)
-    assert encoder.early_embedding_dim == model.config.encoder.early_embedding_dim
+    assert early.shape[-1] == encoder.early_embedding_dim == model.config.encoder.early_embedding_dim
     assert max_diff(early, expected_early) <= TOLERANCE
+    if name not in HQ_TAP:
+        return
+    # HQ-SAM's tap: channels-last at the embedding grid
+    assert early.shape == (1, grid, grid, encoder.early_embedding_dim)
     # and HQ-SAM's adapter finds that tap by itself and keeps it with the embedding
     adapter = HQSAMAdapter(model)
     adapter.inject()

@@ -339,7 +339,10 @@ SAM_VIT_TINY = SAMConfig(TinyViTConfig(), name="vit_tiny")
 
 
 def preset_name(config: SAMConfig) -> str:
-    """The official name (`vit_b`, `vit_l`, `vit_h`, `vit_tiny`, ...: `PRESETS`) of a configuration, or `custom`."""
+    """The official name (`vit_b`, `vit_l`, `vit_h`, `vit_tiny`, ...: `PRESETS`) of a configuration, or `custom`.
+    Its own name first: releases with the same image model (SAM 2 and SAM 2.1) keep theirs."""
+    if config.name in PRESETS and PRESETS[config.name] == config:
+        return config.name
     return next((name for name, preset in PRESETS.items() if preset == config), "custom")
 
 

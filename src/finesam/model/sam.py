@@ -83,7 +83,10 @@ class SegmentAnything(fl.Chain):
         self, config: SAMConfig = SAM_VIT_B, device: Device | str | None = None, dtype: DType | None = None
     ) -> None:
         # the encoder chain of the config's family (`finesam.model.registry`): no code here branches on a family
-        encoder = family_of(config.encoder).build(
+        family = family_of(config.encoder)
+        if family.model is not None and not isinstance(self, family.model):
+            raise ValueError(f"the {family.name} family's model is {family.model.__name__}: build it with build_sam")
+        encoder = family.build(
             config.encoder, config.image_size, config.decoder.prompt_dim, device=device, dtype=dtype
         )
         super().__init__(
