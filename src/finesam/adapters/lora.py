@@ -28,7 +28,10 @@ from finesam.text import check_name, listing
 # occur only in its own encoder, so on any model the union selects exactly that family's layers.
 TARGETS: dict[str, tuple[str, ...]] = {
     "decoder": ("TwoWayTransformer",),
-    "decoder_all": ("MaskDecoder",),  # also the mask hypernetworks and the IoU head
+    # also the mask hypernetworks and the IoU head: the decoder chain of every model class (SAM's, a family's own)
+    "decoder_all": tuple(
+        dict.fromkeys(m.decoder_class.__name__ for m in (SegmentAnything, *(f.model for f in families().values())) if m)
+    ),
     **{
         name: tuple(dict.fromkeys(c for family in families().values() for c in family.lora_targets[name]))
         for name in ENCODER_LORA_TARGETS

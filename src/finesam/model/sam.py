@@ -86,9 +86,7 @@ class SegmentAnything(fl.Chain):
         family = family_of(config.encoder)
         if family.model is not None and not isinstance(self, family.model):
             raise ValueError(f"the {family.name} family's model is {family.model.__name__}: build it with build_sam")
-        encoder = family.build(
-            config.encoder, config.image_size, config.decoder.prompt_dim, device=device, dtype=dtype
-        )
+        encoder = family.build(config.encoder, config.image_size, config.decoder.prompt_dim, device=device, dtype=dtype)
         super().__init__(
             encoder,
             PromptEncoder(config, device=device, dtype=dtype),
