@@ -1,0 +1,211 @@
+"""SAM 2 / SAM 2.1 on images against Meta's `sam2` 1.1.0: `SegmentAnything2.predict` equals `SAM2ImagePredictor`
+(clicks, boxes, both, mask input, multimask on and off, batched prompts, several images, hole / sprinkle
+filling) on real photos, with seeded random weights converted by our converter; checkpoints load from the
+official file and round-trip through ours."""
+
+import functools
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import transformers  # noqa: F401  before the reference: its torchvision stand-in confuses transformers' import checks
+from refiners.fluxion import layers as fl
+
+from finesam.model.config import SAMConfig
+from finesam.model.sam import build_sam
+from finesam.model.sam2.config import HieraConfig, SAM2DecoderConfig
+from finesam.model.sam2.mask_decoder import SAM2MultimaskSelection, stability_scores
+from finesam.model.sam2.sam2 import SegmentAnything2
+from finesam.weights.layouts.hiera import is_memory_key
+from finesam.weights.loading import load_sam, sam_from_state_dict, save_sam
+from finesam.weights.sam_keys import convert_state_dict
+from official_sam2 import SAM2ImagePredictor, build_official_sam2, small_hiera
+
+from conftest import PHOTOS, max_diff
+
+# largest absolute difference allowed with the official predictor: logits at the original size, low-resolution
+# logits, IoU and object scores (float32, CPU; what is reached is ~1e-6)
+TOLERANCE = 1e-3
+# the same for the image embedding and the high-resolution features
+FEATURE_TOLERANCE = 1e-4
+
+SMALL_SAM2 = SAMConfig(
+    HieraConfig(embed_dim=32, heads=1, stages=(1, 1, 2, 1), global_attention_blocks=(3,)), SAM2DecoderConfig()
+)
+
+PROMPTS: dict[str, dict[str, Any]] = {
+    "click": {"point_coords": np.array([[300.0, 200.0]]), "point_labels": np.array([1])},
+    "box": {"box": np.array([100.0, 50.0, 420.0, 300.0])},
+    "box and clicks": {
+        "box": np.array([100.0, 50.0, 420.0, 300.0]),
+        "point_coords": np.array([[300.0, 200.0], [120.0, 80.0]]),
+        "point_labels": np.array([1, 0]),
+    },
+}
+
+
+@functools.cache
+def _small() -> tuple[Any, SegmentAnything2]:
+    official = build_official_sam2("sam2.1_hiera_tiny", small_hiera())
+    ours = build_sam(SMALL_SAM2)
+    assert isinstance(ours, SegmentAnything2)
+    ours.load_state_dict(convert_state_dict(official.state_dict(), ours, ignore=is_memory_key))
+    return official, ours.eval()
+
+
+@functools.cache
+def _release(name: str) -> tuple[Any, SegmentAnything2]:
+    official = build_official_sam2(name)
+    ours = sam_from_state_dict(official.state_dict())
+    assert isinstance(ours, SegmentAnything2)
+    return official, ours
+
+
+def _ours_kwargs(prompt: dict[str, Any]) -> dict[str, Any]:
+    return {"points": prompt.get("point_coords"), "labels": prompt.get("point_labels"), "boxes": prompt.get("box")}
+
+
+def _compare(official: Any, ours: SegmentAnything2, image: np.ndarray, prompt: dict[str, Any], multimask: bool) -> None:
+    predictor = SAM2ImagePredictor(official)
+    predictor.set_image(image)
+    masks, iou, low_res = predictor.predict(**prompt, multimask_output=multimask, return_logits=True)
+    embedding = ours.encode_image(image)
+    assert max_diff(embedding.embedding, predictor._features["image_embed"]) <= FEATURE_TOLERANCE
+    for i, key in enumerate(("high_res_s0", "high_res_s1")):
+        assert max_diff(embedding.features[key], predictor._features["high_res_feats"][i]) <= FEATURE_TOLERANCE
+    result = ours.predict(embedding, **_ours_kwargs(prompt), multimask_output=multimask, return_logits=True)
+    assert result.masks.shape[1] == (3 if multimask else 1)
+    assert max_diff(result.masks[0], torch.from_numpy(masks)) <= TOLERANCE
+    assert max_diff(result.low_res_logits[0], torch.from_numpy(low_res)) <= TOLERANCE
+    assert max_diff(result.iou_predictions[0], torch.from_numpy(iou)) <= TOLERANCE
+    # no confident pixel (|logit| > 0.1) on the other side of the threshold
+    logits, expected = result.masks[0], torch.from_numpy(masks)
+    assert not ((logits > 0.1) & (expected < 0) | (logits < -0.1) & (expected > 0)).any()
+
+
+@pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("shape", ["landscape", "portrait"])
+@torch.no_grad()
+def test_predict_matches_the_official_predictor(shape, prompt, multimask):
+    _compare(*_small(), np.asarray(PHOTOS[shape]()), PROMPTS[prompt], multimask)
+
+
+@torch.no_grad()
+def test_sam2_1_hiera_tiny_matches_the_official_predictor():
+    official, ours = _release("sam2.1_hiera_tiny")
+    assert ours.config.name == "sam2.1_hiera_tiny"
+    image = np.asarray(PHOTOS["small landscape"]())
+    for prompt in PROMPTS.values():
+        _compare(official, ours, image, prompt, multimask=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large"])
+@torch.no_grad()
+def test_every_release_matches_the_official_predictor(name):
+    official, ours = _release(name)
+    assert ours.config.name == name
+    _compare(official, ours, np.asarray(PHOTOS["square"]()), PROMPTS["box and clicks"], multimask=True)
+
+
+@torch.no_grad()
+def test_mask_input_and_batched_boxes_match():
+    official, ours = _small()
+    image = np.asarray(PHOTOS["landscape"]())
+    predictor = SAM2ImagePredictor(official)
+    predictor.set_image(image)
+    embedding = ours.encode_image(image)
+    # a refinement: the previous low-resolution logits (clamped, as returned) fed back with a click
+    _, _, low_res = predictor.predict(**PROMPTS["click"], multimask_output=False)
+    first = ours.predict(embedding, **_ours_kwargs(PROMPTS["click"]))
+    assert max_diff(first.low_res_logits[0], torch.from_numpy(low_res)) <= TOLERANCE
+    masks, iou, _ = predictor.predict(
+        **PROMPTS["click"], mask_input=low_res, multimask_output=False, return_logits=True
+    )
+    refined = ours.predict(
+        embedding, **_ours_kwargs(PROMPTS["click"]), mask_input=first.low_res_logits[0], return_logits=True
+    )
+    assert max_diff(refined.masks[0], torch.from_numpy(masks)) <= TOLERANCE
+    assert max_diff(refined.iou_predictions[0], torch.from_numpy(iou)) <= TOLERANCE
+    # a batch of boxes in one call (the official batched mode)
+    boxes = np.array([[10.0, 20.0, 300.0, 400.0], [500.0, 100.0, 1700.0, 1100.0], [0.0, 0.0, 1799.0, 1199.0]])
+    masks, iou, _ = predictor.predict(box=boxes, multimask_output=True, return_logits=True)
+    batched = ours.predict(embedding, boxes=boxes, multimask_output=True, return_logits=True)
+    assert batched.masks.shape == masks.shape == (3, 3, 1200, 1800)
+    assert max_diff(batched.masks, torch.from_numpy(masks)) <= TOLERANCE
+    assert max_diff(batched.iou_predictions, torch.from_numpy(iou)) <= TOLERANCE
+    assert batched.object_score_logits is not None and batched.object_score_logits.shape == (3, 1)
+
+
+@torch.no_grad()
+def test_several_images_at_once_match_the_official_batch():
+    official, ours = _small()
+    images = [np.asarray(PHOTOS["landscape"]()), np.asarray(PHOTOS["portrait"]())]
+    predictor = SAM2ImagePredictor(official)
+    predictor.set_image_batch(images)
+    boxes = [np.array([100.0, 50.0, 420.0, 300.0]), np.array([30.0, 60.0, 400.0, 700.0])]
+    masks, ious, _ = predictor.predict_batch(box_batch=boxes, multimask_output=False, return_logits=True)
+    embeddings = ours.encode_images(images)
+    for embedding, box, expected, iou in zip(embeddings, boxes, masks, ious, strict=True):
+        result = ours.predict(embedding, boxes=box, return_logits=True)
+        assert max_diff(result.masks[0], torch.from_numpy(expected)) <= TOLERANCE
+        assert max_diff(result.iou_predictions[0], torch.from_numpy(iou)) <= TOLERANCE
+
+
+@torch.no_grad()
+def test_hole_and_sprinkle_filling_match_the_official_predictor():
+    official, ours = _small()
+    image = np.asarray(PHOTOS["portrait"]())
+    # areas that change some regions but not all (random weights give ragged masks)
+    predictor = SAM2ImagePredictor(official, max_hole_area=40.0, max_sprinkle_area=40.0)
+    predictor.set_image(image)
+    masks, _, _ = predictor.predict(**PROMPTS["box"], multimask_output=True, return_logits=True)
+    plain = ours.predict(image, **_ours_kwargs(PROMPTS["box"]), multimask_output=True, return_logits=True)
+    ours.max_hole_area, ours.max_sprinkle_area = 40.0, 40.0
+    try:
+        filled = ours.predict(image, **_ours_kwargs(PROMPTS["box"]), multimask_output=True, return_logits=True)
+    finally:
+        ours.max_hole_area, ours.max_sprinkle_area = 0.0, 0.0
+    assert max_diff(filled.masks[0], torch.from_numpy(masks)) <= TOLERANCE
+    assert not torch.equal(filled.masks > 0, plain.masks > 0)  # the filling changed something
+
+
+def test_single_mask_output_falls_back_to_the_best_multimask_output_where_unstable():
+    selection = fl.Chain(SAM2MultimaskSelection(SAM2DecoderConfig())).eval()  # a parent provides the `sam` context
+    selection.set_context("sam", {"multimask_output": False})
+    stable = torch.full((1, 1, 8, 8), -5.0)
+    stable[..., 2:6, 2:6] = 5.0
+    unstable = torch.full((1, 1, 8, 8), -5.0)
+    unstable[..., 2:6, 2:6] = 0.01  # inside the +-delta band: stability 0
+    others = torch.randn(1, 3, 8, 8)
+    iou = torch.tensor([[0.1, 0.2, 0.9, 0.3]])
+    scores = torch.zeros(1, 1)
+    assert stability_scores(stable, 0.05).item() == 1.0 and stability_scores(unstable, 0.05).item() == 0.0
+    masks, chosen, _ = selection(torch.cat([stable, others], 1), iou, scores)
+    assert torch.equal(masks, stable) and chosen.item() == pytest.approx(0.1)
+    masks, chosen, _ = selection(torch.cat([unstable, others], 1), iou, scores)
+    assert torch.equal(masks, others[:, 1:2]) and chosen.item() == pytest.approx(0.9)
+    selection.train()  # training keeps token 0 (as the official decoder does)
+    masks, _, _ = selection(torch.cat([unstable, others], 1), iou, scores)
+    assert torch.equal(masks, unstable)
+
+
+@torch.no_grad()
+def test_official_files_load_and_round_trip(tmp_path):
+    official, ours = _release("sam2.1_hiera_tiny")
+    state_dict = official.state_dict()
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": state_dict}, path)
+    loaded = load_sam(path, fast=False)
+    assert isinstance(loaded, SegmentAnything2) and loaded.config == ours.config
+    saved = load_sam(save_sam(loaded, tmp_path / "converted.safetensors"))
+    assert saved.config.name == "sam2.1_hiera_tiny"
+    for key, value in ours.state_dict().items():
+        assert torch.equal(saved.state_dict()[key], value), key
+    # SAM 2.0 files have no `no_obj_embed_spatial`: same image model, their own name
+    older = {k: v for k, v in state_dict.items() if k != "no_obj_embed_spatial"}
+    torch.save({"model": older}, tmp_path / "sam2_hiera_tiny.pt")
+    assert load_sam(tmp_path / "sam2_hiera_tiny.pt").config.name == "sam2_hiera_tiny"
+    assert all(is_memory_key(k) for k in state_dict if k.startswith(("memory_", "obj_ptr", "maskmem")))
