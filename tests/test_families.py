@@ -145,7 +145,7 @@ def test_official_weights_convert_load_and_match(name):
     model = _model(name)
     assert family_of(model.config.encoder).name == name
     encoder = model.image_encoder
-    captured: list[Tensor] = []
+    captured: list[Any] = []
     hook = encoder.early_embedding_layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
         embedding = encoder(_pixels(size))

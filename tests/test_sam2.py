@@ -18,7 +18,7 @@ from finesam.model.sam2.config import HieraConfig, SAM2DecoderConfig
 from finesam.model.sam2.mask_decoder import SAM2MultimaskSelection, stability_scores
 from finesam.model.sam2.sam2 import SegmentAnything2
 from finesam.weights.layouts.hiera import is_memory_key
-from finesam.weights.loading import load_sam, sam_from_state_dict, save_sam
+from finesam.weights.loading import convert_checkpoint, load_sam, read_kept, sam_from_state_dict, save_sam
 from finesam.weights.sam_keys import convert_state_dict
 from official_sam2 import SAM2ImagePredictor, build_official_sam2, small_hiera
 
@@ -71,9 +71,10 @@ def _compare(official: Any, ours: SegmentAnything2, image: np.ndarray, prompt: d
     predictor.set_image(image)
     masks, iou, low_res = predictor.predict(**prompt, multimask_output=multimask, return_logits=True)
     embedding = ours.encode_image(image)
-    assert max_diff(embedding.embedding, predictor._features["image_embed"]) <= FEATURE_TOLERANCE
+    features: Any = predictor._features
+    assert max_diff(embedding.embedding, features["image_embed"]) <= FEATURE_TOLERANCE
     for i, key in enumerate(("high_res_s0", "high_res_s1")):
-        assert max_diff(embedding.features[key], predictor._features["high_res_feats"][i]) <= FEATURE_TOLERANCE
+        assert max_diff(embedding.features[key], features["high_res_feats"][i]) <= FEATURE_TOLERANCE
     result = ours.predict(embedding, **_ours_kwargs(prompt), multimask_output=multimask, return_logits=True)
     assert result.masks.shape[1] == (3 if multimask else 1)
     assert max_diff(result.masks[0], torch.from_numpy(masks)) <= TOLERANCE
@@ -209,3 +210,10 @@ def test_official_files_load_and_round_trip(tmp_path):
     torch.save({"model": older}, tmp_path / "sam2_hiera_tiny.pt")
     assert load_sam(tmp_path / "sam2_hiera_tiny.pt").config.name == "sam2_hiera_tiny"
     assert all(is_memory_key(k) for k in state_dict if k.startswith(("memory_", "obj_ptr", "maskmem")))
+    # a converted file keeps the video memory's tensors beside the image model, as they were
+    report = convert_checkpoint(path, tmp_path / "out")
+    assert report.dropped == [] and report.kept > 100
+    kept = read_kept(report.written[0])
+    memory = {k: v for k, v in state_dict.items() if is_memory_key(k)}
+    assert kept.keys() == memory.keys() and all(torch.equal(kept[k], v) for k, v in memory.items())
+    assert load_sam(report.written[0]).config == ours.config

@@ -25,6 +25,7 @@ from finesam.weights.io import (
     read_safetensors,
     write_safetensors,
 )
+from finesam.weights.layouts import layout_for
 from finesam.weights.sam_keys import convert_state_dict, infer_config, is_unused_key
 
 FORMAT_SAM = "sam"
@@ -76,19 +77,40 @@ def weights_digest(state_dict: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_sam(model: SegmentAnything, path: str | Path) -> Path:
+# official tensors a converted file keeps beside the model's, under their official names (`read_kept`)
+KEPT_PREFIX = "official."
+
+
+def save_sam(model: SegmentAnything, path: str | Path, kept: Mapping[str, Tensor] | None = None) -> Path:
     """Writes the model's weights and configuration to a safetensors file, atomically.
 
     Args:
         model: the base model (adapters ejected: their weights go to files of their own).
         path: the file to write.
+        kept: official tensors the model does not build, kept in the file under their official names (SAM 2's
+            video memory); the weights digest covers the model's weights alone.
 
     Returns:
         `path`.
     """
     state_dict = model.state_dict()
     metadata = format_metadata(FORMAT_SAM, config=model.config.to_dict(), weights_sha256=weights_digest(state_dict))
-    return write_safetensors(state_dict, path, metadata)
+    extra = {f"{KEPT_PREFIX}{key}": tensor for key, tensor in (kept or {}).items()}
+    return write_safetensors({**state_dict, **extra}, path, metadata)
+
+
+def read_kept(path: str | Path) -> dict[str, Tensor]:
+    """The official tensors a converted SAM file keeps beside the model's (see `save_sam`), by official name.
+
+    Raises:
+        CheckpointError: the file is unreadable or not a finesam SAM file.
+    """
+    tensors, _ = read_format(path, FORMAT_SAM)
+    return {k.removeprefix(KEPT_PREFIX): v for k, v in tensors.items() if k.startswith(KEPT_PREFIX)}
+
+
+def _model_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in tensors.items() if not k.startswith(KEPT_PREFIX)}
 
 
 def load_sam(
@@ -128,9 +150,9 @@ def load_sam(
             raise CheckpointError(f"{path}: bad 'finesam.config' metadata: {e}") from None
         model = build_sam(config, device="meta")
         # shapes from the header first: a crafted file is refused before any tensor is mapped
-        check_tensors(path, declared, model.state_dict(), what="the model in its metadata")
+        check_tensors(path, _model_tensors(declared), model.state_dict(), what="the model in its metadata")
         tensors, _ = read_format(path, FORMAT_SAM)
-        model = _assign(model, tensors, device)
+        model = _assign(model, _model_tensors(tensors), device)
     if fast:
         apply_fast_paths(model)
     return model if dtype is None else model.set_encoder_dtype(dtype)
@@ -142,9 +164,12 @@ class ConversionReport:
     base_digest: str
     same_base_as: list[Path]  # finesam SAM files beside the output with identical base weights
     dropped: list[str]  # checkpoint keys SAM does not use (TinyViT's classifier head, HF's second positional matrix)
+    kept: int = 0  # official tensors the image model does not use, kept in the file (SAM 2's video memory)
 
     def summary(self) -> str:
         note = f"dropped {len(self.dropped)} unused keys ({', '.join(self.dropped)}); " if self.dropped else ""
+        if self.kept:
+            note += f"kept {self.kept} tensors of the video memory beside the image model (read_kept); "
         return note + self._base_summary()
 
     def _base_summary(self) -> str:
@@ -210,11 +235,13 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
         raise CheckpointError(f"{checkpoint}: {e}") from None
     name = hf_name(checkpoint) if official.hf else checkpoint.stem
     base = out_dir / f"{name}.safetensors"
-    written = [save_sam(model, base)]
+    keeps = layout_for(state_dict).kept
+    kept = {k: v for k, v in state_dict.items() if keeps(k)}
+    written = [save_sam(model, base, kept)]
     if hq is not None:
         written.append(save_hq(hq, out_dir / f"{name}.hq.safetensors"))
     digest = _digest_of(base)  # computed once, by save_sam
     assert digest is not None
     same = [other for other in sorted(out_dir.glob("*.safetensors")) if other != base and _digest_of(other) == digest]
-    dropped = sorted(k for k in state_dict if is_unused_key(k)) + official.dropped
-    return ConversionReport(written, digest, same, dropped)
+    dropped = sorted(k for k in state_dict if is_unused_key(k) and k not in kept) + official.dropped
+    return ConversionReport(written, digest, same, dropped, len(kept))

@@ -75,6 +75,8 @@ class CheckpointLayout:
         infer_config: the whole configuration from the shapes, for a family whose checkpoints do not have
             SAM 1's prompt encoder and decoder keys (SAM 2); None reads those the SAM 1 way.
         model_rules: the whole model's key map for such a family (`modules` and `rules` then serve it alone).
+        kept: unused keys that a converted file keeps all the same, as they are (SAM 2's video memory, which a
+            later model reads: `finesam.weights.loading.read_kept`).
     """
 
     family: str
@@ -88,6 +90,7 @@ class CheckpointLayout:
     priority: int = 0
     infer_config: Callable[[Mapping[str, Tensor]], SAMConfig] | None = None
     model_rules: Callable[[Any, KeyOf], dict[str, Rule]] | None = None
+    kept: Callable[[str], bool] = lambda _: False
 
 
 def layout_of(family: str) -> CheckpointLayout:

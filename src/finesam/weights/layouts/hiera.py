@@ -203,6 +203,7 @@ LAYOUT = CheckpointLayout(
     modules=hiera_modules,  # type: ignore[arg-type]  # the layout's contract takes any family's chain
     rules=hiera_rules,  # type: ignore[arg-type]
     unused=is_memory_key,
+    kept=is_memory_key,  # the video model's (SAM 2 tracking) in the same file
     checkpoints=tuple(
         Checkpoint(
             f"sam2.1_hiera_{size}",
