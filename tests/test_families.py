@@ -30,11 +30,11 @@ from finesam.model.registry import families, family_of, register_family
 from finesam.model.sam import build_sam
 from finesam.weights.layouts import layout_for, layout_of
 from finesam.weights.loading import sam_from_state_dict
-from official_sam2 import build_official_sam2
 
 from conftest import SMALL, TOLERANCE, max_diff
 from helpers import finesam
 from official import OFFICIAL_BUILDERS, build_official, perturb, segment_anything_hq
+from official_sam2 import build_official_sam2
 
 # an official checkpoint, the official encoder as a function of the pixels (-> embedding, HQ-SAM's early
 # embedding), and the input size

@@ -20,9 +20,9 @@ from finesam.model.sam2.sam2 import SegmentAnything2
 from finesam.weights.layouts.hiera import is_memory_key
 from finesam.weights.loading import convert_checkpoint, load_sam, read_kept, sam_from_state_dict, save_sam
 from finesam.weights.sam_keys import convert_state_dict
-from official_sam2 import SAM2ImagePredictor, build_official_sam2, small_hiera
 
 from conftest import PHOTOS, max_diff
+from official_sam2 import SAM2ImagePredictor, build_official_sam2, small_hiera
 
 # largest absolute difference allowed with the official predictor: logits at the original size, low-resolution
 # logits, IoU and object scores (float32, CPU; what is reached is ~1e-6)

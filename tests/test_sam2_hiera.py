@@ -13,6 +13,7 @@ from finesam.model.sam2.config import SAM2_1_HIERA_BASE_PLUS, SAM2_1_HIERA_TINY,
 from finesam.model.sam2.hiera import HIGH_RES_KEYS, HieraEncoder
 from finesam.weights.key_map import Rule, apply_rules, rules_for
 from finesam.weights.layouts.hiera import hiera_modules, hiera_rules
+
 from official_sam2 import SAM2Base, build_official_sam2, small_hiera
 
 ATOL = 1e-4  # largest absolute difference allowed on every output (float32, CPU)
