@@ -12,6 +12,7 @@ import torch
 from conftest import SMALL, photo
 from helpers import finesam, hf_from_official, write_config
 from official import build_official
+from official_sam2 import build_official_sam2
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -43,6 +44,7 @@ def workspace(tmp_path_factory, official_small) -> Path:
     torch.save(official_small.state_dict(), root / "sam_vit_b_01ec64.pth")
     hf_from_official(official_small, SMALL).save_pretrained(root / "sam-vit-base")
     torch.save(build_official(SMALL, seed=0, hq=True).state_dict(), root / "sam_hq_vit_b.pth")
+    torch.save({"model": build_official_sam2("sam2.1_hiera_tiny").state_dict()}, root / "sam2.1_hiera_tiny.pt")
     photo("rocket").resize((1800, 1200)).save(root / "truck.jpg")  # the size of the README's truck.jpg
     (root / "photos").mkdir()
     photo("rocket").resize((600, 400)).save(root / "photos" / "rocket.jpg")
@@ -108,6 +110,7 @@ def test_every_readme_command_line_runs(workspace):
         assert result.returncode == 0, f"finesam {' '.join(args)}\n{result.stderr[-2000:]}"
         ran.append(args[0])
     assert (workspace / "truck_mask.png").is_file() and (workspace / "hq_mask.png").is_file()
+    assert (workspace / "sam2_mask.png").is_file() and (workspace / "sam2_masks" / "masks.json").is_file()
     assert (workspace / "truck_masks" / "masks.json").is_file() and (workspace / "out" / "demo_overlay.png").is_file()
     assert (workspace / "runs" / "hq" / "hq.safetensors").is_file() and (workspace / "eval" / "eval.md").is_file()
     assert (workspace / "onnx" / "model.json").is_file()
