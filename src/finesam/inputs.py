@@ -29,6 +29,9 @@ ImageLike: TypeAlias = Image.Image | np.ndarray
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 MASK_THRESHOLD = 0.0
+# SAM 2's input normalisation (of [0, 1] pixels)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resized_shape(height: int, width: int, longest_side: int) -> tuple[int, int]:
@@ -263,6 +266,71 @@ def model_input(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, i
     padded = np.zeros((1, 3, size, size), dtype=np.float32)
     padded[0, :, :height, :width] = normalised(image, (height, width))
     return padded, (height, width)
+
+
+def boxes_first_labelled_points(
+    points: np.ndarray | None, labels: np.ndarray | None, box: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """SAM 2's order of one prompt's sparse sequence (numpy; the torch model's batched twin is
+    `finesam.model.sam2.sam2.sam2_labelled_points`): the box's corners labelled 2 and 3, then the points,
+    then one padding point whenever there is either (the official SAM 2 predictor always pads).
+
+    Returns:
+        (k, 2) float64 coordinates and (k,) float64 labels; empty for a mask-only prompt.
+    """
+    coords: list[Any] = [np.zeros((0, 2))]
+    kinds: list[Any] = [np.zeros(0)]
+    if box is not None:
+        coords.append(np.reshape(box, (2, 2)))
+        kinds.append([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL])
+    if points is not None and labels is not None:
+        coords.append(points)
+        kinds.append(labels)
+    if len(coords) > 1:
+        coords.append([PADDING_POINT])
+        kinds.append([PADDING_LABEL])
+    return np.concatenate(coords).astype(np.float64), np.concatenate(kinds).astype(np.float64)
+
+
+def antialiased_resize_weights(input_size: int, output_size: int) -> np.ndarray:
+    """The (output_size, input_size) float32 matrix of torch's `F.interpolate(mode="bilinear", antialias=True,
+    align_corners=False)` along one axis: a triangle filter whose support grows with the downscale factor,
+    each row normalised (PIL's resampling algorithm, in floats: PIL's 8-bit BILINEAR rounds differently).
+    Computed in float32 as torch does for float32 images: its float32 scale moves the filter centres of a
+    1000-pixel axis by about 1e-5 pixel, which float64 weights would not follow."""
+    f32 = np.float32
+    scale = f32(input_size) / f32(output_size)
+    support = scale if scale >= 1.0 else f32(1.0)
+    inverse = f32(1.0) / scale if scale >= 1.0 else f32(1.0)
+    weights = np.zeros((output_size, input_size), dtype=f32)
+    for i in range(output_size):
+        center = scale * f32(i + 0.5)
+        first = max(math.trunc(float(center - support + f32(0.5))), 0)  # C++ casts to int64 (towards zero)
+        last = min(math.trunc(float(center + support + f32(0.5))), input_size)
+        offsets = (np.arange(first, last, dtype=f32) - center + f32(0.5)) * inverse
+        taps = np.maximum(f32(0.0), f32(1.0) - np.abs(offsets)).astype(f32)
+        total = taps.sum(dtype=f32)
+        weights[i, first:last] = taps / total if total != 0 else taps
+    return weights
+
+
+def antialiased_resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A float (..., H, W) array resized to `shape` (height, width) as torch's bilinear `F.interpolate` with
+    `antialias=True, align_corners=False` does (separable; float32 out)."""
+    rows = antialiased_resize_weights(array.shape[-2], shape[0])
+    columns = antialiased_resize_weights(array.shape[-1], shape[1])
+    return (rows @ (array.astype(np.float32) @ columns.T)).astype(np.float32)
+
+
+def square_model_input(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """SAM 2's model input for an RGB image (numpy twin of `finesam.model.sam2.processing.square_input`): the
+    [0, 1] pixels squashed to size x size (antialiased bilinear), normalised with ImageNet's mean and std; float32
+    (1, 3, size, size), and the (height, width) the image occupies in it (all of it)."""
+    pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255
+    resized = antialiased_resize(pixels, (size, size))
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+    return ((resized - mean) / std)[None].astype(np.float32), (size, size)
 
 
 def _array(value: Any, name: str) -> np.ndarray:

@@ -42,11 +42,13 @@ def add_commands(commands: Commands) -> None:
         "export",
         "the model as ONNX: image encoder + prompt decoder with the official SAM ONNX interface",
         description="the model as ONNX: image encoder + prompt decoder with the official SAM ONNX interface "
-        "(docs/onnx.md)\n\nWrites OUT/encoder.onnx, OUT/decoder.onnx and OUT/model.json (and with --quantize "
-        "the int8 *.quant.onnx); LoRAs are folded into the weights they adapt.",
+        "(docs/onnx.md; SAM 2 adds its high-resolution features)\n\nWrites OUT/encoder.onnx, OUT/decoder.onnx and "
+        "OUT/model.json (and with --quantize the int8 *.quant.onnx); LoRAs are folded into the weights they adapt.",
     )
     group = export.add_argument_group("model")
-    group.add_argument("--weights", type=Path, required=True, help="converted .safetensors or official .pth")
+    group.add_argument(
+        "--weights", type=Path, required=True, help="converted .safetensors or official .pth (SAM 2: .pt)"
+    )
     group.add_argument("--hq", type=Path, metavar="HQ.safetensors", help="HQ-SAM weights (or an official HQ-SAM .pth)")
     group.add_argument(
         "--hq-only", action="store_true", help="with HQ-SAM: the HQ mask alone instead of SAM's mask + the HQ mask"

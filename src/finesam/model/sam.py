@@ -78,6 +78,15 @@ class SegmentAnything(fl.Chain):
     """
 
     decoder_class: ClassVar[type[fl.Chain]] = MaskDecoder
+    # what `preprocess`, `sparse_points` and `postprocess` do, by name: an ONNX export declares them in its
+    # model.json, and the ONNX predictor (no torch model there) runs the numpy twins of these names
+    processing_names: ClassVar[dict[str, str]] = {
+        "preprocessing": "longest_side_padded",
+        "prompt_order": "points_first",
+        "postprocessing": "crop_then_resize",
+    }
+    # the decoder's outputs after the mask logits and IoUs, by name, each (batch, 1) (SAM 2: object scores)
+    extra_decoder_outputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, config: SAMConfig = SAM_VIT_B, device: Device | str | None = None, dtype: DType | None = None
@@ -121,6 +130,11 @@ class SegmentAnything(fl.Chain):
     @property
     def mask_decoder(self) -> fl.Chain:
         return self.ensure_find(self.decoder_class)
+
+    def decoder_image_features(self) -> dict[str, tuple[int, ...]]:
+        """The features, besides the embedding, that the image encoder itself writes to the `image` context for
+        the decoder (context key -> shape for one image): none for SAM (adapters' features are theirs)."""
+        return {}
 
     def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
         """The model input for an RGB image, and the (height, width) the image occupies inside it: SAM resizes

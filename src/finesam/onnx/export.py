@@ -27,7 +27,7 @@ from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPS
 
 from finesam.adapters.hq.layers import HQOutputRule
 from finesam.fast import reference_paths
-from finesam.inputs import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
+from finesam.inputs import IMAGENET_MEAN, IMAGENET_STD, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
 from finesam.model.config import preset_name
 from finesam.model.sam import SegmentAnything
 from finesam.onnx import interface as io
@@ -72,6 +72,7 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
     adapters = _adapters(model)
     hq = adapters["hq"] is not None
     masks = 3 if multimask_output and not hq else 1  # HQ-SAM outputs one mask per prompt
+    features = tuple(list(shape) for shape in model.decoder_image_features().values())
     files = {"encoder": io.ENCODER_FILE, "decoder": io.DECODER_FILE}
     if quantized:
         files |= {"encoder_quantized": io.QUANTIZED_FILES[io.ENCODER_FILE]}
@@ -79,39 +80,76 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
     return {
         "format": io.FORMAT,
         "version": io.FORMAT_VERSION,
-        "model": {"size": preset_name(config), "encoder": type(config.encoder).__name__, **adapters},
+        "model": {
+            "size": preset_name(config),
+            "encoder": type(config.encoder).__name__,
+            **adapters,
+            # the model's names of the encoder's extra outputs, in order (high_res_feats_0, ...)
+            "image_features": list(model.decoder_image_features()),
+        },
         "multimask_output": multimask_output,
         "opset": opset,
         "exporter": f"torch.onnx TorchScript-based (torch {torch.__version__.split('+')[0]})",
         "files": files,
-        "preprocessing": {
-            "image_size": config.image_size,
-            "resize": "longest side to image_size, PIL bilinear on 8-bit RGB, rounded half up",
-            "pixel_mean": list(PIXEL_MEAN),
-            "pixel_std": list(PIXEL_STD),
-            "padding": "zeros, bottom and right, after normalisation",
-            "point_coords": "pixels of the resized image (x * resized_width / width, y * resized_height / height)",
-            "point_labels": {"-1": "padding", "0": "background", "1": "foreground", "2": "box top-left"}
-            | {"3": "box bottom-right"},
-            "padding_point": "append (0, 0) with label -1 when there is no box",
-            "mask_threshold": MASK_THRESHOLD,
-        },
-        **io.tensors(config.image_size, config.decoder.prompt_dim, config.embedding_size, hq, masks),
+        "preprocessing": {"image_size": config.image_size, **PREPROCESSING[model.processing_names["preprocessing"]]}
+        | _prompts(model.processing_names["prompt_order"])
+        | {"mask_threshold": MASK_THRESHOLD},
+        # by name: the ONNX predictor runs the numpy twins of these (a version 1 file has none: SAM's)
+        "processing": dict(model.processing_names),
+        **io.tensors(
+            config.image_size,
+            config.decoder.prompt_dim,
+            config.embedding_size,
+            hq,
+            masks,
+            features,
+            model.extra_decoder_outputs,
+        ),
     }
 
 
-def _example_inputs(model: SegmentAnything) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+# what each named preprocessing does, in words (model.json)
+PREPROCESSING: dict[str, dict[str, Any]] = {
+    "longest_side_padded": {
+        "resize": "longest side to image_size, PIL bilinear on 8-bit RGB, rounded half up",
+        "pixel_mean": list(PIXEL_MEAN),
+        "pixel_std": list(PIXEL_STD),
+        "padding": "zeros, bottom and right, after normalisation",
+        "point_coords": "pixels of the resized image (x * resized_width / width, y * resized_height / height)",
+    },
+    io.SQUARE: {
+        "resize": "to image_size x image_size (aspect ratio not kept), bilinear with antialiasing on [0, 1] "
+        "floats (torch's F.interpolate antialias=True, align_corners=False)",
+        "pixel_mean": list(IMAGENET_MEAN),
+        "pixel_std": list(IMAGENET_STD),
+        "padding": "none",
+        "point_coords": "pixels of the model input (x * image_size / width, y * image_size / height)",
+    },
+}
+
+LABELS = {"-1": "padding", "0": "background", "1": "foreground", "2": "box top-left", "3": "box bottom-right"}
+
+
+def _prompts(order: str) -> dict[str, Any]:
+    if order == io.BOXES_FIRST_PADDED:
+        rule = "box corners first, then the points, then (0, 0) with label -1 whenever there is either"
+    else:
+        rule = "points first, then (0, 0) with label -1 when there is no box, then the box corners"
+    return {"point_labels": LABELS, "padding_point": rule}
+
+
+def _example_inputs(model: SegmentAnything) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     config = model.config
     low = config.mask_input_size
     image = torch.zeros(1, 3, config.image_size, config.image_size)
     # one point and a padding point: the traced graph takes any number of points
-    prompt = (
-        torch.tensor([[[10.0, 10.0], [0.0, 0.0]]]),
-        torch.tensor([[1.0, -1.0]]),
-        torch.zeros(1, 1, low, low),
-        torch.zeros(1),
-        torch.tensor([float(config.image_size), float(config.image_size)]),
-    )
+    prompt = {
+        io.POINT_COORDS: torch.tensor([[[10.0, 10.0], [0.0, 0.0]]]),
+        io.POINT_LABELS: torch.tensor([[1.0, -1.0]]),
+        io.MASK_INPUT: torch.zeros(1, 1, low, low),
+        io.HAS_MASK_INPUT: torch.zeros(1),
+        io.ORIG_IM_SIZE: torch.tensor([float(config.image_size), float(config.image_size)]),
+    }
     return image, prompt
 
 
@@ -199,7 +237,6 @@ def export(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     description = _describe(model, multimask_output, opset, quantize)
-    hq = description["model"]["hq"] is not None
     image, prompt = _example_inputs(model)
     _remove_dead_stagings(folder)
     staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=folder))
@@ -209,7 +246,7 @@ def export(
     try:
         # the reference chains: the fast paths' memories and shortcuts are not for a graph
         with torch.no_grad(), reference_paths(model), loras_merged(model):
-            encoder_out = io.encoder_outputs(hq)
+            encoder_out = list(description["encoder_outputs"])
             encoder = EncoderGraph(model)
             (staging / "encoder").mkdir()
             _trace(
@@ -218,20 +255,23 @@ def export(
                 staging / "encoder" / io.ENCODER_FILE,
                 opset,
                 input_names=[io.IMAGE],
-                output_names=list(encoder_out),
+                output_names=encoder_out,
             )
             # the decoder's example embeddings need only their shapes: not another encoder pass
             shapes = description["encoder_outputs"]
-            embeddings = tuple(torch.zeros(shapes[name]["shape"]) for name in encoder_out)
+            decoder_in = list(description["decoder_inputs"])
+            example = tuple(
+                prompt[name] if name in prompt else torch.zeros(shapes[name]["shape"]) for name in decoder_in
+            )
             decoder = DecoderGraph(model, multimask_output)
             (staging / "decoder").mkdir()
             _trace(
                 decoder,
-                (embeddings[0], *prompt, *embeddings[1:]),
+                example,
                 staging / "decoder" / io.DECODER_FILE,
                 opset,
-                input_names=list(io.decoder_inputs(hq)),
-                output_names=list(io.DECODER_OUTPUTS),
+                input_names=decoder_in,
+                output_names=list(description["decoder_outputs"]),
                 dynamic_axes={
                     io.POINT_COORDS: {1: "num_points"},
                     io.POINT_LABELS: {1: "num_points"},

@@ -19,17 +19,25 @@ from finesam.model.sam import SegmentAnything
 
 
 class EncoderGraph(torch.nn.Module):
-    """Model input (1, 3, S, S) -> image embedding, and with HQ-SAM the fused HQ features: in the decoder
-    stage at inference they are computed once per image anyway, so the export computes them here."""
+    """Model input (1, 3, S, S) -> image embedding; with HQ-SAM the fused HQ features (in the decoder stage at
+    inference they are computed once per image anyway, so the export computes them here); then the features
+    the encoder itself writes for the decoder (`SegmentAnything.decoder_image_features`: SAM 2's
+    high-resolution features), in the model's order."""
 
     def __init__(self, model: SegmentAnything) -> None:
         super().__init__()
         self.model = model
         self.fusion = model.find(HQFeatureFusion)
+        self.features = tuple(model.decoder_image_features())
 
-    def forward(self, image: Float[Tensor, "1 3 size size"]) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, image: Float[Tensor, "1 3 size size"]) -> Tensor | tuple[Tensor, ...]:
         embedding = self.model.encode(image)
-        return embedding if self.fusion is None else (embedding, self.fusion(embedding))
+        outputs = [embedding]
+        if self.fusion is not None:
+            outputs.append(self.fusion(embedding))
+        context = self.model.use_context("image")
+        outputs += [context[key] for key in self.features]
+        return embedding if len(outputs) == 1 else tuple(outputs)
 
 
 def masks_at_original_size(
@@ -45,12 +53,30 @@ def masks_at_original_size(
     return F.interpolate(logits, size=(size[0], size[1]), mode="bilinear", align_corners=False)  # type: ignore[arg-type]
 
 
+def masks_resized(
+    low_res: Float[Tensor, "1 masks low low"], model_size: int, orig_im_size: Float[Tensor, "2"]
+) -> Float[Tensor, "1 masks height width"]:
+    """SAM 2's postprocessing (`finesam.model.sam2.processing.upscale_masks`) with the original (height, width)
+    as a tensor: one bilinear resize of the low-resolution logits."""
+    del model_size  # the whole model input is the image
+    size = orig_im_size.to(torch.int64)
+    return F.interpolate(low_res, size=(size[0], size[1]), mode="bilinear", align_corners=False)  # type: ignore[arg-type]
+
+
+# the traced postprocessing of each `processing_names["postprocessing"]`
+POSTPROCESSING = {"crop_then_resize": masks_at_original_size, "resize": masks_resized}
+
+
 class DecoderGraph(torch.nn.Module):
     """The prompt encoder and mask decoder (with whatever adapts them) behind the official ONNX interface.
 
-    Point labels are -1 padding, 0 background, 1 foreground, 2 / 3 box corners (the model's own labels, as
-    floats); the caller appends a padding point when there is no box, as for the official export. The mask
-    input enters as `has_mask_input * MaskEncoder(mask_input) + (1 - has_mask_input) * no-mask embedding`.
+    Inputs: the embedding, the encoder's extra features (SAM 2), the official prompt inputs, HQ-SAM's
+    features. Point labels are -1 padding, 0 background, 1 foreground, 2 / 3 box corners (the model's own
+    labels, as floats); the caller orders the points and adds the padding point as the model's `sparse_points`
+    does (declared in model.json). The mask input enters as `has_mask_input * MaskEncoder(mask_input) +
+    (1 - has_mask_input) * no-mask embedding`. Outputs: masks at the original size (the model's
+    postprocessing), IoUs, the low-resolution logits as `predict` returns them, and the decoder's extra
+    outputs (SAM 2's object-score logits).
     """
 
     def __init__(self, model: SegmentAnything, multimask_output: bool) -> None:
@@ -58,23 +84,18 @@ class DecoderGraph(torch.nn.Module):
         self.model = model
         self.multimask_output = multimask_output
         self.hq_features = model.find(CachedHQFeatures)
+        self.features = tuple(model.decoder_image_features())
+        self.postprocess = POSTPROCESSING[model.processing_names["postprocessing"]]
 
-    def forward(
-        self,
-        image_embeddings: Float[Tensor, "1 dim grid grid"],
-        point_coords: Float[Tensor, "1 points 2"],
-        point_labels: Float[Tensor, "1 points"],
-        mask_input: Float[Tensor, "1 1 low low"],
-        has_mask_input: Float[Tensor, "1"],
-        orig_im_size: Float[Tensor, "2"],
-        hq_features: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, image_embeddings: Float[Tensor, "1 dim grid grid"], *inputs: Tensor) -> tuple[Tensor, ...]:
         model = self.model
+        features, inputs = inputs[: len(self.features)], inputs[len(self.features) :]
+        point_coords, point_labels, mask_input, has_mask_input, orig_im_size = inputs[:5]
         prompt = {"point_coords": point_coords, "point_labels": point_labels.long(), "mask_prompt": None}
         model.set_context("sam", {**prompt, "multimask_output": self.multimask_output})
+        model.use_context("image").update(zip(self.features, features, strict=True))
         if self.hq_features is not None:
-            assert hq_features is not None
-            self.hq_features.keep(hq_features)
+            self.hq_features.keep(inputs[5])
         prompt_encoder, mask_decoder = list(model)[1:]
         prompt_encoder(image_embeddings)  # the dense embedding it writes is the no-mask one: blended below
         context = model.use_context("mask_decoder")
@@ -82,9 +103,10 @@ class DecoderGraph(torch.nn.Module):
         context["dense_prompt_embedding"] = (
             has_mask_input * with_mask + (1 - has_mask_input) * context["dense_prompt_embedding"]
         )
-        low_res, iou = mask_decoder(image_embeddings)
+        low_res, iou, *extra = mask_decoder(image_embeddings)
         model._reset_context()
-        return masks_at_original_size(low_res, model.config.image_size, orig_im_size), iou, low_res
+        masks = self.postprocess(low_res, model.config.image_size, orig_im_size)
+        return masks, iou, model.returned_low_res(low_res), *extra
 
 
 @contextmanager

@@ -2,13 +2,17 @@
 describes them, the ONNX predictor reads them. No torch here.
 
 The decoder has the official SAM ONNX interface (segment_anything/utils/onnx.py); HQ-SAM adds one input,
-`hq_features`, which the encoder computes once per image.
+`hq_features`, which the encoder computes once per image. A model whose encoder also writes features for the
+decoder (SAM 2's high-resolution features) takes the community SAM 2 interface's names: encoder outputs
+`image_embed`, `high_res_feats_0`, `high_res_feats_1`, ..., the same names as decoder inputs; the decoder's
+extra outputs (SAM 2's `object_score_logits`) follow SAM's three. See docs/onnx.md.
 """
 
 from typing import Any
 
 FORMAT = "finesam-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the processing names (SAM 2); a version 1 file (no names) is read as SAM's
+READABLE_VERSIONS = (1, 2)
 
 ENCODER_FILE, DECODER_FILE, DESCRIPTION_FILE = "encoder.onnx", "decoder.onnx", "model.json"
 QUANTIZED_FILES = {ENCODER_FILE: "encoder.quant.onnx", DECODER_FILE: "decoder.quant.onnx"}
@@ -22,6 +26,7 @@ ALL_FILES = (
 )
 
 IMAGE, IMAGE_EMBEDDINGS, HQ_FEATURES = "image", "image_embeddings", "hq_features"
+IMAGE_EMBED = "image_embed"  # the embedding's name where the encoder outputs more features (SAM 2)
 POINT_COORDS, POINT_LABELS, MASK_INPUT, HAS_MASK_INPUT, ORIG_IM_SIZE = (
     "point_coords",
     "point_labels",
@@ -37,27 +42,51 @@ DECODER_OUTPUTS = (MASKS, IOU_PREDICTIONS, LOW_RES_MASKS)
 OPSET, MIN_OPSET = 17, 14  # 17: LayerNormalization is one op; 14: the oldest the attention export supports
 
 
-def encoder_outputs(hq: bool) -> tuple[str, ...]:
-    return (IMAGE_EMBEDDINGS, HQ_FEATURES) if hq else (IMAGE_EMBEDDINGS,)
+# the processing of a model, by name (`SegmentAnything.processing_names`): SAM's, for version 1 files
+SAM_PROCESSING = {
+    "preprocessing": "longest_side_padded",
+    "prompt_order": "points_first",
+    "postprocessing": "crop_then_resize",
+}
+SQUARE, BOXES_FIRST_PADDED, RESIZE = "square", "boxes_first_padded", "resize"  # SAM 2's
 
 
-def decoder_inputs(hq: bool) -> tuple[str, ...]:
-    return (IMAGE_EMBEDDINGS, *DECODER_PROMPT_INPUTS, *((HQ_FEATURES,) if hq else ()))
+def feature_names(count: int) -> tuple[str, ...]:
+    """The ONNX names of the encoder's extra features, in the model's order (SAM 2: strides 4 then 8)."""
+    return tuple(f"high_res_feats_{i}" for i in range(count))
+
+
+def embedding_name(features: int) -> str:
+    return IMAGE_EMBED if features else IMAGE_EMBEDDINGS
 
 
 def tensors(
-    image_size: int, embedding_dim: int, embedding_size: int, hq: bool, masks: int
+    image_size: int,
+    embedding_dim: int,
+    embedding_size: int,
+    hq: bool,
+    masks: int,
+    features: tuple[list[int], ...] = (),
+    extra_outputs: tuple[str, ...] = (),
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Shapes (ints, or names of dynamic axes) and types of every input and output, for `model.json`."""
+    """Shapes (ints, or names of dynamic axes) and types of every input and output, in order, for `model.json`
+    (and the exporter's names of the traced inputs and outputs).
+    `features`: the shapes of the encoder's extra features; `extra_outputs`: the decoder's, each (1, 1)."""
     low = 4 * embedding_size
     embeddings = {"shape": [1, embedding_dim, embedding_size, embedding_size], "dtype": "float32"}
     hq_features = {"shape": [1, embedding_dim // 8, low, low], "dtype": "float32"}
-    encoder_out = {IMAGE_EMBEDDINGS: embeddings, **({HQ_FEATURES: hq_features} if hq else {})}
+    extra = {
+        name: {"shape": list(shape), "dtype": "float32"}
+        for name, shape in zip(feature_names(len(features)), features, strict=True)
+    }
+    embedding = embedding_name(len(features))
+    encoder_out = {embedding: embeddings, **({HQ_FEATURES: hq_features} if hq else {}), **extra}
     return {
         "encoder_inputs": {IMAGE: {"shape": [1, 3, image_size, image_size], "dtype": "float32"}},
         "encoder_outputs": encoder_out,
         "decoder_inputs": {
-            IMAGE_EMBEDDINGS: embeddings,
+            embedding: embeddings,
+            **extra,
             POINT_COORDS: {"shape": [1, "num_points", 2], "dtype": "float32"},
             POINT_LABELS: {"shape": [1, "num_points"], "dtype": "float32"},
             MASK_INPUT: {"shape": [1, 1, low, low], "dtype": "float32"},
@@ -69,5 +98,6 @@ def tensors(
             MASKS: {"shape": [1, masks, "height", "width"], "dtype": "float32"},
             IOU_PREDICTIONS: {"shape": [1, masks], "dtype": "float32"},
             LOW_RES_MASKS: {"shape": [1, masks, low, low], "dtype": "float32"},
+            **{name: {"shape": [1, 1], "dtype": "float32"} for name in extra_outputs},
         },
     }

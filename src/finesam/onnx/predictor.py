@@ -16,10 +16,12 @@ from finesam.inputs import (
     MASK_THRESHOLD,
     ImageLike,
     as_rgb,
+    boxes_first_labelled_points,
     check_prompts,
     labelled_points,
     model_input,
     scale_coordinates,
+    square_model_input,
 )
 from finesam.onnx import interface as io
 
@@ -28,7 +30,7 @@ from finesam.onnx import interface as io
 class OnnxEmbedding:
     """An image encoded by the exported encoder: its outputs by name, and the sizes decoding needs."""
 
-    outputs: dict[str, np.ndarray]  # image_embeddings, and hq_features for HQ-SAM
+    outputs: dict[str, np.ndarray]  # image_embeddings (hq_features for HQ-SAM); SAM 2: image_embed, high_res_feats_*
     original_size: tuple[int, int]  # (height, width)
     input_size: tuple[int, int]  # (height, width) inside the model input
 
@@ -40,6 +42,12 @@ class OnnxPrediction:
     masks: np.ndarray  # (B, C, H, W) bool, or float32 logits with return_logits=True
     iou_predictions: np.ndarray  # (B, C)
     low_res_logits: np.ndarray  # (B, C, 4E, 4E)
+    object_score_logits: np.ndarray | None = None  # (B, 1) for SAM 2, None for SAM
+
+
+# the numpy twins of the models' processing (`SegmentAnything.processing_names`), by the names model.json gives
+PREPROCESSING = {"longest_side_padded": model_input, io.SQUARE: square_model_input}
+PROMPT_ORDERS = {"points_first": labelled_points, io.BOXES_FIRST_PADDED: boxes_first_labelled_points}
 
 
 def read_description(folder: str | Path) -> dict[str, Any]:
@@ -55,8 +63,18 @@ def read_description(folder: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable finesam export description ({e})") from None
     if not isinstance(description, dict) or description.get("format") != io.FORMAT:
         raise ValueError(f'{path}: not a finesam ONNX export (no "format": "{io.FORMAT}")')
-    if description.get("version") != io.FORMAT_VERSION:
-        raise ValueError(f"{path}: export format version {description.get('version')}; this finesam reads 1")
+    if description.get("version") not in io.READABLE_VERSIONS:
+        readable = " and ".join(map(str, io.READABLE_VERSIONS))
+        raise ValueError(f"{path}: export format version {description.get('version')}; this finesam reads {readable}")
+    processing = description.get("processing", io.SAM_PROCESSING)
+    known = {
+        "preprocessing": PREPROCESSING,
+        "prompt_order": PROMPT_ORDERS,
+        "postprocessing": ("crop_then_resize", io.RESIZE),  # inside the decoder graph
+    }
+    for field, names in known.items():
+        if not isinstance(processing, dict) or processing.get(field) not in names:
+            raise ValueError(f"{path}: unknown {field} {processing!r}: exported by a newer finesam?")
     return description
 
 
@@ -103,12 +121,16 @@ class OnnxPredictor:
         self.mask_input_size: int = self.description["decoder_inputs"][io.MASK_INPUT]["shape"][-1]
         self.multimask_output: bool = self.description["multimask_output"]
         self._encoder_outputs = [output.name for output in self.encoder.get_outputs()]
-        self._decoder_inputs = {i.name for i in self.decoder.get_inputs()}
+        self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
+        self._decoder_outputs = [output.name for output in self.decoder.get_outputs()]
+        processing = self.description.get("processing", io.SAM_PROCESSING)  # version 1: SAM's
+        self._preprocess = PREPROCESSING[processing["preprocessing"]]
+        self._labelled_points = PROMPT_ORDERS[processing["prompt_order"]]
 
     def encode_image(self, image: ImageLike) -> OnnxEmbedding:
         """Encodes an image (PIL of any mode, or a numpy array, as `SegmentAnything.encode_image` takes it)."""
         rgb = as_rgb(image)
-        pixels, input_size = model_input(rgb, self.image_size)
+        pixels, input_size = self._preprocess(rgb, self.image_size)
         outputs = self.encoder.run(self._encoder_outputs, {io.IMAGE: pixels})
         named = dict(zip(self._encoder_outputs, outputs, strict=True))
         return OnnxEmbedding(named, (rgb.height, rgb.width), input_size)
@@ -153,8 +175,9 @@ class OnnxPredictor:
             mask_input_size=self.mask_input_size,
         )
         results = [self._decode(embedding, checked, i) for i in range(checked.batch)]
-        masks, iou, low_res = (np.concatenate(parts) for parts in zip(*results, strict=True))
-        return OnnxPrediction(masks if return_logits else masks > MASK_THRESHOLD, iou, low_res)
+        masks, iou, low_res, *extra = (np.concatenate(parts) for parts in zip(*results, strict=True))
+        scores = extra[0] if extra else None
+        return OnnxPrediction(masks if return_logits else masks > MASK_THRESHOLD, iou, low_res, scores)
 
     def _decode(self, embedding: OnnxEmbedding, checked: Any, index: int) -> tuple[np.ndarray, ...]:
         def pick(array: np.ndarray | None) -> np.ndarray | None:
@@ -162,7 +185,7 @@ class OnnxPredictor:
 
         sizes = (embedding.original_size, embedding.input_size)
         points, labels, box = pick(checked.points), pick(checked.labels), pick(checked.boxes)
-        coords, kinds = labelled_points(  # the rule of the torch model, padding point included
+        coords, kinds = self._labelled_points(  # the order of the model, padding point included
             None if points is None else scale_coordinates(points, *sizes),
             labels,
             None if box is None else scale_coordinates(box.reshape(2, 2), *sizes),
@@ -170,13 +193,12 @@ class OnnxPredictor:
         mask = pick(checked.mask_input)
         low = self.mask_input_size
         feeds = {
-            io.IMAGE_EMBEDDINGS: embedding.outputs[io.IMAGE_EMBEDDINGS],
             io.POINT_COORDS: coords[None].astype(np.float32),
             io.POINT_LABELS: kinds[None].astype(np.float32),
             io.MASK_INPUT: np.zeros((1, 1, low, low), np.float32) if mask is None else mask[None].astype(np.float32),
             io.HAS_MASK_INPUT: np.array([0.0 if mask is None else 1.0], dtype=np.float32),
             io.ORIG_IM_SIZE: np.array(embedding.original_size, dtype=np.float32),
         }
-        if io.HQ_FEATURES in self._decoder_inputs:
-            feeds[io.HQ_FEATURES] = embedding.outputs[io.HQ_FEATURES]
-        return tuple(self.decoder.run(list(io.DECODER_OUTPUTS), feeds))
+        # the embedding and whatever else the encoder computed for the decoder (HQ-SAM's, SAM 2's features)
+        feeds |= {name: embedding.outputs[name] for name in self._decoder_inputs if name in embedding.outputs}
+        return tuple(self.decoder.run(self._decoder_outputs, feeds))

@@ -16,10 +16,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import Tensor
 
-from finesam.inputs import MASK_THRESHOLD
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from finesam.inputs import IMAGENET_MEAN, IMAGENET_STD, MASK_THRESHOLD
 
 # the logit offsets the official predictor gives filled holes and removed sprinkles
 HOLE_LOGIT, SPRINKLE_LOGIT = MASK_THRESHOLD + 10.0, MASK_THRESHOLD - 10.0

@@ -21,7 +21,7 @@ from finesam.model.config import SAMConfig
 from finesam.model.prompts import Prompts
 from finesam.model.sam import SegmentAnything
 from finesam.model.sam2.config import SAM2_1_HIERA_TINY
-from finesam.model.sam2.mask_decoder import SAM2MaskDecoder
+from finesam.model.sam2.mask_decoder import HIGH_RES_S0, HIGH_RES_S1, SAM2MaskDecoder
 from finesam.model.sam2.processing import fill_holes_and_sprinkles, square_input, upscale_masks
 
 # the official predictor returns its low-resolution logits clamped to this range (to feed back as a mask input)
@@ -66,6 +66,12 @@ class SegmentAnything2(SegmentAnything):
     """
 
     decoder_class: ClassVar[type[fl.Chain]] = SAM2MaskDecoder
+    processing_names: ClassVar[dict[str, str]] = {
+        "preprocessing": "square",
+        "prompt_order": "boxes_first_padded",
+        "postprocessing": "resize",
+    }
+    extra_decoder_outputs: ClassVar[tuple[str, ...]] = ("object_score_logits",)
 
     def __init__(
         self, config: SAMConfig = SAM2_1_HIERA_TINY, device: Device | str | None = None, dtype: DType | None = None
@@ -73,6 +79,11 @@ class SegmentAnything2(SegmentAnything):
         super().__init__(config, device=device, dtype=dtype)
         self.max_hole_area = 0.0
         self.max_sprinkle_area = 0.0
+
+    def decoder_image_features(self) -> dict[str, tuple[int, ...]]:
+        """The high-resolution features of the decoder's upscaling skips (strides 4 and 8)."""
+        dim, low = self.config.decoder.prompt_dim, self.config.mask_input_size
+        return {HIGH_RES_S0: (1, dim // 8, low, low), HIGH_RES_S1: (1, dim // 4, low // 2, low // 2)}
 
     def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
         """The square, antialiased input; the whole model input is the image."""
