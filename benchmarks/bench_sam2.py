@@ -65,7 +65,8 @@ def main() -> None:
             ),
         ]
         for name, theirs, mine in cases:
-            theirs(), mine()  # warm-up
+            theirs()  # warm-up
+            mine()
             a, b = [], []
             for _ in range(args.repeats):  # alternating
                 a.append(_median(theirs, 1))

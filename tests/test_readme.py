@@ -111,6 +111,7 @@ def test_every_readme_command_line_runs(workspace):
         ran.append(args[0])
     assert (workspace / "truck_mask.png").is_file() and (workspace / "hq_mask.png").is_file()
     assert (workspace / "sam2_mask.png").is_file() and (workspace / "sam2_masks" / "masks.json").is_file()
+    assert (workspace / "sam2_onnx" / "model.json").is_file()
     assert (workspace / "truck_masks" / "masks.json").is_file() and (workspace / "out" / "demo_overlay.png").is_file()
     assert (workspace / "runs" / "hq" / "hq.safetensors").is_file() and (workspace / "eval" / "eval.md").is_file()
     assert (workspace / "onnx" / "model.json").is_file()

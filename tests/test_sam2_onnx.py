@@ -29,10 +29,10 @@ from finesam.onnx.export import export
 from finesam.weights import save_sam
 from finesam.weights.layouts.hiera import is_memory_key
 from finesam.weights.sam_keys import convert_state_dict
-from official_sam2 import SAM2Base, SAM2ImagePredictor, build_official_sam2, small_hiera
 
 from conftest import photo
 from helpers import finesam
+from official_sam2 import SAM2Base, SAM2ImagePredictor, build_official_sam2, small_hiera
 
 ONNX_TOLERANCE = 1e-3
 RESIZE_TOLERANCE = 1e-5
