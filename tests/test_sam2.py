@@ -10,18 +10,23 @@ import numpy as np
 import pytest
 import torch
 import transformers  # noqa: F401  before the reference: its torchvision stand-in confuses transformers' import checks
+from PIL import Image
 from refiners.fluxion import layers as fl
 
+from finesam.data.synthetic import write_dataset
 from finesam.model.config import SAMConfig
 from finesam.model.sam import build_sam
 from finesam.model.sam2.config import HieraConfig, SAM2DecoderConfig
 from finesam.model.sam2.mask_decoder import SAM2MultimaskSelection, stability_scores
 from finesam.model.sam2.sam2 import SegmentAnything2
+from finesam.training.config import load_config
+from finesam.training.trainer import Trainer
 from finesam.weights.layouts.hiera import is_memory_key
 from finesam.weights.loading import convert_checkpoint, load_sam, read_kept, sam_from_state_dict, save_sam
 from finesam.weights.sam_keys import convert_state_dict
 
 from conftest import PHOTOS, max_diff
+from helpers import write_config
 from official_sam2 import SAM2ImagePredictor, build_official_sam2, small_hiera
 
 # largest absolute difference allowed with the official predictor: logits at the original size, low-resolution
@@ -217,3 +222,26 @@ def test_official_files_load_and_round_trip(tmp_path):
     memory = {k: v for k, v in state_dict.items() if is_memory_key(k)}
     assert kept.keys() == memory.keys() and all(torch.equal(kept[k], v) for k, v in memory.items())
     assert load_sam(report.written[0]).config == ours.config
+
+
+def test_adapters_train_on_a_frozen_sam2_in_its_own_input_frame(tmp_path):
+    _, ours = _small()
+    base = save_sam(ours, tmp_path / "sam2.safetensors")
+    train = write_dataset(tmp_path / "train", 2, seed=0, size=(96, 64))
+    extra = "[lora]\nrank = 4\ntargets = ['decoder', 'encoder_attention']"
+    config = load_config(
+        write_config(tmp_path / "c.toml", base, train, tmp_path / "run", extra, epochs=1, batch_size=2)
+    )
+    trainer = Trainer(config, progress=False)
+    # the samples are what SAM 2's inference sees: the image squashed to the square input
+    sample = trainer.data.sample(0, epoch=0)
+    pixels, _ = ours.preprocess(Image.open(sample.image_path).convert("RGB"))
+    assert max_diff(sample.pixels, pixels[0]) <= 1e-6
+    base_state = {k: v.clone() for k, v in load_sam(base).state_dict().items()}
+    lora = trainer.adapters["lora"]
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    trainer.run()
+    assert any(not torch.equal(before[k], v) for k, v in lora.state_dict().items())
+    lora.eject()
+    state = trainer.model.state_dict()
+    assert list(state) == list(base_state) and all(torch.equal(state[k], base_state[k]) for k in state)

@@ -18,6 +18,7 @@ from finesam.data.sampling import foreground_points, mask_box, noisy_box, sample
 from finesam.inputs import resized_shape
 from finesam.model.processing import resized_and_normalised
 from finesam.model.prompts import Prompts
+from finesam.model.sam2.processing import square_input
 from finesam.training.config import DataConfig, PromptConfig
 
 
@@ -30,18 +31,24 @@ class Sample:
 
 
 def to_input_frame(
-    image: Image.Image, mask: Tensor, size: int, config: DataConfig, g: torch.Generator
+    image: Image.Image, mask: Tensor, size: int, config: DataConfig, g: torch.Generator, square: bool = False
 ) -> tuple[Float[Tensor, "3 size size"], Float[Tensor, "size size"]]:
-    """Flip / large-scale jitter (when enabled), resize with the longest side at `size` x scale, then crop or pad
-    to `size` x `size`: the image normalised (padding 0 after normalisation, as SAM's), the mask in [0, 1]."""
+    """Flip / large-scale jitter (when enabled), resize with the longest side at `size` x scale (`square`: both
+    sides, as SAM 2's input), then crop or pad to `size` x `size`: the image normalised as the model's
+    preprocessing does it (padding 0 after normalisation, as SAM's), the mask in [0, 1]."""
     if config.flip and torch.rand((), generator=g) < 0.5:
         image, mask = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mask.flip(-1)
     scale = 1.0
     if config.scale_jitter is not None:
         low, high = config.scale_jitter
         scale = low + (high - low) * torch.rand((), generator=g).item()
-    height, width = resized_shape(image.height, image.width, max(1, round(size * scale)))
-    pixels = resized_and_normalised(image, (height, width))  # without jitter: exactly what inference sees
+    side = max(1, round(size * scale))
+    if square:  # without jitter: exactly what SAM 2's inference sees
+        height, width = side, side
+        pixels = square_input(image, side)[0]
+    else:  # without jitter: exactly what SAM's inference sees
+        height, width = resized_shape(image.height, image.width, side)
+        pixels = resized_and_normalised(image, (height, width))
     mask = F.interpolate(mask[None, None], (height, width), mode="bilinear", align_corners=False)[0, 0]
     top = int(torch.randint(0, height - size + 1, (), generator=g)) if height > size else 0
     left = int(torch.randint(0, width - size + 1, (), generator=g)) if width > size else 0
@@ -79,10 +86,17 @@ class TrainingSet:
     """The (image, mask) pairs of a dataset folder as training samples for a model of input size `size`."""
 
     def __init__(
-        self, pairs: list[tuple[Path, Path]], data: DataConfig, prompts: PromptConfig, size: int, low: int, seed: int
+        self,
+        pairs: list[tuple[Path, Path]],
+        data: DataConfig,
+        prompts: PromptConfig,
+        size: int,
+        low: int,
+        seed: int,
+        square: bool = False,
     ) -> None:
         self.pairs, self.data, self.prompts = pairs, data, prompts
-        self.size, self.low, self.seed = size, low, seed
+        self.size, self.low, self.seed, self.square = size, low, seed, square
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -91,6 +105,6 @@ class TrainingSet:
         g = sample_generator(self.seed, epoch, index)
         image_path, mask_path = self.pairs[index]
         image, mask = load_pair(image_path, mask_path)
-        pixels, mask = to_input_frame(image, mask, self.size, self.data, g)
+        pixels, mask = to_input_frame(image, mask, self.size, self.data, g, self.square)
         target = F.interpolate(mask[None, None], (self.low, self.low), mode="bilinear", align_corners=False)[0]
         return Sample(pixels, target, sample_prompt(mask, target, self.prompts, self.size, g), image_path)

@@ -111,9 +111,10 @@ class Trainer:
             raise ValueError(f"{config.data.train}: {len(pairs)} samples, fewer than batch_size {optim.batch_size}")
         if optim.batch_size % self.dist.world:
             raise ValueError(f"batch_size {optim.batch_size} does not split over {self.dist.world} processes")
-        self.data = TrainingSet(
-            pairs, config.data, config.prompts, model.config.image_size, model.config.mask_input_size, config.run.seed
-        )
+        size, low = model.config.image_size, model.config.mask_input_size
+        # the input frame of the model's own preprocessing (SAM 2 squashes the image to a square)
+        square = model.processing_names["preprocessing"] == "square"
+        self.data = TrainingSet(pairs, config.data, config.prompts, size, low, config.run.seed, square)
         self.steps_per_epoch = len(pairs) // optim.batch_size  # the last incomplete batch is dropped
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.out = config.run.out
