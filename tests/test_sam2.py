@@ -13,6 +13,7 @@ import transformers  # noqa: F401  before the reference: its torchvision stand-i
 from PIL import Image
 from refiners.fluxion import layers as fl
 
+from finesam.adapters.hq import HQSAMAdapter
 from finesam.data.synthetic import write_dataset
 from finesam.model.config import SAMConfig
 from finesam.model.sam import build_sam
@@ -245,3 +246,11 @@ def test_adapters_train_on_a_frozen_sam2_in_its_own_input_frame(tmp_path):
     lora.eject()
     state = trainer.model.state_dict()
     assert list(state) == list(base_state) and all(torch.equal(state[k], base_state[k]) for k in state)
+
+
+def test_the_sam1_hq_adapter_refuses_a_sam2_model_with_a_reason():
+    _, ours = _small()
+    with pytest.raises(
+        ValueError, match="HQ-SAM adapts SAM's mask decoder; this SegmentAnything2 has a SAM2MaskDecoder"
+    ):
+        HQSAMAdapter(ours)

@@ -118,6 +118,11 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         early_layer: fl.Module | None = None,
     ) -> None:
         _ensure_no_hq(target)
+        if not isinstance(target.mask_decoder, MaskDecoder):
+            raise ValueError(
+                f"HQ-SAM adapts SAM's mask decoder; this {type(target).__name__} has a "
+                f"{type(target.mask_decoder).__name__} (HQ-SAM 2 is its own adapter)"
+            )
         config = target.config
         device = target.device if device is None else device
         dtype = target.mask_decoder.dtype if dtype is None else dtype  # the HQ parts run with the decoder
