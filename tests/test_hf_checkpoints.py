@@ -286,11 +286,13 @@ def test_bad_tensors_are_named(hf_sam_folder, tmp_path, edit, message):
 
 
 def test_other_checkpoints_are_refused_with_a_reason(hf_sam_folder, tmp_path):
-    sam2 = copy_checkpoint(hf_sam_folder, tmp_path / "sam2", config={"model_type": "sam2"})
-    with pytest.raises(CheckpointError, match=r"model_type 'sam2'; finesam reads .* 'sam' \(SamModel\) or 'sam_hq'"):
-        load_sam(sam2)
-    with pytest.raises(CheckpointError, match="model_type 'sam2'"):
-        convert_checkpoint(sam2 / "model.safetensors", tmp_path / "out")
+    sam3 = copy_checkpoint(hf_sam_folder, tmp_path / "sam3", config={"model_type": "sam3"})
+    with pytest.raises(
+        CheckpointError, match=r"model_type 'sam3'; finesam reads .* 'sam' \(SamModel\), 'sam_hq' .* or 'sam2'"
+    ):
+        load_sam(sam3)
+    with pytest.raises(CheckpointError, match="model_type 'sam3'"):
+        convert_checkpoint(sam3 / "model.safetensors", tmp_path / "out")
     gelu = copy_checkpoint(
         hf_sam_folder, tmp_path / "gelu", config={"mask_decoder_config": {"hidden_act": "gelu", "iou_head_depth": 4}}
     )
