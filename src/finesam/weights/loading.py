@@ -116,8 +116,9 @@ def _model_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_sam(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, fast: bool = True
 ) -> SegmentAnything:
-    """Loads a SAM of any size from a converted `.safetensors` file, an official `.pth` (SAM, MobileSAM or the
-    SAM part of HQ-SAM; its HQ part loads with `load_hq`) or a Hugging Face `SamModel` / `SamHQModel` checkpoint.
+    """Loads a SAM of any size from a converted `.safetensors` file, an official `.pth` / `.pt` (SAM, MobileSAM,
+    SAM 2 / 2.1, or the SAM part of HQ-SAM; its HQ part loads with `load_hq`) or a Hugging Face `SamModel` /
+    `SamHQModel` / `Sam2Model` checkpoint.
 
     Args:
         path: the weights file, or the folder of a Hugging Face checkpoint.
@@ -205,8 +206,8 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
 
     Args:
         checkpoint: an official checkpoint of a registered encoder family (SAM, HQ-SAM, MobileSAM, SlimSAM, ...),
-            or a Hugging Face `SamModel` / `SamHQModel` checkpoint (its folder, or its `model.safetensors` with
-            `config.json` beside it).
+            SAM 2 / 2.1, or a Hugging Face `SamModel` / `SamHQModel` / `Sam2Model` checkpoint (its folder, or its
+            `model.safetensors` with `config.json` beside it).
         out_dir: where the converted files go (created if needed).
 
     Returns:
