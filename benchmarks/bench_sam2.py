@@ -1,6 +1,7 @@
-"""SAM 2.1 on images against Meta's sam2 1.1.0 in the same process, alternating: the image encoder (fp32, and
-ours in bf16), one box prompt, 64 boxes in one call. Random weights of a release's shapes (the timings do not
-depend on the values). Prints each median and the ratio ours / official.
+"""SAM 2.1 on images against Meta's sam2 1.1.0 and HF transformers' Sam2Model in the same process, alternating:
+the image encoder (fp32, ours also in bf16), one box prompt, 64 boxes in one call. Random weights of a release's
+shapes (the timings do not depend on the values), the same in all three (HF's through finesam's renames). Prints
+each median and the ratios ours / official and ours / HF.
 
     python benchmarks/bench_sam2.py --size tiny --repeats 3
 """
@@ -16,8 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
 
 import numpy as np
 import torch
-import transformers  # noqa: F401  before the reference (its torchvision stand-in)
+from transformers import Sam2Config, Sam2Model  # before the reference (its torchvision stand-in)
 
+from finesam.fast import apply_fast_paths
+from finesam.model.sam2.config import HieraConfig
+from finesam.weights.hf import to_hf_state_dict
 from finesam.weights.loading import sam_from_state_dict
 
 from official_sam2 import SAM2ImagePredictor, build_official_sam2
@@ -32,6 +36,25 @@ def _median(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def hf_model(encoder: HieraConfig, official: dict[str, torch.Tensor]) -> Sam2Model:
+    """HF's Sam2Model of a release's Hiera, holding the official weights."""
+    dims = list(encoder.dims)
+    backbone = {
+        "hidden_size": encoder.embed_dim,
+        "num_attention_heads": encoder.heads,
+        "blocks_per_stage": list(encoder.stages),
+        "embed_dim_per_stage": dims,
+        "num_attention_heads_per_stage": [encoder.heads * 2**i for i in range(len(dims))],
+        "window_size_per_stage": list(encoder.window_spec),
+        "global_attention_blocks": list(encoder.global_attention_blocks),
+        "window_positional_embedding_background_size": list(encoder.position_embedding_size),
+    }
+    vision = {"backbone_config": backbone, "backbone_channel_list": dims[::-1]}
+    model = Sam2Model(Sam2Config(vision_config=vision))
+    model.load_state_dict(to_hf_state_dict(official, "sam2"), strict=True)
+    return model.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base_plus", "large"])
@@ -40,46 +63,63 @@ def main() -> None:
     torch.manual_seed(0)
     official = build_official_sam2(f"sam2.1_hiera_{args.size}")
     ours = sam_from_state_dict(official.state_dict())
-    from finesam.fast import apply_fast_paths
-
     apply_fast_paths(ours)
+    assert isinstance(ours.config.encoder, HieraConfig)
+    hf = hf_model(ours.config.encoder, official.state_dict())
     image = (np.random.default_rng(0).random((768, 1024, 3)) * 255).astype(np.uint8)
     predictor = SAM2ImagePredictor(official)
     box = np.array([100.0, 100.0, 600.0, 500.0])
     boxes = np.stack([box + i for i in range(64)])
-    rows: list[tuple[str, float, float]] = []
+    rows: list[tuple[str, float, float, float | None]] = []
     with torch.inference_mode():
         predictor.set_image(image)
         embedding = ours.encode_image(image)
-        cases: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
-            ("encoder fp32", lambda: predictor.set_image(image), lambda: ours.encode_image(image)),
+        pixels, _ = ours.preprocess(image)
+        features = hf(pixel_values=pixels).image_embeddings
+        scale = torch.tensor([1024 / image.shape[1], 1024 / image.shape[0]] * 2)
+        hf_box = (torch.from_numpy(box).float() * scale)[None, None]
+        hf_boxes = (torch.from_numpy(boxes).float() * scale)[None]
+        cases: list[tuple[str, Callable[[], object], Callable[[], object], Callable[[], object] | None]] = [
+            (
+                "encoder fp32",
+                lambda: predictor.set_image(image),
+                lambda: ours.encode_image(image),
+                lambda: hf.get_image_embeddings(ours.preprocess(image)[0]),
+            ),
             (
                 "one box",
                 lambda: predictor.predict(box=box, multimask_output=False),
                 lambda: ours.predict(embedding, boxes=box),
+                lambda: hf(image_embeddings=features, input_boxes=hf_box, multimask_output=False),
             ),
             (
                 "64 boxes, one call",
                 lambda: predictor.predict(box=boxes, multimask_output=False),
                 lambda: ours.predict(embedding, boxes=boxes),
+                lambda: hf(image_embeddings=features, input_boxes=hf_boxes, multimask_output=False),
             ),
         ]
-        for name, theirs, mine in cases:
-            theirs()  # warm-up
-            mine()
-            a, b = [], []
+        for name, theirs, mine, huggingface in cases:
+            for run in (theirs, mine, huggingface):  # warm-up
+                if run is not None:
+                    run()
+            a, b, c = [], [], []
             for _ in range(args.repeats):  # alternating
                 a.append(_median(theirs, 1))
                 b.append(_median(mine, 1))
-            rows.append((name, statistics.median(a), statistics.median(b)))
+                if huggingface is not None:
+                    c.append(_median(huggingface, 1))
+            rows.append((name, statistics.median(a), statistics.median(b), statistics.median(c) if c else None))
         ours.set_encoder_dtype(torch.bfloat16)
         ours.encode_image(image)
         bf16 = _median(lambda: ours.encode_image(image), args.repeats)
-        rows.append(("encoder bf16 (ours) vs official fp32", rows[0][1], bf16))
+        rows.append(("encoder bf16 (ours) vs their fp32", rows[0][1], bf16, rows[0][3]))
     print(f"SAM 2.1 Hiera-{args.size}, {torch.get_num_threads()} threads")
-    print(f"{'case':40} {'official s':>11} {'finesam s':>10} {'ratio':>6}")
-    for name, theirs_s, mine_s in rows:
-        print(f"{name:40} {theirs_s:11.3f} {mine_s:10.3f} {mine_s / theirs_s:6.2f}")
+    print(f"{'case':36} {'official s':>10} {'HF s':>8} {'finesam s':>10} {'/official':>9} {'/HF':>6}")
+    for name, theirs_s, mine_s, hf_s in rows:
+        hf_text = f"{hf_s:8.3f}" if hf_s is not None else f"{'-':>8}"
+        ratio_hf = f"{mine_s / hf_s:6.2f}" if hf_s is not None else f"{'-':>6}"
+        print(f"{name:36} {theirs_s:10.3f} {hf_text} {mine_s:10.3f} {mine_s / theirs_s:9.2f} {ratio_hf}")
 
 
 if __name__ == "__main__":
