@@ -78,6 +78,8 @@ class SegmentAnything(fl.Chain):
     """
 
     decoder_class: ClassVar[type[fl.Chain]] = MaskDecoder
+    # the automatic mask generator's defaults for this model (`finesam.amg.options.GENERATOR_PRESETS`)
+    generator_preset: ClassVar[str] = "sam"
 
     def __init__(
         self, config: SAMConfig = SAM_VIT_B, device: Device | str | None = None, dtype: DType | None = None

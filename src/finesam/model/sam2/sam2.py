@@ -66,6 +66,7 @@ class SegmentAnything2(SegmentAnything):
     """
 
     decoder_class: ClassVar[type[fl.Chain]] = SAM2MaskDecoder
+    generator_preset: ClassVar[str] = "sam2"  # SAM2AutomaticMaskGenerator's defaults
 
     def __init__(
         self, config: SAMConfig = SAM2_1_HIERA_TINY, device: Device | str | None = None, dtype: DType | None = None
