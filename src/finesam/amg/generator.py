@@ -1,11 +1,17 @@
 """`AutomaticMaskGenerator`: masks for everything in an image, from a grid of point prompts.
 
 The procedure, options, defaults and records are those of the official `SamAutomaticMaskGenerator`
-(`segment_anything` 1.0; `segment_anything_hq` 0.3 when the HQ-SAM adapter is injected): the image (and each
-crop) is encoded once, the grid points are decoded a batch at a time, masks are kept when their predicted IoU
-and stability are high enough and they are not cut by a crop edge, duplicates are removed by box NMS within
-each crop and then across crops (masks from smaller crops win), optionally small islands and holes are
-removed (then NMS again).
+(`segment_anything` 1.0; `segment_anything_hq` 0.3 when the HQ-SAM adapter is injected) and, on SAM 2 models,
+of `SAM2AutomaticMaskGenerator` (sam2 1.1.0): the image (and each crop) is encoded once, the grid points are
+decoded a batch at a time (optionally each mask is refined once, fed back as a mask input with its point:
+`use_m2m`), masks are kept when their predicted IoU and stability are high enough and they are not cut by a
+crop edge, duplicates are removed by box NMS within each crop and then across crops (masks from smaller crops
+win), optionally small islands and holes are removed (then NMS again; or, with SAM 2, in the low-resolution
+logits by the model).
+
+What differs between model generations is in the model's hooks (coordinates, upscaling, the low-resolution
+logits fed back) and in the options, whose defaults a model class names (`finesam.amg.options.defaults_for`):
+no code here branches on a model type.
 """
 
 from collections.abc import Iterator, Sequence
@@ -30,14 +36,17 @@ from finesam.amg.geometry import (
     non_maximum_suppression,
     point_grid,
 )
+from finesam.amg.options import defaults_for
 from finesam.amg.regions import remove_small_regions
 from finesam.amg.rle import RLE, mask_to_rle, masks_to_rle, rle_area, rle_to_mask, to_coco
-from finesam.inputs import MASK_THRESHOLD, ImageLike, as_rgb
+from finesam.inputs import ImageLike, as_rgb
 from finesam.model.sam import ImageEmbedding, SegmentAnything
 from finesam.progress import progress_bar
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
+SmallRegions = Literal["masks", "model"]
+SMALL_REGIONS: tuple[str, ...] = ("masks", "model")
 MAX_CROP_LAYERS = 4  # 341 crops; the official generator's examples use 1 (5 crops)
 UPSCALE_BUDGET = 1 << 25  # float32 values of upscaled logits held at once (128 MB)
 COUNT_BUFFER = 1 << 22  # float32 values compared at once by `stability_score` (16 MB, reused)
@@ -134,7 +143,9 @@ def xywh(box: Sequence[int]) -> list[int]:
 
 class AutomaticMaskGenerator:
     """Segments everything in an image with a `SegmentAnything` model, as the official
-    `SamAutomaticMaskGenerator` (same options, defaults and records).
+    `SamAutomaticMaskGenerator` (same options, defaults and records), or with a SAM 2 model
+    (`SegmentAnything2`) as `SAM2AutomaticMaskGenerator`: options left as None take the model's defaults
+    (`finesam.amg.options.GENERATOR_PRESETS`).
 
     With the HQ-SAM adapter injected in the model the masks are HQ-SAM masks, as `segment_anything_hq`'s
     generator makes them; `hq_mask_only=True` keeps the HQ mask alone (official `hq_token_only`), `None` leaves
@@ -149,6 +160,13 @@ class AutomaticMaskGenerator:
     `crop_overlap_ratio`, with `points_per_side / crop_n_points_downscale_factor^i` points per side); islands and
     holes under `min_mask_region_area` pixels are removed; `output_mode` is "binary_mask", "uncompressed_rle"
     or "coco_rle" (COCO API compatible).
+
+    SAM 2's options: masks are cut at `mask_threshold` (logits; also the centre of the stability score);
+    `use_m2m` refines every decoded mask once, its clamped low-resolution logits (`model.returned_low_res`)
+    fed back as the mask input with its point, one mask out, before the masks are filtered; `small_regions`
+    says where `min_mask_region_area` acts: "masks" (SAM: holes and islands of the final masks, then NMS) or
+    "model" (SAM 2: the model's `max_hole_area` / `max_sprinkle_area` on the low-resolution logits, for the
+    call).
     """
 
     def __init__(
@@ -156,9 +174,10 @@ class AutomaticMaskGenerator:
         model: SegmentAnything,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
+        pred_iou_thresh: float | None = None,
         stability_score_thresh: float = 0.95,
         stability_score_offset: float = 1.0,
+        mask_threshold: float = 0.0,
         box_nms_thresh: float = 0.7,
         crop_n_layers: int = 0,
         crop_nms_thresh: float = 0.7,
@@ -169,7 +188,19 @@ class AutomaticMaskGenerator:
         output_mode: OutputMode = "binary_mask",
         multimask_output: bool = True,
         hq_mask_only: bool | None = None,
+        use_m2m: bool = False,
+        small_regions: SmallRegions | None = None,
     ) -> None:
+        defaults = defaults_for(model)
+        iou_thresh: float = defaults["pred_iou_thresh"] if pred_iou_thresh is None else pred_iou_thresh
+        small_regions = defaults["small_regions"] if small_regions is None else small_regions
+        if small_regions not in SMALL_REGIONS:
+            raise ValueError(f"unknown small_regions {small_regions!r}; one of {', '.join(SMALL_REGIONS)}")
+        if small_regions == "model" and model is not None and not hasattr(model, "max_hole_area"):
+            raise ValueError(
+                f'small_regions="model" needs a model that fills holes itself (max_hole_area, max_sprinkle_area): '
+                f"{type(model).__name__} does not"
+            )
         if not 0 <= crop_n_layers <= MAX_CROP_LAYERS:
             # the crop count only where it is a number worth reading: a request may send 10**30 layers
             crops = sum(4**i for i in range(crop_n_layers + 1)) if 0 < crop_n_layers <= 16 else None
@@ -206,9 +237,10 @@ class AutomaticMaskGenerator:
         if min_mask_region_area < 0:
             raise ValueError(f"min_mask_region_area must be >= 0, got {min_mask_region_area}")
         thresholds = dict(
-            pred_iou_thresh=pred_iou_thresh,
+            pred_iou_thresh=iou_thresh,
             stability_score_thresh=stability_score_thresh,
             stability_score_offset=stability_score_offset,
+            mask_threshold=mask_threshold,
             box_nms_thresh=box_nms_thresh,
             crop_nms_thresh=crop_nms_thresh,
         )
@@ -217,9 +249,10 @@ class AutomaticMaskGenerator:
                 raise ValueError(f"{name} must be a finite number, got {value}")
         self.model = model
         self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = pred_iou_thresh
+        self.pred_iou_thresh = iou_thresh
         self.stability_score_thresh = stability_score_thresh
         self.stability_score_offset = stability_score_offset
+        self.mask_threshold = mask_threshold
         self.box_nms_thresh = box_nms_thresh
         self.crop_n_layers = crop_n_layers
         self.crop_nms_thresh = crop_nms_thresh
@@ -228,6 +261,8 @@ class AutomaticMaskGenerator:
         self.output_mode = output_mode
         self.multimask_output = multimask_output
         self.hq_mask_only = hq_mask_only
+        self.use_m2m = use_m2m
+        self.small_regions = small_regions
 
     @classmethod
     def check_options(cls, **options: Any) -> None:
@@ -253,9 +288,9 @@ class AutomaticMaskGenerator:
             progress: a progress bar of the point batches on stderr (see `finesam.progress`).
         """
         pixels = np.asarray(as_rgb(image))
-        with self._hq_setting():
+        with self._hq_setting(), self._model_small_regions():
             candidates = self._generate(pixels, progress)
-        if self.min_mask_region_area > 0:
+        if self.min_mask_region_area > 0 and self.small_regions == "masks":
             candidates = self._without_small_regions(candidates)
         return [self._record(candidates, i) for i in range(len(candidates))]
 
@@ -266,6 +301,21 @@ class AutomaticMaskGenerator:
             return
         with hq_mask_only_set_to(self.model, self.hq_mask_only):
             yield
+
+    @contextmanager
+    def _model_small_regions(self) -> Iterator[None]:
+        """With small_regions="model", the model fills holes and removes sprinkles of min_mask_region_area
+        pixels in its low-resolution logits for the call (as SAM 2's generator builds its predictor)."""
+        if self.small_regions != "model" or self.min_mask_region_area == 0:
+            yield
+            return
+        model: Any = self.model
+        saved = model.max_hole_area, model.max_sprinkle_area
+        model.max_hole_area = model.max_sprinkle_area = self.min_mask_region_area
+        try:
+            yield
+        finally:
+            model.max_hole_area, model.max_sprinkle_area = saved
 
     def _generate(self, image: np.ndarray, progress: bool) -> Candidates:
         height, width = image.shape[:2]
@@ -307,6 +357,8 @@ class AutomaticMaskGenerator:
         masks_per_point = low_res.shape[1]
         low_res, iou = low_res.flatten(0, 1), iou.flatten()
         point_of_mask = torch.from_numpy(points).repeat_interleave(masks_per_point, dim=0)
+        if self.use_m2m:
+            low_res, iou = self._refined(embedding, point_of_mask, low_res)
         # the predicted IoU needs no upscaling: filter first, then upscale the survivors a chunk at a time
         selected = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
         height, width = embedding.original_size
@@ -316,6 +368,24 @@ class AutomaticMaskGenerator:
             for index in selected.nonzero()[:, 0].split(chunk)
         ]
         return Candidates.concatenate(parts) if parts else _no_candidates()
+
+    def _refined(
+        self, embedding: ImageEmbedding, points: Tensor, low_res: Tensor
+    ) -> tuple[Float[Tensor, "n low low"], Float[Tensor, " n"]]:
+        """Every mask decoded again from its point and its own low-resolution logits (as the model returns them
+        to be fed back), one mask each, `points_per_batch` at a time (the official `refine_with_m2m`)."""
+        model, step = self.model, self.points_per_batch
+        refined, ious = [], []
+        for i in range(0, len(points), step):
+            fed_back = model.returned_low_res(low_res[i : i + step, None]).cpu()
+            masks, iou = model.decode_prompts(
+                embedding, points=points[i : i + step, None, :], mask_input=fed_back, multimask_output=False
+            )
+            refined.append(masks[:, 0])
+            ious.append(iou[:, 0])
+        if not refined:
+            return low_res, low_res.new_zeros(0)
+        return torch.cat(refined), torch.cat(ious)
 
     def _upscaled(
         self,
@@ -328,11 +398,11 @@ class AutomaticMaskGenerator:
     ) -> Candidates:
         resize = (embedding.input_size, embedding.original_size)
         logits = self.model.postprocess(low_res[:, None], *resize)[:, 0]
-        stability = stability_score(logits, MASK_THRESHOLD, self.stability_score_offset)
+        stability = stability_score(logits, self.mask_threshold, self.stability_score_offset)
         if self.stability_score_thresh > 0:
             stable = stability >= self.stability_score_thresh
             logits, iou, stability, points = logits[stable], iou[stable], stability[stable], points[stable.cpu()]
-        masks = logits > MASK_THRESHOLD
+        masks = logits > self.mask_threshold
         boxes = boxes_from_masks(masks)
         height, width = image_size
         inside = ~box_near_crop_edge(boxes, crop_box, [0, 0, width, height])

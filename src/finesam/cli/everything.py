@@ -37,7 +37,7 @@ from finesam.weights import atomic_write, check_output
 
 @inference
 def run_everything(args: argparse.Namespace) -> None:
-    options = generator_arguments(args)
+    options = {**generator_arguments(args), "use_m2m": args.use_m2m}
     AutomaticMaskGenerator.check_options(**options)  # before the model loads
     if args.source.is_dir() or (args.source.is_file() and not is_image_file(args.source)):
         run_everything_on_dataset(args, options)
@@ -122,7 +122,8 @@ def add_commands(commands: Commands) -> None:
     everything = add_command(
         commands,
         "everything",
-        "segment everything: automatic masks from a grid of points (official SamAutomaticMaskGenerator)",
+        "segment everything: automatic masks from a grid of points (official SamAutomaticMaskGenerator, or "
+        "SAM2AutomaticMaskGenerator with a SAM 2 model, each with its defaults)",
         (model_options(), lora_options(), generator_options(), labelling_options()),
     )
     everything.add_argument(
@@ -132,6 +133,12 @@ def add_commands(commands: Commands) -> None:
         help="an image (any format PIL reads), a folder of images (recursive) or a text file of image paths",
     )
     everything.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    everything.add_argument(
+        "--use-m2m",
+        action="store_true",
+        help="refine every mask once, fed back as a mask input with its point (SAM2AutomaticMaskGenerator's "
+        "use_m2m; any model)",
+    )
     everything.add_argument(
         "--format",
         choices=["png", "coco"],

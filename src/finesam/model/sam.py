@@ -87,6 +87,8 @@ class SegmentAnything(fl.Chain):
     }
     # the decoder's outputs after the mask logits and IoUs, by name, each (batch, 1) (SAM 2: object scores)
     extra_decoder_outputs: ClassVar[tuple[str, ...]] = ()
+    # the automatic mask generator's defaults for this model (`finesam.amg.options.GENERATOR_PRESETS`)
+    generator_preset: ClassVar[str] = "sam"
 
     def __init__(
         self, config: SAMConfig = SAM_VIT_B, device: Device | str | None = None, dtype: DType | None = None

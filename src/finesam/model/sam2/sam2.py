@@ -72,6 +72,7 @@ class SegmentAnything2(SegmentAnything):
         "postprocessing": "resize",
     }
     extra_decoder_outputs: ClassVar[tuple[str, ...]] = ("object_score_logits",)
+    generator_preset: ClassVar[str] = "sam2"  # SAM2AutomaticMaskGenerator's defaults
 
     def __init__(
         self, config: SAMConfig = SAM2_1_HIERA_TINY, device: Device | str | None = None, dtype: DType | None = None
