@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import Sam2Config, Sam2Model  # before the reference (its torchvision stand-in)
 
 from finesam.fast import apply_fast_paths
@@ -40,6 +41,7 @@ def hf_model(encoder: HieraConfig, official: dict[str, torch.Tensor]) -> Sam2Mod
     """HF's Sam2Model of a release's Hiera, holding the official weights."""
     dims = list(encoder.dims)
     backbone = {
+        "model_type": "sam2_hiera_det_model",
         "hidden_size": encoder.embed_dim,
         "num_attention_heads": encoder.heads,
         "blocks_per_stage": list(encoder.stages),
@@ -67,6 +69,7 @@ def main() -> None:
     assert isinstance(ours.config.encoder, HieraConfig)
     hf = hf_model(ours.config.encoder, official.state_dict())
     image = (np.random.default_rng(0).random((768, 1024, 3)) * 255).astype(np.uint8)
+    picture = Image.fromarray(image)
     predictor = SAM2ImagePredictor(official)
     box = np.array([100.0, 100.0, 600.0, 500.0])
     boxes = np.stack([box + i for i in range(64)])
@@ -74,7 +77,7 @@ def main() -> None:
     with torch.inference_mode():
         predictor.set_image(image)
         embedding = ours.encode_image(image)
-        pixels, _ = ours.preprocess(image)
+        pixels, _ = ours.preprocess(picture)
         features = hf(pixel_values=pixels).image_embeddings
         scale = torch.tensor([1024 / image.shape[1], 1024 / image.shape[0]] * 2)
         hf_box = (torch.from_numpy(box).float() * scale)[None, None]
@@ -84,7 +87,7 @@ def main() -> None:
                 "encoder fp32",
                 lambda: predictor.set_image(image),
                 lambda: ours.encode_image(image),
-                lambda: hf.get_image_embeddings(ours.preprocess(image)[0]),
+                lambda: hf.get_image_embeddings(ours.preprocess(picture)[0]),
             ),
             (
                 "one box",
