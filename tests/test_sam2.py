@@ -15,9 +15,12 @@ from refiners.fluxion import layers as fl
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.data.synthetic import write_dataset
+from finesam.fast import apply_fast_paths, remove_fast_paths
+from finesam.fast.swap import is_fast
 from finesam.model.config import SAMConfig
 from finesam.model.sam import build_sam
 from finesam.model.sam2.config import HieraConfig, SAM2DecoderConfig
+from finesam.model.sam2.hiera import WindowedPositionEmbedding
 from finesam.model.sam2.mask_decoder import SAM2MultimaskSelection, stability_scores
 from finesam.model.sam2.sam2 import SegmentAnything2
 from finesam.training.config import load_config
@@ -254,3 +257,27 @@ def test_the_sam1_hq_adapter_refuses_a_sam2_model_with_a_reason():
         ValueError, match="HQ-SAM adapts SAM's mask decoder; this SegmentAnything2 has a SAM2MaskDecoder"
     ):
         HQSAMAdapter(ours)
+
+
+@torch.no_grad()
+def test_the_fast_paths_of_sam2_equal_its_reference():
+    _, ours = _small()
+    image = PHOTOS["portrait"]()
+    reference = ours.predict(image, **_ours_kwargs(PROMPTS["box and clicks"]), return_logits=True)
+    apply_fast_paths(ours)
+    try:
+        assert is_fast(ours.image_encoder.ensure_find(WindowedPositionEmbedding))
+        for _ in range(2):  # the second call reads what the first remembered
+            fast = ours.predict(image, **_ours_kwargs(PROMPTS["box and clicks"]), return_logits=True)
+            assert max_diff(fast.masks, reference.masks) <= 1e-5
+            assert max_diff(fast.iou_predictions, reference.iou_predictions) <= 1e-6
+        # the remembered embedding follows its weights
+        positions = ours.image_encoder.ensure_find(WindowedPositionEmbedding)
+        grid = torch.zeros(1, 256, 256, positions.background.shape[0])
+        before = positions(grid).clone()
+        positions.window.add_(1.0)
+        assert max_diff(positions(grid), before + 1.0) <= 1e-5
+        positions.window.sub_(1.0)
+    finally:
+        remove_fast_paths(ours)
+    assert not is_fast(ours.image_encoder.ensure_find(WindowedPositionEmbedding))
