@@ -281,3 +281,21 @@ def test_the_fast_paths_of_sam2_equal_its_reference():
     finally:
         remove_fast_paths(ours)
     assert not is_fast(ours.image_encoder.ensure_find(WindowedPositionEmbedding))
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has AMX:UserWarning")
+@torch.no_grad()
+def test_the_int8_encoder_runs_sam2():
+    official, _ = _small()
+    image = PHOTOS["portrait"]()
+    models = []
+    for _ in range(2):
+        model = build_sam(SMALL_SAM2)
+        model.load_state_dict(convert_state_dict(official.state_dict(), model, ignore=is_memory_key))
+        models.append(model.eval())
+    reference, quantized = models[0].encode_image(image), models[1].quantize_encoder().encode_image(image)
+    for a, b in [
+        (reference.embedding, quantized.embedding),
+        *((reference.features[k], quantized.features[k]) for k in ("high_res_s0", "high_res_s1")),
+    ]:
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) >= 0.99
