@@ -2,6 +2,7 @@
 random weights, same photo, runs interleaved.
 
     python benchmarks/bench_amg.py [--size vit_b] [--points-per-side 16] [--crop-n-layers 0] [--repeats 1]
+    python benchmarks/bench_amg.py --size sam2.1_hiera_tiny --points-per-side 32   # against SAM2AutomaticMaskGenerator
 
 Prints the median time of each generator, their masks per second and the speed-up (official / finesam).
 Random weights predict low IoUs and logits near 0, so the IoU and stability filters are off by default (every
@@ -16,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,12 +29,13 @@ from finesam.weights.loading import sam_from_state_dict
 
 from bench import photos
 from official import random_official, segment_anything, structured
+from official_sam2 import CONFIG_FILES, SAM2AutomaticMaskGenerator, build_official_sam2
 
 
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--size", default="vit_b", choices=["vit_b", "vit_l", "vit_h", *CONFIG_FILES])
     parser.add_argument("--points-per-side", type=int, default=16)
     parser.add_argument("--crop-n-layers", type=int, default=0)
     parser.add_argument("--pred-iou-thresh", type=float, default=0.0)
@@ -40,7 +43,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each generator, interleaved")
     args = parser.parse_args()
 
-    official = structured(random_official(args.size, seed=2))
+    sam2 = args.size in CONFIG_FILES
+    official: Any
+    if sam2:
+        official = build_official_sam2(args.size, seed=2)
+        with torch.no_grad():  # as `structured` does for SAM (the SAM 2 decoder has its own name)
+            for module in official.sam_mask_decoder.modules():
+                if isinstance(module, torch.nn.ConvTranspose2d):
+                    module.weight.copy_(module.weight[:, :, :1, :1].expand_as(module.weight))
+    else:
+        official = structured(random_official(args.size, seed=2))
     ours = sam_from_state_dict(official.state_dict())
     apply_fast_paths(ours)  # as load_sam gives it
     pixels = np.asarray(photos()[0])  # truck.jpg, or a random image without the benchmark photos
@@ -52,7 +64,9 @@ def main() -> None:
         stability_score_offset=0.01,
     )
     generators = {
-        "official": segment_anything.SamAutomaticMaskGenerator(official, **options).generate,
+        "official": (SAM2AutomaticMaskGenerator if sam2 else segment_anything.SamAutomaticMaskGenerator)(
+            official, **options
+        ).generate,
         "finesam": AutomaticMaskGenerator(ours, **options).generate,
     }
     times: dict[str, list[float]] = {name: [] for name in generators}
