@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finesam.adapters.hq import HQSAMAdapter
+from finesam.adapters.hq import HQAdapter
 from finesam.adapters.order import inject_in_order
 from finesam.devices import usable_device
 from finesam.model import SegmentAnything
@@ -134,7 +134,7 @@ def write_json(data: Any, path: Path) -> Path:
     return atomic_write(path, write)
 
 
-def load_base(args: argparse.Namespace) -> tuple[SegmentAnything, HQSAMAdapter | None]:
+def load_base(args: argparse.Namespace) -> tuple[SegmentAnything, HQAdapter | None]:
     """The model of `--weights` on `--device` in `--dtype`, and the HQ adapter of `--hq` (or of an official
     HQ-SAM `.pth` given as `--weights`), not injected; `--hq-only` set on it."""
     try:

@@ -25,7 +25,7 @@ from refiners.fluxion.adapters import LoraAdapter
 from torch.jit import TracerWarning  # pyright: ignore[reportPrivateImportUsage]
 from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
 
-from finesam.adapters.hq.layers import HQOutputRule
+from finesam.adapters.hq.layers import HQOutputRule, HQRule
 from finesam.fast import reference_paths
 from finesam.inputs import IMAGENET_MEAN, IMAGENET_STD, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
 from finesam.model.config import preset_name
@@ -57,7 +57,11 @@ def check_opset(opset: int) -> None:
 
 
 def _adapters(model: SegmentAnything) -> dict[str, Any]:
-    rule = model.find(HQOutputRule)
+    rule = model.find(HQRule)
+    if rule is not None and not isinstance(rule, HQOutputRule):
+        raise ValueError(
+            "ONNX export with HQ-SAM 2 is not supported yet: eject the HQSAM2Adapter to export the SAM 2.1 base"
+        )
     loras: dict[str, float] = {}
     for adapter, _ in model.walk(LoraAdapter):
         loras.update(adapter.scales)

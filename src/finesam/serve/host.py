@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from finesam.adapters.hq import HQSAMAdapter
+from finesam.adapters.hq import HQAdapter
 from finesam.adapters.lora import SAMLoraAdapter
 from finesam.adapters.order import injection_order
 from finesam.amg import AutomaticMaskGenerator
@@ -74,7 +74,7 @@ class ModelHost:
     def __init__(
         self,
         model: SegmentAnything,
-        hq: HQSAMAdapter | None = None,
+        hq: HQAdapter | None = None,
         loras: Sequence[SAMLoraAdapter] = (),
         cache_images: int = 8,
     ) -> None:
@@ -92,7 +92,7 @@ class ModelHost:
 
     # -- adapters -------------------------------------------------------------------------------------------
 
-    def _adapter(self, name: str) -> HQSAMAdapter | SAMLoraAdapter:
+    def _adapter(self, name: str) -> HQAdapter | SAMLoraAdapter:
         adapter = self.hq if name == HQ else self.loras[name]
         assert adapter is not None
         return adapter

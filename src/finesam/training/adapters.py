@@ -6,7 +6,7 @@ from typing import Any
 from refiners.fluxion import layers as fl
 from refiners.fluxion.adapters import Adapter
 
-from finesam.adapters.hq import HQSAMAdapter
+from finesam.adapters.hq import hq_adapter_for
 from finesam.adapters.lora import TARGETS, SAMLoraAdapter
 from finesam.model.sam import SegmentAnything
 from finesam.training.config import TrainConfig, VariantConfig
@@ -45,7 +45,7 @@ def build_adapters(config: TrainConfig, model: SegmentAnything) -> dict[str, Any
     adapters: dict[str, Any] = {}
     if config.hq is not None:
         source = hq_weights_for(config.model.weights, config.hq.init)
-        adapters["hq"] = HQSAMAdapter(model) if source is None else load_hq(model, source)
+        adapters["hq"] = hq_adapter_for(model) if source is None else load_hq(model, source)
         adapters["hq"].hq_mask_only = config.hq.hq_mask_only
     if config.lora is not None:
         lora = config.lora

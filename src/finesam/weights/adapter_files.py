@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from finesam.adapters.hq.adapter import HQSAMAdapter
+from finesam.adapters.hq import HQ_ADAPTERS
 from finesam.adapters.lora import SAMLoraAdapter
 from finesam.weights.hq import save_hq
 from finesam.weights.io import format_metadata, write_safetensors
@@ -19,7 +19,7 @@ def save_adapter(adapter: Any, directory: Path, name: str) -> Path:
     Returns:
         The file written.
     """
-    if type(adapter) is HQSAMAdapter:  # subclasses (variants) are saved as variants
+    if type(adapter) in HQ_ADAPTERS.values():  # HQ-SAM or HQ-SAM 2; subclasses (variants) are saved as variants
         return save_hq(adapter, directory / "hq.safetensors")
     if isinstance(adapter, SAMLoraAdapter):
         return save_lora(adapter, directory / f"{adapter.name}.lora.safetensors")

@@ -1,8 +1,9 @@
-"""`HQSAMAdapter`: HQ-SAM injected into a frozen `SegmentAnything`, and ejected again, without editing it."""
+"""`HQSAMAdapter`: HQ-SAM injected into a frozen `SegmentAnything`, and ejected again, without editing it; `HQAdapter`,
+what it shares with HQ-SAM 2's adapter (`finesam.adapters.hq.sam2`)."""
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from refiners.fluxion import layers as fl
 from refiners.fluxion.adapters import Adapter
@@ -21,6 +22,7 @@ from finesam.adapters.hq.layers import (
     HQMaskFeatures,
     HQMaskPrediction,
     HQOutputRule,
+    HQRule,
     HQToken,
     HQTokenMLP,
 )
@@ -56,18 +58,19 @@ class HQOutputToken(fl.Concatenate, Adapter[OutputTokens]):
             super().__init__(target, token, dim=1)
 
 
-class UpscaledEmbeddingCapture(fl.Chain, Adapter[UpscaledImageEmbedding]):
-    """Keeps SAM's upscaled mask features in `hq_sam.upscaled_embedding` for the HQ mask head."""
+class UpscaledEmbeddingCapture(fl.Chain, Adapter[fl.Chain]):
+    """Keeps SAM's upscaled mask features in `hq_sam.upscaled_embedding` for the HQ mask head (SAM's
+    `UpscaledImageEmbedding`, SAM 2's `UpscaledWithSkips`)."""
 
-    def __init__(self, target: UpscaledImageEmbedding) -> None:
+    def __init__(self, target: fl.Chain) -> None:
         with self.setup_adapter(target):
             super().__init__(target, fl.SetContext(CONTEXT, "upscaled_embedding"))
 
 
-class HQMaskHead(fl.Concatenate, Adapter[MaskHead]):
-    """SAM's mask logits followed by the HQ mask logits."""
+class HQMaskHead(fl.Concatenate, Adapter[fl.Chain]):
+    """SAM's mask logits followed by the HQ mask logits (around SAM's `MaskHead`, or SAM 2's `SAM2MaskHead`)."""
 
-    def __init__(self, target: MaskHead, prediction: HQMaskPrediction) -> None:
+    def __init__(self, target: fl.Chain, prediction: fl.Chain) -> None:
         with self.setup_adapter(target):
             super().__init__(target, prediction, dim=1)
 
@@ -91,23 +94,33 @@ def _drop_context(model: fl.Chain, name: str, key: str | None = None) -> None:
 
 
 def _ensure_no_hq(model: SegmentAnything) -> None:
-    if model.find(HQMaskSelection) is not None:
+    if model.find(HQRule) is not None:  # the output rule of either generation
         raise ValueError("this model already has an HQ-SAM adapter injected: eject it first")
 
 
-class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
-    """HQ-SAM as an adapter of a `SegmentAnything` of any size.
+class HQAdapter(fl.Chain, Adapter[SegmentAnything]):
+    """What the HQ-SAM adapters of both generations share: the HQ parts as children (so `state_dict()`,
+    `parameters()` and `.to()` concern only them), small adapters placed around base modules by `inject()` and
+    taken out by `eject()`, the contexts they declare, and the `hq_mask_only` switch.
 
-    Its children are the HQ parts (token, token MLP, feature fusion, mask features), so `state_dict()`,
-    `parameters()` and `.to()` concern only the adapter's weights. `inject()` places them in the target
-    through small adapters around the base modules; `eject()` restores the base exactly.
+    A subclass builds, in its `__init__`, `self._rule` (a one-element list holding its `HQRule`) and
+    `self._adapters` (the small adapters, in injection order), then calls `self._hold(target, parts)`.
 
-    With `hq_mask_only=False` the output is SAM's mask plus the HQ mask, with `True` the HQ mask alone
-    (official `hq_token_only`); it can be changed while injected. With `multimask_output=True`, SAM's mask is
-    the best of its three by predicted IoU, as in the official package. HQ-SAM outputs one mask per prompt.
-
-    `early_layer` (for variants) is the encoder layer whose output is fused; by default the official one.
+    Attributes:
+        context_keys: the keys of the `hq_sam` context its parts write while the decoder runs.
+        declared_image_keys: the keys of the `image` context it declares on `inject()`.
+        image_keys: the keys of the `image` context it drops on `eject()` (declared and cached ones).
+        official_prefix: the module prefix of its keys in the official checkpoints (`mask_decoder`,
+            `sam_mask_decoder`).
     """
+
+    context_keys: ClassVar[tuple[str, ...]] = CONTEXT_KEYS
+    declared_image_keys: ClassVar[tuple[str, ...]] = (EARLY_EMBEDDING,)
+    image_keys: ClassVar[tuple[str, ...]] = IMAGE_KEYS
+    official_prefix: ClassVar[str] = "mask_decoder"
+    _rule: list[HQRule]
+    _adapters: Sequence[Adapter[Any]]
+    injected: bool
 
     def __init__(
         self,
@@ -115,35 +128,12 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         hq_mask_only: bool = False,
         device: Device | str | None = None,
         dtype: DType | None = None,
-        early_layer: fl.Module | None = None,
     ) -> None:
-        _ensure_no_hq(target)
-        if not isinstance(target.mask_decoder, MaskDecoder):
-            raise ValueError(
-                f"HQ-SAM adapts SAM's mask decoder; this {type(target).__name__} has a "
-                f"{type(target.mask_decoder).__name__} (HQ-SAM 2 is its own adapter)"
-            )
-        config = target.config
-        device = target.device if device is None else device
-        dtype = target.mask_decoder.dtype if dtype is None else dtype  # the HQ parts run with the decoder
-        dim = config.decoder.prompt_dim
-        token, token_mlp = HQToken(dim, device=device, dtype=dtype), HQTokenMLP(dim, device=device, dtype=dtype)
-        fusion = HQFeatureFusion(config.encoder.early_embedding_dim, dim, device=device, dtype=dtype)
-        mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
-        self._rule = [HQOutputRule(hq_mask_only)]
-        self._adapters: list[Adapter[Any]] = [
-            EarlyEmbedding(target.image_encoder.early_embedding_layer if early_layer is None else early_layer),
-            HQFeatures(target.ensure_find(MaskDecoder), fusion),
-            HQOutputToken(target.ensure_find(OutputTokens), token),
-            UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),
-            HQMaskHead(
-                target.ensure_find(MaskHead),
-                HQMaskPrediction(token_mlp, mask_features, config.decoder.num_output_tokens),
-            ),
-            HQMaskSelection(target.ensure_find(MultimaskSelection), self._rule[0]),
-        ]
-        parts: list[fl.Module] = [token, token_mlp, fusion.ensure_find(EmbeddingEncoder)]
-        parts += [fusion.ensure_find(CompressEarlyFeatures), mask_features]
+        """The constructor every generation has (`hq_adapter_for` calls it); this base builds nothing."""
+        raise TypeError("HQAdapter is the shared base: build an HQSAMAdapter or an HQSAM2Adapter (hq_adapter_for)")
+
+    def _hold(self, target: SegmentAnything, parts: list[fl.Module]) -> None:
+        """Makes `parts` (the HQ modules with weights) this chain's children, for `target`, not injected."""
         with self.setup_adapter(target), ExitStack() as stack:
             # the parts stay children of the small adapters (their parent) and are listed here for their weights
             for part in parts:
@@ -169,16 +159,15 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
         self._rule[0].hq_mask_only = value
 
     def forward(self, *_: Any) -> Any:
-        raise TypeError("HQSAMAdapter is not called directly: inject() it and call the SegmentAnything model")
+        raise TypeError(f"{type(self).__name__} is not called directly: inject() it and call the SegmentAnything model")
 
-    def inject(self, parent: fl.Chain | None = None) -> "HQSAMAdapter":
+    def inject(self, parent: fl.Chain | None = None) -> "HQAdapter":
         """Places the HQ parts in the target model; overrides refiners' `Adapter.inject`, which would put this
         chain in place of the whole model.
 
-        Injects its small adapters instead (the early-feature capture in the encoder, the feature fusion, the
-        HQ token, the upscaled-embedding capture, the HQ mask head and the output rule), each around one base
-        module, and declares the `hq_sam` context and the `image` context's early-embedding key. The weights
-        are checked to be on the device and in the dtype of the mask decoder first.
+        Injects its small adapters instead, each around one base module, and declares the `hq_sam` context (and
+        the `image` context's keys it needs). The weights are checked to be on the device and in the dtype of
+        the mask decoder first.
 
         Args:
             parent: unused (the places are found from the model given at construction); kept for the signature
@@ -192,16 +181,19 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
             ValueError: the model already has an HQ-SAM adapter, or the weights are on another device / in
                 another dtype than the mask decoder.
         """
+        name = type(self).__name__
         if self.injected:
-            raise RuntimeError("this HQSAMAdapter is already injected")
+            raise RuntimeError(f"this {name} is already injected")
         _ensure_no_hq(self.target)
         decoder = next(self.target.mask_decoder.parameters())
-        check_placement("HQSAMAdapter", ((weight, decoder, "mask decoder") for weight in self.parameters()))
+        check_placement(name, ((weight, decoder, "mask decoder") for weight in self.parameters()))
         for adapter in self._adapters:
             adapter.inject(self.target)  # searched from the root: leaf targets (OutputTokens) have no parent link
-        self.target.set_context(CONTEXT, dict.fromkeys(CONTEXT_KEYS))
+        self.target.set_context(CONTEXT, dict.fromkeys(self.context_keys))
         # in place: the `image` dict is shared by the whole tree (and SetContext ignores an empty context)
-        self.target.use_context("image").setdefault(EARLY_EMBEDDING, None)
+        image = self.target.use_context("image")
+        for key in self.declared_image_keys:
+            image.setdefault(key, None)
         self.injected = True
         return self
 
@@ -214,13 +206,66 @@ class HQSAMAdapter(fl.Chain, Adapter[SegmentAnything]):
             RuntimeError: this adapter is not injected.
         """
         if not self.injected:
-            raise RuntimeError("this HQSAMAdapter is not injected")
+            raise RuntimeError(f"this {type(self).__name__} is not injected")
         for adapter in reversed(self._adapters):
             adapter.eject()
         _drop_context(self.target, CONTEXT)
-        for key in IMAGE_KEYS:
+        for key in self.image_keys:
             _drop_context(self.target, "image", key)
         self.injected = False
+
+
+class HQSAMAdapter(HQAdapter):
+    """HQ-SAM as an adapter of a `SegmentAnything` of any size.
+
+    Its children are the HQ parts (token, token MLP, feature fusion, mask features), so `state_dict()`,
+    `parameters()` and `.to()` concern only the adapter's weights. `inject()` places them in the target
+    through small adapters around the base modules; `eject()` restores the base exactly.
+
+    With `hq_mask_only=False` the output is SAM's mask plus the HQ mask, with `True` the HQ mask alone
+    (official `hq_token_only`); it can be changed while injected. With `multimask_output=True`, SAM's mask is
+    the best of its three by predicted IoU, as in the official package. HQ-SAM outputs one mask per prompt.
+
+    `early_layer` (for variants) is the encoder layer whose output is fused; by default the official one.
+    """
+
+    def __init__(
+        self,
+        target: SegmentAnything,
+        hq_mask_only: bool = False,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+        early_layer: fl.Module | None = None,
+    ) -> None:
+        _ensure_no_hq(target)
+        if not isinstance(target.mask_decoder, MaskDecoder):
+            raise ValueError(
+                f"HQ-SAM adapts SAM's mask decoder; this {type(target).__name__} has a "
+                f"{type(target.mask_decoder).__name__} (HQ-SAM 2 is its own adapter: HQSAM2Adapter, or hq_adapter_for)"
+            )
+        config = target.config
+        device = target.device if device is None else device
+        dtype = target.mask_decoder.dtype if dtype is None else dtype  # the HQ parts run with the decoder
+        dim = config.decoder.prompt_dim
+        token, token_mlp = HQToken(dim, device=device, dtype=dtype), HQTokenMLP(dim, device=device, dtype=dtype)
+        fusion = HQFeatureFusion(config.encoder.early_embedding_dim, dim, device=device, dtype=dtype)
+        mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
+        rule = HQOutputRule(hq_mask_only)
+        self._rule = [rule]
+        self._adapters = [
+            EarlyEmbedding(target.image_encoder.early_embedding_layer if early_layer is None else early_layer),
+            HQFeatures(target.ensure_find(MaskDecoder), fusion),
+            HQOutputToken(target.ensure_find(OutputTokens), token),
+            UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),
+            HQMaskHead(
+                target.ensure_find(MaskHead),
+                HQMaskPrediction(token_mlp, mask_features, config.decoder.num_output_tokens),
+            ),
+            HQMaskSelection(target.ensure_find(MultimaskSelection), rule),
+        ]
+        parts: list[fl.Module] = [token, token_mlp, fusion.ensure_find(EmbeddingEncoder)]
+        parts += [fusion.ensure_find(CompressEarlyFeatures), mask_features]
+        self._hold(target, parts)
 
 
 @contextmanager
@@ -231,7 +276,7 @@ def hq_mask_only_set_to(model: SegmentAnything, hq_mask_only: bool) -> Iterator[
     Raises:
         ValueError: no HQ-SAM adapter is injected in `model`.
     """
-    rule = model.find(HQOutputRule)
+    rule = model.find(HQRule)
     if rule is None:
         raise ValueError("hq_mask_only needs the HQ-SAM adapter injected in the model")
     before, rule.hq_mask_only = rule.hq_mask_only, hq_mask_only

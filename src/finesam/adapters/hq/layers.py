@@ -152,16 +152,22 @@ class HQMaskPrediction(fl.Chain):
         )
 
 
-class HQOutputRule(fl.ContextModule):
+class HQRule(fl.ContextModule):
+    """What the output rules of both HQ-SAM generations share: the switch between SAM's mask plus the HQ mask,
+    and the HQ mask alone (`hq_mask_only`, official `hq_token_only`). Finding one in a model tells that an HQ-SAM
+    adapter is injected there."""
+
+    def __init__(self, hq_mask_only: bool = False) -> None:
+        super().__init__()
+        self.hq_mask_only = hq_mask_only
+
+
+class HQOutputRule(HQRule):
     """The official HQ-SAM output: one SAM mask (the single-mask output, or with `multimask_output` the best
     of the three by predicted IoU) plus the HQ mask, or the HQ mask alone with `hq_mask_only`.
 
     Receives the logits of SAM's mask tokens followed by the HQ mask, and the IoU of SAM's mask tokens.
     """
-
-    def __init__(self, hq_mask_only: bool = False) -> None:
-        super().__init__()
-        self.hq_mask_only = hq_mask_only
 
     def forward(
         self, masks: Float[Tensor, "batch tokens height width"], iou: Float[Tensor, "batch sam_tokens"]

@@ -4,6 +4,8 @@ A checkpoint is `{"model": state_dict}` with the Hiera trunk and FPN neck (`imag
 `image_encoder.neck.*`), SAM's prompt encoder and decoder under other prefixes (`sam_prompt_encoder.*`,
 `sam_mask_decoder.*`, with the object-score token and head and the skip projections `conv_s0` / `conv_s1`),
 `no_mem_embed`, and the video memory's modules, which the image model does not build.
+HQ-SAM 2's `sam2.1_hq_hiera_large.pt` is the same, plus 13 HQ tensors under `sam_mask_decoder.` (`hf_token`,
+`hf_mlp`, `embedding_maskfeature`), which `finesam.weights.hq` reads.
 """
 
 from collections.abc import Mapping
@@ -195,6 +197,7 @@ def model_rules(model: Any, key: KeyOf) -> dict[str, Rule]:
 
 _URL = "https://dl.fbaipublicfiles.com/segment_anything_2"
 _SIZES = ("tiny", "small", "base_plus", "large")
+_HQ_REPO = "lkeab/hq-sam"
 
 LAYOUT = CheckpointLayout(
     family="hiera",
@@ -225,6 +228,18 @@ LAYOUT = CheckpointLayout(
             preset=f"sam2_hiera_{size}",
         )
         for size in _SIZES
+    )
+    + (
+        # HQ-SAM 2 (SysCV sam-hq2): the SAM 2.1 large keys plus its 13 HQ tensors (`finesam.weights.hq`)
+        Checkpoint(
+            "sam2.1_hq_hiera_large",
+            f"https://huggingface.co/{_HQ_REPO}/resolve/main/sam2.1_hq_hiera_large.pt",
+            None,
+            None,
+            "HQ-SAM 2 on SAM 2.1 Hiera-large",
+            _HQ_REPO,
+            preset="sam2.1_hiera_large",
+        ),
     ),
     infer_config=infer_config,
     model_rules=model_rules,
