@@ -1,5 +1,6 @@
 """HQ-SAM 2 trained on a frozen SAM 2.1 of a size that has no HQ release: the HQ-SAM 1 recipe (config, loss, data
-path) applies; the loss falls and the trained adapter beats the base on a synthetic thin-structure set.
+path) applies; the loss falls and the trained adapter beats the base on a synthetic thin-structure set. And the
+automatic mask generator with HQ-SAM 2 injected.
 
 The base is a small Hiera (SAM 2.1's structure, narrow and at 256 px so that CI trains it in seconds) with the
 official package's seeded random weights, converted by our converter."""
@@ -12,6 +13,7 @@ import torch
 import transformers  # noqa: F401  before the reference: its torchvision stand-in confuses transformers' import checks
 
 from finesam.adapters.hq import HQSAM2Adapter
+from finesam.amg import AutomaticMaskGenerator
 from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
 from finesam.model.config import SAMConfig
@@ -23,6 +25,7 @@ from finesam.weights import load_hq, load_sam, save_sam
 from finesam.weights.layouts.hiera import is_memory_key
 from finesam.weights.sam_keys import convert_state_dict
 
+from conftest import photo
 from helpers import write_config
 from official_sam2 import build_official_sam2, small_hiera
 
@@ -73,3 +76,21 @@ def test_training_hq_sam2_lowers_the_loss_and_beats_the_base(base, data, tmp_pat
     before = evaluate_val(fresh, [], data[1])
     after = evaluate_val(fresh, [load_hq(fresh, written["hq"])], data[1])
     assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.1, (before, after)
+
+
+@torch.no_grad()
+def test_everything_with_hq_sam2_injected(base, tmp_path):
+    model = load_sam(base)
+    adapter = HQSAM2Adapter(model)
+    image = photo("rocket").resize((300, 200))
+    options = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    plain = AutomaticMaskGenerator(model, **options).generate(image)
+    adapter.inject()
+    try:
+        for hq_mask_only, per_point in ((False, 3), (True, 1)):  # the HQ mask added to SAM's three, or alone
+            records = AutomaticMaskGenerator(model, hq_mask_only=hq_mask_only, **options).generate(image)
+            assert len(records) == 16 * per_point
+            assert all(0.0 <= r["predicted_iou"] <= 1.0 for r in records)
+    finally:
+        adapter.eject()
+    assert len(plain) == 16 * 3
