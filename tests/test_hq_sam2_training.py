@@ -6,6 +6,7 @@ The base is a small Hiera (SAM 2.1's structure, narrow and at 256 px so that CI 
 official package's seeded random weights, converted by our converter."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -83,7 +84,9 @@ def test_everything_with_hq_sam2_injected(base, tmp_path):
     model = load_sam(base)
     adapter = HQSAM2Adapter(model)
     image = photo("rocket").resize((300, 200))
-    options = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    options: dict[str, Any] = dict(
+        points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
+    )
     plain = AutomaticMaskGenerator(model, **options).generate(image)
     adapter.inject()
     try:
