@@ -355,8 +355,6 @@ class AutomaticMaskGenerator:
         multimask = self.multimask_output
         low_res, iou = model.decode_prompts(embedding, points=points[:, None, :], multimask_output=multimask)
         masks_per_point = low_res.shape[1]
-        if iou.shape[1] != masks_per_point:  # HQ-SAM 2's HQ mask alone comes with SAM's three IoUs: the best
-            iou = iou.amax(dim=1, keepdim=True)
         low_res, iou = low_res.flatten(0, 1), iou.flatten()
         point_of_mask = torch.from_numpy(points).repeat_interleave(masks_per_point, dim=0)
         if self.use_m2m:

@@ -73,7 +73,8 @@ class HQMaskOfHQ(fl.Module):
 
 class HQ2OutputRule(HQRule):
     """The official HQ-SAM 2 output: each mask chosen by SAM 2's selection plus the HQ mask, or the HQ mask alone
-    with `hq_mask_only` (one mask, with the IoU of the SAM path)."""
+    with `hq_mask_only` (one mask, with the IoU of the SAM path; with multimask output, the best of its three: the
+    official code returns all three with the one mask, which no caller can pair)."""
 
     def forward(
         self,
@@ -81,7 +82,9 @@ class HQ2OutputRule(HQRule):
         hq_mask: Float[Tensor, "batch 1 h w"],
     ) -> tuple[Float[Tensor, "batch outputs h w"], Float[Tensor, "batch outputs"], Float[Tensor, "batch 1"]]:
         sam_masks, iou, scores = selected
-        return (hq_mask if self.hq_mask_only else sam_masks + hq_mask), iou, scores
+        if self.hq_mask_only:
+            return hq_mask, iou.amax(dim=1, keepdim=True), scores
+        return sam_masks + hq_mask, iou, scores
 
 
 class HQ2MaskSelection(fl.Chain, Adapter[SAM2MultimaskSelection]):
@@ -104,7 +107,7 @@ class HQSAM2Adapter(HQAdapter):
     Output: single-mask, the SAM mask chosen by SAM 2's rule (token 0, or the stability fallback where
     `SAM2DecoderConfig.dynamic_multimask` says so) plus the HQ mask; multimask, each of the three SAM masks plus
     the HQ mask; with `hq_mask_only` (official `hq_token_only`), the HQ mask alone (one mask, with the IoU of the
-    SAM path: three IoUs for multimask output, as the official code returns).
+    SAM path; for multimask output the best of its three, where the official code returns all three unpaired).
     """
 
     context_keys: ClassVar[tuple[str, ...]] = (UPSCALED_EMBEDDING,)
