@@ -29,7 +29,6 @@ from finesam.adapters.lora import TARGETS, SAMLoraAdapter, base_linears
 from finesam.model.prompts import Prompts
 from finesam.model.sam import ImageEmbedding, SegmentAnything, build_sam
 from finesam.model.sam2.sam2 import SegmentAnything2
-from finesam.onnx.export import export
 from finesam.weights import CheckpointError, convert_checkpoint, holds_hq, load_hq, load_sam, save_hq
 from finesam.weights.download import CHECKPOINTS
 from finesam.weights.hq import hq_from_state_dict, is_hq_key
@@ -236,16 +235,6 @@ def test_eject_restores_the_base_exactly():
         adapter.eject()
         assert_same_snapshot(snapshot(model), before)
     assert set(model.provider.contexts) == set(contexts)
-
-
-def test_onnx_export_refuses_hq_sam2_with_a_reason(tmp_path):
-    model, adapter = models()[False]
-    adapter.inject()
-    try:
-        with pytest.raises(ValueError, match="ONNX export with HQ-SAM 2 is not supported yet"):
-            export(model, tmp_path / "onnx")
-    finally:
-        adapter.eject()
 
 
 def test_adapter_is_picked_by_the_model_and_refuses_the_other_generation():

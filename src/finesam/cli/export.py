@@ -58,7 +58,9 @@ def add_commands(commands: Commands) -> None:
     )
     export.add_argument("--out", type=Path, required=True, help="the output folder")
     export.add_argument(
-        "--multimask", action="store_true", help="the decoder outputs SAM's three candidate masks (HQ-SAM: one)"
+        "--multimask",
+        action="store_true",
+        help="the decoder outputs SAM's three candidate masks (HQ-SAM: one; HQ-SAM 2: three, each + the HQ mask)",
     )
     export.add_argument("--opset", type=int, default=io.OPSET, help="ONNX opset")
     export.add_argument("--quantize", action="store_true", help="also int8 models (onnxruntime dynamic quantisation)")

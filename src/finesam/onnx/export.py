@@ -25,7 +25,7 @@ from refiners.fluxion.adapters import LoraAdapter
 from torch.jit import TracerWarning  # pyright: ignore[reportPrivateImportUsage]
 from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
 
-from finesam.adapters.hq.layers import HQOutputRule, HQRule
+from finesam.adapters.hq.layers import HQFeatureFusion, HQOutputRule, HQRule
 from finesam.fast import reference_paths
 from finesam.inputs import IMAGENET_MEAN, IMAGENET_STD, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
 from finesam.model.config import preset_name
@@ -57,11 +57,7 @@ def check_opset(opset: int) -> None:
 
 
 def _adapters(model: SegmentAnything) -> dict[str, Any]:
-    rule = model.find(HQRule)
-    if rule is not None and not isinstance(rule, HQOutputRule):
-        raise ValueError(
-            "ONNX export with HQ-SAM 2 is not supported yet: eject the HQSAM2Adapter to export the SAM 2.1 base"
-        )
+    rule = model.find(HQRule)  # HQ-SAM (HQOutputRule) or HQ-SAM 2 (HQ2OutputRule): declared the same way
     loras: dict[str, float] = {}
     for adapter, _ in model.walk(LoraAdapter):
         loras.update(adapter.scales)
@@ -74,8 +70,12 @@ def _adapters(model: SegmentAnything) -> dict[str, Any]:
 def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quantized: bool) -> dict[str, Any]:
     config = model.config
     adapters = _adapters(model)
-    hq = adapters["hq"] is not None
-    masks = 3 if multimask_output and not hq else 1  # HQ-SAM outputs one mask per prompt
+    masks = 3 if multimask_output else 1
+    rule = model.find(HQRule)
+    # HQ-SAM outputs one mask per prompt; HQ-SAM 2 one per SAM mask (each plus the HQ mask), or the HQ mask alone
+    if isinstance(rule, HQOutputRule) or (rule is not None and rule.hq_mask_only):
+        masks = 1
+    hq_features = model.find(HQFeatureFusion) is not None  # HQ-SAM's fused features; HQ-SAM 2 reads none
     features = tuple(list(shape) for shape in model.decoder_image_features().values())
     files = {"encoder": io.ENCODER_FILE, "decoder": io.DECODER_FILE}
     if quantized:
@@ -104,7 +104,7 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
             config.image_size,
             config.decoder.prompt_dim,
             config.embedding_size,
-            hq,
+            hq_features,
             masks,
             features,
             model.extra_decoder_outputs,
@@ -215,8 +215,8 @@ def export(
     quantize: bool = False,
 ) -> ExportReport:
     """Writes `encoder.onnx`, `decoder.onnx` and `model.json` (and with `quantize` the int8 `*.quant.onnx`)
-    into `folder`, for the model as it is: HQ-SAM, if injected, with its `hq_mask_only` setting; injected
-    LoRAs folded into the weights they adapt. The model is left as it was.
+    into `folder`, for the model as it is: HQ-SAM or HQ-SAM 2, if injected, with its `hq_mask_only` setting;
+    injected LoRAs folded into the weights they adapt. The model is left as it was.
 
     Everything is written in a temporary folder beside `folder` first, then renamed into place; our files of
     an earlier export that this one does not write (a quantised pair) are removed, so `model.json` always
@@ -226,7 +226,8 @@ def export(
         model: a float32 model on the CPU.
         folder: the output folder (created).
         multimask_output: the decoder outputs the three candidate masks (SAM) instead of one; HQ-SAM always
-            outputs one (with it, SAM's best mask plus the HQ mask, as `predict` does).
+            outputs one (with it, SAM's best mask plus the HQ mask, as `predict` does); HQ-SAM 2 outputs the
+            three, each plus the HQ mask (one with `hq_mask_only`: the HQ mask, with the best of the three IoUs).
         opset: the ONNX opset.
         quantize: also write dynamically int8-quantised models (onnxruntime's `quantize_dynamic`).
 

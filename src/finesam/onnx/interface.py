@@ -64,23 +64,24 @@ def tensors(
     image_size: int,
     embedding_dim: int,
     embedding_size: int,
-    hq: bool,
+    hq_features: bool,
     masks: int,
     features: tuple[list[int], ...] = (),
     extra_outputs: tuple[str, ...] = (),
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Shapes (ints, or names of dynamic axes) and types of every input and output, in order, for `model.json`
     (and the exporter's names of the traced inputs and outputs).
-    `features`: the shapes of the encoder's extra features; `extra_outputs`: the decoder's, each (1, 1)."""
+    `hq_features`: HQ-SAM's fused features (HQ-SAM 2 has none); `features`: the shapes of the encoder's extra
+    features; `extra_outputs`: the decoder's, each (1, 1)."""
     low = 4 * embedding_size
     embeddings = {"shape": [1, embedding_dim, embedding_size, embedding_size], "dtype": "float32"}
-    hq_features = {"shape": [1, embedding_dim // 8, low, low], "dtype": "float32"}
+    hq = {"shape": [1, embedding_dim // 8, low, low], "dtype": "float32"}
     extra = {
         name: {"shape": list(shape), "dtype": "float32"}
         for name, shape in zip(feature_names(len(features)), features, strict=True)
     }
     embedding = embedding_name(len(features))
-    encoder_out = {embedding: embeddings, **({HQ_FEATURES: hq_features} if hq else {}), **extra}
+    encoder_out = {embedding: embeddings, **({HQ_FEATURES: hq} if hq_features else {}), **extra}
     return {
         "encoder_inputs": {IMAGE: {"shape": [1, 3, image_size, image_size], "dtype": "float32"}},
         "encoder_outputs": encoder_out,
@@ -92,7 +93,7 @@ def tensors(
             MASK_INPUT: {"shape": [1, 1, low, low], "dtype": "float32"},
             HAS_MASK_INPUT: {"shape": [1], "dtype": "float32"},
             ORIG_IM_SIZE: {"shape": [2], "dtype": "float32"},
-            **({HQ_FEATURES: hq_features} if hq else {}),
+            **({HQ_FEATURES: hq} if hq_features else {}),
         },
         "decoder_outputs": {
             MASKS: {"shape": [1, masks, "height", "width"], "dtype": "float32"},
