@@ -33,6 +33,11 @@ MASK_THRESHOLD = 0.0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# the names of the processing rules around a model (`SegmentAnything.processing_names`), which an ONNX export
+# writes to its model.json for the torch-free predictor: SAM's, then SAM 2's
+LONGEST_SIDE_PADDED, POINTS_FIRST, CROP_THEN_RESIZE = "longest_side_padded", "points_first", "crop_then_resize"
+SQUARE, BOXES_FIRST_PADDED, RESIZE = "square", "boxes_first_padded", "resize"
+
 
 def resized_shape(height: int, width: int, longest_side: int) -> tuple[int, int]:
     """(height, width) after scaling the longest side to `longest_side`, rounded half up.

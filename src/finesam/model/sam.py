@@ -14,6 +14,7 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
+from finesam.inputs import CROP_THEN_RESIZE, LONGEST_SIDE_PADDED, POINTS_FIRST
 from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAM_VIT_TINY, SAMConfig
 from finesam.model.layers import ImageFeature, missing_features_message
 from finesam.model.mask_decoder import MaskDecoder
@@ -81,9 +82,9 @@ class SegmentAnything(fl.Chain):
     # what `preprocess`, `sparse_points` and `postprocess` do, by name: an ONNX export declares them in its
     # model.json, and the ONNX predictor (no torch model there) runs the numpy twins of these names
     processing_names: ClassVar[dict[str, str]] = {
-        "preprocessing": "longest_side_padded",
-        "prompt_order": "points_first",
-        "postprocessing": "crop_then_resize",
+        "preprocessing": LONGEST_SIDE_PADDED,
+        "prompt_order": POINTS_FIRST,
+        "postprocessing": CROP_THEN_RESIZE,
     }
     # the decoder's outputs after the mask logits and IoUs, by name, each (batch, 1) (SAM 2: object scores)
     extra_decoder_outputs: ClassVar[tuple[str, ...]] = ()

@@ -27,7 +27,16 @@ from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPS
 
 from finesam.adapters.hq.layers import HQFeatureFusion, HQOutputRule, HQRule
 from finesam.fast import reference_paths
-from finesam.inputs import IMAGENET_MEAN, IMAGENET_STD, MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
+from finesam.inputs import (
+    BOXES_FIRST_PADDED,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LONGEST_SIDE_PADDED,
+    MASK_THRESHOLD,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    SQUARE,
+)
 from finesam.model.config import preset_name
 from finesam.model.sam import SegmentAnything
 from finesam.onnx import interface as io
@@ -114,14 +123,14 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
 
 # what each named preprocessing does, in words (model.json)
 PREPROCESSING: dict[str, dict[str, Any]] = {
-    "longest_side_padded": {
+    LONGEST_SIDE_PADDED: {
         "resize": "longest side to image_size, PIL bilinear on 8-bit RGB, rounded half up",
         "pixel_mean": list(PIXEL_MEAN),
         "pixel_std": list(PIXEL_STD),
         "padding": "zeros, bottom and right, after normalisation",
         "point_coords": "pixels of the resized image (x * resized_width / width, y * resized_height / height)",
     },
-    io.SQUARE: {
+    SQUARE: {
         "resize": "to image_size x image_size (aspect ratio not kept), bilinear with antialiasing on [0, 1] "
         "floats (torch's F.interpolate antialias=True, align_corners=False)",
         "pixel_mean": list(IMAGENET_MEAN),
@@ -135,7 +144,7 @@ LABELS = {"-1": "padding", "0": "background", "1": "foreground", "2": "box top-l
 
 
 def _prompts(order: str) -> dict[str, Any]:
-    if order == io.BOXES_FIRST_PADDED:
+    if order == BOXES_FIRST_PADDED:
         rule = "box corners first, then the points, then (0, 0) with label -1 whenever there is either"
     else:
         rule = "points first, then (0, 0) with label -1 when there is no box, then the box corners"

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from finesam.adapters.hq.layers import CachedHQFeatures, HQFeatureFusion
 from finesam.adapters.lora import merged_weight
+from finesam.inputs import CROP_THEN_RESIZE, RESIZE
 from finesam.model.prompt_encoder import MaskEncoder
 from finesam.model.sam import SegmentAnything
 
@@ -64,7 +65,7 @@ def masks_resized(
 
 
 # the traced postprocessing of each `processing_names["postprocessing"]`
-POSTPROCESSING = {"crop_then_resize": masks_at_original_size, "resize": masks_resized}
+POSTPROCESSING = {CROP_THEN_RESIZE: masks_at_original_size, RESIZE: masks_resized}
 
 
 class DecoderGraph(torch.nn.Module):

@@ -10,6 +10,8 @@ extra outputs (SAM 2's `object_score_logits`) follow SAM's three. See docs/onnx.
 
 from typing import Any
 
+from finesam.inputs import CROP_THEN_RESIZE, LONGEST_SIDE_PADDED, POINTS_FIRST
+
 FORMAT = "finesam-onnx"
 FORMAT_VERSION = 2  # 2: the processing names (SAM 2); a version 1 file (no names) is read as SAM's
 READABLE_VERSIONS = (1, 2)
@@ -44,11 +46,10 @@ OPSET, MIN_OPSET = 17, 14  # 17: LayerNormalization is one op; 14: the oldest th
 
 # the processing of a model, by name (`SegmentAnything.processing_names`): SAM's, for version 1 files
 SAM_PROCESSING = {
-    "preprocessing": "longest_side_padded",
-    "prompt_order": "points_first",
-    "postprocessing": "crop_then_resize",
+    "preprocessing": LONGEST_SIDE_PADDED,
+    "prompt_order": POINTS_FIRST,
+    "postprocessing": CROP_THEN_RESIZE,
 }
-SQUARE, BOXES_FIRST_PADDED, RESIZE = "square", "boxes_first_padded", "resize"  # SAM 2's
 
 
 def feature_names(count: int) -> tuple[str, ...]:

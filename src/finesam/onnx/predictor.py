@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 
 from finesam.inputs import (
+    BOXES_FIRST_PADDED,
+    CROP_THEN_RESIZE,
+    LONGEST_SIDE_PADDED,
     MASK_THRESHOLD,
+    POINTS_FIRST,
+    RESIZE,
+    SQUARE,
     ImageLike,
     as_rgb,
     boxes_first_labelled_points,
@@ -46,8 +52,8 @@ class OnnxPrediction:
 
 
 # the numpy twins of the models' processing (`SegmentAnything.processing_names`), by the names model.json gives
-PREPROCESSING = {"longest_side_padded": model_input, io.SQUARE: square_model_input}
-PROMPT_ORDERS = {"points_first": labelled_points, io.BOXES_FIRST_PADDED: boxes_first_labelled_points}
+PREPROCESSING = {LONGEST_SIDE_PADDED: model_input, SQUARE: square_model_input}
+PROMPT_ORDERS = {POINTS_FIRST: labelled_points, BOXES_FIRST_PADDED: boxes_first_labelled_points}
 
 
 def read_description(folder: str | Path) -> dict[str, Any]:
@@ -70,7 +76,7 @@ def read_description(folder: str | Path) -> dict[str, Any]:
     known = {
         "preprocessing": PREPROCESSING,
         "prompt_order": PROMPT_ORDERS,
-        "postprocessing": ("crop_then_resize", io.RESIZE),  # inside the decoder graph
+        "postprocessing": (CROP_THEN_RESIZE, RESIZE),  # inside the decoder graph
     }
     for field, names in known.items():
         if not isinstance(processing, dict) or processing.get(field) not in names:

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from finesam.data.pairs import check_masks, list_pairs
 from finesam.data.sampling import sample_generator
+from finesam.inputs import SQUARE
 from finesam.model.prompts import Prompts
 from finesam.model.sam import SegmentAnything
 from finesam.process import seeded_global_rng
@@ -113,7 +114,7 @@ class Trainer:
             raise ValueError(f"batch_size {optim.batch_size} does not split over {self.dist.world} processes")
         size, low = model.config.image_size, model.config.mask_input_size
         # the input frame of the model's own preprocessing (SAM 2 squashes the image to a square)
-        square = model.processing_names["preprocessing"] == "square"
+        square = model.processing_names["preprocessing"] == SQUARE
         self.data = TrainingSet(pairs, config.data, config.prompts, size, low, config.run.seed, square)
         self.steps_per_epoch = len(pairs) // optim.batch_size  # the last incomplete batch is dropped
         self.total_steps = self.steps_per_epoch * optim.epochs

@@ -16,7 +16,15 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.inputs import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PADDING_LABEL, PADDING_POINT
+from finesam.inputs import (
+    BOX_BOTTOM_RIGHT_LABEL,
+    BOX_TOP_LEFT_LABEL,
+    BOXES_FIRST_PADDED,
+    PADDING_LABEL,
+    PADDING_POINT,
+    RESIZE,
+    SQUARE,
+)
 from finesam.model.config import SAMConfig
 from finesam.model.prompts import Prompts
 from finesam.model.sam import SegmentAnything
@@ -67,9 +75,9 @@ class SegmentAnything2(SegmentAnything):
 
     decoder_class: ClassVar[type[fl.Chain]] = SAM2MaskDecoder
     processing_names: ClassVar[dict[str, str]] = {
-        "preprocessing": "square",
-        "prompt_order": "boxes_first_padded",
-        "postprocessing": "resize",
+        "preprocessing": SQUARE,
+        "prompt_order": BOXES_FIRST_PADDED,
+        "postprocessing": RESIZE,
     }
     extra_decoder_outputs: ClassVar[tuple[str, ...]] = ("object_score_logits",)
     generator_preset: ClassVar[str] = "sam2"  # SAM2AutomaticMaskGenerator's defaults
