@@ -55,6 +55,23 @@ def _mlp(official: str, hf: str) -> tuple[Rename, ...]:
     )
 
 
+def _mask_embed(official: str) -> tuple[Rename, ...]:
+    # the prompt encoder's mask downscaling (SAM and SAM 2): HF names its convolutions and norms
+    hf = "prompt_encoder.mask_embed"
+    return tuple(
+        Rename(f"{official}.mask_downscaling.{i}.", f"{hf}.{name}.")
+        for i, name in ((0, "conv1"), (1, "layer_norm1"), (3, "conv2"), (4, "layer_norm2"), (6, "conv3"))
+    )
+
+
+def _upscaling(official: str) -> tuple[Rename, ...]:
+    # the mask decoder's upscaling (SAM and SAM 2): two transposed convolutions and a norm
+    return tuple(
+        Rename(f"{official}.output_upscaling.{i}.", f"mask_decoder.{name}.")
+        for i, name in ((0, "upscale_conv1"), (1, "upscale_layer_norm"), (3, "upscale_conv2"))
+    )
+
+
 # The first rule whose template matches a key renames it (in either direction): specific rules come before the
 # plain prefixes that end the table.
 RENAMES: tuple[Rename, ...] = (
@@ -73,19 +90,13 @@ RENAMES: tuple[Rename, ...] = (
         "prompt_encoder.shared_embedding.positional_embedding",
     ),
     Rename("prompt_encoder.point_embeddings.{i}.", "prompt_encoder.point_embed.{i}."),
-    Rename("prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
-    Rename("prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
-    Rename("prompt_encoder.mask_downscaling.3.", "prompt_encoder.mask_embed.conv2."),
-    Rename("prompt_encoder.mask_downscaling.4.", "prompt_encoder.mask_embed.layer_norm2."),
-    Rename("prompt_encoder.mask_downscaling.6.", "prompt_encoder.mask_embed.conv3."),
+    *_mask_embed("prompt_encoder"),
     # mask decoder
     Rename(
         "mask_decoder.transformer.layers.{layer}.norm{n}.", "mask_decoder.transformer.layers.{layer}.layer_norm{n}."
     ),
     Rename("mask_decoder.transformer.norm_final_attn.", "mask_decoder.transformer.layer_norm_final_attn."),
-    Rename("mask_decoder.output_upscaling.0.", "mask_decoder.upscale_conv1."),
-    Rename("mask_decoder.output_upscaling.1.", "mask_decoder.upscale_layer_norm."),
-    Rename("mask_decoder.output_upscaling.3.", "mask_decoder.upscale_conv2."),
+    *_upscaling("mask_decoder"),
     *_mlp("mask_decoder.output_hypernetworks_mlps.{i}", "mask_decoder.output_hypernetworks_mlps.{i}"),
     *_mlp("mask_decoder.iou_prediction_head", "mask_decoder.iou_prediction_head"),
     # HQ-SAM's additions to the decoder
@@ -140,18 +151,12 @@ SAM2_RENAMES: tuple[Rename, ...] = (
         "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
         "prompt_encoder.shared_embedding.positional_embedding",
     ),
-    Rename("sam_prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
-    Rename("sam_prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
-    Rename("sam_prompt_encoder.mask_downscaling.3.", "prompt_encoder.mask_embed.conv2."),
-    Rename("sam_prompt_encoder.mask_downscaling.4.", "prompt_encoder.mask_embed.layer_norm2."),
-    Rename("sam_prompt_encoder.mask_downscaling.6.", "prompt_encoder.mask_embed.conv3."),
+    *_mask_embed("sam_prompt_encoder"),
     Rename("sam_prompt_encoder.no_mask_embed.", "prompt_encoder.no_mask_embed."),
     Rename("sam_prompt_encoder.not_a_point_embed.", "prompt_encoder.not_a_point_embed."),
     # mask decoder
     *_two_way("sam_mask_decoder.transformer", "mask_decoder.transformer"),
-    Rename("sam_mask_decoder.output_upscaling.0.", "mask_decoder.upscale_conv1."),
-    Rename("sam_mask_decoder.output_upscaling.1.", "mask_decoder.upscale_layer_norm."),
-    Rename("sam_mask_decoder.output_upscaling.3.", "mask_decoder.upscale_conv2."),
+    *_upscaling("sam_mask_decoder"),
     *_mlp("sam_mask_decoder.output_hypernetworks_mlps.{i}", "mask_decoder.output_hypernetworks_mlps.{i}"),
     *_mlp("sam_mask_decoder.iou_prediction_head", "mask_decoder.iou_prediction_head"),
     *_mlp("sam_mask_decoder.pred_obj_score_head", "mask_decoder.pred_obj_score_head"),
