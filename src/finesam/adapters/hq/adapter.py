@@ -3,6 +3,7 @@ what it shares with HQ-SAM 2's adapter (`finesam.adapters.hq.sam2`)."""
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from refiners.fluxion import layers as fl
@@ -98,6 +99,17 @@ def _ensure_no_hq(model: SegmentAnything) -> None:
         raise ValueError("this model already has an HQ-SAM adapter injected: eject it first")
 
 
+@dataclass(frozen=True)
+class SharedParts:
+    """The HQ parts both generations have (new weights), and the device and dtype they were made on."""
+
+    token: HQToken
+    token_mlp: HQTokenMLP
+    mask_features: HQMaskFeatures
+    device: Device | str | None
+    dtype: DType | None
+
+
 class HQAdapter(fl.Chain, Adapter[SegmentAnything]):
     """What the HQ-SAM adapters of both generations share: the HQ parts as children (so `state_dict()`,
     `parameters()` and `.to()` concern only them), small adapters placed around base modules by `inject()` and
@@ -131,6 +143,33 @@ class HQAdapter(fl.Chain, Adapter[SegmentAnything]):
     ) -> None:
         """The constructor every generation has (`hq_adapter_for` calls it); this base builds nothing."""
         raise TypeError("HQAdapter is the shared base: build an HQSAMAdapter or an HQSAM2Adapter (hq_adapter_for)")
+
+    @staticmethod
+    def _shared_parts(
+        target: SegmentAnything,
+        decoder: type[fl.Chain],
+        refusal: tuple[str, str],
+        device: Device | str | None,
+        dtype: DType | None,
+    ) -> "SharedParts":
+        """Checks that `target` has no HQ adapter and has the mask decoder this generation adapts (else a
+        `ValueError`: `refusal` is what it adapts and what to use instead), then builds the parts both generations
+        have, on the target's device and in its decoder's dtype unless told otherwise."""
+        _ensure_no_hq(target)
+        if not isinstance(target.mask_decoder, decoder):
+            adapts, instead = refusal
+            has = f"this {type(target).__name__} has a {type(target.mask_decoder).__name__}"
+            raise ValueError(f"{adapts}; {has} ({instead})")
+        device = target.device if device is None else device
+        dtype = target.mask_decoder.dtype if dtype is None else dtype  # the HQ parts run with the decoder
+        dim = target.config.decoder.prompt_dim
+        return SharedParts(
+            HQToken(dim, device=device, dtype=dtype),
+            HQTokenMLP(dim, device=device, dtype=dtype),
+            HQMaskFeatures(dim, device=device, dtype=dtype),
+            device,
+            dtype,
+        )
 
     def _hold(self, target: SegmentAnything, parts: list[fl.Module]) -> None:
         """Makes `parts` (the HQ modules with weights) this chain's children, for `target`, not injected."""
@@ -237,19 +276,13 @@ class HQSAMAdapter(HQAdapter):
         dtype: DType | None = None,
         early_layer: fl.Module | None = None,
     ) -> None:
-        _ensure_no_hq(target)
-        if not isinstance(target.mask_decoder, MaskDecoder):
-            raise ValueError(
-                f"HQ-SAM adapts SAM's mask decoder; this {type(target).__name__} has a "
-                f"{type(target.mask_decoder).__name__} (HQ-SAM 2 is its own adapter: HQSAM2Adapter, or hq_adapter_for)"
-            )
+        refusal = ("HQ-SAM adapts SAM's mask decoder", "HQ-SAM 2 is its own adapter: HQSAM2Adapter, or hq_adapter_for")
+        shared = self._shared_parts(target, MaskDecoder, refusal, device, dtype)
+        token, token_mlp, mask_features = shared.token, shared.token_mlp, shared.mask_features
         config = target.config
-        device = target.device if device is None else device
-        dtype = target.mask_decoder.dtype if dtype is None else dtype  # the HQ parts run with the decoder
-        dim = config.decoder.prompt_dim
-        token, token_mlp = HQToken(dim, device=device, dtype=dtype), HQTokenMLP(dim, device=device, dtype=dtype)
-        fusion = HQFeatureFusion(config.encoder.early_embedding_dim, dim, device=device, dtype=dtype)
-        mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
+        fusion = HQFeatureFusion(
+            config.encoder.early_embedding_dim, config.decoder.prompt_dim, device=shared.device, dtype=shared.dtype
+        )
         rule = HQOutputRule(hq_mask_only)
         self._rule = [rule]
         self._adapters = [

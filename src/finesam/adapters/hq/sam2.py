@@ -22,9 +22,8 @@ from finesam.adapters.hq.adapter import (
     HQMaskHead,
     HQOutputToken,
     UpscaledEmbeddingCapture,
-    _ensure_no_hq,
 )
-from finesam.adapters.hq.layers import CONTEXT, HQMaskFeatures, HQRule, HQToken, HQTokenMLP
+from finesam.adapters.hq.layers import CONTEXT, HQMaskFeatures, HQRule, HQTokenMLP
 from finesam.model.mask_decoder import MaskProduct, OutputTokens
 from finesam.model.sam import SegmentAnything
 from finesam.model.sam2.mask_decoder import SAM2MaskDecoder, SAM2MaskHead, SAM2MultimaskSelection, UpscaledWithSkips
@@ -122,18 +121,9 @@ class HQSAM2Adapter(HQAdapter):
         device: Device | str | None = None,
         dtype: DType | None = None,
     ) -> None:
-        _ensure_no_hq(target)
-        if not isinstance(target.mask_decoder, SAM2MaskDecoder):
-            raise ValueError(
-                f"HQ-SAM 2 adapts SAM 2's mask decoder; this {type(target).__name__} has a "
-                f"{type(target.mask_decoder).__name__} (HQ-SAM 1 is HQSAMAdapter; hq_adapter_for picks)"
-            )
-        config = target.config
-        device = target.device if device is None else device
-        dtype = target.mask_decoder.dtype if dtype is None else dtype  # the HQ parts run with the decoder
-        dim = config.decoder.prompt_dim
-        token, token_mlp = HQToken(dim, device=device, dtype=dtype), HQTokenMLP(dim, device=device, dtype=dtype)
-        mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
+        refusal = ("HQ-SAM 2 adapts SAM 2's mask decoder", "HQ-SAM 1 is HQSAMAdapter; hq_adapter_for picks")
+        shared = self._shared_parts(target, SAM2MaskDecoder, refusal, device, dtype)
+        token, token_mlp, mask_features = shared.token, shared.token_mlp, shared.mask_features
         rule = HQ2OutputRule(hq_mask_only)
         self._rule = [rule]
         self._adapters = [
@@ -141,7 +131,7 @@ class HQSAM2Adapter(HQAdapter):
             UpscaledEmbeddingCapture(target.ensure_find(UpscaledWithSkips)),
             HQMaskHead(
                 target.ensure_find(SAM2MaskHead),
-                HQ2MaskPrediction(token_mlp, mask_features, config.decoder.num_output_tokens),
+                HQ2MaskPrediction(token_mlp, mask_features, target.config.decoder.num_output_tokens),
             ),
             HQ2MaskSelection(target.ensure_find(SAM2MultimaskSelection), rule),
         ]
