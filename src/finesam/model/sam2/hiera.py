@@ -20,6 +20,7 @@ from finesam.model.sam2.config import POOL_STRIDE, STAGES, HieraConfig
 
 # the `image` context keys of the decoder's high-resolution skips (levels 0 and 1 of the neck)
 HIGH_RES_KEYS = ("high_res_s0", "high_res_s1")
+LAYER_NORM_EPS = 1e-6  # the official blocks' norms
 
 
 class PatchEmbedding(fl.Chain):
@@ -149,6 +150,15 @@ def _attention(
     return attention if window_size == 0 else WindowAttention(attention, window_size, query_stride)
 
 
+def _norm(dim: int, device: Device | str | None, dtype: DType | None) -> fl.LayerNorm:
+    return fl.LayerNorm(dim, eps=LAYER_NORM_EPS, device=device, dtype=dtype)
+
+
+def _feed_forward(dim: int, mlp_dim: int, device: Device | str | None, dtype: DType | None) -> fl.Residual:
+    """The second half of every block: x + MLP(norm(x))."""
+    return fl.Residual(_norm(dim, device, dtype), FeedForward(dim, mlp_dim, device=device, dtype=dtype))
+
+
 class HieraBlock(fl.Chain):
     """Pre-norm block of constant width; `window_size=0` attends globally."""
 
@@ -162,14 +172,8 @@ class HieraBlock(fl.Chain):
         dtype: DType | None = None,
     ) -> None:
         super().__init__(
-            fl.Residual(
-                fl.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype),
-                _attention(dim, dim, num_heads, window_size, 1, device, dtype),
-            ),
-            fl.Residual(
-                fl.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype),
-                FeedForward(dim, mlp_dim, device=device, dtype=dtype),
-            ),
+            fl.Residual(_norm(dim, device, dtype), _attention(dim, dim, num_heads, window_size, 1, device, dtype)),
+            _feed_forward(dim, mlp_dim, device, dtype),
         )
 
 
@@ -202,15 +206,12 @@ class PoolingBlock(fl.Chain):
         dtype: DType | None = None,
     ) -> None:
         super().__init__(
-            fl.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype),
+            _norm(dim, device, dtype),
             fl.Sum(
                 PooledShortcut(dim, dim_out, POOL_STRIDE, device=device, dtype=dtype),
                 _attention(dim, dim_out, num_heads, window_size, POOL_STRIDE, device, dtype),
             ),
-            fl.Residual(
-                fl.LayerNorm(dim_out, eps=1e-6, device=device, dtype=dtype),
-                FeedForward(dim_out, mlp_dim, device=device, dtype=dtype),
-            ),
+            _feed_forward(dim_out, mlp_dim, device, dtype),
         )
 
 
