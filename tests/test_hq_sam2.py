@@ -25,7 +25,10 @@ from safetensors.torch import load_file
 from skimage import data as skimage_data
 
 from finesam.adapters.hq import HQSAM2Adapter, HQSAMAdapter, hq_adapter_for, hq_mask_only_set_to
+from finesam.adapters.hq.layers import HQMaskPrediction
 from finesam.adapters.lora import TARGETS, SAMLoraAdapter, base_linears
+from finesam.fast import apply_fast_paths, remove_fast_paths
+from finesam.fast.hq import HQMaskPrediction as FastHQMaskPrediction
 from finesam.model.prompts import Prompts
 from finesam.model.sam import ImageEmbedding, SegmentAnything, build_sam
 from finesam.model.sam2.sam2 import SegmentAnything2
@@ -382,3 +385,23 @@ def test_segment_with_the_official_file_as_weights(tmp_path, official_file):
     assert_same_logits(logits, expected.numpy(), FULL_SIZE_TOLERANCE)
     mask = np.asarray(Image.open(tmp_path / "mask.png"))
     assert np.array_equal(mask > 0, logits.numpy() > 0)
+
+
+@torch.no_grad()
+def test_the_fast_hq_head_equals_the_reference_without_fused_features():
+    """HQ-SAM 2's head is HQ-SAM's without the fused term (`HQMaskPrediction(fused=False)`): its fast version (the
+    product folded into the last convolution, in bands of rows) gives the reference's logits."""
+    model, adapter = models()[False]
+    kwargs = {"boxes": np.array([150.0, 20.0, 360.0, 420.0]), "multimask_output": True}
+    adapter.inject()
+    try:
+        reference = model.predict(embedding("astronaut"), **kwargs).low_res_logits
+        assert apply_fast_paths(*adapter.placed_adapters) >= 1
+        head = next(m for p in adapter.placed_adapters for m in p.modules() if isinstance(m, HQMaskPrediction))
+        assert type(head) is FastHQMaskPrediction and not head.fused
+        fast = model.predict(embedding("astronaut"), **kwargs).low_res_logits
+        remove_fast_paths(*adapter.placed_adapters)
+    finally:
+        adapter.eject()
+    assert max_diff(fast, reference) <= 1e-5 * max(1.0, reference.abs().max().item())
+    assert not torch.equal(fast, reference)  # the folded product ran (another rounding)

@@ -25,10 +25,10 @@ def _as_built(hidden: list[fl.Module], projection: fl.Module) -> bool:
 @swapped_by_type(band_rows=64)
 @fast_version_of(ReferenceHQMaskPrediction)
 class HQMaskPrediction(ReferenceHQMaskPrediction):
-    """w . (mask_features(u) + f) for the HQ token weights w, SAM's upscaled features u and the HQ features f,
-    with the dot product folded into the last (linear) convolution of the mask features: per prompt, the 3x3
-    convolution to D / 8 channels followed by a dot product becomes one 3x3 convolution to a single channel,
-    computed as nine 1x1 taps summed at their offsets. A fraction of the work and no (B, D / 8, 4E, 4E)
+    """w . (mask_features(u) + f) for the HQ token weights w, SAM's upscaled features u and the HQ features f
+    (HQ-SAM 2: no f), with the dot product folded into the last (linear) convolution of the mask features: per
+    prompt, the 3x3 convolution to D / 8 channels followed by a dot product becomes one 3x3 convolution to a single
+    channel, computed as nine 1x1 taps summed at their offsets. A fraction of the work and no (B, D / 8, 4E, 4E)
     intermediate.
 
     The hidden features are computed `band_rows` rows at a time (reading one input row more on each side) in the
@@ -49,8 +49,7 @@ class HQMaskPrediction(ReferenceHQMaskPrediction):
         token_branch = self.ensure_find(fl.Parallel)[0]
         weights = token_branch(*args)  # (B, 1, D/8)
         context = self.use_context(CONTEXT)
-        # (B, D/8, H, W) SAM's upscaled features, (B or 1, D/8, H, W) HQ features
-        upscaled, hq_features = context["upscaled_embedding"], context["hq_features"]
+        upscaled = context["upscaled_embedding"]  # (B, D/8, H, W) the decoder's upscaled features
         batch, _, height, width = upscaled.shape
         # (B, D/8) x (D/8, C, 3, 3) -> (B, C, 9): per prompt, one C-vector per kernel offset; padded with zero
         # columns to 16, a width the CPU's matrix product handles several times faster than 9
@@ -72,5 +71,8 @@ class HQMaskPrediction(ReferenceHQMaskPrediction):
             taps[:, :, top + 1 : bottom + 1, 1:-1] = band.permute(0, 3, 1, 2)
         product = sum(taps[:, 3 * dy + dx, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3))
         bias = weights[:, 0] @ projection.bias  # (B,)
-        hq_product = (weights @ hq_features.flatten(2)).unflatten(-1, (height, width))  # (B, 1, H, W)
-        return hq_product + (product + bias[:, None, None])[:, None]
+        masks = (product + bias[:, None, None])[:, None]
+        if not self.fused:
+            return masks
+        hq_features = context["hq_features"]  # (B or 1, D/8, H, W)
+        return (weights @ hq_features.flatten(2)).unflatten(-1, (height, width)) + masks  # + (B, 1, H, W)

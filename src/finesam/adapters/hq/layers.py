@@ -133,9 +133,13 @@ class HQMaskFeatures(fl.Chain):
 
 class HQMaskPrediction(fl.Chain):
     """(tokens, image) -> the HQ mask logits (B, 1, 4E, 4E): the HQ token's MLP output dotted, at every pixel,
-    with SAM's upscaled mask features refined by `HQMaskFeatures` plus the HQ features."""
+    with the decoder's upscaled mask features refined by `HQMaskFeatures`, plus the fused HQ features where
+    there are some (`fused`: HQ-SAM; HQ-SAM 2 fuses no encoder feature)."""
 
-    def __init__(self, hq_token_mlp: HQTokenMLP, mask_features: HQMaskFeatures, hq_token_index: int) -> None:
+    def __init__(
+        self, hq_token_mlp: HQTokenMLP, mask_features: HQMaskFeatures, hq_token_index: int, fused: bool = True
+    ) -> None:
+        refined = fl.Chain(fl.UseContext(CONTEXT, "upscaled_embedding"), mask_features)
         super().__init__(
             fl.Parallel(
                 fl.Chain(
@@ -143,13 +147,11 @@ class HQMaskPrediction(fl.Chain):
                     fl.Slicing(dim=1, start=hq_token_index, end=hq_token_index + 1),
                     hq_token_mlp,
                 ),
-                fl.Sum(
-                    fl.Chain(fl.UseContext(CONTEXT, "upscaled_embedding"), mask_features),
-                    fl.UseContext(CONTEXT, "hq_features"),
-                ),
+                fl.Sum(refined, fl.UseContext(CONTEXT, "hq_features")) if fused else refined,
             ),
             MaskProduct(),
         )
+        self.fused = fused
 
 
 class HQRule(fl.ContextModule):

@@ -3,9 +3,10 @@ ejected again, without editing it.
 
 What differs from HQ-SAM 1 (`HQSAMAdapter`): no early encoder feature is fused (SAM 2's upscaled embedding
 already holds the Hiera high-resolution skips), so the HQ mask is the HQ token's MLP output dotted with
-`HQMaskFeatures(upscaled)` alone; the HQ token comes after the object-score, IoU and mask tokens; the SAM masks
-are chosen by SAM 2's rule (multimask, token 0, or the stability fallback, decided on the SAM logits alone) and
-the HQ mask is added to each of them (multimask output gives three masks, not one).
+`HQMaskFeatures(upscaled)` alone (`HQMaskPrediction(fused=False)`); the HQ token comes after the object-score,
+IoU and mask tokens; the SAM masks are chosen by SAM 2's rule (multimask, token 0, or the stability fallback,
+decided on the SAM logits alone) and the HQ mask is added to each of them (multimask output gives three masks,
+not one).
 """
 
 from typing import ClassVar
@@ -23,31 +24,12 @@ from finesam.adapters.hq.adapter import (
     HQOutputToken,
     UpscaledEmbeddingCapture,
 )
-from finesam.adapters.hq.layers import CONTEXT, HQMaskFeatures, HQRule, HQTokenMLP
-from finesam.model.mask_decoder import MaskProduct, OutputTokens
+from finesam.adapters.hq.layers import CONTEXT_KEYS, HQMaskPrediction, HQRule
+from finesam.model.mask_decoder import OutputTokens
 from finesam.model.sam import SegmentAnything
 from finesam.model.sam2.mask_decoder import SAM2MaskDecoder, SAM2MaskHead, SAM2MultimaskSelection, UpscaledWithSkips
-from finesam.model.transformer import TOKENS
 
-UPSCALED_EMBEDDING = "upscaled_embedding"  # the `hq_sam` context key HQ-SAM 2 writes
-
-
-class HQ2MaskPrediction(fl.Chain):
-    """(tokens, image) -> the HQ mask logits (B, 1, 4E, 4E): the HQ token's MLP output dotted, at every pixel,
-    with SAM 2's upscaled embedding (high-resolution skips included) refined by `HQMaskFeatures`."""
-
-    def __init__(self, hq_token_mlp: HQTokenMLP, mask_features: HQMaskFeatures, hq_token_index: int) -> None:
-        super().__init__(
-            fl.Parallel(
-                fl.Chain(
-                    fl.GetArg(TOKENS),
-                    fl.Slicing(dim=1, start=hq_token_index, end=hq_token_index + 1),
-                    hq_token_mlp,
-                ),
-                fl.Chain(fl.UseContext(CONTEXT, UPSCALED_EMBEDDING), mask_features),
-            ),
-            MaskProduct(),
-        )
+UPSCALED_EMBEDDING = CONTEXT_KEYS[1]  # the `hq_sam` context key HQ-SAM 2 writes (HQ-SAM's upscaled embedding)
 
 
 class SAMMasksOfHQ(fl.Module):
@@ -131,7 +113,7 @@ class HQSAM2Adapter(HQAdapter):
             UpscaledEmbeddingCapture(target.ensure_find(UpscaledWithSkips)),
             HQMaskHead(
                 target.ensure_find(SAM2MaskHead),
-                HQ2MaskPrediction(token_mlp, mask_features, target.config.decoder.num_output_tokens),
+                HQMaskPrediction(token_mlp, mask_features, target.config.decoder.num_output_tokens, fused=False),
             ),
             HQ2MaskSelection(target.ensure_find(SAM2MultimaskSelection), rule),
         ]
