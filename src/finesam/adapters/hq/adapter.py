@@ -101,11 +101,10 @@ def _ensure_no_hq(model: SegmentAnything) -> None:
 
 @dataclass(frozen=True)
 class SharedParts:
-    """The HQ parts both generations have (new weights), and the device and dtype they were made on."""
+    """The HQ parts both generations build first (new weights), and the device and dtype they were made on."""
 
     token: HQToken
     token_mlp: HQTokenMLP
-    mask_features: HQMaskFeatures
     device: Device | str | None
     dtype: DType | None
 
@@ -153,8 +152,9 @@ class HQAdapter(fl.Chain, Adapter[SegmentAnything]):
         dtype: DType | None,
     ) -> "SharedParts":
         """Checks that `target` has no HQ adapter and has the mask decoder this generation adapts (else a
-        `ValueError`: `refusal` is what it adapts and what to use instead), then builds the parts both generations
-        have, on the target's device and in its decoder's dtype unless told otherwise."""
+        `ValueError`: `refusal` is what it adapts and what to use instead), then builds the HQ token and its MLP,
+        which both generations have first, on the target's device and in its decoder's dtype unless told
+        otherwise. (Each generation then builds its other parts, in the order that gives a seed its weights.)"""
         _ensure_no_hq(target)
         if not isinstance(target.mask_decoder, decoder):
             adapts, instead = refusal
@@ -164,11 +164,7 @@ class HQAdapter(fl.Chain, Adapter[SegmentAnything]):
         dtype = target.mask_decoder.dtype if dtype is None else dtype  # the HQ parts run with the decoder
         dim = target.config.decoder.prompt_dim
         return SharedParts(
-            HQToken(dim, device=device, dtype=dtype),
-            HQTokenMLP(dim, device=device, dtype=dtype),
-            HQMaskFeatures(dim, device=device, dtype=dtype),
-            device,
-            dtype,
+            HQToken(dim, device=device, dtype=dtype), HQTokenMLP(dim, device=device, dtype=dtype), device, dtype
         )
 
     def _hold(self, target: SegmentAnything, parts: list[fl.Module]) -> None:
@@ -278,11 +274,11 @@ class HQSAMAdapter(HQAdapter):
     ) -> None:
         refusal = ("HQ-SAM adapts SAM's mask decoder", "HQ-SAM 2 is its own adapter: HQSAM2Adapter, or hq_adapter_for")
         shared = self._shared_parts(target, MaskDecoder, refusal, device, dtype)
-        token, token_mlp, mask_features = shared.token, shared.token_mlp, shared.mask_features
+        token, token_mlp, device, dtype = shared.token, shared.token_mlp, shared.device, shared.dtype
         config = target.config
-        fusion = HQFeatureFusion(
-            config.encoder.early_embedding_dim, config.decoder.prompt_dim, device=shared.device, dtype=shared.dtype
-        )
+        dim = config.decoder.prompt_dim
+        fusion = HQFeatureFusion(config.encoder.early_embedding_dim, dim, device=device, dtype=dtype)
+        mask_features = HQMaskFeatures(dim, device=device, dtype=dtype)
         rule = HQOutputRule(hq_mask_only)
         self._rule = [rule]
         self._adapters = [

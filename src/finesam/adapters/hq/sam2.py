@@ -24,7 +24,7 @@ from finesam.adapters.hq.adapter import (
     HQOutputToken,
     UpscaledEmbeddingCapture,
 )
-from finesam.adapters.hq.layers import CONTEXT_KEYS, HQMaskPrediction, HQRule
+from finesam.adapters.hq.layers import CONTEXT_KEYS, HQMaskFeatures, HQMaskPrediction, HQRule
 from finesam.model.mask_decoder import OutputTokens
 from finesam.model.sam import SegmentAnything
 from finesam.model.sam2.mask_decoder import SAM2MaskDecoder, SAM2MaskHead, SAM2MultimaskSelection, UpscaledWithSkips
@@ -105,7 +105,9 @@ class HQSAM2Adapter(HQAdapter):
     ) -> None:
         refusal = ("HQ-SAM 2 adapts SAM 2's mask decoder", "HQ-SAM 1 is HQSAMAdapter; hq_adapter_for picks")
         shared = self._shared_parts(target, SAM2MaskDecoder, refusal, device, dtype)
-        token, token_mlp, mask_features = shared.token, shared.token_mlp, shared.mask_features
+        token, token_mlp = shared.token, shared.token_mlp
+        dim = target.config.decoder.prompt_dim
+        mask_features = HQMaskFeatures(dim, device=shared.device, dtype=shared.dtype)
         rule = HQ2OutputRule(hq_mask_only)
         self._rule = [rule]
         self._adapters = [
