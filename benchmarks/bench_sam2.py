@@ -117,6 +117,7 @@ def main() -> None:
         # HQ-SAM 2 (random weights of its shapes) injected: its prompt against the official base decoder's, and
         # what it adds to ours
         hq = HQSAM2Adapter(ours)
+        apply_fast_paths(*hq.placed_adapters)  # as load_hq gives it on a fast model
         hq.inject()
         hq_embedding = ours.encode_image(image)
         one_hq = lambda: ours.predict(hq_embedding, boxes=box)  # noqa: E731
