@@ -41,6 +41,7 @@ class Checkpoint:
     hub_repo: str | None = None  # a Hugging Face Hub repository: size and SHA-256 come from its LFS metadata
     preset: str | None = None  # the preset (`PRESETS`) whose weights it holds
     file: str | None = None  # the file name, where the URL does not end with it (a download link with a query)
+    licence: str = "Apache-2.0"  # the weights' licence, as their publisher states it (shown by `finesam models`)
 
     @property
     def filename(self) -> str:
