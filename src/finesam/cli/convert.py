@@ -13,7 +13,7 @@ from finesam.weights.download import CHECKPOINTS, DownloadError, download
 
 def run_convert(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "--out")
-    report = convert_checkpoint(args.checkpoint, args.out)
+    report = convert_checkpoint(args.checkpoint, args.out, decoder=args.decoder)
     for path in report.written:
         print(path)
     print(report.summary(), file=sys.stderr)
@@ -28,6 +28,9 @@ def run_download(args: argparse.Namespace) -> None:
     except DownloadError as e:
         raise UsageError(str(e)) from None
     print(path)
+    if CHECKPOINTS[args.name].decoder:  # a decoder alone: it becomes a model with an encoder of the user's choice
+        print(f"a decoder alone: convert it with an encoder, finesam convert ENCODER --decoder {path}", file=sys.stderr)
+        return
     report = convert_checkpoint(path, directory)
     for written in report.written:
         print(written)
@@ -43,6 +46,13 @@ def add_commands(commands: Commands) -> None:
         "or a Hugging Face SamModel / SamHQModel folder (config.json + model.safetensors, or its model.safetensors)",
     )
     convert.add_argument("--out", type=Path, required=True, help="output directory")
+    convert.add_argument(
+        "--decoder",
+        type=Path,
+        metavar="FILE",
+        help="MobileSAMv2's prompt-guided decoder (Prompt_guided_Mask_Decoder.pt): pairs it with CHECKPOINT's image "
+        "encoder (or a file of the encoder alone) into one model, OUT/mobilesamv2_NAME.safetensors",
+    )
     convert.set_defaults(run=run_convert, large_tensors=True)
 
     listing = "\n".join(f"  {name:16s} {c.description}" for name, c in CHECKPOINTS.items())

@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 from finesam.progress import progress_bar
 from finesam.weights.integrity import checkpoint_problem
 from finesam.weights.layouts import Checkpoint, layouts
+from finesam.weights.mobilesamv2 import CHECKPOINT as MOBILESAMV2_DECODER
 
 CHUNK = 1 << 20
 
@@ -40,8 +41,11 @@ class Source:
     sha256: str | None
 
 
-# the catalogue: every registered family's official files (`CheckpointLayout.checkpoints`)
-CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for layout in layouts() for c in layout.checkpoints}
+# the catalogue: every registered family's official files (`CheckpointLayout.checkpoints`), then the decoders that
+# pair with them
+CHECKPOINTS: dict[str, Checkpoint] = {
+    c.name: c for c in [*(c for layout in layouts() for c in layout.checkpoints), MOBILESAMV2_DECODER]
+}
 
 
 def source_url(checkpoint: Checkpoint) -> str:

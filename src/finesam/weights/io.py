@@ -249,31 +249,55 @@ def check_dtypes(path: str | Path, tensors: Mapping[str, Tensor], expected: Mapp
         raise CheckpointError(f"{path}: {len(problems)} tensors of the wrong dtype: {listing(problems, 3)}")
 
 
-def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of an official `.pth` checkpoint, refusing anything but plain weights."""
+# pickled objects of other projects that people take for SAM weights: what they are, and what to do instead
+KNOWN_PICKLES = {
+    "ultralytics.": (
+        "it is an ultralytics (YOLO) model, such as MobileSAMv2's object-aware prompter ObjectAwareModel.pt: a "
+        "detector pickled whole, which finesam does not load; run the detector with ultralytics and give its boxes "
+        "to finesam (finesam segment --manifest, docs/mobilesamv2.md)"
+    ),
+}
+
+
+def load_pickled_weights(path: str | Path) -> object:
+    """What an official `.pth` / `.pt` file holds, read with `torch.load(weights_only=True)` (memory-mapped where the
+    format allows): tensors in dicts and lists, never other Python objects.
+
+    Raises:
+        PickledObjectError: it holds other Python objects (the first one is named, with what it is when known).
+        CheckpointError: the file is unreadable, truncated or not a checkpoint.
+    """
     path = Path(path)
     check_readable(path)
     if (problem := checkpoint_problem(path)) is not None:
         raise CheckpointError(f"{path}: {problem}")
     try:
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
                 raise
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first object it refuses
         global_name = found.group(1) if found else None
+        known = next((note for prefix, note in KNOWN_PICKLES.items() if (global_name or "").startswith(prefix)), None)
         raise PickledObjectError(
             f"{path}: refused to load; it holds Python objects other than tensors, and finesam only reads plain "
             f"weights (torch.load weights_only=True). Detail: "
-            + (f"it names {global_name}" if global_name else str(e).splitlines()[0]),
+            + (f"it names {global_name}" if global_name else str(e).splitlines()[0])
+            + (f"; {known}" if known else ""),
             global_name,
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, MemoryError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {detail}") from None
+
+
+def load_official_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of an official `.pth` checkpoint, refusing anything but plain weights (`load_pickled_weights`); a
+    state dict under `model` or `state_dict` is taken out."""
+    loaded = load_pickled_weights(path)
     if isinstance(loaded, Mapping) and not any(isinstance(v, Tensor) for v in loaded.values()):
         loaded = next((loaded[k] for k in ("model", "state_dict") if isinstance(loaded.get(k), Mapping)), loaded)
     if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):

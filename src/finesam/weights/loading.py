@@ -26,6 +26,7 @@ from finesam.weights.io import (
     write_safetensors,
 )
 from finesam.weights.layouts import layout_for
+from finesam.weights.mobilesamv2 import grid_note, pair_with_decoder, read_prompt_guided_decoder
 from finesam.weights.sam_keys import convert_state_dict, infer_config, is_unused_key
 
 FORMAT_SAM = "sam"
@@ -166,11 +167,16 @@ class ConversionReport:
     same_base_as: list[Path]  # finesam SAM files beside the output with identical base weights
     dropped: list[str]  # checkpoint keys SAM does not use (TinyViT's classifier head, HF's second positional matrix)
     kept: int = 0  # official tensors the image model does not use, kept in the file (SAM 2's video memory)
+    replaced: int = 0  # the encoder checkpoint's prompt encoder and decoder tensors, replaced by a decoder file's
+    notes: tuple[str, ...] = ()  # what else a user should know about the converted model
 
     def summary(self) -> str:
         note = f"dropped {len(self.dropped)} unused keys ({', '.join(self.dropped)}); " if self.dropped else ""
         if self.kept:
             note += f"kept {self.kept} tensors of the video memory beside the image model (read_kept); "
+        if self.replaced:
+            note += f"the checkpoint's own prompt encoder and mask decoder ({self.replaced} tensors) left out; "
+        note += "".join(f"{n}; " for n in self.notes)
         return note + self._base_summary()
 
     def _base_summary(self) -> str:
@@ -200,15 +206,21 @@ def _finesam_kind(path: Path) -> str | None:
         return None
 
 
-def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> ConversionReport:
+def convert_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, decoder: str | Path | None = None
+) -> ConversionReport:
     """`CHECKPOINT.pth` -> `OUT_DIR/CHECKPOINT.safetensors`, plus `OUT_DIR/CHECKPOINT.hq.safetensors` for HQ-SAM;
     a Hugging Face checkpoint takes its folder's name (`sam-vit-base/` -> `OUT_DIR/sam-vit-base.safetensors`).
+    With `decoder` (MobileSAMv2's `Prompt_guided_Mask_Decoder.pt`), the checkpoint's image encoder and that
+    decoder become one SAM, `OUT_DIR/mobilesamv2_CHECKPOINT.safetensors` (`finesam.weights.mobilesamv2`).
 
     Args:
         checkpoint: an official checkpoint of a registered encoder family (SAM, HQ-SAM, MobileSAM, SlimSAM, ...),
             SAM 2 / 2.1, or a Hugging Face `SamModel` / `SamHQModel` / `Sam2Model` checkpoint (its folder, or its
-            `model.safetensors` with `config.json` beside it).
+            `model.safetensors` with `config.json` beside it); with `decoder`, also an image encoder's weights
+            alone (MobileSAMv2's encoder files).
         out_dir: where the converted files go (created if needed).
+        decoder: MobileSAMv2's prompt-guided decoder file, to pair with the checkpoint's image encoder.
 
     Returns:
         What was written, and whether its SAM part equals a SAM file already in `out_dir`.
@@ -227,14 +239,22 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
                 "to the commands as it is)"
             )
         raise CheckpointError(f"{checkpoint}: not an official checkpoint (.pth, .pt, .bin) nor a Hugging Face one")
-    state_dict = official.state_dict
+    state_dict, replaced, notes = official.state_dict, 0, ()
+    name = hf_name(checkpoint) if official.hf else checkpoint.stem
+    if decoder is not None:
+        try:
+            pairing = pair_with_decoder(state_dict, read_prompt_guided_decoder(decoder))
+        except CheckpointError as e:
+            raise CheckpointError(f"{checkpoint} + {decoder}: {e}") from None
+        state_dict, replaced, name = pairing.state_dict, len(pairing.replaced), f"mobilesamv2_{name}"
     try:
         with official.own_names():
             model = sam_from_state_dict(state_dict, decoder_heads=official.decoder_heads)
             hq = hq_from_state_dict(model, state_dict) if has_hq_keys(state_dict) else None
     except CheckpointError as e:  # the layout's problems, named with the file they are in
-        raise CheckpointError(f"{checkpoint}: {e}") from None
-    name = hf_name(checkpoint) if official.hf else checkpoint.stem
+        raise CheckpointError(f"{checkpoint}{f' + {decoder}' if decoder else ''}: {e}") from None
+    if decoder is not None:
+        notes = tuple(grid_note(model.config.embedding_size))
     base = out_dir / f"{name}.safetensors"
     keeps = layout_for(state_dict).kept
     kept = {k: v for k, v in state_dict.items() if keeps(k)}
@@ -245,4 +265,4 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Conversio
     assert digest is not None
     same = [other for other in sorted(out_dir.glob("*.safetensors")) if other != base and _digest_of(other) == digest]
     dropped = sorted(k for k in state_dict if is_unused_key(k) and k not in kept) + official.dropped
-    return ConversionReport(written, digest, same, dropped, len(kept))
+    return ConversionReport(written, digest, same, dropped, len(kept), replaced, notes)

@@ -42,6 +42,7 @@ class Checkpoint:
     preset: str | None = None  # the preset (`PRESETS`) whose weights it holds
     file: str | None = None  # the file name, where the URL does not end with it (a download link with a query)
     licence: str = "Apache-2.0"  # the weights' licence, as their publisher states it (shown by `finesam models`)
+    decoder: bool = False  # a decoder alone (MobileSAMv2's): converted with an encoder (`convert ENC --decoder FILE`)
 
     @property
     def filename(self) -> str:
