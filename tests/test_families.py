@@ -20,13 +20,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from finesam.adapters.hq import HQSAMAdapter
+from finesam.adapters.hq import HQAdapter, HQSAMAdapter, hq_adapter_class, hq_adapter_for
 from finesam.adapters.lora import TARGETS, SAMLoraAdapter
 from finesam.model import PRESETS, SAMConfig, SegmentAnything
 from finesam.model.config import TinyViTConfig, describe
 from finesam.model.families.slimsam import SlimSAMConfig
 from finesam.model.prompts import Prompts
-from finesam.model.registry import families, family_of, register_family
+from finesam.model.registry import EncoderFamily, families, family_of, register_family
 from finesam.model.sam import build_sam
 from finesam.weights.layouts import layout_for, layout_of
 from finesam.weights.loading import sam_from_state_dict
@@ -95,8 +95,14 @@ OFFICIAL: dict[str, Callable[[], Official]] = {
     "hiera": _sam2,
 }
 
-# families whose early embedding HQ-SAM (1) fuses: SAM 2's HQ adapter is another one
-HQ_TAP = {name for name, family in families().items() if family.model is None}
+
+def _hq_adapter_class(family: EncoderFamily) -> type[HQAdapter]:
+    return hq_adapter_class(build_sam(family.presets[0], device="meta"))
+
+
+# families whose early embedding HQ-SAM (1) fuses: those whose model has SAM's mask decoder, whichever model class
+# brings it (SAM 2's HQ adapter is another one)
+HQ_TAP = {name for name, family in families().items() if _hq_adapter_class(family) is HQSAMAdapter}
 
 FAMILIES = list(families())
 
@@ -212,6 +218,36 @@ def test_every_lora_preset_adapts_the_family_and_ejects_exactly(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 @torch.no_grad()
+def test_every_family_takes_its_hq_adapter_and_ejects_exactly(name):
+    # the generic path: `hq_adapter_for` picks the generation by the model's mask decoder, the adapter finds the
+    # family's tap by itself; trained HQ weights change the mask, and ejecting gives the base back bit for bit
+    model = _model(name)
+    pixels = _pixels(_official(name)[2])
+    size = pixels.shape[-1]
+    box = Prompts(boxes=torch.tensor([[0.1 * size, 0.2 * size, 0.7 * size, 0.9 * size]]))
+
+    embedding = model.encode(pixels)
+    before, text, weights = model.decode(embedding, box), repr(model), copy.deepcopy(model.state_dict())
+    adapter = hq_adapter_for(model)
+    assert isinstance(adapter, _hq_adapter_class(families()[name]))
+    generator = torch.Generator().manual_seed(0)
+    for parameter in adapter.parameters():
+        parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)  # trained weights
+    adapter.inject()
+    try:
+        hq_masks, hq_iou = model.decode(model.encode(pixels), box)  # HQ-SAM 1 fuses an early map: encoded again
+        assert hq_masks.shape == before[0].shape and hq_iou.shape == before[1].shape
+        assert not torch.equal(hq_masks, before[0])
+    finally:
+        adapter.eject()
+    assert repr(model) == text
+    after = model.state_dict()
+    assert list(after) == list(weights) and all(torch.equal(after[k], v) for k, v in weights.items())
+    assert all(torch.equal(a, b) for a, b in zip(model.decode(embedding, box), before, strict=True))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
 def test_the_encoder_traces_to_onnx(name, tmp_path):
     model = _model(name)
     pixels = _pixels(_official(name)[2])
@@ -275,7 +311,7 @@ def _rows(stdout: str) -> dict[str, str]:
     return {line.split()[0].rstrip(":"): line for line in stdout.splitlines() if line.strip()}
 
 
-def test_models_lists_every_family_preset_and_the_files_it_reads():
+def test_models_lists_every_family_preset_its_parameters_input_size_and_official_files_with_licences():
     result = finesam("models")
     assert result.returncode == 0, result.stderr
     rows = _rows(result.stdout)
@@ -284,15 +320,27 @@ def test_models_lists_every_family_preset_and_the_files_it_reads():
         files = layout_of(family.name).checkpoints
         for preset in family.presets:
             row = rows[preset.name]
+            # parameters: all, the image encoder's, the prompt encoder's and mask decoder's; the input size
+            model = build_sam(preset, device="meta")
+            encoder = sum(p.numel() for p in model.image_encoder.parameters())
+            rest = sum(p.numel() for p in model.parameters()) - encoder
+            numbers = [f"{encoder + rest:,}", f"{encoder:,}", f"{rest:,}", str(preset.image_size)]
+            assert row.split()[1:5] == numbers, row
             assert preset.encoder.describe() in row
             for checkpoint in (c for c in files if c.preset == preset.name):
-                assert checkpoint.filename in row
-    # the official files, as their releases name them
-    assert "sam_vit_b_01ec64.pth" in rows["vit_b"] and "sam_hq_vit_b.pth" in rows["vit_b"]
-    assert "mobile_sam.pt" in rows["vit_tiny"] and "sam_hq_vit_tiny.pth" in rows["vit_tiny"]
-    assert "SlimSAM-77-uniform.pth" in rows["vit_p77"]
-    # the parameter counts are the official models'
+                assert f"{checkpoint.filename} ({checkpoint.licence})" in row
+    # the official files, as their releases name them, with the licences their publishers state
+    assert "sam_vit_b_01ec64.pth (Apache-2.0)" in rows["vit_b"] and "sam_hq_vit_b.pth (Apache-2.0)" in rows["vit_b"]
+    assert "mobile_sam.pt (Apache-2.0)" in rows["vit_tiny"] and "sam_hq_vit_tiny.pth" in rows["vit_tiny"]
+    assert "SlimSAM-77-uniform.pth (Apache-2.0)" in rows["vit_p77"]
+    # the parameter counts are the official models': in all, the image encoder's, the prompt encoder's and decoder's
     for name in ("vit_b", "vit_h"):
         with torch.device("meta"):
             official = OFFICIAL_BUILDERS[name]()
-        assert f" {sum(p.numel() for p in official.parameters()):,} " in rows[name]
+        encoder = sum(p.numel() for p in official.image_encoder.parameters())
+        rest = sum(p.numel() for m in (official.prompt_encoder, official.mask_decoder) for p in m.parameters())
+        assert rows[name].split()[1:4] == [f"{encoder + rest:,}", f"{encoder:,}", f"{rest:,}"]
+    # the decoders that pair with an encoder: MobileSAMv2's, and the families whose encoders it takes
+    decoder = rows["Prompt_guided_Mask_Decoder.pt"].strip()
+    assert decoder.startswith("Prompt_guided_Mask_Decoder.pt (Apache-2.0): MobileSAMv2's prompt-guided decoder")
+    assert "pairs with the encoders of vit, tiny_vit, slimsam" in decoder and "hiera" not in decoder

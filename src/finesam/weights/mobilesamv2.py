@@ -36,7 +36,7 @@ CHECKPOINT = Checkpoint(
     "https://github.com/ChaoningZhang/MobileSAM/raw/master/MobileSAMv2/PromptGuidedDecoder/Prompt_guided_Mask_Decoder.pt",
     None,
     None,
-    "MobileSAMv2's prompt-guided decoder (paired with an encoder: finesam convert ENCODER --decoder FILE)",
+    "MobileSAMv2's prompt-guided decoder (SAM 1's, re-trained for detector boxes)",
     licence="Apache-2.0",
     decoder=True,
 )
