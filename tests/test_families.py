@@ -25,6 +25,7 @@ from finesam.adapters.lora import TARGETS, SAMLoraAdapter
 from finesam.model import PRESETS, SAMConfig, SegmentAnything
 from finesam.model.config import TinyViTConfig, describe
 from finesam.model.families.slimsam import SlimSAMConfig
+from finesam.model.mask_decoder import MaskDecoder
 from finesam.model.prompts import Prompts
 from finesam.model.registry import EncoderFamily, families, family_of, register_family
 from finesam.model.sam import build_sam
@@ -244,6 +245,29 @@ def test_every_family_takes_its_hq_adapter_and_ejects_exactly(name):
     after = model.state_dict()
     assert list(after) == list(weights) and all(torch.equal(after[k], v) for k, v in weights.items())
     assert all(torch.equal(a, b) for a, b in zip(model.decode(embedding, box), before, strict=True))
+
+
+@torch.no_grad()
+def test_a_family_decoder_that_subclasses_sams_takes_hq_sam():
+    # a future family's model whose decoder subclasses SAM's (for its own rules) gets HQ-SAM by the decoder's
+    # ancestry, with nothing registered for it
+    class OwnDecoder(MaskDecoder):
+        pass
+
+    class OwnModel(SegmentAnything):
+        decoder_class = OwnDecoder
+
+    model = OwnModel(SMALL).eval()
+    assert hq_adapter_class(model) is HQSAMAdapter
+    pixels, box = _pixels(SMALL.image_size), Prompts(boxes=torch.tensor([[20.0, 30.0, 200.0, 220.0]]))
+    before = model.decode(model.encode(pixels), box)
+    adapter = hq_adapter_for(model)
+    for parameter in adapter.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    adapter.inject()
+    assert not torch.equal(model.decode(model.encode(pixels), box)[0], before[0])
+    adapter.eject()
+    assert all(torch.equal(a, b) for a, b in zip(model.decode(model.encode(pixels), box), before, strict=True))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

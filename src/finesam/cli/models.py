@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from finesam.cli.options import Commands, add_command
 from finesam.model.config import SAMConfig
-from finesam.model.mask_decoder import MaskDecoder
 from finesam.model.registry import EncoderFamily, families
-from finesam.model.sam import SegmentAnything, build_sam
+from finesam.model.sam import build_sam
 from finesam.weights.download import CHECKPOINTS
 from finesam.weights.layouts import Checkpoint, layout_of
+from finesam.weights.mobilesamv2 import sam1_decoder_families
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def model_rows(family: EncoderFamily) -> list[tuple[str, ...]]:
 
 def decoder_lines() -> list[str]:
     """The decoders of the catalogue (files that pair with an encoder of another release), one line each."""
-    takers = [name for name, f in families().items() if (f.model or SegmentAnything).decoder_class is MaskDecoder]
+    takers = ", ".join(sam1_decoder_families())
     return [
-        f"  {c.filename} ({c.licence}): {c.description}; pairs with the encoders of {', '.join(takers)}"
+        f"  {c.filename} ({c.licence}): {c.description}; pairs with the encoders of {takers}"
         for c in CHECKPOINTS.values()
         if c.decoder
     ]

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import Tensor
 
 from finesam.model.mask_decoder import MaskDecoder
-from finesam.model.registry import families, family_named
+from finesam.model.registry import EncoderFamily, families, family_named
 from finesam.model.sam import SegmentAnything
 from finesam.text import listing
 from finesam.weights.io import CheckpointError, load_pickled_weights
@@ -80,8 +80,14 @@ class Pairing:
     replaced: list[str]  # the encoder checkpoint's own prompt encoder and decoder keys (HQ-SAM's too), left out
 
 
-def _sam1_families() -> list[str]:
-    return [name for name, f in families().items() if (f.model or SegmentAnything).decoder_class is MaskDecoder]
+def takes_the_decoder(family: EncoderFamily) -> bool:
+    """Whether `family`'s model has SAM 1's mask decoder, the one MobileSAMv2's file holds (and its key names)."""
+    return (family.model or SegmentAnything).decoder_class is MaskDecoder
+
+
+def sam1_decoder_families() -> list[str]:
+    """The registered families whose encoders pair with MobileSAMv2's decoder, in registration order."""
+    return [name for name, family in families().items() if takes_the_decoder(family)]
 
 
 def pair_with_decoder(encoder: Mapping[str, Tensor], decoder: Mapping[str, Tensor]) -> Pairing:
@@ -105,10 +111,10 @@ def pair_with_decoder(encoder: Mapping[str, Tensor], decoder: Mapping[str, Tenso
     replaced = sorted(k for k in encoder if k.startswith(tuple(f"{p}." for p in SECTIONS.values())))
     state_dict = {k: v for k, v in encoder.items() if k not in replaced} | dict(decoder)
     family = family_named(layout_for(state_dict).family)
-    if (family.model or SegmentAnything).decoder_class is not MaskDecoder:
+    if not takes_the_decoder(family):
         raise CheckpointError(
             f"the encoder is of the {family.name} family ({family.title}), which has a mask decoder of its own; "
-            f"MobileSAMv2's decoder is SAM 1's and pairs with the encoders of {', '.join(_sam1_families())}"
+            f"MobileSAMv2's decoder is SAM 1's and pairs with the encoders of {', '.join(sam1_decoder_families())}"
         )
     width = decoder.get("prompt_encoder.no_mask_embed.weight")
     neck = encoder.get(f"{ENCODER_PREFIX}neck.0.weight")  # SAM's neck, where the family ends with it

@@ -16,12 +16,14 @@ HQ_ADAPTERS: dict[type[fl.Chain], type[HQAdapter]] = {MaskDecoder: HQSAMAdapter,
 
 
 def hq_adapter_class(model: SegmentAnything) -> type[HQAdapter]:
-    """The HQ-SAM adapter class for `model`, by its mask decoder (`decoder_class`).
+    """The HQ-SAM adapter class for `model`, by its mask decoder (`decoder_class`): the generation of the nearest
+    class in its ancestry, so a family's decoder that subclasses SAM's (for its own prompt rules, say) takes
+    HQ-SAM without registering anything.
 
     Raises:
         ValueError: no HQ-SAM generation adapts that decoder.
     """
-    adapter = HQ_ADAPTERS.get(model.decoder_class)
+    adapter = next((HQ_ADAPTERS[c] for c in model.decoder_class.__mro__ if c in HQ_ADAPTERS), None)
     if adapter is None:
         raise ValueError(
             f"no HQ-SAM adapter for a {type(model).__name__} (its mask decoder is a {model.decoder_class.__name__}; "
