@@ -7,7 +7,9 @@ through the predictor. Files that are not such a decoder, encoders that do not f
 refused with clear errors."""
 
 import functools
+import http.server
 import sys
+import threading
 import types
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,12 @@ def test_a_file_that_is_not_the_decoder_is_refused(folder):
     assert "mask_decoder.iou_token.weight" in message and "missing" in message
 
 
+def test_a_converted_file_as_the_encoder_is_refused(folder):
+    _, _, written = _convert(folder, "vit")
+    message = _refused(folder, _decoder_file(folder, SMALL.image_size)[0], encoder=written)
+    assert "a finesam SAM file; a decoder pairs with the official checkpoint of an encoder" in message
+
+
 def test_a_decoder_of_another_width_is_refused(folder):
     prompt_encoder, mask_decoder = _official_decoder(16, 256, dim=128)
     decoder = _save_decoder(folder / "narrow.pt", prompt_encoder, mask_decoder)
@@ -250,7 +258,7 @@ def test_the_yolov8_prompter_is_refused(folder, monkeypatch):
     assert result.returncode != 0 and "object-aware prompter" in result.stderr
 
 
-def test_the_catalogue_offers_the_decoder_file():
+def test_the_catalogue_offers_the_decoder_file_and_download_leaves_it_for_pairing(folder, tmp_path):
     checkpoint = CHECKPOINTS["mobilesamv2_decoder"]
     assert checkpoint.url == (
         "https://github.com/ChaoningZhang/MobileSAM/raw/master/MobileSAMv2/PromptGuidedDecoder/"
@@ -258,3 +266,21 @@ def test_the_catalogue_offers_the_decoder_file():
     )
     assert checkpoint.filename == "Prompt_guided_Mask_Decoder.pt"
     assert checkpoint.licence == "Apache-2.0" and checkpoint.decoder and checkpoint.preset is None
+    # `finesam download` fetches it (from a mirror here) and, a decoder alone, says how to pair it
+    served = tmp_path / "served"
+    served.mkdir()
+    decoder, *_ = _decoder_file(folder, SMALL.image_size)
+    (served / checkpoint.filename).write_bytes(decoder.read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *_: None  # type: ignore[attr-defined]
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        mirror = f"http://127.0.0.1:{server.server_address[1]}/"
+        try:
+            result = finesam("download", checkpoint.name, "--dir", tmp_path / "cache", env={"FINESAM_MIRROR": mirror})
+        finally:
+            server.shutdown()
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "cache" / checkpoint.filename
+    assert result.stdout.split() == [str(path)] and path.read_bytes() == decoder.read_bytes()
+    assert f"finesam convert ENCODER --decoder {path}" in result.stderr

@@ -233,6 +233,11 @@ def convert_checkpoint(
     if official is None:
         check_readable(checkpoint)
         kind = _finesam_kind(checkpoint)
+        if kind is not None and decoder is not None:
+            raise CheckpointError(
+                f"{checkpoint}: a finesam {FORMATS.get(kind, kind)} file; a decoder pairs with the official checkpoint "
+                "of an encoder (the .pth / .pt it was converted from)"
+            )
         if kind is not None:
             raise CheckpointError(
                 f"{checkpoint}: already a finesam {FORMATS.get(kind, kind)} file; it needs no conversion (give it "
