@@ -1,0 +1,178 @@
+"""SAM 2's per-frame tracking step against Meta's `sam2` 1.1.0 `SAM2Base.track_step`: a conditioning frame with
+clicks, then frames tracked from the memory bank, for two objects; and the choice of memories and pointers
+(`_prepare_memory_conditioned_features`) on a long bank, forwards and backwards, with the options that limit it.
+
+Our model and memory come from the file our converter wrote from the official checkpoint (SAM 2.1 Hiera-T
+configuration with the video predictor's settings, seeded and perturbed weights); the frame features are random,
+at the real shapes of `sam2.1_hiera_tiny`."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers  # noqa: F401  before the reference: its torchvision stand-in confuses transformers' import checks
+
+from finesam.model.sam2.memory_config import SAM2MemoryConfig
+from finesam.model.sam2.sam2 import SegmentAnything2
+from finesam.model.sam2.tracking import FrameFeatures, FrameMemory, MemoryBank, SAM2Tracker
+from finesam.model.sam2.video_memory import SAM2VideoMemory
+from finesam.weights.loading import convert_checkpoint, load_sam
+from finesam.weights.sam2_memory import load_video_memory
+
+from conftest import max_diff
+from official_sam2 import build_official_sam2
+
+# largest absolute difference allowed on what a tracked frame gives (float32, CPU): mask logits (O(10), and
+# the memory attention and decoder between the features and them), pointers, object scores, memories
+TOLERANCE = 1e-4
+# the memory-conditioned features alone (the memory attention's output, after its final norm: O(1))
+FEATURE_TOLERANCE = 1e-5
+
+GRID, DIM = 64, 256
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, SAM2Tracker]:
+    """The official model (the video predictor's settings) and our tracker, loaded from our converted file."""
+    official = build_official_sam2("sam2.1_hiera_tiny", {"binarize_mask_from_pts_for_mem_enc": True})
+    with torch.no_grad():  # random weights give object scores near -0.02: both signs on the first frame instead
+        official.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(0.012)
+    folder: Path = tmp_path_factory.mktemp("sam2_tracking")
+    torch.save({"model": official.state_dict()}, folder / "sam2.1_hiera_tiny.pt")
+    written = convert_checkpoint(folder / "sam2.1_hiera_tiny.pt", folder / "converted").written[0]
+    model = load_sam(written, fast=False)
+    assert isinstance(model, SegmentAnything2)
+    return official, SAM2Tracker(model, load_video_memory(written))
+
+
+def _features(batch: int, grid: int, seed: int) -> FrameFeatures:
+    generator = torch.Generator().manual_seed(seed)
+    return FrameFeatures(
+        torch.randn(batch, DIM, grid, grid, generator=generator),
+        (
+            torch.randn(batch, DIM // 8, 4 * grid, 4 * grid, generator=generator),
+            torch.randn(batch, DIM // 4, 2 * grid, 2 * grid, generator=generator),
+        ),
+    )
+
+
+def _official_inputs(official: Any, features: FrameFeatures) -> tuple[list, list, list]:
+    """`track_step`'s flattened (HW, B, C) features of the three levels, their positions (the neck's sine
+    encoding) and sizes."""
+    maps = [*features.high_res, features.embedding]
+    positions = [official.image_encoder.neck.position_encoding(m[:, :1].expand(-1, DIM, -1, -1)) for m in maps]
+    flat = [m.flatten(2).permute(2, 0, 1) for m in maps]
+    return flat, [p.flatten(2).permute(2, 0, 1) for p in positions], [tuple(m.shape[-2:]) for m in maps]
+
+
+def _compare(official_out: dict[str, Any], ours: Any) -> dict[str, float]:
+    assert ours.memory is not None
+    diffs = {
+        "low_res": max_diff(ours.low_res_masks, official_out["pred_masks"]),
+        "high_res": max_diff(ours.high_res_masks, official_out["pred_masks_high_res"]),
+        "pointer": max_diff(ours.pointer, official_out["obj_ptr"]),
+        "object_score": max_diff(ours.object_score_logits, official_out["object_score_logits"]),
+        "memory": max_diff(ours.memory.features, official_out["maskmem_features"]),
+        "memory_positions": max_diff(ours.memory.positions, official_out["maskmem_pos_enc"][-1]),
+    }
+    assert all(d <= TOLERANCE for d in diffs.values()), diffs
+    return diffs
+
+
+@torch.no_grad()
+def test_a_conditioning_frame_and_two_tracked_frames_match_the_official_track_step(models):
+    """Forwards; the backward choice of memories and pointers is tested on its own below (a 64 x 64 step costs
+    seconds on a CPU)."""
+    official, tracker = models
+    num_frames, batch = 3, 2
+    clicks = torch.tensor([[[300.0, 420.0]], [[700.0, 150.0]]])  # one click per object: multimask output
+    labels = torch.ones(batch, 1, dtype=torch.long)
+    official_bank: dict[str, dict[int, Any]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    bank = MemoryBank()
+    for frame in range(num_frames):
+        conditioning = frame == 0
+        features = _features(batch, GRID, seed=10 + frame)
+        flat, positions, sizes = _official_inputs(official, features)
+        point_inputs = {"point_coords": clicks, "point_labels": labels.int()} if conditioning else None
+        expected = official.track_step(
+            frame, conditioning, flat, positions, sizes, point_inputs, None, official_bank, num_frames
+        )
+        ours = tracker.track_step(
+            frame,
+            conditioning,
+            features,
+            bank,
+            num_frames,
+            points=clicks if conditioning else None,
+            labels=labels if conditioning else None,
+        )
+        _compare(expected, ours)
+        scores = expected["object_score_logits"].flatten()
+        assert (scores.abs() > 1e-3).all()  # no object near the presence threshold
+        if conditioning:  # one object present, one absent (its mask -1024, its pointer and memory marked)
+            assert scores[0] < 0 < scores[1] and (ours.low_res_masks[0] == -1024).all()
+        assert ours.memory is not None
+        official_bank["cond_frame_outputs" if conditioning else "non_cond_frame_outputs"][frame] = expected
+        (bank.conditioning if conditioning else bank.tracked)[frame] = ours.memory
+    assert len(bank.tracked) == 2
+
+
+def _random_memory(batch: int, grid: int, generator: torch.Generator) -> tuple[FrameMemory, dict[str, Any]]:
+    features = torch.randn(batch, 64, grid, grid, generator=generator)
+    positions = torch.randn(batch, 64, grid, grid, generator=generator)
+    pointer = torch.randn(batch, DIM, generator=generator)
+    scores = torch.ones(batch, 1)
+    official = {"maskmem_features": features, "maskmem_pos_enc": [positions], "obj_ptr": pointer}
+    return FrameMemory(features, positions, pointer, scores), official
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("frame", "reverse", "max_conditioning", "stride"),
+    [(12, False, -1, 1), (3, True, -1, 1), (12, False, 2, 1), (12, False, -1, 3), (5, True, 2, 2)],
+    ids=["forward", "reverse", "two-conditioning-frames", "stride-3", "reverse-limited-stride-2"],
+)
+def test_the_memories_and_pointers_a_frame_attends_to_are_the_official_ones(
+    models, frame, reverse, max_conditioning, stride
+):
+    """A 20-frame bank (conditioning frames 0, 6 and 16, every other frame tracked) on a small grid."""
+    official, tracker = models
+    generator = torch.Generator().manual_seed(frame)
+    grid, batch, num_frames = 8, 1, 20
+    bank = MemoryBank()
+    official_bank: dict[str, dict[int, Any]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    for t in range(num_frames):
+        if t == frame:
+            continue
+        ours, theirs = _random_memory(batch, grid, generator)
+        conditioning = t in (0, 6, 16)
+        (bank.conditioning if conditioning else bank.tracked)[t] = ours
+        official_bank["cond_frame_outputs" if conditioning else "non_cond_frame_outputs"][t] = theirs
+    features = _features(batch, grid, seed=99)
+    flat, positions, sizes = _official_inputs(official, features)
+    saved = official.max_cond_frames_in_attn, official.memory_temporal_stride_for_eval
+    official.max_cond_frames_in_attn, official.memory_temporal_stride_for_eval = max_conditioning, stride
+    tracker.max_conditioning_frames, tracker.memory_stride = max_conditioning, stride
+    try:
+        expected = official._prepare_memory_conditioned_features(
+            frame, False, flat[-1:], positions[-1:], sizes[-1:], official_bank, num_frames, reverse
+        )
+        ours = tracker.memory_conditioned(frame, False, features, bank, num_frames, reverse)
+    finally:
+        official.max_cond_frames_in_attn, official.memory_temporal_stride_for_eval = saved
+        tracker.max_conditioning_frames, tracker.memory_stride = -1, 1
+    assert max_diff(ours, expected) <= FEATURE_TOLERANCE
+
+
+@torch.no_grad()
+def test_tracking_without_a_conditioning_frame_is_refused(models):
+    _, tracker = models
+    with pytest.raises(ValueError, match="frame 3 is tracked without any conditioning frame"):
+        tracker.track_step(3, False, _features(1, 8, seed=0), MemoryBank(), 10)
+
+
+def test_the_tracker_refuses_a_memory_of_another_width(models):
+    _, tracker = models
+    with pytest.raises(ValueError, match="the memory's width 128 is not the model's 256"):
+        SAM2Tracker(tracker.model, SAM2VideoMemory(SAM2MemoryConfig(dim=128, memory_dim=64)))
