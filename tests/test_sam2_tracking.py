@@ -15,12 +15,12 @@ import transformers  # noqa: F401  before the reference: its torchvision stand-i
 
 from finesam.model.sam2.memory_config import SAM2MemoryConfig
 from finesam.model.sam2.sam2 import SegmentAnything2
-from finesam.model.sam2.tracking import FrameFeatures, FrameMemory, MemoryBank, SAM2Tracker
+from finesam.model.sam2.tracking import FrameFeatures, FrameMemory, MemoryBank, SAM2Tracker, encode_frame
 from finesam.model.sam2.video_memory import SAM2VideoMemory
 from finesam.weights.loading import convert_checkpoint, load_sam
 from finesam.weights.sam2_memory import load_video_memory
 
-from conftest import max_diff
+from conftest import PHOTOS, max_diff
 from official_sam2 import build_official_sam2
 
 # largest absolute difference allowed on what a tracked frame gives (float32, CPU): mask logits (O(10), and
@@ -28,6 +28,8 @@ from official_sam2 import build_official_sam2
 TOLERANCE = 1e-4
 # the memory-conditioned features alone (the memory attention's output, after its final norm: O(1))
 FEATURE_TOLERANCE = 1e-5
+# the image encoder's features (Hiera-T on a real photo, as tests/test_sam2.py states it)
+ENCODER_TOLERANCE = 1e-4
 
 GRID, DIM = 64, 256
 
@@ -118,6 +120,42 @@ def test_a_conditioning_frame_and_two_tracked_frames_match_the_official_track_st
     assert len(bank.tracked) == 2
 
 
+@torch.no_grad()
+def test_a_given_mask_then_a_correction_with_the_previous_logits_match_the_official_track_step(models):
+    """Frame 0: a mask per object (the second empty: absent) is the output as it is; frame 1: clicks on a tracked
+    frame, decoded with that frame's previous logits (a correction)."""
+    official, tracker = models
+    num_frames, batch = 2, 2
+    masks = torch.zeros(batch, 1, 16 * GRID, 16 * GRID)
+    masks[0, :, 200:600, 300:700] = 1.0
+    official_bank: dict[str, dict[int, Any]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    features = _features(batch, GRID, seed=30)
+    flat, positions, sizes = _official_inputs(official, features)
+    expected = official.track_step(0, True, flat, positions, sizes, None, masks, official_bank, num_frames)
+    ours = tracker.track_step(0, True, features, MemoryBank(), num_frames, mask=masks)
+    _compare(expected, ours)
+    assert ours.object_score_logits.flatten().tolist() == [10.0, -10.0]
+    assert max_diff(ours.iou_predictions, torch.ones(batch, 1)) == 0
+    official_bank["cond_frame_outputs"][0] = expected
+    assert ours.memory is not None
+    bank = MemoryBank(conditioning={0: ours.memory})
+    features = _features(batch, GRID, seed=31)
+    flat, positions, sizes = _official_inputs(official, features)
+    clicks = torch.tensor([[[500.0, 400.0], [100.0, 900.0]], [[650.0, 320.0], [20.0, 40.0]]])
+    labels = torch.tensor([[1, 0], [1, 1]])
+    previous = torch.randn(batch, 1, 4 * GRID, 4 * GRID, generator=torch.Generator().manual_seed(32)) * 5
+    point_inputs = {"point_coords": clicks, "point_labels": labels.int()}
+    expected = official.track_step(
+        1, False, flat, positions, sizes, point_inputs, None, official_bank, num_frames, prev_sam_mask_logits=previous
+    )
+    ours = tracker.track_step(1, False, features, bank, num_frames, clicks, labels, previous_logits=previous)
+    _compare(expected, ours)
+    with pytest.raises(ValueError, match="a given mask is the frame's output: it takes no points"):
+        tracker.track_step(1, False, features, bank, num_frames, clicks, labels, mask=masks)
+    with pytest.raises(ValueError, match="previous logits are decoded again with new points"):
+        tracker.track_step(1, False, features, bank, num_frames, previous_logits=previous)
+
+
 def _random_memory(batch: int, grid: int, generator: torch.Generator) -> tuple[FrameMemory, dict[str, Any]]:
     features = torch.randn(batch, 64, grid, grid, generator=generator)
     positions = torch.randn(batch, 64, grid, grid, generator=generator)
@@ -163,6 +201,20 @@ def test_the_memories_and_pointers_a_frame_attends_to_are_the_official_ones(
         official.max_cond_frames_in_attn, official.memory_temporal_stride_for_eval = saved
         tracker.max_conditioning_frames, tracker.memory_stride = -1, 1
     assert max_diff(ours, expected) <= FEATURE_TOLERANCE
+
+
+@torch.no_grad()
+def test_frame_features_are_the_official_backbone_features(models):
+    official, tracker = models
+    pixels, _ = tracker.model.preprocess(PHOTOS["square"]())
+    features = encode_frame(tracker.model, pixels)
+    _, flat, _, sizes = official._prepare_backbone_features(official.forward_image(pixels))
+    expected = [f.permute(1, 2, 0).reshape(1, -1, *size) for f, size in zip(flat, sizes, strict=True)]
+    assert features.embedding.shape == (1, DIM, GRID, GRID)
+    assert max_diff(features.embedding, expected[2]) <= ENCODER_TOLERANCE
+    assert max_diff(features.high_res[0], expected[0]) <= ENCODER_TOLERANCE
+    assert max_diff(features.high_res[1], expected[1]) <= ENCODER_TOLERANCE
+    assert all(v is None for v in tracker.model.use_context("image").values())  # nothing left behind
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ remembered is Python over the `MemoryBank`; every computation is a chain of `Seg
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,12 @@ from torch import Tensor
 
 from finesam.inputs import PADDING_LABEL, PADDING_POINT
 from finesam.model.sam2.hiera import HIGH_RES_KEYS, NoMemoryEmbedding
-from finesam.model.sam2.object_pointers import pointer_tokens
+from finesam.model.sam2.object_pointers import NoObjectPointer, pointer_tokens
 from finesam.model.sam2.sam2 import SegmentAnything2
 from finesam.model.sam2.video_memory import SAM2VideoMemory
+
+# a given mask as logits: -10 outside, +10 inside (sigmoid(-10) = 4.5e-5)
+MASK_LOGIT_SCALE, MASK_LOGIT_BIAS = 20.0, -10.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,33 @@ class FrameOutput:
     object_score_logits: Float[Tensor, "batch 1"]
     pointer: Float[Tensor, "batch dim"]
     memory: FrameMemory | None
+
+
+@torch.no_grad()
+def encode_frame(model: SegmentAnything2, pixels: Float[Tensor, "batch 3 size size"]) -> FrameFeatures:
+    """A frame's features for tracking: the image encoder without its last layer, the `no_mem_embed` that only a
+    conditioning frame adds (official `forward_image`).
+
+    Args:
+        model: the image model.
+        pixels: preprocessed frames (`SegmentAnything2.preprocess`: squashed to the input size, normalised).
+
+    Returns:
+        The stride-16 embedding and the decoder's high-resolution features.
+    """
+    stages = list(model.image_encoder)
+    if not isinstance(stages[-1], NoMemoryEmbedding):
+        raise ValueError(f"the image encoder of a tracked model ends with NoMemoryEmbedding, not {stages[-1]!r}")
+    image = model._reset_image_features()
+    x: Any = pixels.to(device=model.device, dtype=model.image_encoder.dtype)
+    try:
+        for stage in stages[:-1]:  # the stages of the chain, as `SegmentAnything.decode` runs its own
+            x = stage(*x) if isinstance(x, tuple) else stage(x)
+        x = x[0] if isinstance(x, tuple) else x  # a passthrough stage returns its inputs
+        high_res = (image[HIGH_RES_KEYS[0]], image[HIGH_RES_KEYS[1]])
+    finally:
+        model._reset_image_features()
+    return FrameFeatures(x.float(), (high_res[0].float(), high_res[1].float()))
 
 
 def select_conditioning(frame: int, conditioning: dict[int, FrameMemory], limit: int) -> tuple[dict, dict]:
@@ -237,6 +268,7 @@ class SAM2Tracker:
         points: Tensor,
         labels: Tensor,
         multimask: bool,
+        mask_prompt: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The SAM 2 decoder's masks, IoUs and object scores, and the mask tokens the pointer is read from."""
         model = self.model
@@ -244,7 +276,12 @@ class SAM2Tracker:
         padding = points.new_tensor(PADDING_POINT).expand(batch, 1, 2)
         coords = torch.cat((points, padding), dim=1)
         kinds = torch.cat((labels.long(), labels.new_full((batch, 1), PADDING_LABEL).long()), dim=1)
-        context = {"point_coords": coords, "point_labels": kinds, "mask_prompt": None, "multimask_output": multimask}
+        context = {
+            "point_coords": coords,
+            "point_labels": kinds,
+            "mask_prompt": mask_prompt,
+            "multimask_output": multimask,
+        }
         model.set_context("sam", context)
         model._reset_image_features().update(dict(zip(HIGH_RES_KEYS, high_res, strict=True)))
         try:
@@ -272,6 +309,8 @@ class SAM2Tracker:
         labels: Int[Tensor, "batch n"] | None = None,
         reverse: bool = False,
         run_memory_encoder: bool = True,
+        mask: Float[Tensor, "batch 1 size size"] | None = None,
+        previous_logits: Float[Tensor, "batch 1 low low"] | None = None,
     ) -> FrameOutput:
         """Segments one frame from its features, its prompts (if any) and the other frames' memories, and encodes
         its memory (official `SAM2Base.track_step`; the bank is not changed: the caller files the memory).
@@ -286,12 +325,22 @@ class SAM2Tracker:
             labels: their labels.
             reverse: tracking backwards in time.
             run_memory_encoder: encode the frame's memory.
+            mask: a mask given for the frame (at the model's input size, > 0 inside), which is the frame's output
+                as it is (`use_mask_input_as_output_without_sam`); no points with it.
+            previous_logits: the frame's previous low-resolution logits, decoded again with new points
+                (`prev_sam_mask_logits`).
 
         Returns:
             The masks, object score, pointer and memory of the frame.
         """
         if (points is None) != (labels is None):
             raise ValueError("points and labels go together")
+        if mask is not None:
+            if points is not None or previous_logits is not None:
+                raise ValueError("a given mask is the frame's output: it takes no points or previous logits")
+            return self._mask_as_output(features, mask, run_memory_encoder)
+        if previous_logits is not None and points is None:
+            raise ValueError("previous logits are decoded again with new points: give points")
         batch = features.embedding.shape[0]
         prompted = points is not None and labels is not None
         if points is None or labels is None:
@@ -299,7 +348,9 @@ class SAM2Tracker:
             labels = torch.full((batch, 1), PADDING_LABEL, dtype=torch.long, device=points.device)
         multimask = self.use_multimask(conditioning, labels.shape[1] if prompted else 0)
         embedding = self.memory_conditioned(frame, conditioning, features, bank, num_frames, reverse)
-        masks, iou, mask_tokens, scores = self._decode(embedding, features.high_res, points, labels, multimask)
+        masks, iou, mask_tokens, scores = self._decode(
+            embedding, features.high_res, points, labels, multimask, previous_logits
+        )
         multimasks = self.memory.occluded_masks(masks, scores).float()
         size = self.model.config.image_size
         high_res = F.interpolate(multimasks, size=(size, size), mode="bilinear", align_corners=False)
@@ -311,10 +362,40 @@ class SAM2Tracker:
         else:
             low_res_masks, high_res_masks, token = multimasks, high_res, mask_tokens[:, 0]
         pointer = self.memory.object_pointer(token, scores)
-        memory = None
-        if run_memory_encoder:
-            encoded, positions = self.memory.memory_encoder.encode(
-                features.embedding, high_res_masks, scores, from_prompts=prompted
-            )
-            memory = FrameMemory(encoded, positions, pointer, scores)
+        memory = self._memory(features, high_res_masks, scores, pointer, prompted) if run_memory_encoder else None
         return FrameOutput(low_res_masks, high_res_masks, multimasks, iou, scores, pointer, memory)
+
+    def _memory(
+        self, features: FrameFeatures, high_res_masks: Tensor, scores: Tensor, pointer: Tensor, prompted: bool
+    ) -> FrameMemory:
+        encoded, positions = self.memory.memory_encoder.encode(
+            features.embedding, high_res_masks, scores, from_prompts=prompted
+        )
+        return FrameMemory(encoded, positions, pointer, scores)
+
+    def _mask_as_output(self, features: FrameFeatures, mask: Tensor, run_memory_encoder: bool) -> FrameOutput:
+        """A given mask as the frame's output: logits +-10, the object present where the mask has a pixel, the
+        pointer from the decoder prompted by the mask alone (official `_use_mask_as_output`); the image features
+        are the frame's own (no memory, no `no_mem_embed`)."""
+        size = self.model.config.image_size
+        if mask.shape[-2:] != (size, size) or mask.dim() != 4 or mask.shape[1] != 1:
+            raise ValueError(
+                f"a given mask is (B, 1, {size}, {size}) at the model's input size, got {tuple(mask.shape)}"
+            )
+        given = mask.float()
+        high_res = given * MASK_LOGIT_SCALE + MASK_LOGIT_BIAS
+        low = self.model.config.mask_input_size
+        low_res = F.interpolate(high_res, size=(low, low), mode="bilinear", align_corners=False, antialias=True)
+        batch = given.shape[0]
+        points = given.new_zeros(batch, 1, 2)
+        labels = torch.full((batch, 1), PADDING_LABEL, dtype=torch.long, device=given.device)
+        prompt = self.memory.mask_input_downsample(given)
+        _, _, mask_tokens, decoded_scores = self._decode(
+            features.embedding, features.high_res, points, labels, False, prompt
+        )
+        pointer = self.memory.object_pointer(mask_tokens[:, 0], decoded_scores)
+        present = (given.flatten(1) > 0).any(dim=1, keepdim=True).float()
+        scores = MASK_LOGIT_SCALE * present + MASK_LOGIT_BIAS
+        pointer = self.memory.object_pointer.ensure_find(NoObjectPointer)(pointer, scores)
+        memory = self._memory(features, high_res, scores, pointer, prompted=False) if run_memory_encoder else None
+        return FrameOutput(low_res, high_res, low_res, given.new_ones(batch, 1), scores, pointer, memory)
