@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers  # noqa: F401  before the reference: its torchvision stand-in confuses transformers' import checks
 
+from finesam.fast.swap import is_fast
 from finesam.model.sam2.memory_config import SAM2MemoryConfig
 from finesam.model.sam2.sam2 import SegmentAnything2
 from finesam.model.sam2.tracking import FrameFeatures, FrameMemory, MemoryBank, SAM2Tracker, encode_frame
@@ -35,17 +36,36 @@ GRID, DIM = 64, 256
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, SAM2Tracker]:
-    """The official model (the video predictor's settings) and our tracker, loaded from our converted file."""
+def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """The official model (the video predictor's settings) and the file our converter wrote from it."""
     official = build_official_sam2("sam2.1_hiera_tiny", {"binarize_mask_from_pts_for_mem_enc": True})
     with torch.no_grad():  # random weights give object scores near -0.02: both signs on the first frame instead
         official.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(0.012)
     folder: Path = tmp_path_factory.mktemp("sam2_tracking")
     torch.save({"model": official.state_dict()}, folder / "sam2.1_hiera_tiny.pt")
-    written = convert_checkpoint(folder / "sam2.1_hiera_tiny.pt", folder / "converted").written[0]
-    model = load_sam(written, fast=False)
+    return official, convert_checkpoint(folder / "sam2.1_hiera_tiny.pt", folder / "converted").written[0]
+
+
+def _tracker(path: Path, fast: bool) -> SAM2Tracker:
+    model = load_sam(path, fast=fast)
     assert isinstance(model, SegmentAnything2)
-    return official, SAM2Tracker(model, load_video_memory(written))
+    return SAM2Tracker(model, load_video_memory(path))
+
+
+@pytest.fixture(scope="module")
+def models(converted: tuple[Any, Path]) -> tuple[Any, SAM2Tracker]:
+    """The official model and our tracker on the reference chains."""
+    official, path = converted
+    return official, _tracker(path, fast=False)
+
+
+@pytest.fixture(scope="module")
+def fast_models(converted: tuple[Any, Path]) -> tuple[Any, SAM2Tracker]:
+    """The same with the fast paths of inference (what `load_sam` gives by default)."""
+    official, path = converted
+    tracker = _tracker(path, fast=True)
+    assert any(is_fast(m) for m in tracker.model.modules())
+    return official, tracker
 
 
 def _features(batch: int, grid: int, seed: int) -> FrameFeatures:
@@ -121,10 +141,10 @@ def test_a_conditioning_frame_and_two_tracked_frames_match_the_official_track_st
 
 
 @torch.no_grad()
-def test_a_given_mask_then_a_correction_with_the_previous_logits_match_the_official_track_step(models):
+def test_a_given_mask_then_a_correction_with_the_previous_logits_match_the_official_track_step(fast_models):
     """Frame 0: a mask per object (the second empty: absent) is the output as it is; frame 1: clicks on a tracked
-    frame, decoded with that frame's previous logits (a correction)."""
-    official, tracker = models
+    frame, decoded with that frame's previous logits (a correction). On the fast paths."""
+    official, tracker = fast_models
     num_frames, batch = 2, 2
     masks = torch.zeros(batch, 1, 16 * GRID, 16 * GRID)
     masks[0, :, 200:600, 300:700] = 1.0
