@@ -6,12 +6,14 @@ Our model and memory come from the file our converter wrote from the official ch
 configuration with the video predictor's settings, seeded and perturbed weights); the frame features are random,
 at the real shapes of `sam2.1_hiera_tiny`."""
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers  # noqa: F401  before the reference: its torchvision stand-in confuses transformers' import checks
+from torch import Tensor
 
 from finesam.fast.swap import is_fast
 from finesam.model.sam2.memory_config import SAM2MemoryConfig
@@ -19,7 +21,7 @@ from finesam.model.sam2.sam2 import SegmentAnything2
 from finesam.model.sam2.tracking import FrameFeatures, FrameMemory, MemoryBank, SAM2Tracker, encode_frame
 from finesam.model.sam2.video_memory import SAM2VideoMemory
 from finesam.weights.loading import convert_checkpoint, load_sam
-from finesam.weights.sam2_memory import load_video_memory
+from finesam.weights.sam2_memory import load_video_memory, video_memory_from_state_dict
 
 from conftest import PHOTOS, max_diff
 from official_sam2 import build_official_sam2
@@ -185,17 +187,9 @@ def _random_memory(batch: int, grid: int, generator: torch.Generator) -> tuple[F
     return FrameMemory(features, positions, pointer, scores), official
 
 
-@torch.no_grad()
-@pytest.mark.parametrize(
-    ("frame", "reverse", "max_conditioning", "stride"),
-    [(12, False, -1, 1), (3, True, -1, 1), (12, False, 2, 1), (12, False, -1, 3), (5, True, 2, 2)],
-    ids=["forward", "reverse", "two-conditioning-frames", "stride-3", "reverse-limited-stride-2"],
-)
-def test_the_memories_and_pointers_a_frame_attends_to_are_the_official_ones(
-    models, frame, reverse, max_conditioning, stride
-):
-    """A 20-frame bank (conditioning frames 0, 6 and 16, every other frame tracked) on a small grid."""
-    official, tracker = models
+def _conditioned_features(official: Any, tracker: SAM2Tracker, frame: int, reverse: bool) -> tuple[Tensor, Tensor]:
+    """Both memory-conditioned features of `frame` with a 20-frame bank (conditioning frames 0, 6 and 16, every
+    other frame tracked) of random memories and pointers on a small grid."""
     generator = torch.Generator().manual_seed(frame)
     grid, batch, num_frames = 8, 1, 20
     bank = MemoryBank()
@@ -209,18 +203,70 @@ def test_the_memories_and_pointers_a_frame_attends_to_are_the_official_ones(
         official_bank["cond_frame_outputs" if conditioning else "non_cond_frame_outputs"][t] = theirs
     features = _features(batch, grid, seed=99)
     flat, positions, sizes = _official_inputs(official, features)
+    expected = official._prepare_memory_conditioned_features(
+        frame, False, flat[-1:], positions[-1:], sizes[-1:], official_bank, num_frames, reverse
+    )
+    return tracker.memory_conditioned(frame, False, features, bank, num_frames, reverse), expected
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("frame", "reverse", "max_conditioning", "stride"),
+    [(12, False, -1, 1), (3, True, -1, 1), (12, False, 2, 1), (12, False, -1, 3), (5, True, 2, 2)],
+    ids=["forward", "reverse", "two-conditioning-frames", "stride-3", "reverse-limited-stride-2"],
+)
+def test_the_memories_and_pointers_a_frame_attends_to_are_the_official_ones(
+    models, frame, reverse, max_conditioning, stride
+):
+    official, tracker = models
     saved = official.max_cond_frames_in_attn, official.memory_temporal_stride_for_eval
     official.max_cond_frames_in_attn, official.memory_temporal_stride_for_eval = max_conditioning, stride
     tracker.max_conditioning_frames, tracker.memory_stride = max_conditioning, stride
     try:
-        expected = official._prepare_memory_conditioned_features(
-            frame, False, flat[-1:], positions[-1:], sizes[-1:], official_bank, num_frames, reverse
-        )
-        ours = tracker.memory_conditioned(frame, False, features, bank, num_frames, reverse)
+        ours, expected = _conditioned_features(official, tracker, frame, reverse)
     finally:
         official.max_cond_frames_in_attn, official.memory_temporal_stride_for_eval = saved
         tracker.max_conditioning_frames, tracker.memory_stride = -1, 1
     assert max_diff(ours, expected) <= FEATURE_TOLERANCE
+
+
+# pointer options of SAM2Base that no 2.1 release changes: (official attribute changes, our config changes)
+POINTER_OPTIONS: dict[str, tuple[dict[str, bool], dict[str, bool]]] = {
+    # distances differ in sign only for conditioning frames in the future (frame 16 for frame 12)
+    "unsigned-distances": (
+        {"use_signed_tpos_enc_to_obj_ptrs": False, "only_obj_ptrs_in_the_past_for_eval": False},
+        {"signed_pointer_time": False, "only_past_pointers": False},
+    ),
+    "future-conditioning-pointers": ({"only_obj_ptrs_in_the_past_for_eval": False}, {"only_past_pointers": False}),
+    "no-pointer-time (2.0)": (
+        {"add_tpos_enc_to_obj_ptrs": False, "proj_tpos_enc_in_obj_ptrs": False},
+        {"pointer_time_encoding": False, "pointer_time_projection": False},
+    ),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("option", list(POINTER_OPTIONS))
+def test_the_pointer_options_match_the_official_ones(models, option):
+    official, tracker = models
+    changes, ours_changes = POINTER_OPTIONS[option]
+    state = {
+        k: v
+        for k, v in official.state_dict().items()
+        if ours_changes.get("pointer_time_projection", True) or not k.startswith("obj_ptr_tpos_proj.")
+    }
+    memory = video_memory_from_state_dict(state, config=dataclasses.replace(tracker.memory.config, **ours_changes))
+    saved = {name: getattr(official, name) for name in changes}
+    for name, value in changes.items():
+        setattr(official, name, value)
+    try:
+        ours, expected = _conditioned_features(official, SAM2Tracker(tracker.model, memory), 12, reverse=False)
+    finally:
+        for name, value in saved.items():
+            setattr(official, name, value)
+    assert max_diff(ours, expected) <= FEATURE_TOLERANCE
+    default, _ = _conditioned_features(official, tracker, 12, reverse=False)
+    assert max_diff(default, ours) > 1e-4  # the option changes what the frame sees
 
 
 @torch.no_grad()
