@@ -7,8 +7,9 @@ pointers of other frames, go through the SAM 2 decoder; the result becomes the f
     memory bank: conditioning frames (slot 0), the previous frames (slots 1..6),            pointer
                  the object pointers of past frames (with their distances)              -> memory encoder: memory
 
-`SAM2Tracker.track_step` is the official `SAM2Base.track_step` (points or no prompt; the video predictor's
-settings), `SAM2Tracker.memory_conditioned` its `_prepare_memory_conditioned_features`. Which frames are
+`SAM2Tracker.track_step` is the official `SAM2Base.track_step` (points, a given mask, previous logits with new
+points, or no prompt; the video predictor's settings), `SAM2Tracker.memory_conditioned` its
+`_prepare_memory_conditioned_features`, `encode_frame` its `forward_image`. Which frames are
 remembered is Python over the `MemoryBank`; every computation is a chain of `SegmentAnything2` or
 `SAM2VideoMemory`.
 """
@@ -114,7 +115,9 @@ def encode_frame(model: SegmentAnything2, pixels: Float[Tensor, "batch 3 size si
     return FrameFeatures(x.float(), (high_res[0].float(), high_res[1].float()))
 
 
-def select_conditioning(frame: int, conditioning: dict[int, FrameMemory], limit: int) -> tuple[dict, dict]:
+def select_conditioning(
+    frame: int, conditioning: dict[int, FrameMemory], limit: int
+) -> tuple[dict[int, FrameMemory], dict[int, FrameMemory]]:
     """The conditioning frames a frame attends to (all, or `limit` of them: the nearest before, the nearest at or
     after, then the nearest others), and the others (official `select_closest_cond_frames`)."""
     if limit == -1 or len(conditioning) <= limit:
