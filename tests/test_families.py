@@ -32,6 +32,7 @@ from finesam.weights.layouts import layout_for, layout_of
 from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL, TOLERANCE, max_diff
+from edge_sam_reference import reference_encoder, tempered_state_dict
 from helpers import finesam
 from official import OFFICIAL_BUILDERS, build_official, perturb, segment_anything_hq
 from official_sam2 import build_official_sam2
@@ -83,6 +84,15 @@ def _sam2() -> Official:
     return official.state_dict(), encode, 1024
 
 
+def _edge_sam() -> Official:
+    """EdgeSAM (RepViT-m1, its only architecture) in the official key layout from the fixture's recipe
+    (tests/data/edge_sam/keys.json), with tempered residual branches; there is no official package, so the
+    encoder is the functional reference written from the fixture's description (tests/edge_sam_reference.py),
+    itself checked against the official outputs in tests/test_edge_sam.py."""
+    state_dict = tempered_state_dict()
+    return state_dict, lambda x: reference_encoder(state_dict, x), 1024
+
+
 OFFICIAL: dict[str, Callable[[], Official]] = {
     "vit": lambda: _sam_package(SMALL),
     "tiny_vit": _tiny_vit,
@@ -93,6 +103,7 @@ OFFICIAL: dict[str, Callable[[], Official]] = {
         )
     ),
     "hiera": _sam2,
+    "edge_sam": _edge_sam,
 }
 
 # families whose early embedding HQ-SAM (1) fuses: SAM 2's HQ adapter is another one
@@ -271,8 +282,9 @@ def test_an_unregistered_encoder_config_is_refused_with_a_clear_error():
 
 
 def _rows(stdout: str) -> dict[str, str]:
-    """The output lines of `finesam models` by their first word (a preset name, or a family header)."""
-    return {line.split()[0].rstrip(":"): line for line in stdout.splitlines() if line.strip()}
+    """The output lines of `finesam models` by their first word: a preset name, or a family header with its
+    colon (a family and its preset may share a name: `edge_sam`)."""
+    return {line.split()[0]: line for line in stdout.splitlines() if line.strip()}
 
 
 def test_models_lists_every_family_preset_and_the_files_it_reads():
@@ -280,7 +292,7 @@ def test_models_lists_every_family_preset_and_the_files_it_reads():
     assert result.returncode == 0, result.stderr
     rows = _rows(result.stdout)
     for family in families().values():
-        assert rows[family.name].startswith(f"{family.name}: {family.title}")
+        assert rows[f"{family.name}:"].startswith(f"{family.name}: {family.title}")
         files = layout_of(family.name).checkpoints
         for preset in family.presets:
             row = rows[preset.name]
@@ -291,6 +303,7 @@ def test_models_lists_every_family_preset_and_the_files_it_reads():
     assert "sam_vit_b_01ec64.pth" in rows["vit_b"] and "sam_hq_vit_b.pth" in rows["vit_b"]
     assert "mobile_sam.pt" in rows["vit_tiny"] and "sam_hq_vit_tiny.pth" in rows["vit_tiny"]
     assert "SlimSAM-77-uniform.pth" in rows["vit_p77"]
+    assert "edge_sam.pth" in rows["edge_sam"] and "edge_sam_3x.pth" in rows["edge_sam_3x"]
     # the parameter counts are the official models'
     for name in ("vit_b", "vit_h"):
         with torch.device("meta"):
