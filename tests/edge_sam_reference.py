@@ -124,7 +124,11 @@ def reference_encoder(sd: dict[str, Tensor], pixels: Tensor) -> tuple[Tensor, Te
 
 # the BatchNorm scales of every residual branch: with the recipe's unit scales each block roughly triples its
 # input, so stage 2's map reaches 1e7 (the embedding is normalised by the neck's LayerNorms and stays small)
-_RESIDUAL_BRANCH_SCALES = ("token_mixer.0.conv.bn.weight", "token_mixer.0.conv1.bn.weight", "channel_mixer.m.2.bn.weight")
+_RESIDUAL_BRANCH_SCALES = (
+    "token_mixer.0.conv.bn.weight",
+    "token_mixer.0.conv1.bn.weight",
+    "channel_mixer.m.2.bn.weight",
+)
 
 
 def tempered_state_dict(scale: float = 0.3) -> dict[str, Tensor]:

@@ -197,7 +197,9 @@ class RepViTStage(fl.Chain):
 class Upsample2x(fl.Module):
     """Bicubic 2x upsampling (align_corners=False, as EdgeSAM's fusion) of a channels-last grid."""
 
-    def forward(self, x: Float[Tensor, "batch height width channels"]) -> Float[Tensor, "batch 2*height 2*width channels"]:
+    def forward(
+        self, x: Float[Tensor, "batch height width channels"]
+    ) -> Float[Tensor, "batch 2*height 2*width channels"]:
         up = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2, mode="bicubic", align_corners=False)
         return up.permute(0, 2, 3, 1)
 
@@ -263,5 +265,3 @@ class RepViTEncoder(EncoderChain[RepViTConfig]):
         """The four stages, in order (stage 3 sits in the fusion's low-resolution path)."""
         top = [m for m in self if isinstance(m, RepViTStage)]
         return [*top, self.ensure_find(StageFusion).ensure_find(LowResolutionPath).ensure_find(RepViTStage)]
-
-

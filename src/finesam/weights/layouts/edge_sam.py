@@ -70,7 +70,7 @@ def infer_encoder(state_dict: Mapping[str, Tensor]) -> tuple[RepViTConfig, int]:
     return config, 1024
 
 
-def _conv_bn(prefix: str, layer: fl.Module) -> list[tuple[str, fl.Module]]:
+def _conv_bn(prefix: str, layer: Conv2dBN) -> list[tuple[str, fl.Module]]:
     return [(f"{prefix}.c", layer.ensure_find(fl.Conv2d)), (f"{prefix}.bn", layer.ensure_find(BatchNorm2d))]
 
 
@@ -85,12 +85,11 @@ def modules(encoder: EncoderChain[Any]) -> list[tuple[str, fl.Module]]:
     pairs = _conv_bn(f"{_PREFIX}.0.0", stem[0]) + _conv_bn(f"{_PREFIX}.0.2", stem[1])
     for i, block in enumerate(_blocks(encoder), start=1):
         prefix = f"{_PREFIX}.{i}"
-        mixer = block[0]
-        if isinstance(mixer, DownsamplingTokenMixer):
+        if (mixer := block.find(DownsamplingTokenMixer)) is not None:
             depthwise, pointwise = mixer.layers(Conv2dBN)
             pairs += _conv_bn(f"{prefix}.token_mixer.0", depthwise) + _conv_bn(f"{prefix}.token_mixer.2", pointwise)
         else:
-            conv, conv1 = mixer.ensure_find(RepVGGDW).layers(Conv2dBN)
+            conv, conv1 = block.ensure_find(RepVGGDW).layers(Conv2dBN)
             pairs += _conv_bn(f"{prefix}.token_mixer.0.conv", conv) + _conv_bn(f"{prefix}.token_mixer.0.conv1", conv1)
         expand, project = block.ensure_find(ChannelMixer).layers(Conv2dBN)
         pairs += _conv_bn(f"{prefix}.channel_mixer.m.0", expand) + _conv_bn(f"{prefix}.channel_mixer.m.2", project)
