@@ -27,11 +27,12 @@ from skimage import data as skimage_data
 from finesam.amg import AutomaticMaskGenerator
 from finesam.amg.rle import from_coco, rle_to_mask
 from finesam.cli.common import load_base
-from finesam.fast import apply_fast_paths
+from finesam.fast import apply_fast_paths, remove_fast_paths
 from finesam.model.config import preset_name
 from finesam.model.families.edge_sam import SAM_EDGE_SAM
-from finesam.model.rep_vit import RepViTConfig, RepViTEncoder, squeeze_channels
+from finesam.model.rep_vit import RepVGGDW, RepViTConfig, RepViTEncoder, squeeze_channels
 from finesam.model.sam import ImageEmbedding, SegmentAnything
+from finesam.model.tiny_vit import BatchNorm2d
 from finesam.onnx.export import export
 from finesam.onnx.predictor import OnnxPredictor
 from finesam.serve.host import MaskRequest, ModelHost
@@ -153,6 +154,26 @@ def test_predict_matches_the_official_predictor(name, fast):
     full = torch.from_numpy(data[f"{name}_mask_logits_s9"])
     assert max_diff(result.masks[0][:, ::9, ::9], full) <= FULL_SIZE_TOLERANCE
     assert_same_signs(result.masks[0][:, ::9, ::9], full)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_fast_repvggdw_is_one_convolution_of_the_same_formula(training):
+    """The three branches folded into one depthwise convolution at inference; the reference formula in training
+    mode or with gradients (so a fast model trains like the reference)."""
+    torch.manual_seed(0)
+    layer = RepVGGDW(8)
+    for norm, _ in layer.walk(BatchNorm2d):
+        norm.running_mean.normal_(0, 0.1), norm.running_var.uniform_(0.5, 1.5), norm.weight.data.normal_(1, 0.1)
+    layer.train(training)
+    x = torch.randn(2, 8, 12, 10)
+    with torch.no_grad():
+        expected = layer(x)
+        assert apply_fast_paths(layer) > 0 and type(layer).__module__ == "finesam.fast.rep_vit"
+        actual = layer(x)
+    assert max_diff(actual, expected) <= 1e-5
+    assert torch.equal(actual, expected) == training  # in training mode the branches run as written
+    remove_fast_paths(layer)
+    assert type(layer) is RepVGGDW
 
 
 # -- the tools, on the official file
