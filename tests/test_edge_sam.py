@@ -163,7 +163,10 @@ def test_the_fast_repvggdw_is_one_convolution_of_the_same_formula(training):
     torch.manual_seed(0)
     layer = RepVGGDW(8)
     for norm, _ in layer.walk(BatchNorm2d):
-        norm.running_mean.normal_(0, 0.1), norm.running_var.uniform_(0.5, 1.5), norm.weight.data.normal_(1, 0.1)
+        assert norm.running_mean is not None and norm.running_var is not None
+        norm.running_mean.normal_(0, 0.1)
+        norm.running_var.uniform_(0.5, 1.5)
+        norm.weight.data.normal_(1, 0.1)
     layer.train(training)
     x = torch.randn(2, 8, 12, 10)
     with torch.no_grad():
