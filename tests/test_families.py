@@ -33,6 +33,7 @@ from finesam.weights.layouts import layout_for, layout_of
 from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL, TOLERANCE, max_diff
+from edge_sam_reference import reference_encoder, tempered_state_dict
 from helpers import finesam
 from official import OFFICIAL_BUILDERS, build_official, perturb, segment_anything_hq
 from official_sam2 import build_official_sam2
@@ -84,6 +85,15 @@ def _sam2() -> Official:
     return official.state_dict(), encode, 1024
 
 
+def _edge_sam() -> Official:
+    """EdgeSAM (RepViT-m1, its only architecture) in the official key layout from the fixture's recipe
+    (tests/data/edge_sam/keys.json), with tempered residual branches; there is no official package, so the
+    encoder is the functional reference written from the fixture's description (tests/edge_sam_reference.py),
+    itself checked against the official outputs in tests/test_edge_sam.py."""
+    state_dict = tempered_state_dict()
+    return state_dict, lambda x: reference_encoder(state_dict, x), 1024
+
+
 OFFICIAL: dict[str, Callable[[], Official]] = {
     "vit": lambda: _sam_package(SMALL),
     "tiny_vit": _tiny_vit,
@@ -94,6 +104,7 @@ OFFICIAL: dict[str, Callable[[], Official]] = {
         )
     ),
     "hiera": _sam2,
+    "edge_sam": _edge_sam,
 }
 
 
@@ -331,8 +342,9 @@ def test_an_unregistered_encoder_config_is_refused_with_a_clear_error():
 
 
 def _rows(stdout: str) -> dict[str, str]:
-    """The output lines of `finesam models` by their first word (a preset name, or a family header)."""
-    return {line.split()[0].rstrip(":"): line for line in stdout.splitlines() if line.strip()}
+    """The output lines of `finesam models` by their first word: a preset name, or a family header with its
+    colon (a family and its preset may share a name: `edge_sam`)."""
+    return {line.split()[0]: line for line in stdout.splitlines() if line.strip()}
 
 
 def test_models_lists_every_family_preset_its_parameters_input_size_and_official_files_with_licences():
@@ -340,7 +352,7 @@ def test_models_lists_every_family_preset_its_parameters_input_size_and_official
     assert result.returncode == 0, result.stderr
     rows = _rows(result.stdout)
     for family in families().values():
-        assert rows[family.name].startswith(f"{family.name}: {family.title}")
+        assert rows[f"{family.name}:"].startswith(f"{family.name}: {family.title}")
         files = layout_of(family.name).checkpoints
         for preset in family.presets:
             row = rows[preset.name]
@@ -357,6 +369,8 @@ def test_models_lists_every_family_preset_its_parameters_input_size_and_official
     assert "sam_vit_b_01ec64.pth (Apache-2.0)" in rows["vit_b"] and "sam_hq_vit_b.pth (Apache-2.0)" in rows["vit_b"]
     assert "mobile_sam.pt (Apache-2.0)" in rows["vit_tiny"] and "sam_hq_vit_tiny.pth" in rows["vit_tiny"]
     assert "SlimSAM-77-uniform.pth (Apache-2.0)" in rows["vit_p77"]
+    assert "edge_sam.pth (S-Lab-1.0 (non-commercial))" in rows["edge_sam"]
+    assert "edge_sam_3x.pth (S-Lab-1.0 (non-commercial))" in rows["edge_sam_3x"]
     # the parameter counts are the official models': in all, the image encoder's, the prompt encoder's and decoder's
     for name in ("vit_b", "vit_h"):
         with torch.device("meta"):
