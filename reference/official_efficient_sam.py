@@ -10,12 +10,14 @@ sizes) from the ViT-Ti key list, the shapes rescaled.
 
 import hashlib
 import json
+import math
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 DATA = Path(__file__).parent.parent / "tests" / "data" / "efficient_sam_ti"
@@ -73,7 +75,7 @@ def official_shaped(dim: int, depth: int = 12, prompt_dim: int = 256, decoder_de
         elif key.startswith("image_encoder.blocks."):
             continue
         elif key.startswith("mask_decoder.transformer.layers.0."):
-            keys = [key.replace(".layers.0.", f".layers.{i}.") for i in range(decoder_depth)]
+            keys = [key.replace(".transformer.layers.0.", f".transformer.layers.{i}.", 1) for i in range(decoder_depth)]
         elif key.startswith("mask_decoder.transformer.layers."):
             continue
         else:
@@ -82,3 +84,51 @@ def official_shaped(dim: int, depth: int = 12, prompt_dim: int = 256, decoder_de
         for k in keys:
             shaped[k] = torch.from_numpy(recipe(k, new_shape, entry["dtype"]))
     return shaped
+
+
+def reference_encoder(state_dict: dict[str, Tensor], heads: int) -> Any:
+    """EfficientSAM's image encoder as a plain function of the official weights, written from the paper's ViT and
+    the official code's facts (tests hold it equal to the stored official embedding): pixels (B, 3, S, S) ->
+    (image embedding, the output of block 2 channels-last), for `tests/test_families.py`."""
+
+    def encode(pixels: Tensor) -> tuple[Tensor, Tensor]:
+        w = state_dict
+        x = F.conv2d(pixels, w["image_encoder.patch_embed.proj.weight"], w["image_encoder.patch_embed.proj.bias"], 16)
+        x = x.permute(0, 2, 3, 1)
+        batch, height, width, dim = x.shape
+        table = w["image_encoder.pos_embed"][:, 1:]
+        side = math.isqrt(table.shape[1])
+        table = table.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        x = x + F.interpolate(table, (height, width), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        x = x.reshape(batch, height * width, dim)
+        depth = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("image_encoder.blocks."))
+        early = x
+        for i in range(depth):
+            p = f"image_encoder.blocks.{i}."
+            y = F.layer_norm(x, (dim,), w[p + "norm1.weight"], w[p + "norm1.bias"], 1e-6)
+            q, k, v = (
+                F.linear(y, w[p + "attn.qkv.weight"], w[p + "attn.qkv.bias"])
+                .reshape(batch, -1, 3, heads, dim // heads)
+                .permute(2, 0, 3, 1, 4)
+            )
+            attention = ((q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5).softmax(dim=-1)
+            y = (attention @ v).transpose(1, 2).reshape(batch, -1, dim)
+            x = x + F.linear(y, w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
+            y = F.layer_norm(x, (dim,), w[p + "norm2.weight"], w[p + "norm2.bias"], 1e-6)
+            y = F.linear(F.gelu(F.linear(y, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])), w[p + "mlp.fc2.weight"])
+            x = x + y + w[p + "mlp.fc2.bias"]
+            if i == 2:
+                early = x.reshape(batch, height, width, dim)
+
+        def norm2d(t: Tensor, key: str) -> Tensor:
+            mean = t.mean(1, keepdim=True)
+            variance = (t - mean).pow(2).mean(1, keepdim=True)
+            t = (t - mean) / torch.sqrt(variance + 1e-6)
+            return w[key + ".weight"][:, None, None] * t + w[key + ".bias"][:, None, None]
+
+        grid = x.reshape(batch, height, width, dim).permute(0, 3, 1, 2)
+        grid = norm2d(F.conv2d(grid, w["image_encoder.neck.0.weight"]), "image_encoder.neck.1")
+        grid = norm2d(F.conv2d(grid, w["image_encoder.neck.2.weight"], padding=1), "image_encoder.neck.3")
+        return grid, early
+
+    return encode

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from finesam.adapters.hq import HQSAMAdapter
+from finesam.adapters.hq import HQ_ADAPTERS, HQSAMAdapter, hq_adapter_for
 from finesam.adapters.lora import TARGETS, SAMLoraAdapter
 from finesam.model import PRESETS, SAMConfig, SegmentAnything
 from finesam.model.config import TinyViTConfig, describe
@@ -34,6 +34,7 @@ from finesam.weights.loading import sam_from_state_dict
 from conftest import SMALL, TOLERANCE, max_diff
 from helpers import finesam
 from official import OFFICIAL_BUILDERS, build_official, perturb, segment_anything_hq
+from official_efficient_sam import official_shaped, reference_encoder
 from official_sam2 import build_official_sam2
 
 # an official checkpoint, the official encoder as a function of the pixels (-> embedding, HQ-SAM's early
@@ -83,6 +84,14 @@ def _sam2() -> Official:
     return official.state_dict(), encode, 1024
 
 
+def _efficient_sam() -> Official:
+    """EfficientSAM in the official layout with the weights of its fixture's recipe (there is no installable
+    package): a narrow ViT (64 wide, 3 blocks, 64-channel decoder) at 1024; the official encoder is the functional
+    one `tests/test_efficient_sam.py` holds equal to the stored official embedding."""
+    state_dict = official_shaped(dim=64, depth=3, prompt_dim=64)
+    return state_dict, reference_encoder(state_dict, heads=1), 1024
+
+
 OFFICIAL: dict[str, Callable[[], Official]] = {
     "vit": lambda: _sam_package(SMALL),
     "tiny_vit": _tiny_vit,
@@ -93,10 +102,16 @@ OFFICIAL: dict[str, Callable[[], Official]] = {
         )
     ),
     "hiera": _sam2,
+    "efficient_sam": _efficient_sam,
 }
 
-# families whose early embedding HQ-SAM (1) fuses: SAM 2's HQ adapter is another one
-HQ_TAP = {name for name, family in families().items() if family.model is None}
+# families whose early embedding HQ-SAM (1) fuses (its adapter, or a decoder variant's subclass of it): SAM 2's
+# HQ adapter is another one
+HQ_TAP = {
+    name
+    for name, family in families().items()
+    if issubclass(HQ_ADAPTERS[(family.model or SegmentAnything).decoder_class], HQSAMAdapter)
+}
 
 FAMILIES = list(families())
 
@@ -163,7 +178,8 @@ def test_official_weights_convert_load_and_match(name):
     # HQ-SAM's tap: channels-last at the embedding grid
     assert early.shape == (1, grid, grid, encoder.early_embedding_dim)
     # and HQ-SAM's adapter finds that tap by itself and keeps it with the embedding
-    adapter = HQSAMAdapter(model)
+    adapter = hq_adapter_for(model)
+    assert isinstance(adapter, HQSAMAdapter)
     adapter.inject()
     try:
         assert max_diff(model.encode(_pixels(size)), expected) <= TOLERANCE

@@ -13,7 +13,6 @@ from finesam.model.config import SAMConfig
 from finesam.model.layers import LayerNorm2d
 from finesam.model.transformer import IMAGE, TOKENS, TwoWayTransformer
 
-
 # the activation between the layers of an MLP (SAM: ReLU; variants: GELU)
 Activation = Callable[[], fl.Module]
 
