@@ -111,8 +111,7 @@ def reference_encoder(state_dict: dict[str, Tensor], heads: int) -> Any:
                 .reshape(batch, -1, 3, heads, dim // heads)
                 .permute(2, 0, 3, 1, 4)
             )
-            attention = ((q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5).softmax(dim=-1)
-            y = (attention @ v).transpose(1, 2).reshape(batch, -1, dim)
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, dim)  # softmax(qk/sqrt(d))v
             x = x + F.linear(y, w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
             y = F.layer_norm(x, (dim,), w[p + "norm2.weight"], w[p + "norm2.bias"], 1e-6)
             y = F.linear(F.gelu(F.linear(y, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])), w[p + "mlp.fc2.weight"])

@@ -330,8 +330,8 @@ def fixed_count_labelled_points(
         kinds.append(labels)
     given = sum(len(c) for c in coords)
     check_point_count(given, count)
-    coords.append([FIXED_COUNT_PADDING_POINT] * (count - given))
-    kinds.append([PADDING_LABEL] * (count - given))
+    coords.append(np.tile(FIXED_COUNT_PADDING_POINT, (count - given, 1)))
+    kinds.append(np.full(count - given, PADDING_LABEL))
     return np.concatenate(coords).astype(np.float64), np.concatenate(kinds).astype(np.float64)
 
 
