@@ -22,20 +22,31 @@ from skimage import data as skimage_data
 from torch import Tensor
 
 from finesam import inputs
+from finesam.adapters.hq import HQEfficientSAMAdapter, HQSAMAdapter, hq_adapter_for
 from finesam.amg import AutomaticMaskGenerator
-from finesam.model.efficient_sam.config import EFFICIENT_SAM_VITS, EFFICIENT_SAM_VITT, EfficientSAMConfig
+from finesam.data.synthetic import write_dataset
+from finesam.evaluation import adapter_configuration, evaluate
+from finesam.model.config import SAMConfig
+from finesam.model.efficient_sam.config import (
+    EFFICIENT_SAM_VITS,
+    EFFICIENT_SAM_VITT,
+    EfficientSAMConfig,
+    EfficientSAMDecoderConfig,
+)
 from finesam.model.efficient_sam.efficient_sam import EfficientSAM, stretched_input
 from finesam.model.efficient_sam.prompt_encoder import fixed_count_labelled_points
 from finesam.model.prompts import Prompts
-from finesam.model.sam import ImageEmbedding
+from finesam.model.sam import ImageEmbedding, build_sam
 from finesam.onnx.export import export
 from finesam.onnx.predictor import OnnxPredictor
-from finesam.weights import load_sam
+from finesam.training.config import load_config
+from finesam.training.trainer import Trainer
+from finesam.weights import load_hq, load_sam, save_sam
 from finesam.weights.layouts import layout_for
 from finesam.weights.loading import sam_from_state_dict
-from finesam.weights.sam_keys import infer_config, sam_key_map
+from finesam.weights.sam_keys import convert_state_dict, infer_config, sam_key_map
 
-from helpers import finesam
+from helpers import finesam, write_config
 from official_efficient_sam import (
     CHECK_VALUE,
     DATA,
@@ -310,3 +321,75 @@ def test_segment_and_a_dataset_run_read_the_official_file(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "everything" / "annotations.json").read_text())["annotations"]
+
+
+# HQ-SAM on EfficientSAM: no official HQ weights exist, so the adapter is trained. A narrow EfficientSAM at 256 px
+# (the recipe's weights, the position table resized to the 16 x 16 grid) trains in seconds.
+SMALL_256 = SAMConfig(
+    EfficientSAMConfig(dim=64, depth=3, heads=1),
+    EfficientSAMDecoderConfig(prompt_dim=64, mlp_dim=512, iou_head_hidden_dim=64),
+    image_size=256,
+)
+
+
+def small_256() -> EfficientSAM:
+    model = build_sam(SMALL_256)
+    assert isinstance(model, EfficientSAM)
+    model.load_state_dict(convert_state_dict(small_official(), model))
+    return model.eval()
+
+
+def snapshot(model: EfficientSAM) -> tuple[str, dict[str, Tensor]]:
+    return repr(model), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def test_hq_sam_injects_into_efficient_sam_and_ejects_bit_exactly():
+    model = small_256()
+    image = IMAGES["coffee"]()
+    prompt: dict[str, Any] = {"boxes": [200, 60, 480, 330], "points": [[330, 200]], "multimask_output": True}
+    before, outputs = snapshot(model), model.predict(image, **prompt, return_logits=True)
+    adapter = hq_adapter_for(model)
+    assert isinstance(adapter, HQEfficientSAMAdapter)
+    with pytest.raises(ValueError, match="HQ-SAM adapts SAM's mask decoder; this EfficientSAM has a EfficientSAMMask"):
+        HQSAMAdapter(model)
+    adapter.inject()
+    # the early feature is the output of ViT block 2, channels-last
+    early = model.encode_image(image).features["early_embedding"]
+    assert early.shape == (1, 16, 16, 64)
+    with_hq = model.predict(image, **prompt, return_logits=True)
+    assert with_hq.masks.shape[1] == 1  # HQ-SAM's output: the best SAM mask plus the HQ mask
+    assert (with_hq.masks - outputs.masks[:, :1]).abs().max() > 1e-3
+    adapter.eject()
+    after = snapshot(model)
+    assert after[0] == before[0] and after[1].keys() == before[1].keys()
+    assert all(torch.equal(after[1][k], v) for k, v in before[1].items())
+    again = model.predict(image, **prompt, return_logits=True)
+    assert torch.equal(again.masks, outputs.masks) and torch.equal(again.iou_predictions, outputs.iou_predictions)
+
+
+def test_finesam_train_trains_hq_sam_on_efficient_sam(tmp_path):
+    base = save_sam(small_256(), tmp_path / "efficient_sam.safetensors")
+    train = write_dataset(tmp_path / "train", 12, seed=0, size=(96, 96))
+    val = write_dataset(tmp_path / "val", 8, seed=100, size=(96, 96))
+    config = load_config(write_config(tmp_path / "c.toml", base, train, tmp_path / "run", "[hq]", epochs=8, lr=3e-3))
+    trainer = Trainer(config, progress=False)
+    assert isinstance(trainer.adapters["hq"], HQEfficientSAMAdapter)
+    assert "noise_mask" not in trainer.data.prompts.kinds and trainer.data.prompts.max_points == 6
+    # the samples are EfficientSAM's input frame: the image stretched without antialiasing
+    sample = trainer.data.sample(0, epoch=0)
+    pixels, _ = trainer.model.preprocess(Image.open(sample.image_path).convert("RGB"))
+    assert (sample.pixels - pixels[0]).abs().max() <= 1e-6
+    base_state = {k: v.clone() for k, v in load_sam(base).state_dict().items()}
+    written = trainer.run()
+    losses = [row["loss"] for row in trainer.rows]
+    assert len(losses) == trainer.total_steps == 24
+    first, last = np.mean(losses[:6]), np.mean(losses[-6:])
+    assert last < 0.8 * first, (first, last)
+    trainer.adapters["hq"].eject()
+    state = trainer.model.state_dict()  # the frozen base: bit-identical after training
+    assert all(torch.equal(state[k], base_state[k]) for k in base_state)
+    fresh = load_sam(base)
+    (plain,) = evaluate(fresh, [adapter_configuration("base", [])], val)
+    (hq,) = evaluate(fresh, [adapter_configuration("hq", [load_hq(fresh, written["hq"])], hq_mask_only=True)], val)
+    assert hq.miou > plain.miou + 0.1 and hq.mbiou > plain.mbiou + 0.1, (plain, hq)
