@@ -86,9 +86,19 @@ def small_official() -> dict[str, Tensor]:
     return official_shaped(dim=64, depth=3, prompt_dim=64)
 
 
-def small() -> EfficientSAM:
-    model = sam_from_state_dict(small_official())
+# the narrow EfficientSAM at 256 px (the recipe's weights, the position table resized to the 16 x 16 grid): the
+# tools and training run it in seconds
+SMALL_256 = SAMConfig(
+    EfficientSAMConfig(dim=64, depth=3, heads=1),
+    EfficientSAMDecoderConfig(prompt_dim=64, mlp_dim=512, iou_head_hidden_dim=64),
+    image_size=256,
+)
+
+
+def small_256() -> EfficientSAM:
+    model = build_sam(SMALL_256)
     assert isinstance(model, EfficientSAM)
+    model.load_state_dict(convert_state_dict(small_official(), model))
     return model.eval()
 
 
@@ -228,12 +238,12 @@ def test_the_stretched_input_has_a_numpy_twin(shape):
 
 @torch.no_grad()
 def test_the_onnx_export_and_predictor_equal_torch(tmp_path):
-    model = small()
+    model = small_256()
     image = Image.fromarray(IMAGES["coffee"]())
     report = export(model, tmp_path / "onnx")
     description = report.description
     assert description["processing"] == model.processing_names
-    assert description["preprocessing"]["point_count"] == 6
+    assert description["preprocessing"]["point_count"] == 6 and description["preprocessing"]["image_size"] == 256
     assert "mask_input" not in description["decoder_inputs"]
     predictor = OnnxPredictor(tmp_path / "onnx")
     prompts: list[dict[str, Any]] = [
@@ -253,7 +263,7 @@ def test_the_onnx_export_and_predictor_equal_torch(tmp_path):
 
 @torch.no_grad()
 def test_everything_upscales_and_filters_as_predict():
-    model = small()
+    model = small_256()
     image = IMAGES["coffee"]()[::2, ::2]
     options: dict[str, Any] = dict(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
     records = AutomaticMaskGenerator(model, box_nms_thresh=1.0, **options).generate(image)
@@ -323,20 +333,7 @@ def test_segment_and_a_dataset_run_read_the_official_file(tmp_path):
     assert json.loads((tmp_path / "everything" / "annotations.json").read_text())["annotations"]
 
 
-# HQ-SAM on EfficientSAM: no official HQ weights exist, so the adapter is trained. A narrow EfficientSAM at 256 px
-# (the recipe's weights, the position table resized to the 16 x 16 grid) trains in seconds.
-SMALL_256 = SAMConfig(
-    EfficientSAMConfig(dim=64, depth=3, heads=1),
-    EfficientSAMDecoderConfig(prompt_dim=64, mlp_dim=512, iou_head_hidden_dim=64),
-    image_size=256,
-)
-
-
-def small_256() -> EfficientSAM:
-    model = build_sam(SMALL_256)
-    assert isinstance(model, EfficientSAM)
-    model.load_state_dict(convert_state_dict(small_official(), model))
-    return model.eval()
+# HQ-SAM on EfficientSAM: no official HQ weights exist, so the adapter is trained (`finesam train`).
 
 
 def snapshot(model: EfficientSAM) -> tuple[str, dict[str, Tensor]]:
