@@ -65,11 +65,18 @@ def official_shaped(dim: int, depth: int = 12, prompt_dim: int = 256, decoder_de
     """A `state_dict` of the official layout for an EfficientSAM of encoder width `dim` (ViT-S: 384), `depth`
     blocks, decoder width `prompt_dim` and `decoder_depth` two-way blocks, by `recipe`: the ViT-Ti key list with
     every width rescaled (ViT-Ti: 192, 256) and the blocks repeated or dropped."""
-    scale = {192: dim, 576: 3 * dim, 768: 4 * dim, 256: prompt_dim, 128: prompt_dim // 2, 64: prompt_dim // 4}
+    scale: dict[int, int] = {
+        192: dim,
+        576: 3 * dim,
+        768: 4 * dim,
+        256: prompt_dim,
+        128: prompt_dim // 2,
+        64: prompt_dim // 4,
+    }
     scale |= {32: prompt_dim // 8, 2048: 8 * prompt_dim}
     shaped: dict[str, Tensor] = {}
     for entry in official_keys():
-        key, shape = entry["key"], entry["shape"]
+        key, shape = str(entry["key"]), [int(s) for s in entry["shape"]]
         if key.startswith("image_encoder.blocks.0."):
             keys = [key.replace(".blocks.0.", f".blocks.{i}.") for i in range(depth)]
         elif key.startswith("image_encoder.blocks."):
@@ -80,7 +87,7 @@ def official_shaped(dim: int, depth: int = 12, prompt_dim: int = 256, decoder_de
             continue
         else:
             keys = [key]
-        new_shape = tuple(scale.get(s, s) for s in shape)  # each width by its ViT-Ti value
+        new_shape = tuple(scale[s] if s in scale else s for s in shape)  # each width by its ViT-Ti value
         for k in keys:
             shaped[k] = torch.from_numpy(recipe(k, new_shape, entry["dtype"]))
     return shaped

@@ -272,7 +272,9 @@ def test_everything_upscales_and_filters_as_predict():
     prediction = model.predict(image, points=points[:, None], multimask_output=True)  # (12, 3, H, W)
     for record, masks in zip(records, prediction.masks, strict=True):
         # every mask of everything is one of predict's masks for its point (EfficientSAM's bicubic upscaling)
-        assert any(np.array_equal(record["segmentation"], mask.numpy()) for mask in masks)
+        segmentation = record["segmentation"]
+        assert isinstance(segmentation, np.ndarray)
+        assert any(np.array_equal(segmentation, mask.numpy()) for mask in masks)
 
 
 def test_segment_and_a_dataset_run_read_the_official_file(tmp_path):

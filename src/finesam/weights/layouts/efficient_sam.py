@@ -112,7 +112,8 @@ def encoder_rules(encoder: EncoderChain[Any], key: KeyOf) -> dict[str, Rule]:
 def _mlp_block(prefix: str, mlp: fl.Chain) -> list[tuple[str, fl.Module]]:
     """An official `MLPBlock`: `layers.{j}.0` (each a linear with its activation), then `fc`."""
     *hidden, last = mlp.layers(fl.Linear)
-    return [(f"{prefix}.layers.{j}.0", linear) for j, linear in enumerate(hidden)] + [(f"{prefix}.fc", last)]
+    pairs: list[tuple[str, fl.Module]] = [(f"{prefix}.layers.{j}.0", linear) for j, linear in enumerate(hidden)]
+    return [*pairs, (f"{prefix}.fc", last)]
 
 
 def _attention(prefix: str, layer: fl.Attention) -> list[tuple[str, fl.Module]]:
