@@ -26,6 +26,7 @@ from finesam.adapters.hq import HQEfficientSAMAdapter, HQSAMAdapter, hq_adapter_
 from finesam.amg import AutomaticMaskGenerator
 from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
+from finesam.fast import apply_fast_paths, remove_fast_paths
 from finesam.model.config import SAMConfig
 from finesam.model.efficient_sam.config import (
     EFFICIENT_SAM_VITS,
@@ -234,6 +235,19 @@ def test_the_stretched_input_has_a_numpy_twin(shape):
     expected = stretched_input(image, 1024)
     twin, size = inputs.stretched_model_input(image, 1024)
     assert size == (1024, 1024) and np.abs(twin - expected.numpy()).max() <= 2e-5
+
+
+@torch.no_grad()
+def test_the_fast_paths_equal_the_reference_and_leave_no_trace():
+    model, image = small_256(), IMAGES["coffee"]()
+    prompt: dict[str, Any] = {"boxes": [[200, 60, 480, 330], [10, 20, 300, 200]], "multimask_output": True}
+    reference, text = model.predict(image, **prompt, return_logits=True), repr(model)
+    assert apply_fast_paths(model) > 0  # its GELUs, the dense positional encoding
+    fast = model.predict(image, **prompt, return_logits=True)
+    assert (fast.masks - reference.masks).abs().max() <= 1e-5
+    assert (fast.iou_predictions - reference.iou_predictions).abs().max() <= 1e-6
+    remove_fast_paths(model)
+    assert repr(model) == text
 
 
 @torch.no_grad()
