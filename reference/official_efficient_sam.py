@@ -87,7 +87,7 @@ def official_shaped(dim: int, depth: int = 12, prompt_dim: int = 256, decoder_de
             continue
         else:
             keys = [key]
-        new_shape = tuple(scale[s] if s in scale else s for s in shape)  # each width by its ViT-Ti value
+        new_shape = tuple(scale.get(s, s) for s in shape)  # each width by its ViT-Ti value
         for k in keys:
             shaped[k] = torch.from_numpy(recipe(k, new_shape, entry["dtype"]))
     return shaped
