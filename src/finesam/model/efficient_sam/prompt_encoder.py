@@ -14,13 +14,16 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.inputs import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PADDING_LABEL, check_point_count
+from finesam.inputs import (
+    BOX_BOTTOM_RIGHT_LABEL,
+    BOX_TOP_LEFT_LABEL,
+    FIXED_COUNT_PADDING_POINT,
+    PADDING_LABEL,
+    check_point_count,
+)
 from finesam.model.config import SAMConfig
 from finesam.model.prompt_encoder import DensePositionalEncoding, FourierPositionalEncoding, PixelToUnit
 from finesam.model.prompts import Prompts
-
-# where the official model puts its padding points (in model-input pixels, before the half-pixel shift)
-EFFICIENT_SAM_PADDING_POINT = (-1.0, -1.0)
 
 
 def fixed_count_labelled_points(
@@ -50,7 +53,7 @@ def fixed_count_labelled_points(
     given = sum(c.shape[1] for c in coords)
     check_point_count(given, count)
     device = coords[0].device if coords else None
-    coords.append(torch.tensor(EFFICIENT_SAM_PADDING_POINT, device=device).expand(batch, count - given, 2))
+    coords.append(torch.tensor(FIXED_COUNT_PADDING_POINT, device=device).expand(batch, count - given, 2))
     kinds.append(torch.full((batch, count - given), PADDING_LABEL, dtype=torch.long, device=device))
     return torch.cat(coords, dim=1), torch.cat(kinds, dim=1)
 
