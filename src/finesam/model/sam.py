@@ -75,8 +75,10 @@ class SegmentAnything(fl.Chain):
     `image` context while the first stage runs; `encode_image` keeps it in `ImageEmbedding.features` and
     `decode` puts it back, so a cached embedding serves every later prompt.
 
-    Other model generations (SAM 2) subclass it, with their decoder (`decoder_class`) and their pre- and
-    postprocessing (`preprocess`, `sparse_points`, `postprocess`, `returned_low_res`).
+    Other model generations (SAM 2) and decoder variants (EfficientSAM) subclass it, with their decoder
+    (`decoder_class`, `transformer_class`), prompt encoder (`prompt_encoder_class`, `takes_mask_input`,
+    `fixed_prompt_points`) and their pre- and postprocessing (`preprocess`, `sparse_points`, `postprocess`,
+    `returned_low_res`).
     """
 
     decoder_class: ClassVar[type[fl.Chain]] = MaskDecoder
