@@ -32,8 +32,10 @@ from finesam.model.sam import build_sam
 from finesam.weights.layouts import layout_for, layout_of
 from finesam.weights.loading import sam_from_state_dict
 
+import edge_sam_reference
+import official_efficient_sam
 from conftest import SMALL, TOLERANCE, max_diff
-from edge_sam_reference import reference_encoder, tempered_state_dict
+from edge_sam_reference import tempered_state_dict
 from helpers import finesam
 from official import OFFICIAL_BUILDERS, build_official, perturb, segment_anything_hq
 from official_sam2 import build_official_sam2
@@ -91,7 +93,15 @@ def _edge_sam() -> Official:
     encoder is the functional reference written from the fixture's description (tests/edge_sam_reference.py),
     itself checked against the official outputs in tests/test_edge_sam.py."""
     state_dict = tempered_state_dict()
-    return state_dict, lambda x: reference_encoder(state_dict, x), 1024
+    return state_dict, lambda x: edge_sam_reference.reference_encoder(state_dict, x), 1024
+
+
+def _efficient_sam() -> Official:
+    """EfficientSAM in the official layout with the weights of its fixture's recipe (there is no installable
+    package): a narrow ViT (64 wide, 3 blocks, 64-channel decoder) at 1024; the official encoder is the functional
+    one `tests/test_efficient_sam.py` holds equal to the stored official embedding."""
+    state_dict = official_efficient_sam.official_shaped(dim=64, depth=3, prompt_dim=64)
+    return state_dict, official_efficient_sam.reference_encoder(state_dict, heads=1), 1024
 
 
 OFFICIAL: dict[str, Callable[[], Official]] = {
@@ -105,6 +115,7 @@ OFFICIAL: dict[str, Callable[[], Official]] = {
     ),
     "hiera": _sam2,
     "edge_sam": _edge_sam,
+    "efficient_sam": _efficient_sam,
 }
 
 
@@ -112,9 +123,9 @@ def _hq_adapter_class(family: EncoderFamily) -> type[HQAdapter]:
     return hq_adapter_class(build_sam(family.presets[0], device="meta"))
 
 
-# families whose early embedding HQ-SAM (1) fuses: those whose model has SAM's mask decoder, whichever model class
-# brings it (SAM 2's HQ adapter is another one)
-HQ_TAP = {name for name, family in families().items() if _hq_adapter_class(family) is HQSAMAdapter}
+# families whose early embedding HQ-SAM (1) fuses: those whose HQ adapter is HQSAMAdapter or a decoder variant's
+# subclass of it, whichever model class brings the decoder (SAM 2's HQ adapter is another one)
+HQ_TAP = {name for name, family in families().items() if issubclass(_hq_adapter_class(family), HQSAMAdapter)}
 
 FAMILIES = list(families())
 
@@ -181,7 +192,8 @@ def test_official_weights_convert_load_and_match(name):
     # HQ-SAM's tap: channels-last at the embedding grid
     assert early.shape == (1, grid, grid, encoder.early_embedding_dim)
     # and HQ-SAM's adapter finds that tap by itself and keeps it with the embedding
-    adapter = HQSAMAdapter(model)
+    adapter = hq_adapter_for(model)
+    assert isinstance(adapter, HQSAMAdapter)
     adapter.inject()
     try:
         assert max_diff(model.encode(_pixels(size)), expected) <= TOLERANCE

@@ -197,7 +197,7 @@ def test_save_and_load(model, official_hq, tmp_path):
         "name": "wires",
         "rank": 3,
         "scale": 0.8,
-        "include": ["TwoWayTransformer"],
+        "include": list(TARGETS["decoder"]),  # the two-way transformer of every model class
         "exclude": ["TokenFeedForward"],
     }
     tensors, metadata = read_safetensors(file)

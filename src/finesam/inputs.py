@@ -37,6 +37,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # writes to its model.json for the torch-free predictor: SAM's, then SAM 2's
 LONGEST_SIDE_PADDED, POINTS_FIRST, CROP_THEN_RESIZE = "longest_side_padded", "points_first", "crop_then_resize"
 SQUARE, BOXES_FIRST_PADDED, RESIZE = "square", "boxes_first_padded", "resize"
+# EfficientSAM's: stretched to a square without antialiasing, a fixed number of points, one bicubic resize
+STRETCH, BOXES_FIRST_FIXED_COUNT, BICUBIC_RESIZE = "stretch", "boxes_first_fixed_count", "bicubic_resize"
+# where EfficientSAM puts its padding points (model-input pixels)
+FIXED_COUNT_PADDING_POINT = (-1.0, -1.0)
 
 
 def resized_shape(height: int, width: int, longest_side: int) -> tuple[int, int]:
@@ -295,6 +299,71 @@ def boxes_first_labelled_points(
         coords.append([PADDING_POINT])
         kinds.append([PADDING_LABEL])
     return np.concatenate(coords).astype(np.float64), np.concatenate(kinds).astype(np.float64)
+
+
+def check_point_count(given: int, count: int) -> None:
+    """Raises `ValueError` when a prompt of a model that embeds exactly `count` points (EfficientSAM: 6) has more
+    (box corners count as two); the official model would drop the last ones silently."""
+    if given > count:
+        raise ValueError(
+            f"this model embeds at most {count} prompt points per prompt (a box counts as two), got {given}"
+        )
+
+
+def fixed_count_labelled_points(
+    points: np.ndarray | None, labels: np.ndarray | None, box: np.ndarray | None, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """EfficientSAM's sparse sequence of one prompt (numpy; the torch model's batched twin is
+    `finesam.model.efficient_sam.prompt_encoder.fixed_count_labelled_points`): the box's corners labelled 2 and 3,
+    then the points, then padding points (`FIXED_COUNT_PADDING_POINT`, label -1) up to `count`.
+
+    Raises:
+        ValueError: more than `count` points (`check_point_count`).
+    """
+    coords: list[Any] = [np.zeros((0, 2))]
+    kinds: list[Any] = [np.zeros(0)]
+    if box is not None:
+        coords.append(np.reshape(box, (2, 2)))
+        kinds.append([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL])
+    if points is not None and labels is not None:
+        coords.append(points)
+        kinds.append(labels)
+    given = sum(len(c) for c in coords)
+    check_point_count(given, count)
+    coords.append(np.tile(FIXED_COUNT_PADDING_POINT, (count - given, 1)))
+    kinds.append(np.full(count - given, PADDING_LABEL))
+    return np.concatenate(coords).astype(np.float64), np.concatenate(kinds).astype(np.float64)
+
+
+def bilinear_resize_weights(input_size: int, output_size: int) -> np.ndarray:
+    """The (output_size, input_size) float32 matrix of torch's `F.interpolate(mode="bilinear",
+    align_corners=False)` without antialiasing along one axis: two taps per output, at source position
+    (i + 0.5) * scale - 0.5 clamped at 0 (float32, as torch computes it for float32 images)."""
+    f32 = np.float32
+    scale = f32(input_size) / f32(output_size)
+    weights = np.zeros((output_size, input_size), dtype=f32)
+    for i in range(output_size):
+        source = max(scale * f32(i + 0.5) - f32(0.5), f32(0.0))
+        first = min(int(source), input_size - 1)
+        second = min(first + 1, input_size - 1)
+        fraction = f32(source - f32(first))
+        weights[i, first] += f32(1.0) - fraction
+        weights[i, second] += fraction
+    return weights
+
+
+def stretched_model_input(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """EfficientSAM's model input for an RGB image (numpy twin of
+    `finesam.model.efficient_sam.processing.stretched_input`): the [0, 1] pixels stretched to size x size
+    (bilinear, no antialiasing), normalised with ImageNet's mean and std; float32 (1, 3, size, size), and the
+    (height, width) the image occupies in it (all of it)."""
+    pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255
+    rows = bilinear_resize_weights(pixels.shape[-2], size)
+    columns = bilinear_resize_weights(pixels.shape[-1], size)
+    resized = rows @ (pixels @ columns.T)
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+    return ((resized - mean) / std)[None].astype(np.float32), (size, size)
 
 
 def antialiased_resize_weights(input_size: int, output_size: int) -> np.ndarray:

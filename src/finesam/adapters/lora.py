@@ -26,12 +26,12 @@ from finesam.text import check_name, listing
 # The encoder presets are each registered family's own (`EncoderFamily.lora_targets`): `encoder_attention` the
 # attention projections, `encoder` every encoder linear. Their union is listed here: a family's class names
 # occur only in its own encoder, so on any model the union selects exactly that family's layers.
+_MODELS = (SegmentAnything, *(f.model for f in families().values() if f.model))
 TARGETS: dict[str, tuple[str, ...]] = {
-    "decoder": ("TwoWayTransformer",),
+    # the two-way transformer of every model class (SAM's, a variant's own)
+    "decoder": tuple(dict.fromkeys(m.transformer_class.__name__ for m in _MODELS)),
     # also the mask hypernetworks and the IoU head: the decoder chain of every model class (SAM's, a family's own)
-    "decoder_all": tuple(
-        dict.fromkeys(m.decoder_class.__name__ for m in (SegmentAnything, *(f.model for f in families().values())) if m)
-    ),
+    "decoder_all": tuple(dict.fromkeys(m.decoder_class.__name__ for m in _MODELS)),
     **{
         name: tuple(dict.fromkeys(c for family in families().values() for c in family.lora_targets[name]))
         for name in ENCODER_LORA_TARGETS

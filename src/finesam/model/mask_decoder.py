@@ -1,5 +1,6 @@
 """SAM's mask decoder: output tokens + prompt tokens, two-way transformer, hypernetwork masks and IoU head."""
 
+from collections.abc import Callable
 from itertools import pairwise
 
 from jaxtyping import Float
@@ -12,9 +13,12 @@ from finesam.model.config import SAMConfig
 from finesam.model.layers import LayerNorm2d
 from finesam.model.transformer import IMAGE, TOKENS, TwoWayTransformer
 
+# the activation between the layers of an MLP (SAM: ReLU; variants: GELU)
+Activation = Callable[[], fl.Module]
+
 
 class MultiLayerPerceptron(fl.Chain):
-    """`num_layers` linears with ReLU in between (none after the last)."""
+    """`num_layers` linears with `activation` (ReLU) in between (none after the last)."""
 
     def __init__(
         self,
@@ -24,12 +28,13 @@ class MultiLayerPerceptron(fl.Chain):
         num_layers: int,
         device: Device | str | None = None,
         dtype: DType | None = None,
+        activation: Activation = fl.ReLU,
     ) -> None:
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         layers: list[fl.Module] = []
         for i, (a, b) in enumerate(pairwise(dims)):
             if i:
-                layers.append(fl.ReLU())
+                layers.append(activation())
             layers.append(fl.Linear(a, b, device=device, dtype=dtype))
         super().__init__(*layers)
 
@@ -98,13 +103,19 @@ class UpscaledImageEmbedding(fl.Chain):
 class MaskHypernetworks(fl.Concatenate):
     """One MLP per mask token, mapping it to the weights of its mask over the mask features."""
 
-    def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
+    def __init__(
+        self,
+        config: SAMConfig,
+        activation: Activation = fl.ReLU,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
         dim, first = config.decoder.prompt_dim, config.decoder.iou_token + 1
         super().__init__(
             *(
                 fl.Chain(
                     fl.Slicing(dim=1, start=first + i, end=first + i + 1),
-                    MultiLayerPerceptron(dim, dim, dim // 8, 3, device=device, dtype=dtype),
+                    MultiLayerPerceptron(dim, dim, dim // 8, 3, device=device, dtype=dtype, activation=activation),
                 )
                 for i in range(config.decoder.num_mask_tokens)
             ),
@@ -138,7 +149,13 @@ class MaskHead(fl.Chain):
 class IoUHead(fl.Chain):
     """(tokens, image) -> predicted IoU of every mask, read from the IoU token."""
 
-    def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
+    def __init__(
+        self,
+        config: SAMConfig,
+        activation: Activation = fl.ReLU,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
         super().__init__(
             fl.GetArg(TOKENS),
             fl.Slicing(dim=1, start=config.decoder.iou_token, end=config.decoder.iou_token + 1),
@@ -150,6 +167,7 @@ class IoUHead(fl.Chain):
                 config.decoder.iou_head_depth,
                 device=device,
                 dtype=dtype,
+                activation=activation,
             ),
         )
 

@@ -23,6 +23,7 @@ from finesam.model.prompt_encoder import PromptEncoder, labelled_points
 from finesam.model.prompts import Prompts, prepare_prompts
 from finesam.model.quantized import quantize_linears
 from finesam.model.registry import EncoderChain, family_of
+from finesam.model.transformer import TwoWayTransformer
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,19 @@ class SegmentAnything(fl.Chain):
     `image` context while the first stage runs; `encode_image` keeps it in `ImageEmbedding.features` and
     `decode` puts it back, so a cached embedding serves every later prompt.
 
-    Other model generations (SAM 2) subclass it, with their decoder (`decoder_class`) and their pre- and
-    postprocessing (`preprocess`, `sparse_points`, `postprocess`, `returned_low_res`).
+    Other model generations (SAM 2) and decoder variants (EfficientSAM) subclass it, with their decoder
+    (`decoder_class`, `transformer_class`), prompt encoder (`prompt_encoder_class`, `takes_mask_input`,
+    `fixed_prompt_points`) and their pre- and postprocessing (`preprocess`, `sparse_points`, `postprocess`,
+    `returned_low_res`).
     """
 
     decoder_class: ClassVar[type[fl.Chain]] = MaskDecoder
+    # the decoder's two-way transformer (what the `decoder` LoRA preset adapts)
+    transformer_class: ClassVar[type[fl.Chain]] = TwoWayTransformer
+    # the prompt encoder: SAM's, or a variant's (EfficientSAM: fixed point count, no mask input)
+    prompt_encoder_class: ClassVar[type[fl.Chain]] = PromptEncoder
+    # whether prompts may hold a mask input (the low-resolution logits of an earlier prediction)
+    takes_mask_input: ClassVar[bool] = True
     # what `preprocess`, `sparse_points` and `postprocess` do, by name: an ONNX export declares them in its
     # model.json, and the ONNX predictor (no torch model there) runs the numpy twins of these names
     processing_names: ClassVar[dict[str, str]] = {
@@ -101,7 +110,7 @@ class SegmentAnything(fl.Chain):
         encoder = family.build(config.encoder, config.image_size, config.decoder.prompt_dim, device=device, dtype=dtype)
         super().__init__(
             encoder,
-            PromptEncoder(config, device=device, dtype=dtype),
+            cast(Callable[..., fl.Chain], self.prompt_encoder_class)(config, device=device, dtype=dtype),
             cast(Callable[..., fl.Chain], self.decoder_class)(config, device=device, dtype=dtype),
         )
         self.config = config
@@ -127,8 +136,9 @@ class SegmentAnything(fl.Chain):
         return self.ensure_find(family_of(self.config.encoder).encoder)
 
     @property
-    def prompt_encoder(self) -> PromptEncoder:
-        return self.ensure_find(PromptEncoder)
+    def prompt_encoder(self) -> fl.Chain:
+        """The prompt encoder chain (`prompt_encoder_class`)."""
+        return self.ensure_find(self.prompt_encoder_class)
 
     @property
     def mask_decoder(self) -> fl.Chain:
@@ -159,6 +169,11 @@ class SegmentAnything(fl.Chain):
         """Mask logits at the original image size (`finesam.model.processing.postprocess_masks`)."""
         return postprocess_masks(low_res, self.config.image_size, input_size, original_size)
 
+    def fixed_prompt_points(self) -> int | None:
+        """The number of points every prompt is padded to, for a model that embeds a fixed number (EfficientSAM);
+        None for SAM (an ONNX export writes it to model.json for the predictor's prompt order)."""
+        return None
+
     def returned_low_res(self, low_res: Float[Tensor, "batch masks low low"]) -> Float[Tensor, "batch masks low low"]:
         """The low-resolution logits `predict` returns (to feed back as a mask input): SAM's as they are."""
         return low_res
@@ -170,8 +185,13 @@ class SegmentAnything(fl.Chain):
             prompts: a batch of prompts (points with labels, boxes, mask inputs).
             multimask_output: three masks per prompt instead of one.
         """
-        coords, kinds = self.sparse_points(prompts)
         mask_input = prompts.mask_input
+        if mask_input is not None and not self.takes_mask_input:
+            raise ValueError(
+                f"{type(self).__name__} takes no mask input (its prompt encoder has none): prompt it with points "
+                "or boxes"
+            )
+        coords, kinds = self.sparse_points(prompts)
         device = self.device
         self.set_context(
             "sam",

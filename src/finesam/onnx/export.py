@@ -28,7 +28,9 @@ from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPS
 from finesam.adapters.hq.layers import HQFeatureFusion, HQOutputRule, HQRule
 from finesam.fast import reference_paths
 from finesam.inputs import (
+    BOXES_FIRST_FIXED_COUNT,
     BOXES_FIRST_PADDED,
+    FIXED_COUNT_PADDING_POINT,
     IMAGENET_MEAN,
     IMAGENET_STD,
     LONGEST_SIDE_PADDED,
@@ -36,6 +38,7 @@ from finesam.inputs import (
     PIXEL_MEAN,
     PIXEL_STD,
     SQUARE,
+    STRETCH,
 )
 from finesam.model.config import preset_name
 from finesam.model.sam import SegmentAnything
@@ -105,7 +108,7 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
         "exporter": f"torch.onnx TorchScript-based (torch {torch.__version__.split('+')[0]})",
         "files": files,
         "preprocessing": {"image_size": config.image_size, **PREPROCESSING[model.processing_names["preprocessing"]]}
-        | _prompts(model.processing_names["prompt_order"])
+        | _prompts(model.processing_names["prompt_order"], model.fixed_prompt_points())
         | {"mask_threshold": MASK_THRESHOLD},
         # by name: the ONNX predictor runs the numpy twins of these (a version 1 file has none: SAM's)
         "processing": dict(model.processing_names),
@@ -117,6 +120,7 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
             masks,
             features,
             model.extra_decoder_outputs,
+            model.takes_mask_input,
         ),
     }
 
@@ -138,12 +142,24 @@ PREPROCESSING: dict[str, dict[str, Any]] = {
         "padding": "none",
         "point_coords": "pixels of the model input (x * image_size / width, y * image_size / height)",
     },
+    STRETCH: {
+        "resize": "to image_size x image_size (aspect ratio not kept), bilinear without antialiasing on [0, 1] "
+        "floats (torch's F.interpolate, align_corners=False)",
+        "pixel_mean": list(IMAGENET_MEAN),
+        "pixel_std": list(IMAGENET_STD),
+        "padding": "none",
+        "point_coords": "pixels of the model input (x * image_size / width, y * image_size / height)",
+    },
 }
 
 LABELS = {"-1": "padding", "0": "background", "1": "foreground", "2": "box top-left", "3": "box bottom-right"}
 
 
-def _prompts(order: str) -> dict[str, Any]:
+def _prompts(order: str, point_count: int | None) -> dict[str, Any]:
+    if order == BOXES_FIRST_FIXED_COUNT:
+        x, y = FIXED_COUNT_PADDING_POINT
+        rule = f"box corners first, then the points, then ({x:g}, {y:g}) with label -1 up to point_count points"
+        return {"point_labels": LABELS, "padding_point": rule, "point_count": point_count}
     if order == BOXES_FIRST_PADDED:
         rule = "box corners first, then the points, then (0, 0) with label -1 whenever there is either"
     else:

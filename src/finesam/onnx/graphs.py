@@ -14,7 +14,7 @@ from torch import Tensor
 
 from finesam.adapters.hq.layers import CachedHQFeatures, HQFeatureFusion
 from finesam.adapters.lora import merged_weight
-from finesam.inputs import CROP_THEN_RESIZE, RESIZE
+from finesam.inputs import BICUBIC_RESIZE, CROP_THEN_RESIZE, RESIZE
 from finesam.model.prompt_encoder import MaskEncoder
 from finesam.model.sam import SegmentAnything
 
@@ -64,8 +64,18 @@ def masks_resized(
     return F.interpolate(low_res, size=(size[0], size[1]), mode="bilinear", align_corners=False)  # type: ignore[arg-type]
 
 
+def masks_bicubic(
+    low_res: Float[Tensor, "1 masks low low"], model_size: int, orig_im_size: Float[Tensor, "2"]
+) -> Float[Tensor, "1 masks height width"]:
+    """EfficientSAM's postprocessing (`finesam.model.efficient_sam.efficient_sam.bicubic_masks`) with the original
+    (height, width) as a tensor: one bicubic resize of the low-resolution logits."""
+    del model_size  # the whole model input is the image
+    size = orig_im_size.to(torch.int64)
+    return F.interpolate(low_res, size=(size[0], size[1]), mode="bicubic", align_corners=False)  # type: ignore[arg-type]
+
+
 # the traced postprocessing of each `processing_names["postprocessing"]`
-POSTPROCESSING = {CROP_THEN_RESIZE: masks_at_original_size, RESIZE: masks_resized}
+POSTPROCESSING = {CROP_THEN_RESIZE: masks_at_original_size, RESIZE: masks_resized, BICUBIC_RESIZE: masks_bicubic}
 
 
 class DecoderGraph(torch.nn.Module):
@@ -75,7 +85,8 @@ class DecoderGraph(torch.nn.Module):
     features. Point labels are -1 padding, 0 background, 1 foreground, 2 / 3 box corners (the model's own
     labels, as floats); the caller orders the points and adds the padding point as the model's `sparse_points`
     does (declared in model.json). The mask input enters as `has_mask_input * MaskEncoder(mask_input) +
-    (1 - has_mask_input) * no-mask embedding`. Outputs: masks at the original size (the model's
+    (1 - has_mask_input) * no-mask embedding`; a model without mask input (`takes_mask_input`: EfficientSAM)
+    has neither input. Outputs: masks at the original size (the model's
     postprocessing), IoUs, the low-resolution logits as `predict` returns them, and the decoder's extra
     outputs (SAM 2's object-score logits).
     """
@@ -91,19 +102,23 @@ class DecoderGraph(torch.nn.Module):
     def forward(self, image_embeddings: Float[Tensor, "1 dim grid grid"], *inputs: Tensor) -> tuple[Tensor, ...]:
         model = self.model
         features, inputs = inputs[: len(self.features)], inputs[len(self.features) :]
-        point_coords, point_labels, mask_input, has_mask_input, orig_im_size = inputs[:5]
+        if model.takes_mask_input:
+            point_coords, point_labels, mask_input, has_mask_input, orig_im_size, *rest = inputs
+        else:
+            (point_coords, point_labels, orig_im_size, *rest), mask_input, has_mask_input = inputs, None, None
         prompt = {"point_coords": point_coords, "point_labels": point_labels.long(), "mask_prompt": None}
         model.set_context("sam", {**prompt, "multimask_output": self.multimask_output})
         model.use_context("image").update(zip(self.features, features, strict=True))
         if self.hq_features is not None:
-            self.hq_features.keep(inputs[5])
+            self.hq_features.keep(rest[0])
         prompt_encoder, mask_decoder = list(model)[1:]
         prompt_encoder(image_embeddings)  # the dense embedding it writes is the no-mask one: blended below
-        context = model.use_context("mask_decoder")
-        with_mask = model.prompt_encoder.ensure_find(MaskEncoder)(mask_input)
-        context["dense_prompt_embedding"] = (
-            has_mask_input * with_mask + (1 - has_mask_input) * context["dense_prompt_embedding"]
-        )
+        if mask_input is not None and has_mask_input is not None:
+            context = model.use_context("mask_decoder")
+            with_mask = model.prompt_encoder.ensure_find(MaskEncoder)(mask_input)
+            context["dense_prompt_embedding"] = (
+                has_mask_input * with_mask + (1 - has_mask_input) * context["dense_prompt_embedding"]
+            )
         low_res, iou, *extra = mask_decoder(image_embeddings)
         model._reset_context()
         masks = self.postprocess(low_res, model.config.image_size, orig_im_size)

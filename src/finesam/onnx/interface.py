@@ -69,11 +69,13 @@ def tensors(
     masks: int,
     features: tuple[list[int], ...] = (),
     extra_outputs: tuple[str, ...] = (),
+    mask_input: bool = True,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Shapes (ints, or names of dynamic axes) and types of every input and output, in order, for `model.json`
     (and the exporter's names of the traced inputs and outputs).
     `hq_features`: HQ-SAM's fused features (HQ-SAM 2 has none); `features`: the shapes of the encoder's extra
-    features; `extra_outputs`: the decoder's, each (1, 1)."""
+    features; `extra_outputs`: the decoder's, each (1, 1); `mask_input`: the decoder takes `mask_input` and
+    `has_mask_input` (not EfficientSAM's, which has no mask input)."""
     low = 4 * embedding_size
     embeddings = {"shape": [1, embedding_dim, embedding_size, embedding_size], "dtype": "float32"}
     hq = {"shape": [1, embedding_dim // 8, low, low], "dtype": "float32"}
@@ -91,8 +93,14 @@ def tensors(
             **extra,
             POINT_COORDS: {"shape": [1, "num_points", 2], "dtype": "float32"},
             POINT_LABELS: {"shape": [1, "num_points"], "dtype": "float32"},
-            MASK_INPUT: {"shape": [1, 1, low, low], "dtype": "float32"},
-            HAS_MASK_INPUT: {"shape": [1], "dtype": "float32"},
+            **(
+                {
+                    MASK_INPUT: {"shape": [1, 1, low, low], "dtype": "float32"},
+                    HAS_MASK_INPUT: {"shape": [1], "dtype": "float32"},
+                }
+                if mask_input
+                else {}
+            ),
             ORIG_IM_SIZE: {"shape": [2], "dtype": "float32"},
             **({HQ_FEATURES: hq} if hq_features else {}),
         },

@@ -4,6 +4,7 @@ It takes prompts as `SegmentAnything.predict` does (pixels of the original image
 export can be checked end to end against the torch model, and used where torch is not installed.
 """
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from finesam.inputs import (
+    BICUBIC_RESIZE,
+    BOXES_FIRST_FIXED_COUNT,
     BOXES_FIRST_PADDED,
     CROP_THEN_RESIZE,
     LONGEST_SIDE_PADDED,
@@ -20,14 +23,17 @@ from finesam.inputs import (
     POINTS_FIRST,
     RESIZE,
     SQUARE,
+    STRETCH,
     ImageLike,
     as_rgb,
     boxes_first_labelled_points,
     check_prompts,
+    fixed_count_labelled_points,
     labelled_points,
     model_input,
     scale_coordinates,
     square_model_input,
+    stretched_model_input,
 )
 from finesam.onnx import interface as io
 
@@ -52,8 +58,12 @@ class OnnxPrediction:
 
 
 # the numpy twins of the models' processing (`SegmentAnything.processing_names`), by the names model.json gives
-PREPROCESSING = {LONGEST_SIDE_PADDED: model_input, SQUARE: square_model_input}
-PROMPT_ORDERS = {POINTS_FIRST: labelled_points, BOXES_FIRST_PADDED: boxes_first_labelled_points}
+PREPROCESSING = {LONGEST_SIDE_PADDED: model_input, SQUARE: square_model_input, STRETCH: stretched_model_input}
+PROMPT_ORDERS = {
+    POINTS_FIRST: labelled_points,
+    BOXES_FIRST_PADDED: boxes_first_labelled_points,
+    BOXES_FIRST_FIXED_COUNT: fixed_count_labelled_points,  # with model.json's point_count
+}
 
 
 def read_description(folder: str | Path) -> dict[str, Any]:
@@ -76,7 +86,7 @@ def read_description(folder: str | Path) -> dict[str, Any]:
     known = {
         "preprocessing": PREPROCESSING,
         "prompt_order": PROMPT_ORDERS,
-        "postprocessing": (CROP_THEN_RESIZE, RESIZE),  # inside the decoder graph
+        "postprocessing": (CROP_THEN_RESIZE, RESIZE, BICUBIC_RESIZE),  # inside the decoder graph
     }
     for field, names in known.items():
         if not isinstance(processing, dict) or processing.get(field) not in names:
@@ -124,7 +134,7 @@ class OnnxPredictor:
         self.encoder, self.decoder = sessions
         preprocessing = self.description["preprocessing"]
         self.image_size: int = preprocessing["image_size"]
-        self.mask_input_size: int = self.description["decoder_inputs"][io.MASK_INPUT]["shape"][-1]
+        self.mask_input_size: int = self.description["decoder_outputs"][io.LOW_RES_MASKS]["shape"][-1]
         self.multimask_output: bool = self.description["multimask_output"]
         self._encoder_outputs = [output.name for output in self.encoder.get_outputs()]
         self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
@@ -132,6 +142,11 @@ class OnnxPredictor:
         processing = self.description.get("processing", io.SAM_PROCESSING)  # version 1: SAM's
         self._preprocess = PREPROCESSING[processing["preprocessing"]]
         self._labelled_points = PROMPT_ORDERS[processing["prompt_order"]]
+        if processing["prompt_order"] == BOXES_FIRST_FIXED_COUNT:
+            count = preprocessing["point_count"]
+            self._labelled_points = functools.partial(fixed_count_labelled_points, count=count)
+        # EfficientSAM's decoder has no mask input
+        self.takes_mask_input = io.MASK_INPUT in self._decoder_inputs
 
     def encode_image(self, image: ImageLike) -> OnnxEmbedding:
         """Encodes an image (PIL of any mode, or a numpy array, as `SegmentAnything.encode_image` takes it)."""
@@ -171,6 +186,8 @@ class OnnxPredictor:
                 f"this export was made with multimask_output={self.multimask_output}; export again with"
                 f"{'' if multimask_output else 'out'} --multimask for the other"
             )
+        if mask_input is not None and not self.takes_mask_input:
+            raise ValueError("this export takes no mask input (its model has none): prompt it with points or boxes")
         embedding = image if isinstance(image, OnnxEmbedding) else self.encode_image(image)
         checked = check_prompts(
             points=points,
@@ -207,4 +224,6 @@ class OnnxPredictor:
         }
         # the embedding and whatever else the encoder computed for the decoder (HQ-SAM's, SAM 2's features)
         feeds |= {name: embedding.outputs[name] for name in self._decoder_inputs if name in embedding.outputs}
-        return tuple(self.decoder.run(self._decoder_outputs, feeds))
+        return tuple(
+            self.decoder.run(self._decoder_outputs, {k: v for k, v in feeds.items() if k in self._decoder_inputs})
+        )

@@ -15,11 +15,16 @@ from torch import Tensor
 
 from finesam.data.pairs import load_pair
 from finesam.data.sampling import foreground_points, mask_box, noisy_box, sample_generator
-from finesam.inputs import resized_shape
+from finesam.inputs import SQUARE, STRETCH, resized_shape
+from finesam.model.efficient_sam.efficient_sam import stretched_input
 from finesam.model.processing import resized_and_normalised
 from finesam.model.prompts import Prompts
 from finesam.model.sam2.processing import square_input
 from finesam.training.config import DataConfig, PromptConfig
+
+# the square input frames, by the name of the model's preprocessing (`processing_names`): SAM 2's antialiased
+# squash, EfficientSAM's stretch without antialiasing; any other name is SAM's longest side, padded
+SQUARE_FRAMES = {SQUARE: square_input, STRETCH: stretched_input}
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,12 @@ class Sample:
 
 
 def to_input_frame(
-    image: Image.Image, mask: Tensor, size: int, config: DataConfig, g: torch.Generator, square: bool = False
+    image: Image.Image, mask: Tensor, size: int, config: DataConfig, g: torch.Generator, frame: str = ""
 ) -> tuple[Float[Tensor, "3 size size"], Float[Tensor, "size size"]]:
-    """Flip / large-scale jitter (when enabled), resize with the longest side at `size` x scale (`square`: both
-    sides, as SAM 2's input), then crop or pad to `size` x `size`: the image normalised as the model's
-    preprocessing does it (padding 0 after normalisation, as SAM's), the mask in [0, 1]."""
+    """Flip / large-scale jitter (when enabled), resize with the longest side at `size` x scale (a square
+    `frame` of `SQUARE_FRAMES`: both sides, as SAM 2's or EfficientSAM's input), then crop or pad to `size` x
+    `size`: the image normalised as the model's preprocessing does it (padding 0 after normalisation, as SAM's),
+    the mask in [0, 1]."""
     if config.flip and torch.rand((), generator=g) < 0.5:
         image, mask = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mask.flip(-1)
     scale = 1.0
@@ -43,9 +49,9 @@ def to_input_frame(
         low, high = config.scale_jitter
         scale = low + (high - low) * torch.rand((), generator=g).item()
     side = max(1, round(size * scale))
-    if square:  # without jitter: exactly what SAM 2's inference sees
+    if frame in SQUARE_FRAMES:  # without jitter: exactly what SAM 2's (EfficientSAM's) inference sees
         height, width = side, side
-        pixels = square_input(image, side)[0]
+        pixels = SQUARE_FRAMES[frame](image, side)[0]
     else:  # without jitter: exactly what SAM's inference sees
         height, width = resized_shape(image.height, image.width, side)
         pixels = resized_and_normalised(image, (height, width))
@@ -93,10 +99,10 @@ class TrainingSet:
         size: int,
         low: int,
         seed: int,
-        square: bool = False,
+        frame: str = "",
     ) -> None:
         self.pairs, self.data, self.prompts = pairs, data, prompts
-        self.size, self.low, self.seed, self.square = size, low, seed, square
+        self.size, self.low, self.seed, self.frame = size, low, seed, frame
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -105,6 +111,6 @@ class TrainingSet:
         g = sample_generator(self.seed, epoch, index)
         image_path, mask_path = self.pairs[index]
         image, mask = load_pair(image_path, mask_path)
-        pixels, mask = to_input_frame(image, mask, self.size, self.data, g, self.square)
+        pixels, mask = to_input_frame(image, mask, self.size, self.data, g, self.frame)
         target = F.interpolate(mask[None, None], (self.low, self.low), mode="bilinear", align_corners=False)[0]
         return Sample(pixels, target, sample_prompt(mask, target, self.prompts, self.size, g), image_path)

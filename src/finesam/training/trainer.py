@@ -1,6 +1,7 @@
 """The training loop: adapters on a frozen base, checkpoints and exact resume, metrics, torchrun scale-out."""
 
 import csv
+import dataclasses
 import gc
 import io
 import json
@@ -18,13 +19,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from finesam.data.pairs import check_masks, list_pairs
 from finesam.data.sampling import sample_generator
-from finesam.inputs import SQUARE
 from finesam.model.prompts import Prompts
 from finesam.model.sam import SegmentAnything
 from finesam.process import seeded_global_rng
 from finesam.training.adapters import build_adapters
 from finesam.training.cache import EmbeddingCache
-from finesam.training.config import TrainConfig
+from finesam.training.config import PromptConfig, TrainConfig
 from finesam.training.data import Sample, TrainingSet
 from finesam.training.distributed import Distributed
 from finesam.training.loss import point_sampled_loss
@@ -75,6 +75,27 @@ class AdapterLoss(nn.Module):
         return bce + dice, bce.detach(), dice.detach()
 
 
+def prompts_for_model(model: SegmentAnything, prompts: PromptConfig) -> PromptConfig:
+    """`prompts` as `model` takes them, each change said once: without the noisy-mask prompts for a model that takes
+    no mask input, and at most as many points as a model with a fixed point count embeds (EfficientSAM: 6).
+
+    Raises:
+        ValueError: no prompt kind is left.
+    """
+    name = type(model).__name__
+    if not model.takes_mask_input and "noise_mask" in prompts.kinds:
+        kinds = tuple(kind for kind in prompts.kinds if kind != "noise_mask")
+        if not kinds:
+            raise ValueError(f"[prompts] kinds: {name} takes no mask input; add box or points")
+        print(f"[prompts] kinds: noise_mask left out ({name} takes no mask input)", file=sys.stderr)
+        prompts = dataclasses.replace(prompts, kinds=kinds)
+    count = model.fixed_prompt_points()
+    if count is not None and prompts.max_points > count and "points" in prompts.kinds:
+        print(f"[prompts] max_points: {count} ({name} embeds at most {count} points)", file=sys.stderr)
+        prompts = dataclasses.replace(prompts, max_points=count)
+    return prompts
+
+
 class Trainer:
     """Fine-tunes the adapters of a `TrainConfig` on a frozen base model (see docs/training.md)."""
 
@@ -113,9 +134,10 @@ class Trainer:
         if optim.batch_size % self.dist.world:
             raise ValueError(f"batch_size {optim.batch_size} does not split over {self.dist.world} processes")
         size, low = model.config.image_size, model.config.mask_input_size
-        # the input frame of the model's own preprocessing (SAM 2 squashes the image to a square)
-        square = model.processing_names["preprocessing"] == SQUARE
-        self.data = TrainingSet(pairs, config.data, config.prompts, size, low, config.run.seed, square)
+        # the input frame of the model's own preprocessing (SAM 2 and EfficientSAM squash the image to a square)
+        frame = model.processing_names["preprocessing"]
+        prompts = prompts_for_model(model, config.prompts)
+        self.data = TrainingSet(pairs, config.data, prompts, size, low, config.run.seed, frame)
         self.steps_per_epoch = len(pairs) // optim.batch_size  # the last incomplete batch is dropped
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.out = config.run.out

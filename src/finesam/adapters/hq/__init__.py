@@ -1,18 +1,25 @@
 """HQ-SAM as an adapter of the base model: HQ-SAM 1 on SAM (`HQSAMAdapter`), HQ-SAM 2 on SAM 2 / 2.1
-(`HQSAM2Adapter`); `hq_adapter_for` picks the one that fits a model."""
+(`HQSAM2Adapter`), HQ-SAM 1 on EfficientSAM's decoder variant (`HQEfficientSAMAdapter`); `hq_adapter_for` picks
+the one that fits a model."""
 
 from typing import Any
 
 from refiners.fluxion import layers as fl
 
 from finesam.adapters.hq.adapter import HQAdapter, HQSAMAdapter, hq_mask_only_set_to
+from finesam.adapters.hq.efficient_sam import HQEfficientSAMAdapter
 from finesam.adapters.hq.sam2 import HQSAM2Adapter
+from finesam.model.efficient_sam.mask_decoder import EfficientSAMMaskDecoder
 from finesam.model.mask_decoder import MaskDecoder
 from finesam.model.sam import SegmentAnything
 from finesam.model.sam2.mask_decoder import SAM2MaskDecoder
 
 # the HQ-SAM generation that adapts each kind of mask decoder (a model's `decoder_class`)
-HQ_ADAPTERS: dict[type[fl.Chain], type[HQAdapter]] = {MaskDecoder: HQSAMAdapter, SAM2MaskDecoder: HQSAM2Adapter}
+HQ_ADAPTERS: dict[type[fl.Chain], type[HQAdapter]] = {
+    MaskDecoder: HQSAMAdapter,
+    SAM2MaskDecoder: HQSAM2Adapter,
+    EfficientSAMMaskDecoder: HQEfficientSAMAdapter,
+}
 
 
 def hq_adapter_class(model: SegmentAnything) -> type[HQAdapter]:
@@ -41,6 +48,7 @@ def hq_adapter_for(model: SegmentAnything, hq_mask_only: bool = False, **options
 __all__ = [
     "HQ_ADAPTERS",
     "HQAdapter",
+    "HQEfficientSAMAdapter",
     "HQSAM2Adapter",
     "HQSAMAdapter",
     "hq_adapter_class",

@@ -40,13 +40,13 @@ class EarlyEmbedding(fl.Chain, Adapter[fl.Module]):
             super().__init__(target, fl.SetContext("image", EARLY_EMBEDDING))
 
 
-class HQFeatures(fl.Chain, Adapter[MaskDecoder]):
+class HQFeatures(fl.Chain, Adapter[fl.Chain]):
     """Before the mask decoder, fuses the early encoder embedding with the image embedding into `hq_sam.hq_features`.
 
     Done in the decoder stage (as in the official model) so that the fusion trains on a frozen, cached encoder.
     """
 
-    def __init__(self, target: MaskDecoder, fusion: HQFeatureFusion) -> None:
+    def __init__(self, target: fl.Chain, fusion: HQFeatureFusion) -> None:
         with self.setup_adapter(target):
             super().__init__(fl.Passthrough(CachedHQFeatures(fusion), fl.SetContext(CONTEXT, "hq_features")), target)
 
@@ -262,7 +262,19 @@ class HQSAMAdapter(HQAdapter):
     the best of its three by predicted IoU, as in the official package. HQ-SAM outputs one mask per prompt.
 
     `early_layer` (for variants) is the encoder layer whose output is fused; by default the official one.
+
+    A decoder variant whose parts play the same roles (EfficientSAM's) has its adapter as a subclass naming its
+    classes: `decoder` (the mask decoder it adapts), `upscaling` (whose output the HQ mask head refines) and
+    `mask_head` (after which the HQ mask is appended).
     """
+
+    decoder: ClassVar[type[fl.Chain]] = MaskDecoder
+    upscaling: ClassVar[type[fl.Chain]] = UpscaledImageEmbedding
+    mask_head: ClassVar[type[fl.Chain]] = MaskHead
+    refusal: ClassVar[tuple[str, str]] = (
+        "HQ-SAM adapts SAM's mask decoder",
+        "HQ-SAM 2 is its own adapter: HQSAM2Adapter, or hq_adapter_for",
+    )
 
     def __init__(
         self,
@@ -272,8 +284,7 @@ class HQSAMAdapter(HQAdapter):
         dtype: DType | None = None,
         early_layer: fl.Module | None = None,
     ) -> None:
-        refusal = ("HQ-SAM adapts SAM's mask decoder", "HQ-SAM 2 is its own adapter: HQSAM2Adapter, or hq_adapter_for")
-        shared = self._shared_parts(target, MaskDecoder, refusal, device, dtype)
+        shared = self._shared_parts(target, self.decoder, self.refusal, device, dtype)
         token, token_mlp, device, dtype = shared.token, shared.token_mlp, shared.device, shared.dtype
         config = target.config
         dim = config.decoder.prompt_dim
@@ -283,11 +294,11 @@ class HQSAMAdapter(HQAdapter):
         self._rule = [rule]
         self._adapters = [
             EarlyEmbedding(target.image_encoder.early_embedding_layer if early_layer is None else early_layer),
-            HQFeatures(target.ensure_find(MaskDecoder), fusion),
+            HQFeatures(target.ensure_find(self.decoder), fusion),
             HQOutputToken(target.ensure_find(OutputTokens), token),
-            UpscaledEmbeddingCapture(target.ensure_find(UpscaledImageEmbedding)),
+            UpscaledEmbeddingCapture(target.ensure_find(self.upscaling)),
             HQMaskHead(
-                target.ensure_find(MaskHead),
+                target.ensure_find(self.mask_head),
                 HQMaskPrediction(token_mlp, mask_features, config.decoder.num_output_tokens),
             ),
             HQMaskSelection(target.ensure_find(MultimaskSelection), rule),
