@@ -139,6 +139,12 @@ class SegmentAnything(fl.Chain):
         the decoder (context key -> shape for one image): none for SAM (adapters' features are theirs)."""
         return {}
 
+    @property
+    def encoder_input_size(self) -> int:
+        """The side of the image encoder's input: the prompt frame (`config.image_size`) for SAM; a family may
+        encode at another size (EfficientViT-SAM L: 512) while prompts and masks stay in the prompt frame."""
+        return self.config.image_size
+
     def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
         """The model input for an RGB image, and the (height, width) the image occupies inside it: SAM resizes
         the longest side and pads (`finesam.model.processing.preprocess_image`)."""
