@@ -132,3 +132,50 @@ def official_encoder_outputs(model: Any, pixels: torch.Tensor) -> tuple[torch.Te
     finest = min(encoder.neck.input_keys, key=lambda key: int(key.removeprefix("stage")))
     early = features[finest].permute(0, 2, 3, 1)
     return encoder.norm(encoder.neck(features)["sam_encoder"]), early
+
+
+# small configurations of the official structure (the official model keeps SAM's 1024 frame, 256 prompt
+# channels and the 64 x 64 embedding; the encoder is made narrow and shallow): L-style at 512 with the
+# releases' block kinds; XL-style at 1024; and one at 128 whose last stage (4 x 4 pixels) is no larger than a
+# head, where the official attention takes its quadratic form
+SMALL_L = SAMConfig(
+    EfficientViTConfig(
+        widths=(8, 16, 24, 32, 64),
+        depths=(1, 1, 1, 2, 2),
+        head_dim=8,
+        neck_width=32,
+        neck_depth=2,
+        input_size=512,
+    ),
+    name="small_l",
+)
+SMALL_XL = SAMConfig(
+    EfficientViTConfig(
+        widths=(8, 16, 24, 32, 48, 64),
+        depths=(0, 1, 1, 1, 1, 2),
+        blocks=("res", "fmb", "fmb", "fmb", "att@3", "att@3"),
+        expands=(1, 4, 4, 4, 4, 6),
+        fewer_norms=(False, False, False, False, True, True),
+        head_dim=8,
+        neck_stages=(5, 4, 3),
+        neck_width=32,
+        neck_depth=2,
+        neck_expand=4.0,
+        neck_block="mb",
+        input_size=1024,
+    ),
+    name="small_xl",
+)
+SMALL_QUADRATIC = SAMConfig(
+    EfficientViTConfig(
+        widths=(8, 16, 24, 32, 64),
+        depths=(1, 1, 1, 1, 1),
+        head_dim=16,
+        neck_stages=(2, 1, 0),
+        neck_width=16,
+        neck_depth=1,
+        neck_block="res",
+        input_size=128,
+    ),
+    name="small_quadratic",
+)

@@ -5,17 +5,19 @@ export can be checked end to end against the torch model, and used where torch i
 """
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from finesam.inputs import (
     BOXES_FIRST_PADDED,
     CROP_THEN_RESIZE,
     LONGEST_SIDE_PADDED,
+    LONGEST_SIDE_PADDED_UNIT,
     MASK_THRESHOLD,
     POINTS_FIRST,
     RESIZE,
@@ -28,6 +30,7 @@ from finesam.inputs import (
     model_input,
     scale_coordinates,
     square_model_input,
+    unit_model_input,
 )
 from finesam.onnx import interface as io
 
@@ -52,7 +55,12 @@ class OnnxPrediction:
 
 
 # the numpy twins of the models' processing (`SegmentAnything.processing_names`), by the names model.json gives
-PREPROCESSING = {LONGEST_SIDE_PADDED: model_input, SQUARE: square_model_input}
+# (each takes the image, the prompt-frame size and the encoder's input size; SAM and SAM 2 encode in the prompt frame)
+PREPROCESSING: dict[str, Callable[[Image.Image, int, int], tuple[np.ndarray, tuple[int, int]]]] = {
+    LONGEST_SIDE_PADDED: lambda image, size, _: model_input(image, size),
+    SQUARE: lambda image, size, _: square_model_input(image, size),
+    LONGEST_SIDE_PADDED_UNIT: unit_model_input,
+}
 PROMPT_ORDERS = {POINTS_FIRST: labelled_points, BOXES_FIRST_PADDED: boxes_first_labelled_points}
 
 
@@ -124,6 +132,8 @@ class OnnxPredictor:
         self.encoder, self.decoder = sessions
         preprocessing = self.description["preprocessing"]
         self.image_size: int = preprocessing["image_size"]
+        # the encoder's own input size, where it differs (EfficientViT-SAM L); files before it had none
+        self.encoder_input_size: int = preprocessing.get("encoder_input_size", self.image_size)
         self.mask_input_size: int = self.description["decoder_inputs"][io.MASK_INPUT]["shape"][-1]
         self.multimask_output: bool = self.description["multimask_output"]
         self._encoder_outputs = [output.name for output in self.encoder.get_outputs()]
@@ -136,7 +146,7 @@ class OnnxPredictor:
     def encode_image(self, image: ImageLike) -> OnnxEmbedding:
         """Encodes an image (PIL of any mode, or a numpy array, as `SegmentAnything.encode_image` takes it)."""
         rgb = as_rgb(image)
-        pixels, input_size = self._preprocess(rgb, self.image_size)
+        pixels, input_size = self._preprocess(rgb, self.image_size, self.encoder_input_size)
         outputs = self.encoder.run(self._encoder_outputs, {io.IMAGE: pixels})
         named = dict(zip(self._encoder_outputs, outputs, strict=True))
         return OnnxEmbedding(named, (rgb.height, rgb.width), input_size)
