@@ -113,11 +113,6 @@ class Trainer:
         if optim.batch_size % self.dist.world:
             raise ValueError(f"batch_size {optim.batch_size} does not split over {self.dist.world} processes")
         size, low = model.config.image_size, model.config.mask_input_size
-        if model.encoder_input_size != size:  # the samples are drawn in one frame for the image and the masks
-            raise ValueError(
-                f"this model encodes at {model.encoder_input_size} pixels but prompts and masks live at {size} "
-                "(EfficientViT-SAM L0-L2): training such a model is not supported yet; the XL sizes train"
-            )
         # the input frame of the model's own preprocessing (SAM 2 squashes the image to a square)
         square = model.processing_names["preprocessing"] == SQUARE
         self.data = TrainingSet(pairs, config.data, config.prompts, size, low, config.run.seed, square)
@@ -199,6 +194,7 @@ class Trainer:
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             pixels = torch.stack([samples[i].pixels for i in missing]).to(self.device, self.model.image_encoder.dtype)
+            pixels = self.model.encoder_input_from_frame(pixels)  # samples are drawn in the prompt frame
             with torch.set_grad_enabled(self.encoder_trains):
                 embeddings = self.model.encode(pixels)
             features = self.model.image_features()

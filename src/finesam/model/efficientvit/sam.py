@@ -5,6 +5,7 @@ encoder and the masks stay in SAM's 1024 frame."""
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
@@ -43,3 +44,12 @@ class EfficientViTSAM(SegmentAnything):
         """The encoder's input (`encoder_input_size` wide) and the image's (height, width) in the prompt frame."""
         pixels, input_size = unit_model_input(image, self.config.image_size, self.encoder_input_size)
         return torch.from_numpy(pixels).to(device=self.device, dtype=self.dtype or torch.float32), input_size
+
+    def encoder_input_from_frame(self, pixels: Float[Tensor, "batch 3 size size"]) -> Float[Tensor, "batch 3 s s"]:
+        """Training samples drawn in the prompt frame, resized to the encoder's input size where it is smaller
+        (L0-L2: 1024 -> 512; bilinear, antialiased): the image the encoder sees at inference, up to the
+        resampling (PIL's 8-bit resize there)."""
+        size = self.encoder_input_size
+        if pixels.shape[-1] == size and pixels.shape[-2] == size:
+            return pixels
+        return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
