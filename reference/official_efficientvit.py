@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-import official  # noqa: F401  (installs the torchvision stand-in this one extends)
 from finesam.model.config import SAMConfig
 from finesam.model.efficientvit.config import EfficientViTConfig
+
+import official  # noqa: F401  (installs the torchvision stand-in this one extends)
 from official import perturb
 
 

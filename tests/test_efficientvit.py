@@ -84,7 +84,7 @@ def _pixels(size: int) -> torch.Tensor:
 def _model_level(official: Any, ours: EfficientViTSAM) -> None:
     pixels = _pixels(ours.encoder_input_size)
     expected, expected_early = official_encoder_outputs(official, pixels)
-    captured: list[torch.Tensor] = []
+    captured: list[Any] = []
     hook = ours.image_encoder.early_embedding_layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
         embedding = ours.image_encoder(pixels)
@@ -166,9 +166,11 @@ def _compare(official: Any, ours: EfficientViTSAM, image: Image.Image, prompt: d
     pixels, input_size = ours.preprocess(image)
     assert torch.equal(pixels, official.transform(array)[None])  # the official input, bit for bit
     embedding = ours.encode_image(image)
-    assert embedding.input_size == tuple(predictor.input_size) and embedding.original_size == array.shape[:2]
+    official_input_size: Any = predictor.input_size
+    assert embedding.input_size == tuple(official_input_size) and embedding.original_size == array.shape[:2]
     assert input_size == embedding.input_size
-    assert max_diff(embedding.embedding, predictor.features) <= TOLERANCE
+    official_features: Any = predictor.features
+    assert max_diff(embedding.embedding, official_features) <= TOLERANCE
     kwargs = {"points": prompt.get("point_coords"), "labels": prompt.get("point_labels"), "boxes": prompt.get("box")}
     result = ours.predict(embedding, **kwargs, multimask_output=multimask, return_logits=True)
     expected = torch.from_numpy(masks)
@@ -225,7 +227,8 @@ def test_everything_matches_the_official_generator():
     actual = AutomaticMaskGenerator(ours, **settings).generate(image)
     assert len(actual) == len(expected) >= 5
     assert len({record["area"] for record in actual}) > 3  # not all alike
-    for reference, record in zip(expected, actual, strict=True):
+    records: list[Any] = actual  # binary masks (the default output mode)
+    for reference, record in zip(expected, records, strict=True):
         assert set(record) == set(reference)
         assert record["bbox"] == reference["bbox"] and record["crop_box"] == reference["crop_box"]
         assert np.allclose(record["point_coords"], reference["point_coords"], rtol=0, atol=1e-9)
@@ -249,7 +252,7 @@ def test_hq_sam_taps_the_stage_at_the_embedding_grid_and_ejects_exactly():
     try:
         embedding = ours.encode(pixels)
         assert max_diff(ours.image_features()["early_embedding"], early) <= TOLERANCE
-        masks, iou = ours.decode(embedding, box, multimask_output=True)
+        masks, _ = ours.decode(embedding, box, multimask_output=True)
         assert masks.shape == (1, 1, 256, 256)  # the best SAM mask plus the HQ mask (official HQ-SAM rule)
     finally:
         adapter.eject()
@@ -301,4 +304,3 @@ def test_official_files_convert_and_load(tmp_path):
         loaded = load_sam(path, fast=False)
         assert isinstance(loaded, EfficientViTSAM) and loaded.config == SMALL_QUADRATIC
         assert torch.equal(loaded.encode(_pixels(128)), ours.encode(_pixels(128)))
-

@@ -12,13 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
 from finesam.model.config import SAMConfig
 from finesam.model.efficientvit.config import EfficientViTConfig
+from finesam.model.efficientvit.sam import EfficientViTSAM
 from finesam.model.sam import build_sam
+from finesam.model.tiny_vit import BatchNorm2d
 from finesam.training.config import load_config
 from finesam.training.trainer import Trainer
 from finesam.weights import load_hq, load_sam, save_sam
@@ -33,12 +36,28 @@ SMALL_L0_256 = SAMConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def calibrated_base(images: Path) -> EfficientViTSAM:
+    """Seeded random weights (perturbed as the parity tests perturb the official ones), then the BatchNorm
+    statistics of the encoder measured on `images` (as a trained model's are): with the statistics of random
+    weights, the embedding hardly varies across the image and no adapter can learn from it."""
     torch.manual_seed(0)
     model = build_sam(SMALL_L0_256)
+    assert isinstance(model, EfficientViTSAM)
     perturb(model, 0)
-    return save_sam(model.eval(), tmp_path_factory.mktemp("base") / "efficientvit.safetensors")
+    for norm in model.image_encoder.modules():
+        if isinstance(norm, BatchNorm2d):
+            norm.reset_running_stats()
+            norm.momentum = None  # the plain average over the batch
+    pixels = torch.cat([model.preprocess(Image.open(p).convert("RGB"))[0] for p in sorted(images.glob("im/*"))])
+    model.image_encoder.train()
+    with torch.no_grad():
+        model.image_encoder(pixels)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base(data, tmp_path_factory) -> Path:
+    return save_sam(calibrated_base(data[0]), tmp_path_factory.mktemp("base") / "efficientvit.safetensors")
 
 
 @pytest.fixture(scope="module")

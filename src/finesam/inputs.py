@@ -282,7 +282,11 @@ def unit_model_input(image: Image.Image, image_size: int, input_size: int) -> tu
     the (height, width) the image occupies in the prompt frame (`image_size`, where prompts and masks live),
     which differs from the encoder's input for the 512-pixel models."""
     height, width = resized_shape(image.height, image.width, input_size)
-    resized = image if (height, width) == (image.height, image.width) else image.resize((width, height), Image.Resampling.BILINEAR)
+    resized = (
+        image
+        if (height, width) == (image.height, image.width)
+        else image.resize((width, height), Image.Resampling.BILINEAR)
+    )
     pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
     mean = np.array([m / 255 for m in PIXEL_MEAN], dtype=np.float32).reshape(3, 1, 1)
     std = np.array([s / 255 for s in PIXEL_STD], dtype=np.float32).reshape(3, 1, 1)

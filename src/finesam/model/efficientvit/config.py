@@ -10,7 +10,7 @@ The prompt encoder, the mask decoder and the predictor's prompt frame are SAM's 
 only the encoder reads its own input size (`input_size`: 512 for L0-L2, 1024 for XL0-XL1).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from finesam.model.config import SAMConfig, check_config
@@ -68,7 +68,10 @@ class EfficientViTConfig:
                 ),
                 (self.blocks[0] in LOCAL_BLOCKS, "the stem stage (0) has local blocks"),
                 (all(isinstance(f, bool) for f in self.fewer_norms), "fewer_norms must be true or false"),
-                (all(w % self.head_dim == 0 for w in attention), f"attention widths must be multiples of {self.head_dim}"),
+                (
+                    all(w % self.head_dim == 0 for w in attention),
+                    f"attention widths must be multiples of {self.head_dim}",
+                ),
                 (
                     len(self.neck_stages) > 0 and all(0 <= s < stages for s in self.neck_stages),
                     f"neck_stages {self.neck_stages} must be stages 0..{stages - 1}",
@@ -123,26 +126,24 @@ def _release(name: str, encoder: EfficientViTConfig) -> SAMConfig:
     return SAMConfig(encoder, image_size=1024, name=name)
 
 
-_L = dict(widths=(32, 64, 128, 256, 512), blocks=("res", "fmb", "fmb", "mb", "att"), input_size=512)
-_XL = dict(
+_L = EfficientViTConfig()  # the L structure (L0's defaults): 512 input, stages 4, 3, 2 fused by the neck
+_XL = EfficientViTConfig(
     widths=(32, 64, 128, 256, 512, 1024),
+    depths=(0, 1, 1, 2, 3, 3),
     blocks=("res", "fmb", "fmb", "fmb", "att@3", "att@3"),
     expands=(1, 4, 4, 4, 4, 6),
     fewer_norms=(False, False, False, False, True, True),
     neck_stages=(5, 4, 3),
+    neck_depth=6,
     neck_expand=4.0,
     input_size=1024,
 )
 
-EFFICIENTVIT_SAM_L0 = _release("efficientvit_sam_l0", EfficientViTConfig(**_L, depths=(1, 1, 1, 4, 4), neck_depth=4))
-EFFICIENTVIT_SAM_L1 = _release("efficientvit_sam_l1", EfficientViTConfig(**_L, depths=(1, 1, 1, 6, 6), neck_depth=8))
-EFFICIENTVIT_SAM_L2 = _release("efficientvit_sam_l2", EfficientViTConfig(**_L, depths=(1, 2, 2, 8, 8), neck_depth=12))
-EFFICIENTVIT_SAM_XL0 = _release(
-    "efficientvit_sam_xl0", EfficientViTConfig(**_XL, depths=(0, 1, 1, 2, 3, 3), neck_depth=6)
-)
-EFFICIENTVIT_SAM_XL1 = _release(
-    "efficientvit_sam_xl1", EfficientViTConfig(**_XL, depths=(1, 2, 2, 4, 6, 6), neck_depth=12)
-)
+EFFICIENTVIT_SAM_L0 = _release("efficientvit_sam_l0", replace(_L, depths=(1, 1, 1, 4, 4), neck_depth=4))
+EFFICIENTVIT_SAM_L1 = _release("efficientvit_sam_l1", replace(_L, depths=(1, 1, 1, 6, 6), neck_depth=8))
+EFFICIENTVIT_SAM_L2 = _release("efficientvit_sam_l2", replace(_L, depths=(1, 2, 2, 8, 8), neck_depth=12))
+EFFICIENTVIT_SAM_XL0 = _release("efficientvit_sam_xl0", _XL)
+EFFICIENTVIT_SAM_XL1 = _release("efficientvit_sam_xl1", replace(_XL, depths=(1, 2, 2, 4, 6, 6), neck_depth=12))
 EFFICIENTVIT_PRESETS = (
     EFFICIENTVIT_SAM_L0,
     EFFICIENTVIT_SAM_L1,

@@ -36,7 +36,11 @@ from finesam.weights.layouts import Checkpoint, CheckpointLayout, KeyOf, count, 
 _BACKBONE = "image_encoder.backbone.stages"
 _NECK = "image_encoder.neck"
 # the official names of the convolutions of each local block kind, in order
-_CONVS = {ResBlock: ("conv1", "conv2"), FusedMBConv: ("spatial_conv", "point_conv"), MBConv: ("inverted_conv", "depth_conv", "point_conv")}
+_CONVS = {
+    ResBlock: ("conv1", "conv2"),
+    FusedMBConv: ("spatial_conv", "point_conv"),
+    MBConv: ("inverted_conv", "depth_conv", "point_conv"),
+}
 _KINDS = {"conv1": "res", "spatial_conv": "fmb", "inverted_conv": "mb"}
 
 
@@ -119,7 +123,9 @@ def infer_encoder(state_dict: Mapping[str, Tensor]) -> tuple[EfficientViTConfig,
         channels = shape_of(state_dict, f"{_NECK}.input_ops.{k}.op_list.0.conv.weight")[1]
         candidates = [i for i, w in enumerate(widths) if w == channels and i not in neck_stages]
         if not candidates:
-            raise CheckpointError(f"not an EfficientViT-SAM checkpoint: no stage has the {channels} channels of neck input {k}")
+            raise CheckpointError(
+                f"not an EfficientViT-SAM checkpoint: no stage has the {channels} channels of neck input {k}"
+            )
         neck_stages.append(candidates[-1])  # the latest stage of that width (widths grow in every release)
     neck_width = shape_of(state_dict, f"{_NECK}.input_ops.0.op_list.0.conv.weight")[0]
     neck_depth = count(state_dict, rf"{re.escape(_NECK)}\.middle\.op_list\.(\d+)\..*")
@@ -169,9 +175,9 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> SAMConfig:
 
 
 def _conv_layer(prefix: str, layer: ConvLayer) -> list[tuple[str, fl.Module]]:
-    conv = layer.ensure_find(fl.Conv2d)
+    pairs: list[tuple[str, fl.Module]] = [(f"{prefix}.conv", layer.ensure_find(fl.Conv2d))]
     norm = layer.find(BatchNorm2d)
-    return [(f"{prefix}.conv", conv)] + ([(f"{prefix}.norm", norm)] if norm is not None else [])
+    return pairs + ([(f"{prefix}.norm", norm)] if norm is not None else [])
 
 
 def _local(prefix: str, block: fl.Chain) -> list[tuple[str, fl.Module]]:
