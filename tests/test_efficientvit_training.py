@@ -74,7 +74,7 @@ def evaluate_val(model, adapters, val: Path) -> tuple[float, float]:
 
 
 def test_training_hq_on_efficientvit_lowers_the_loss_and_beats_the_base(base, data, tmp_path):
-    config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", "[hq]", epochs=12))
+    config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", "[hq]", epochs=12, lr=2e-3))
     trainer = Trainer(config, progress=False)
     assert isinstance(trainer.adapters["hq"], HQSAMAdapter)
     base_state = {k: v.clone() for k, v in load_sam(base).state_dict().items()}
