@@ -3,7 +3,9 @@ rounding (tests/test_efficientvit.py):
 
 - `Pointwise` (a linear layer over channels, between two permutes): one 1x1 convolution on the channels-first
   map, without the two copies;
-- `LiteMLA`: its q/k/v projection the same way, and the BatchNorm after its output projection folded into it.
+- `LiteMLA`: its q/k/v projection the same way, and the BatchNorm after its output projection folded into it;
+- `EfficientViTEncoder`: its input in channels-last memory, oneDNN's own layout for convolutions on the CPU
+  (every map after it stays so; the values are the same).
 
 The convolutions with BatchNorm (`Conv2dBN`) are folded by TinyViT's fast version, which they share. With
 gradients, or where an adapter replaced a layer (a LoRA on a projection), the reference formula.
@@ -16,6 +18,7 @@ from refiners.fluxion import layers as fl
 from torch import Tensor
 
 from finesam.fast.swap import fast_version_of, swapped_by_type
+from finesam.model.efficientvit.encoder import EfficientViTEncoder as ReferenceEncoder
 from finesam.model.efficientvit.encoder import LiteMLA as ReferenceLiteMLA
 from finesam.model.efficientvit.encoder import Pointwise as ReferencePointwise
 from finesam.model.tiny_vit import BatchNorm2d
@@ -59,3 +62,14 @@ class LiteMLA(ReferenceLiteMLA):
         bias = norm.running_mean if out_linear.bias is None else norm.running_mean - out_linear.bias
         shift = norm.bias - bias * scale
         return F.conv2d(x, (out_linear.weight * scale[:, None])[:, :, None, None], shift)
+
+
+@swapped_by_type()
+@fast_version_of(ReferenceEncoder)
+class EfficientViTEncoder(ReferenceEncoder):
+    """The input in channels-last memory at inference: the convolutions run in oneDNN's native layout."""
+
+    def forward(self, *inputs: Tensor) -> Float[Tensor, "batch dim grid grid"]:
+        if torch.is_grad_enabled() or inputs[0].device.type != "cpu":
+            return super().forward(*inputs)
+        return super().forward(inputs[0].contiguous(memory_format=torch.channels_last))
