@@ -113,7 +113,7 @@ class EfficientViTConfig:
         return self.widths[self.early_stage]
 
     def describe(self) -> str:
-        return f"EfficientViT {'/'.join(map(str, self.widths))} at {self.input_size}"
+        return f"EfficientViT {'/'.join(map(str, self.widths))} (encoder input {self.input_size})"
 
 
 def input_size_for(neck_stages: tuple[int, ...], grid: int = 64) -> int:
