@@ -23,6 +23,7 @@ $(VENV)/.test: $(VENV)/.base
 	$(BIN)/pip install --quiet --no-deps segment_anything==1.0 segment_anything_hq==0.3
 	$(BIN)/pip install --quiet setuptools wheel
 	SAM2_BUILD_CUDA=0 $(BIN)/pip install --quiet --no-deps --no-build-isolation sam2==1.1.0
+	$(BIN)/pip install --quiet --no-deps efficientsam==1.0.0
 	touch $@
 
 demo: $(VENV)/.base

@@ -38,6 +38,8 @@ from conftest import SMALL, TOLERANCE, max_diff
 from edge_sam_reference import tempered_state_dict
 from helpers import finesam
 from official import OFFICIAL_BUILDERS, build_official, perturb, segment_anything_hq
+from official_efficientvit import SMALL_L as SMALL_EFFICIENTVIT
+from official_efficientvit import build_official_efficientvit, official_encoder_outputs
 from official_sam2 import build_official_sam2
 
 # an official checkpoint, the official encoder as a function of the pixels (-> embedding, HQ-SAM's early
@@ -104,6 +106,13 @@ def _efficient_sam() -> Official:
     return state_dict, official_efficient_sam.reference_encoder(state_dict, heads=1), 1024
 
 
+def _efficientvit() -> Official:
+    """A narrow EfficientViT-SAM of the L structure (efficientsam's code) at its 512 input; its early embedding is
+    stage 2's output, at the 64 x 64 embedding grid of the 1024 prompt frame."""
+    official = build_official_efficientvit(SMALL_EFFICIENTVIT)
+    return official.state_dict(), lambda x: official_encoder_outputs(official, x), 512
+
+
 OFFICIAL: dict[str, Callable[[], Official]] = {
     "vit": lambda: _sam_package(SMALL),
     "tiny_vit": _tiny_vit,
@@ -116,6 +125,7 @@ OFFICIAL: dict[str, Callable[[], Official]] = {
     "hiera": _sam2,
     "edge_sam": _edge_sam,
     "efficient_sam": _efficient_sam,
+    "efficientvit": _efficientvit,
 }
 
 
@@ -181,7 +191,7 @@ def test_official_weights_convert_load_and_match(name):
     finally:
         hook.remove()
     expected, expected_early = official(_pixels(size))
-    grid = size // model.config.encoder.patch_size
+    grid = model.config.embedding_size  # the encoder's input may be smaller than the prompt frame (EfficientViT)
     assert embedding.shape == (1, model.config.decoder.prompt_dim, grid, grid)
     assert max_diff(embedding, expected) <= TOLERANCE
     (early,) = captured

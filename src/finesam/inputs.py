@@ -41,6 +41,8 @@ SQUARE, BOXES_FIRST_PADDED, RESIZE = "square", "boxes_first_padded", "resize"
 STRETCH, BOXES_FIRST_FIXED_COUNT, BICUBIC_RESIZE = "stretch", "boxes_first_fixed_count", "bicubic_resize"
 # where EfficientSAM puts its padding points (model-input pixels)
 FIXED_COUNT_PADDING_POINT = (-1.0, -1.0)
+# EfficientViT-SAM's: the longest side resized to the encoder's own input size, [0, 1] pixels normalised
+LONGEST_SIDE_PADDED_UNIT = "longest_side_padded_unit"
 
 
 def resized_shape(height: int, width: int, longest_side: int) -> tuple[int, int]:
@@ -275,6 +277,26 @@ def model_input(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, i
     padded = np.zeros((1, 3, size, size), dtype=np.float32)
     padded[0, :, :height, :width] = normalised(image, (height, width))
     return padded, (height, width)
+
+
+def unit_model_input(image: Image.Image, image_size: int, input_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """EfficientViT-SAM's model input for an RGB image (its predictor's transforms): the longest side resized to
+    the encoder's `input_size` (PIL bilinear on uint8), scaled to [0, 1], normalised with SAM's mean and std
+    divided by 255, padded bottom/right with zeros to `input_size`; float32 (1, 3, input_size, input_size). And
+    the (height, width) the image occupies in the prompt frame (`image_size`, where prompts and masks live),
+    which differs from the encoder's input for the 512-pixel models."""
+    height, width = resized_shape(image.height, image.width, input_size)
+    resized = (
+        image
+        if (height, width) == (image.height, image.width)
+        else image.resize((width, height), Image.Resampling.BILINEAR)
+    )
+    pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    mean = np.array([m / 255 for m in PIXEL_MEAN], dtype=np.float32).reshape(3, 1, 1)
+    std = np.array([s / 255 for s in PIXEL_STD], dtype=np.float32).reshape(3, 1, 1)
+    padded = np.zeros((1, 3, input_size, input_size), dtype=np.float32)
+    padded[0, :, :height, :width] = (pixels - mean) / std
+    return padded, resized_shape(image.height, image.width, image_size)
 
 
 def boxes_first_labelled_points(

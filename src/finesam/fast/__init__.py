@@ -19,7 +19,7 @@ import torch
 from refiners.fluxion import layers as fl
 
 # the modules that declare fast versions; those swapped by type register themselves (`swapped_by_type`)
-from finesam.fast import decoder, hiera, hq, layers, rep_vit, tiny_vit, vit  # noqa: F401
+from finesam.fast import decoder, efficientvit, hiera, hq, layers, rep_vit, tiny_vit, vit  # noqa: F401
 from finesam.fast.swap import fast_version_by_type, is_fast, reference_class, restore, settings, swap
 from finesam.model.transformer import ImageToTokenAttention, TokenToImageAttention, TwoWayTransformer
 

@@ -39,8 +39,9 @@ def _type_and_range_problems(config: object, limits: dict[str, tuple[float, floa
         if element not in (int, float, str):
             continue  # nested configs check themselves
         if element is str:
-            if not isinstance(value, str):
-                problems.append(f"{f.name} must be a string, got {value!r}")
+            if not all(isinstance(v, str) for v in values):
+                noun = "a list of strings" if get_origin(kind) is tuple else "a string"
+                problems.append(f"{f.name} must be {noun}, got {value!r}")
             continue
         number = (int,) if element is int else (int, float)
         if not all(isinstance(v, number) and not isinstance(v, bool) for v in values):

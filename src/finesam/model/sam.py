@@ -149,6 +149,17 @@ class SegmentAnything(fl.Chain):
         the decoder (context key -> shape for one image): none for SAM (adapters' features are theirs)."""
         return {}
 
+    @property
+    def encoder_input_size(self) -> int:
+        """The side of the image encoder's input: the prompt frame (`config.image_size`) for SAM; a family may
+        encode at another size (EfficientViT-SAM L: 512) while prompts and masks stay in the prompt frame."""
+        return self.config.image_size
+
+    def encoder_input_from_frame(self, pixels: Float[Tensor, "batch 3 size size"]) -> Float[Tensor, "batch 3 s s"]:
+        """The encoder's input from normalised pixels drawn in the prompt frame (the trainer's samples, which
+        hold the image and its masks in one frame): the same pixels where the encoder reads that frame."""
+        return pixels
+
     def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
         """The model input for an RGB image, and the (height, width) the image occupies inside it: SAM resizes
         the longest side and pads (`finesam.model.processing.preprocess_image`)."""

@@ -34,6 +34,7 @@ from finesam.inputs import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LONGEST_SIDE_PADDED,
+    LONGEST_SIDE_PADDED_UNIT,
     MASK_THRESHOLD,
     PIXEL_MEAN,
     PIXEL_STD,
@@ -107,7 +108,11 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
         "opset": opset,
         "exporter": f"torch.onnx TorchScript-based (torch {torch.__version__.split('+')[0]})",
         "files": files,
-        "preprocessing": {"image_size": config.image_size, **PREPROCESSING[model.processing_names["preprocessing"]]}
+        "preprocessing": {
+            "image_size": config.image_size,
+            "encoder_input_size": model.encoder_input_size,
+            **PREPROCESSING[model.processing_names["preprocessing"]],
+        }
         | _prompts(model.processing_names["prompt_order"], model.fixed_prompt_points())
         | {"mask_threshold": MASK_THRESHOLD},
         # by name: the ONNX predictor runs the numpy twins of these (a version 1 file has none: SAM's)
@@ -121,6 +126,7 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
             features,
             model.extra_decoder_outputs,
             model.takes_mask_input,
+            model.encoder_input_size,
         ),
     }
 
@@ -133,6 +139,15 @@ PREPROCESSING: dict[str, dict[str, Any]] = {
         "pixel_std": list(PIXEL_STD),
         "padding": "zeros, bottom and right, after normalisation",
         "point_coords": "pixels of the resized image (x * resized_width / width, y * resized_height / height)",
+    },
+    LONGEST_SIDE_PADDED_UNIT: {
+        "resize": "longest side to encoder_input_size, PIL bilinear on 8-bit RGB, rounded half up; the image's "
+        "size in the prompt frame (point_coords, masks) is its longest side scaled to image_size, rounded half up",
+        "pixel_mean": [m / 255 for m in PIXEL_MEAN],
+        "pixel_std": [s / 255 for s in PIXEL_STD],
+        "pixel_scale": "pixels divided by 255 before normalisation",
+        "padding": "zeros, bottom and right, after normalisation, to encoder_input_size",
+        "point_coords": "pixels of the image resized in the prompt frame (x * resized_width / width, ...)",
     },
     SQUARE: {
         "resize": "to image_size x image_size (aspect ratio not kept), bilinear with antialiasing on [0, 1] "
@@ -170,7 +185,7 @@ def _prompts(order: str, point_count: int | None) -> dict[str, Any]:
 def _example_inputs(model: SegmentAnything) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     config = model.config
     low = config.mask_input_size
-    image = torch.zeros(1, 3, config.image_size, config.image_size)
+    image = torch.zeros(1, 3, model.encoder_input_size, model.encoder_input_size)
     # one point and a padding point: the traced graph takes any number of points
     prompt = {
         io.POINT_COORDS: torch.tensor([[[10.0, 10.0], [0.0, 0.0]]]),

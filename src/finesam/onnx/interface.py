@@ -70,13 +70,16 @@ def tensors(
     features: tuple[list[int], ...] = (),
     extra_outputs: tuple[str, ...] = (),
     mask_input: bool = True,
+    encoder_input_size: int | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Shapes (ints, or names of dynamic axes) and types of every input and output, in order, for `model.json`
     (and the exporter's names of the traced inputs and outputs).
     `hq_features`: HQ-SAM's fused features (HQ-SAM 2 has none); `features`: the shapes of the encoder's extra
     features; `extra_outputs`: the decoder's, each (1, 1); `mask_input`: the decoder takes `mask_input` and
-    `has_mask_input` (not EfficientSAM's, which has no mask input)."""
+    `has_mask_input` (not EfficientSAM's, which has no mask input); `encoder_input_size`: the side of the encoder's
+    input where it differs from the prompt frame `image_size` (EfficientViT-SAM L: 512)."""
     low = 4 * embedding_size
+    side = image_size if encoder_input_size is None else encoder_input_size
     embeddings = {"shape": [1, embedding_dim, embedding_size, embedding_size], "dtype": "float32"}
     hq = {"shape": [1, embedding_dim // 8, low, low], "dtype": "float32"}
     extra = {
@@ -86,7 +89,7 @@ def tensors(
     embedding = embedding_name(len(features))
     encoder_out = {embedding: embeddings, **({HQ_FEATURES: hq} if hq_features else {}), **extra}
     return {
-        "encoder_inputs": {IMAGE: {"shape": [1, 3, image_size, image_size], "dtype": "float32"}},
+        "encoder_inputs": {IMAGE: {"shape": [1, 3, side, side], "dtype": "float32"}},
         "encoder_outputs": encoder_out,
         "decoder_inputs": {
             embedding: embeddings,

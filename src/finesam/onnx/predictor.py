@@ -6,12 +6,13 @@ export can be checked end to end against the torch model, and used where torch i
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from finesam.inputs import (
     BICUBIC_RESIZE,
@@ -19,6 +20,7 @@ from finesam.inputs import (
     BOXES_FIRST_PADDED,
     CROP_THEN_RESIZE,
     LONGEST_SIDE_PADDED,
+    LONGEST_SIDE_PADDED_UNIT,
     MASK_THRESHOLD,
     POINTS_FIRST,
     RESIZE,
@@ -34,6 +36,7 @@ from finesam.inputs import (
     scale_coordinates,
     square_model_input,
     stretched_model_input,
+    unit_model_input,
 )
 from finesam.onnx import interface as io
 
@@ -58,7 +61,14 @@ class OnnxPrediction:
 
 
 # the numpy twins of the models' processing (`SegmentAnything.processing_names`), by the names model.json gives
-PREPROCESSING = {LONGEST_SIDE_PADDED: model_input, SQUARE: square_model_input, STRETCH: stretched_model_input}
+# (each takes the image, the prompt-frame size and the encoder's input size; only EfficientViT-SAM L encodes at
+# another size than the prompt frame)
+PREPROCESSING: dict[str, Callable[[Image.Image, int, int], tuple[np.ndarray, tuple[int, int]]]] = {
+    LONGEST_SIDE_PADDED: lambda image, size, _: model_input(image, size),
+    SQUARE: lambda image, size, _: square_model_input(image, size),
+    STRETCH: lambda image, size, _: stretched_model_input(image, size),
+    LONGEST_SIDE_PADDED_UNIT: unit_model_input,
+}
 PROMPT_ORDERS = {
     POINTS_FIRST: labelled_points,
     BOXES_FIRST_PADDED: boxes_first_labelled_points,
@@ -134,6 +144,8 @@ class OnnxPredictor:
         self.encoder, self.decoder = sessions
         preprocessing = self.description["preprocessing"]
         self.image_size: int = preprocessing["image_size"]
+        # the encoder's own input size, where it differs (EfficientViT-SAM L); files before it had none
+        self.encoder_input_size: int = preprocessing.get("encoder_input_size", self.image_size)
         self.mask_input_size: int = self.description["decoder_outputs"][io.LOW_RES_MASKS]["shape"][-1]
         self.multimask_output: bool = self.description["multimask_output"]
         self._encoder_outputs = [output.name for output in self.encoder.get_outputs()]
@@ -151,7 +163,7 @@ class OnnxPredictor:
     def encode_image(self, image: ImageLike) -> OnnxEmbedding:
         """Encodes an image (PIL of any mode, or a numpy array, as `SegmentAnything.encode_image` takes it)."""
         rgb = as_rgb(image)
-        pixels, input_size = self._preprocess(rgb, self.image_size)
+        pixels, input_size = self._preprocess(rgb, self.image_size, self.encoder_input_size)
         outputs = self.encoder.run(self._encoder_outputs, {io.IMAGE: pixels})
         named = dict(zip(self._encoder_outputs, outputs, strict=True))
         return OnnxEmbedding(named, (rgb.height, rgb.width), input_size)

@@ -216,6 +216,7 @@ class Trainer:
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             pixels = torch.stack([samples[i].pixels for i in missing]).to(self.device, self.model.image_encoder.dtype)
+            pixels = self.model.encoder_input_from_frame(pixels)  # samples are drawn in the prompt frame
             with torch.set_grad_enabled(self.encoder_trains):
                 embeddings = self.model.encode(pixels)
             features = self.model.image_features()

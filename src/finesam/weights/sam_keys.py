@@ -46,14 +46,27 @@ def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SA
         CheckpointError: a key the shapes are read from is missing, or no registered family recognises it.
     """
 
-    def shape(key: str) -> tuple[int, ...]:
-        return shape_of(state_dict, key)
-
     layout = layout_for(state_dict)
     if layout.infer_config is not None:
         return layout.infer_config(state_dict)
-    decoder = DecoderConfig(
-        prompt_dim=shape("image_encoder.neck.0.weight")[0],
+    decoder = decoder_config(state_dict, shape_of(state_dict, "image_encoder.neck.0.weight")[0], decoder_heads)
+    encoder, image_size = layout.infer_encoder(state_dict)
+    return SAMConfig(encoder, decoder, image_size=image_size)
+
+
+def decoder_config(state_dict: Mapping[str, Tensor], prompt_dim: int, decoder_heads: int = 8) -> DecoderConfig:
+    """SAM's prompt encoder and mask decoder configuration from the shapes of SAM-1-style keys; `prompt_dim` is
+    where the family's encoder says it (SAM's neck).
+
+    Raises:
+        CheckpointError: a key the shapes are read from is missing.
+    """
+
+    def shape(key: str) -> tuple[int, ...]:
+        return shape_of(state_dict, key)
+
+    return DecoderConfig(
+        prompt_dim=prompt_dim,
         mask_in_channels=shape("prompt_encoder.mask_downscaling.3.weight")[0],
         depth=count(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight"),
         heads=decoder_heads,
@@ -62,8 +75,6 @@ def infer_config(state_dict: Mapping[str, Tensor], decoder_heads: int = 8) -> SA
         iou_head_depth=count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
         iou_head_hidden_dim=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
     )
-    encoder, image_size = layout.infer_encoder(state_dict)
-    return SAMConfig(encoder, decoder, image_size=image_size)
 
 
 @dataclass(frozen=True)

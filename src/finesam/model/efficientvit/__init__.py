@@ -1,0 +1,1 @@
+"""EfficientViT-SAM (mit-han-lab): the EfficientViT encoder with SAM's prompt encoder and decoder."""
