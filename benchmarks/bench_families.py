@@ -52,10 +52,10 @@ def cpu_name() -> str:
 @torch.no_grad()
 def time_preset(model: SegmentAnything, repeats: int) -> tuple[float, float]:
     """(encoder ms, one-box decode ms) of `model` in its current precision."""
-    size = model.config.image_size
+    size, frame = model.encoder_input_size, model.config.image_size  # the encoder's input; the prompts' frame
     dtype = model.image_encoder.dtype or torch.float32
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    box = Prompts(boxes=torch.tensor([[0.1 * size, 0.2 * size, 0.7 * size, 0.9 * size]]))
+    box = Prompts(boxes=torch.tensor([[0.1 * frame, 0.2 * frame, 0.7 * frame, 0.9 * frame]]))
     encoder = median_ms(lambda: model.encode(pixels), repeats)
     embedding = model.encode(pixels)
     features = model.image_features()
@@ -85,7 +85,7 @@ def row(facts: PresetFacts, times: list[float] | None) -> str:
     parameters = f"{facts.parameters / 1e6:.1f} M ({facts.encoder_parameters / 1e6:.1f} M + "
     parameters += f"{facts.decoder_parameters / 1e6:.1f} M)"
     files = facts.files.replace(", ", "<br>")
-    return f"| `{facts.family.name}` | `{facts.preset.name}` | {parameters} | {facts.preset.image_size} | " + (
+    return f"| `{facts.family.name}` | `{facts.preset.name}` | {parameters} | {facts.input_size} | " + (
         " | ".join(cells) + f" | {files} |"
     )
 

@@ -378,15 +378,18 @@ def test_models_lists_every_family_preset_its_parameters_input_size_and_official
         files = layout_of(family.name).checkpoints
         for preset in family.presets:
             row = rows[preset.name]
-            # parameters: all, the image encoder's, the prompt encoder's and mask decoder's; the input size
+            # parameters: all, the image encoder's, the prompt encoder's and mask decoder's; the encoder's input size
             model = build_sam(preset, device="meta")
             encoder = sum(p.numel() for p in model.image_encoder.parameters())
             rest = sum(p.numel() for p in model.parameters()) - encoder
-            numbers = [f"{encoder + rest:,}", f"{encoder:,}", f"{rest:,}", str(preset.image_size)]
+            numbers = [f"{encoder + rest:,}", f"{encoder:,}", f"{rest:,}", str(model.encoder_input_size)]
             assert row.split()[1:5] == numbers, row
             assert preset.encoder.describe() in row
             for checkpoint in (c for c in files if c.preset == preset.name):
                 assert f"{checkpoint.filename} ({checkpoint.licence})" in row
+    # the encoders' inputs of the releases: EfficientViT-SAM's L models encode at 512 (prompts in the 1024 frame)
+    assert rows["efficientvit_sam_l0"].split()[4] == "512" and rows["efficientvit_sam_xl0"].split()[4] == "1024"
+    assert rows["vit_b"].split()[4] == "1024" and rows["sam2.1_hiera_tiny"].split()[4] == "1024"
     # the official files, as their releases name them, with the licences their publishers state
     assert "sam_vit_b_01ec64.pth (Apache-2.0)" in rows["vit_b"] and "sam_hq_vit_b.pth (Apache-2.0)" in rows["vit_b"]
     assert "mobile_sam.pt (Apache-2.0)" in rows["vit_tiny"] and "sam_hq_vit_tiny.pth" in rows["vit_tiny"]

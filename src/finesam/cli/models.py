@@ -22,6 +22,7 @@ class PresetFacts:
     preset: SAMConfig
     encoder_parameters: int
     decoder_parameters: int  # the prompt encoder's and the mask decoder's (everything after the image encoder)
+    input_size: int  # the side of the image encoder's input (EfficientViT-SAM L: 512; prompts stay in image_size)
     checkpoints: tuple[Checkpoint, ...]  # the official files holding its weights
 
     @property
@@ -44,7 +45,7 @@ def preset_facts(family: EncoderFamily) -> list[PresetFacts]:
         encoder = sum(p.numel() for p in model.image_encoder.parameters())
         total = sum(p.numel() for p in model.parameters())
         files = tuple(c for c in checkpoints if c.preset == preset.name)
-        facts.append(PresetFacts(family, preset, encoder, total - encoder, files))
+        facts.append(PresetFacts(family, preset, encoder, total - encoder, model.encoder_input_size, files))
     return facts
 
 
@@ -59,7 +60,7 @@ def model_rows(family: EncoderFamily) -> list[tuple[str, ...]]:
             f"{f.parameters:,}",
             f"{f.encoder_parameters:,}",
             f"{f.decoder_parameters:,}",
-            str(f.preset.image_size),
+            str(f.input_size),
             f.preset.encoder.describe(),
             f.files,
         )
