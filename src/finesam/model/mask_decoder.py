@@ -1,7 +1,7 @@
 """SAM's mask decoder: output tokens + prompt tokens, two-way transformer, hypernetwork masks and IoU head."""
 
-from collections.abc import Callable
 from itertools import pairwise
+from typing import ClassVar
 
 from jaxtyping import Float
 from refiners.fluxion import layers as fl
@@ -11,10 +11,9 @@ from torch import dtype as DType
 
 from finesam.model.config import SAMConfig
 from finesam.model.layers import LayerNorm2d
-from finesam.model.transformer import IMAGE, TOKENS, TwoWayTransformer
+from finesam.model.transformer import IMAGE, TOKENS, Activation, TwoWayTransformer
 
-# the activation between the layers of an MLP (SAM: ReLU; variants: GELU)
-Activation = Callable[[], fl.Module]
+__all__ = ["Activation"]  # re-exported: the variants' decoders name it from here
 
 
 class MultiLayerPerceptron(fl.Chain):
@@ -70,22 +69,30 @@ class GridToTokens(fl.Chain):
 
 
 class ImageTokens(fl.Chain):
-    """Image embedding plus dense prompt embedding, as tokens; stores the key positional encoding."""
+    """Image embedding plus dense prompt embedding (when the model has one), as tokens; stores the key positional
+    encoding."""
 
-    def __init__(self) -> None:
+    def __init__(self, dense_prompt: bool = True) -> None:
+        dense = [fl.Residual(fl.UseContext("mask_decoder", "dense_prompt_embedding"))] if dense_prompt else []
         super().__init__(
             fl.Passthrough(
                 fl.UseContext("mask_decoder", "dense_positional_encoding"),
                 GridToTokens(),
                 fl.SetContext("mask_decoder", "key_pe"),
             ),
-            fl.Residual(fl.UseContext("mask_decoder", "dense_prompt_embedding")),
+            *dense,
             GridToTokens(),
         )
 
 
 class UpscaledImageEmbedding(fl.Chain):
-    """Image tokens back to a grid, upscaled 4x to `prompt_dim / 8` channels: the per-pixel mask features."""
+    """Image tokens back to a grid, upscaled 4x to `prompt_dim / 8` channels: the per-pixel mask features.
+
+    The norm after the first transposed convolution is `norm` (SAM: LayerNorm2d); a variant overrides it."""
+
+    @staticmethod
+    def norm(channels: int, device: Device | str | None = None, dtype: DType | None = None) -> fl.Module:
+        return LayerNorm2d(channels, device=device, dtype=dtype)
 
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
         dim, grid = config.decoder.prompt_dim, config.embedding_size
@@ -93,7 +100,7 @@ class UpscaledImageEmbedding(fl.Chain):
             fl.Reshape(grid, grid, dim),
             fl.Permute(0, 3, 1, 2),  # a channels-last view, which the transposed convolution reads without a copy
             fl.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2, device=device, dtype=dtype),
-            LayerNorm2d(dim // 4, device=device, dtype=dtype),
+            self.norm(dim // 4, device=device, dtype=dtype),
             fl.GeLU(),
             fl.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2, device=device, dtype=dtype),
             fl.GeLU(),
@@ -134,13 +141,18 @@ class MaskProduct(fl.Module):
 
 
 class MaskHead(fl.Chain):
-    """(tokens, image) -> low-resolution mask logits for every mask token."""
+    """(tokens, image) -> low-resolution mask logits for every mask token.
+
+    A variant changes the hypernetworks' activation and the upscaling through the class attributes."""
+
+    activation: ClassVar[type[fl.Module]] = fl.ReLU
+    upscaling_class: ClassVar[type[UpscaledImageEmbedding]] = UpscaledImageEmbedding
 
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
         super().__init__(
             fl.Parallel(
-                fl.Chain(fl.GetArg(TOKENS), MaskHypernetworks(config, device=device, dtype=dtype)),
-                fl.Chain(fl.GetArg(IMAGE), UpscaledImageEmbedding(config, device=device, dtype=dtype)),
+                fl.Chain(fl.GetArg(TOKENS), MaskHypernetworks(config, self.activation, device=device, dtype=dtype)),
+                fl.Chain(fl.GetArg(IMAGE), self.upscaling_class(config, device=device, dtype=dtype)),
             ),
             MaskProduct(),
         )

@@ -7,11 +7,17 @@ decoder) and `key_pe` (the dense positional encoding, flattened to image tokens)
 token-to-image attention and the queries of the image-to-token attention after it, whose image is the same.
 """
 
+from collections.abc import Callable
+from typing import ClassVar
+
 from refiners.fluxion import layers as fl
 from torch import device as Device
 from torch import dtype as DType
 
 TOKENS, IMAGE = 0, 1
+
+# the activation between the layers of an MLP (SAM: ReLU; variants: GELU)
+Activation = Callable[[], fl.Module]
 
 
 def with_positional_encoding(index: int, key: str) -> fl.Chain:
@@ -134,16 +140,23 @@ class ImageToTokenAttention(fl.Chain):
 
 
 class TokenFeedForward(fl.Chain):
-    """Residual MLP on the tokens, then a norm."""
+    """Residual MLP (`activation`: SAM's ReLU) on the tokens, then a norm."""
 
-    def __init__(self, dim: int, mlp_dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        mlp_dim: int,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+        activation: Activation = fl.ReLU,
+    ) -> None:
         super().__init__(
             fl.Parallel(
                 fl.Chain(
                     fl.GetArg(TOKENS),
                     fl.Residual(
                         fl.Linear(dim, mlp_dim, device=device, dtype=dtype),
-                        fl.ReLU(),
+                        activation(),
                         fl.Linear(mlp_dim, dim, device=device, dtype=dtype),
                     ),
                     fl.LayerNorm(dim, device=device, dtype=dtype),
@@ -154,6 +167,15 @@ class TokenFeedForward(fl.Chain):
 
 
 class TwoWayAttentionBlock(fl.Chain):
+    """A two-way block: tokens' self-attention, tokens to image, tokens' MLP, image to tokens.
+
+    Variants change the self-attention and the MLP's activation through the class attributes (a subclass keeps
+    its own name, so its state_dict keys stay its own)."""
+
+    # (dim, num_heads, first_layer, device=, dtype=) -> the self-attention layer
+    self_attention_class: ClassVar[Callable[..., fl.Chain]] = TokenSelfAttention
+    feed_forward_class: ClassVar[type[TokenFeedForward]] = TokenFeedForward
+
     def __init__(
         self,
         dim: int,
@@ -164,12 +186,30 @@ class TwoWayAttentionBlock(fl.Chain):
         dtype: DType | None = None,
     ) -> None:
         super().__init__(
-            TokenSelfAttention(dim, num_heads, first_layer, device=device, dtype=dtype),
+            type(self).self_attention_class(dim, num_heads, first_layer, device=device, dtype=dtype),
             ImageWithPositions(),
             TokenToImageAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
-            TokenFeedForward(dim, mlp_dim, device=device, dtype=dtype),
+            self.feed_forward_class(dim, mlp_dim, device=device, dtype=dtype),
             ImageToTokenAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
         )
+
+
+def two_way_layers(
+    block: type[TwoWayAttentionBlock],
+    dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_dim: int,
+    device: Device | str | None = None,
+    dtype: DType | None = None,
+) -> list[fl.Module]:
+    """`depth` blocks of `block`, then a final token-to-image attention: the layers of a two-way transformer
+    (a function, not a base class, so that `isinstance(m, TwoWayTransformer)` still means SAM's own)."""
+    return [
+        *(block(dim, num_heads, mlp_dim, first_layer=i == 0, device=device, dtype=dtype) for i in range(depth)),
+        ImageWithPositions(),
+        TokenToImageAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
+    ]
 
 
 class TwoWayTransformer(fl.Chain):
@@ -184,11 +224,4 @@ class TwoWayTransformer(fl.Chain):
         device: Device | str | None = None,
         dtype: DType | None = None,
     ) -> None:
-        super().__init__(
-            *(
-                TwoWayAttentionBlock(dim, num_heads, mlp_dim, first_layer=i == 0, device=device, dtype=dtype)
-                for i in range(depth)
-            ),
-            ImageWithPositions(),
-            TokenToImageAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
-        )
+        super().__init__(*two_way_layers(TwoWayAttentionBlock, dim, depth, num_heads, mlp_dim, device, dtype))

@@ -18,34 +18,27 @@ from torch import dtype as DType
 from finesam.model.config import SAMConfig
 from finesam.model.mask_decoder import (
     DecoderTokens,
-    GridToTokens,
+    ImageTokens,
     IoUHead,
-    MaskHypernetworks,
-    MaskProduct,
+    MaskHead,
     MultimaskSelection,
+    UpscaledImageEmbedding,
 )
 from finesam.model.transformer import (
     IMAGE,
     TOKENS,
-    ImageToTokenAttention,
-    ImageWithPositions,
-    TokenToImageAttention,
+    TokenFeedForward,
+    TwoWayAttentionBlock,
+    two_way_layers,
     with_positional_encoding,
 )
 
 
-class ImageOnlyTokens(fl.Chain):
+class ImageOnlyTokens(ImageTokens):
     """The image embedding as tokens (no dense prompt is added); stores the key positional encoding."""
 
     def __init__(self) -> None:
-        super().__init__(
-            fl.Passthrough(
-                fl.UseContext("mask_decoder", "dense_positional_encoding"),
-                GridToTokens(),
-                fl.SetContext("mask_decoder", "key_pe"),
-            ),
-            GridToTokens(),
-        )
+        super().__init__(dense_prompt=False)
 
 
 class ResidualTokenSelfAttention(fl.Chain):
@@ -75,93 +68,54 @@ class ResidualTokenSelfAttention(fl.Chain):
         )
 
 
-class GeLUTokenFeedForward(fl.Chain):
-    """Residual MLP (GELU) on the tokens, then a norm."""
+class GeLUTokenFeedForward(TokenFeedForward):
+    """SAM's residual MLP on the tokens with GELU, then a norm."""
 
     def __init__(self, dim: int, mlp_dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        super().__init__(dim, mlp_dim, device=device, dtype=dtype, activation=fl.GeLU)
+
+
+class EfficientSAMAttentionBlock(TwoWayAttentionBlock):
+    """A two-way block: tokens' self-attention (its own), tokens to image (SAM's), tokens' MLP (GELU), image to
+    tokens (SAM's)."""
+
+    self_attention_class = ResidualTokenSelfAttention
+    feed_forward_class = GeLUTokenFeedForward
+
+
+class EfficientSAMTransformer(fl.Chain):
+    """`depth` two-way blocks, then SAM's final token-to-image attention (not a `TwoWayTransformer`: SAM's fast
+    path matches that class)."""
+
+    def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
+        decoder = config.decoder
         super().__init__(
-            fl.Parallel(
-                fl.Chain(
-                    fl.GetArg(TOKENS),
-                    fl.Residual(
-                        fl.Linear(dim, mlp_dim, device=device, dtype=dtype),
-                        fl.GeLU(),
-                        fl.Linear(mlp_dim, dim, device=device, dtype=dtype),
-                    ),
-                    fl.LayerNorm(dim, device=device, dtype=dtype),
-                ),
-                fl.GetArg(IMAGE),
+            *two_way_layers(
+                EfficientSAMAttentionBlock,
+                decoder.prompt_dim,
+                decoder.depth,
+                decoder.heads,
+                decoder.mlp_dim,
+                device=device,
+                dtype=dtype,
             )
         )
 
 
-class EfficientSAMAttentionBlock(fl.Chain):
-    """A two-way block: tokens' self-attention (its own), tokens to image (SAM's), tokens' MLP (GELU), image to
-    tokens (SAM's)."""
+class GroupNormUpscaling(UpscaledImageEmbedding):
+    """SAM's upscaling with GroupNorm(1, C) where SAM has LayerNorm2d (official `final_output_upscaling_layers`)."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_dim: int,
-        first_layer: bool,
-        device: Device | str | None = None,
-        dtype: DType | None = None,
-    ) -> None:
-        super().__init__(
-            ResidualTokenSelfAttention(dim, num_heads, first_layer, device=device, dtype=dtype),
-            ImageWithPositions(),
-            TokenToImageAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
-            GeLUTokenFeedForward(dim, mlp_dim, device=device, dtype=dtype),
-            ImageToTokenAttention(dim, num_heads, downsample=2, device=device, dtype=dtype),
-        )
+    @staticmethod
+    def norm(channels: int, device: Device | str | None = None, dtype: DType | None = None) -> fl.Module:
+        return fl.GroupNorm(channels, num_groups=1, device=device, dtype=dtype)
 
 
-class EfficientSAMTransformer(fl.Chain):
-    """`depth` two-way blocks, then SAM's final token-to-image attention."""
-
-    def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        decoder = config.decoder
-        dim, heads = decoder.prompt_dim, decoder.heads
-        super().__init__(
-            *(
-                EfficientSAMAttentionBlock(dim, heads, decoder.mlp_dim, i == 0, device=device, dtype=dtype)
-                for i in range(decoder.depth)
-            ),
-            ImageWithPositions(),
-            TokenToImageAttention(dim, heads, downsample=2, device=device, dtype=dtype),
-        )
-
-
-class GroupNormUpscaling(fl.Chain):
-    """Image tokens back to a grid, upscaled 4x to `prompt_dim / 8` channels: transposed convolution, GroupNorm
-    with one group, GELU, transposed convolution, GELU (official `final_output_upscaling_layers`)."""
-
-    def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        dim, grid = config.decoder.prompt_dim, config.embedding_size
-        super().__init__(
-            fl.Reshape(grid, grid, dim),
-            fl.Permute(0, 3, 1, 2),
-            fl.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2, device=device, dtype=dtype),
-            fl.GroupNorm(dim // 4, num_groups=1, device=device, dtype=dtype),
-            fl.GeLU(),
-            fl.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2, device=device, dtype=dtype),
-            fl.GeLU(),
-        )
-
-
-class EfficientSAMMaskHead(fl.Chain):
+class EfficientSAMMaskHead(MaskHead):
     """(tokens, image) -> low-resolution mask logits for every mask token: GELU hypernetworks, GroupNorm upscaling,
     SAM's mask product."""
 
-    def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        super().__init__(
-            fl.Parallel(
-                fl.Chain(fl.GetArg(TOKENS), MaskHypernetworks(config, fl.GeLU, device=device, dtype=dtype)),
-                fl.Chain(fl.GetArg(IMAGE), GroupNormUpscaling(config, device=device, dtype=dtype)),
-            ),
-            MaskProduct(),
-        )
+    activation = fl.GeLU
+    upscaling_class = GroupNormUpscaling
 
 
 class EfficientSAMMaskDecoder(fl.Chain):
