@@ -24,8 +24,6 @@ from torch import Tensor
 from finesam import inputs
 from finesam.adapters.hq import HQEfficientSAMAdapter, HQSAMAdapter, hq_adapter_for
 from finesam.amg import AutomaticMaskGenerator
-from finesam.data.synthetic import write_dataset
-from finesam.evaluation import adapter_configuration, evaluate
 from finesam.fast import apply_fast_paths, remove_fast_paths
 from finesam.model.config import SAMConfig
 from finesam.model.efficient_sam.config import (
@@ -40,14 +38,13 @@ from finesam.model.prompts import Prompts
 from finesam.model.sam import ImageEmbedding, build_sam
 from finesam.onnx.export import export
 from finesam.onnx.predictor import OnnxPredictor
-from finesam.training.config import load_config
-from finesam.training.trainer import Trainer
-from finesam.weights import load_hq, load_sam, save_sam
+from finesam.weights import load_sam, save_sam
 from finesam.weights.layouts import layout_for
 from finesam.weights.loading import sam_from_state_dict
 from finesam.weights.sam_keys import convert_state_dict, infer_config, sam_key_map
 
-from helpers import finesam, write_config
+from helpers import finesam
+from hq_training import base_and_hq_scores, hq_trainer, run_hq_training, synthetic_split
 from official_efficient_sam import (
     CHECK_VALUE,
     DATA,
@@ -383,26 +380,14 @@ def test_hq_sam_injects_into_efficient_sam_and_ejects_bit_exactly():
 
 def test_finesam_train_trains_hq_sam_on_efficient_sam(tmp_path):
     base = save_sam(small_256(), tmp_path / "efficient_sam.safetensors")
-    train = write_dataset(tmp_path / "train", 12, seed=0, size=(96, 96))
-    val = write_dataset(tmp_path / "val", 8, seed=100, size=(96, 96))
-    config = load_config(write_config(tmp_path / "c.toml", base, train, tmp_path / "run", "[hq]", epochs=8, lr=3e-3))
-    trainer = Trainer(config, progress=False)
+    train, val = synthetic_split(tmp_path, 96, train=12)
+    trainer = hq_trainer(base, train, tmp_path, epochs=8, lr=3e-3)
     assert isinstance(trainer.adapters["hq"], HQEfficientSAMAdapter)
     assert "noise_mask" not in trainer.data.prompts.kinds and trainer.data.prompts.max_points == 6
     # the samples are EfficientSAM's input frame: the image stretched without antialiasing
     sample = trainer.data.sample(0, epoch=0)
     pixels, _ = trainer.model.preprocess(Image.open(sample.image_path).convert("RGB"))
     assert (sample.pixels - pixels[0]).abs().max() <= 1e-6
-    base_state = {k: v.clone() for k, v in load_sam(base).state_dict().items()}
-    written = trainer.run()
-    losses = [row["loss"] for row in trainer.rows]
-    assert len(losses) == trainer.total_steps == 24
-    first, last = np.mean(losses[:6]), np.mean(losses[-6:])
-    assert last < 0.8 * first, (first, last)
-    trainer.adapters["hq"].eject()
-    state = trainer.model.state_dict()  # the frozen base: bit-identical after training
-    assert all(torch.equal(state[k], base_state[k]) for k in base_state)
-    fresh = load_sam(base)
-    (plain,) = evaluate(fresh, [adapter_configuration("base", [])], val)
-    (hq,) = evaluate(fresh, [adapter_configuration("hq", [load_hq(fresh, written["hq"])], hq_mask_only=True)], val)
-    assert hq.miou > plain.miou + 0.1 and hq.mbiou > plain.mbiou + 0.1, (plain, hq)
+    written = run_hq_training(trainer, base, steps=24, window=6)
+    plain, hq = base_and_hq_scores(base, written["hq"], val)
+    assert hq[0] > plain[0] + 0.1 and hq[1] > plain[1] + 0.1, (plain, hq)

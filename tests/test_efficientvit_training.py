@@ -9,24 +9,19 @@ official model only exists in the 1024 frame, too slow to train here."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter
-from finesam.data.synthetic import write_dataset
-from finesam.evaluation import adapter_configuration, evaluate
 from finesam.model.config import SAMConfig
 from finesam.model.efficientvit.config import EfficientViTConfig
 from finesam.model.efficientvit.sam import EfficientViTSAM
 from finesam.model.sam import build_sam
 from finesam.model.tiny_vit import BatchNorm2d
-from finesam.training.config import load_config
-from finesam.training.trainer import Trainer
-from finesam.weights import load_hq, load_sam, save_sam
+from finesam.weights import load_sam, save_sam
 
-from helpers import write_config
+from hq_training import base_and_hq_scores, hq_trainer, run_hq_training, synthetic_split
 from official import perturb
 
 SIZE = 96  # synthetic images: small and quick to draw
@@ -62,34 +57,15 @@ def base(data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("synthetic")
-    return write_dataset(root / "train", 16, seed=0, size=(SIZE, SIZE)), write_dataset(
-        root / "val", 8, seed=100, size=(SIZE, SIZE)
-    )
-
-
-def evaluate_val(model, adapters, val: Path) -> tuple[float, float]:
-    (result,) = evaluate(model, [adapter_configuration("x", adapters, hq_mask_only=True)], val)
-    return result.miou, result.mbiou
+    return synthetic_split(tmp_path_factory.mktemp("synthetic"), SIZE)
 
 
 def test_training_hq_on_efficientvit_lowers_the_loss_and_beats_the_base(base, data, tmp_path):
-    config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", "[hq]", epochs=12, lr=2e-3))
-    trainer = Trainer(config, progress=False)
+    trainer = hq_trainer(base, data[0], tmp_path, epochs=12, lr=2e-3)
     assert isinstance(trainer.adapters["hq"], HQSAMAdapter)
-    base_state = {k: v.clone() for k, v in load_sam(base).state_dict().items()}
-    written = trainer.run()
-    rows = [row["loss"] for row in trainer.rows]
-    assert len(rows) == trainer.total_steps == 48
-    first, last = np.mean(rows[:8]), np.mean(rows[-8:])
-    assert last < 0.8 * first, (first, last)
-    trainer.adapters["hq"].eject()
-    state = trainer.model.state_dict()  # the frozen base: bit-identical after training
-    assert all(torch.equal(state[k], base_state[k]) for k in base_state)
+    written = run_hq_training(trainer, base, steps=48, window=8)
 
-    fresh = load_sam(base)
-    before = evaluate_val(fresh, [], data[1])
-    after = evaluate_val(fresh, [load_hq(fresh, written["hq"])], data[1])
+    before, after = base_and_hq_scores(base, written["hq"], data[1])
     assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.1, (before, after)
 
 

@@ -22,7 +22,6 @@ from PIL import Image
 from finesam.adapters.hq import HQSAMAdapter
 from finesam.data.pairs import load_pair
 from finesam.data.sampling import sample_generator
-from finesam.data.synthetic import write_dataset
 from finesam.evaluation import adapter_configuration, evaluate
 from finesam.evaluation.metrics import boundary_iou, mask_iou
 from finesam.inputs import PIXEL_MEAN, PIXEL_STD
@@ -30,11 +29,12 @@ from finesam.model.processing import preprocess_image
 from finesam.training.config import load_config, parse_config
 from finesam.training.data import TrainingSet, to_input_frame
 from finesam.training.trainer import Trainer
-from finesam.weights import load_hq, load_sam, save_hq, save_sam
+from finesam.weights import load_sam, save_hq, save_sam
 from finesam.weights.io import read_safetensors
 
 from conftest import SMALL
 from helpers import finesam, write_config
+from hq_training import base_and_hq_scores, hq_trainer, run_hq_training, synthetic_split
 
 SIZE = 96  # synthetic images: small and quick to draw
 
@@ -46,10 +46,7 @@ def base(tmp_path_factory, small) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("synthetic")
-    return write_dataset(root / "train", 16, seed=0, size=(SIZE, SIZE)), write_dataset(
-        root / "val", 8, seed=100, size=(SIZE, SIZE)
-    )
+    return synthetic_split(tmp_path_factory.mktemp("synthetic"), SIZE)
 
 
 def test_config_errors(tmp_path, base, data):
@@ -96,12 +93,6 @@ def test_samples_are_deterministic_and_match_inference_preprocessing(base, data,
     assert kinds == {"boxes", "points", "mask_input"}
 
 
-def evaluate_val(model, adapters, val: Path) -> tuple[float, float]:
-    configuration = adapter_configuration("x", adapters, hq_mask_only=True)
-    (result,) = evaluate(model, [configuration], val)
-    return result.miou, result.mbiou
-
-
 def test_only_adapter_weights_train_and_the_base_is_untouched(base, data, tmp_path):
     extra = "[hq]\n[lora]\nrank = 4\ntargets = ['decoder', 'encoder_attention']"
     config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", extra, epochs=1))
@@ -123,17 +114,10 @@ def test_only_adapter_weights_train_and_the_base_is_untouched(base, data, tmp_pa
 
 
 def test_training_hq_lowers_the_loss_and_beats_the_base(base, data, tmp_path):
-    config = load_config(write_config(tmp_path / "c.toml", base, data[0], tmp_path / "run", "[hq]", epochs=12))
-    trainer = Trainer(config, progress=False)
-    written = trainer.run()
-    rows = [row["loss"] for row in trainer.rows]
-    assert len(rows) == trainer.total_steps == 48
-    first, last = np.mean(rows[:8]), np.mean(rows[-8:])
-    assert last < 0.8 * first, (first, last)
+    trainer = hq_trainer(base, data[0], tmp_path, epochs=12)
+    written = run_hq_training(trainer, base, steps=48, window=8, frozen_base=False)
 
-    fresh = load_sam(base)
-    before = evaluate_val(fresh, [], data[1])
-    after = evaluate_val(fresh, [load_hq(fresh, written["hq"])], data[1])
+    before, after = base_and_hq_scores(base, written["hq"], data[1])
     assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.1, (before, after)
     for name in ("metrics.csv", "metrics.json", "loss.png", "checkpoint.pt"):
         assert (tmp_path / "run" / name).is_file()
