@@ -9,39 +9,20 @@ against the official outputs.
 """
 
 import functools
-import hashlib
 import json
-import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fixture_recipe import recipe
 
 DATA = Path(__file__).parent / "data" / "edge_sam"
 # the fixture README's check value: SHA-256 over every recipe tensor, sorted by key, as little-endian float32
 RECIPE_SHA256 = "5cfd1e78232873a9267da87f3415d2f4650e33c9cce0498875876aef35f9d2b0"
 BN_EPS = 1e-5
 LN_EPS = 1e-6
-
-
-def recipe(key: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """The fixture's tensor for `key` (the formula of its README): seeded by the CRC-32 of the key."""
-    if not dtype.startswith("float"):
-        return np.zeros(shape, dtype=dtype)
-    rng = np.random.RandomState(zlib.crc32(key.encode("utf-8")))
-    if key.endswith("running_var"):
-        values = 0.5 + rng.random_sample(shape)
-    elif key.endswith("running_mean"):
-        values = 0.1 * rng.standard_normal(shape)
-    elif key.endswith(".bias"):
-        values = 0.02 * rng.standard_normal(shape)
-    elif len(shape) <= 1:
-        values = 1.0 + 0.1 * rng.standard_normal(shape)
-    else:
-        values = rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[1:])))
-    return values.astype(np.float32)
 
 
 def keys() -> list[dict]:
@@ -56,13 +37,6 @@ def _recipe_state_dict() -> dict[str, Tensor]:
 def recipe_state_dict() -> dict[str, Tensor]:
     """The official-layout EdgeSAM state dict of the fixture (a fresh dict of shared tensors)."""
     return dict(_recipe_state_dict())
-
-
-def recipe_sha256(state_dict: dict[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        digest.update(state_dict[key].contiguous().float().numpy().astype("<f4").tobytes())
-    return digest.hexdigest()
 
 
 def _conv_bn(sd: dict[str, Tensor], prefix: str, x: Tensor, stride: int = 1, groups: int = 1) -> Tensor:

@@ -46,11 +46,11 @@ from edge_sam_reference import (
     DATA,
     RECIPE_SHA256,
     keys,
-    recipe_sha256,
     recipe_state_dict,
     reference_encoder,
     tempered_state_dict,
 )
+from fixture_recipe import recipe_sha256
 from helpers import finesam
 
 MODEL_TOLERANCE = 1e-4

@@ -2,7 +2,7 @@
 
 EfficientSAM has no installable package: `tests/data/efficient_sam_ti/` holds what the official predictor
 (github.com/yformer/EfficientSAM, commit d525f62) returned on two scikit-image photos, three prompts each, with
-and without multimask output, for ViT-Ti weights that `official_efficient_sam.recipe` regenerates key by key (its
+and without multimask output, for ViT-Ti weights that `fixture_recipe.recipe` regenerates key by key (its
 check value is the fixture's). Our converter reads those weights, and the model equals the official one at model
 level (embedding, low-resolution logits, IoU: 1e-4) and through `predict` (logits at the original size: 1e-3).
 ViT-S is the same code with other widths: its presets build and an official-layout file of its shapes converts
@@ -43,12 +43,12 @@ from finesam.weights.layouts import layout_for
 from finesam.weights.loading import sam_from_state_dict
 from finesam.weights.sam_keys import convert_state_dict, infer_config, sam_key_map
 
+from fixture_recipe import recipe_sha256
 from helpers import finesam
 from hq_training import base_and_hq_scores, hq_trainer, run_hq_training, synthetic_split
 from official_efficient_sam import (
     CHECK_VALUE,
     DATA,
-    check_value,
     official_keys,
     official_shaped,
     official_state_dict,
@@ -115,12 +115,12 @@ def test_the_recipe_regenerates_the_official_weights():
     keys = official_keys()
     state_dict = official_state_dict()
     assert len(keys) == len(state_dict) == 278 and list(state_dict) == [e["key"] for e in keys]
-    assert check_value(state_dict) == CHECK_VALUE
+    assert recipe_sha256(state_dict) == CHECK_VALUE
     # a one-ulp change anywhere changes the check value
     changed = dict(
         state_dict, **{"mask_decoder.iou_token.weight": state_dict["mask_decoder.iou_token.weight"] * 1.0001}
     )
-    assert check_value(changed) != CHECK_VALUE
+    assert recipe_sha256(changed) != CHECK_VALUE
 
 
 def test_the_layout_reads_the_release_and_maps_every_key():
