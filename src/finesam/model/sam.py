@@ -14,11 +14,18 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from finesam.inputs import CROP_THEN_RESIZE, LONGEST_SIDE_PADDED, POINTS_FIRST
+from finesam.inputs import CROP_THEN_RESIZE, LONGEST_SIDE_PADDED, POINTS_FIRST, resized_shape
 from finesam.model.config import SAM_VIT_B, SAM_VIT_H, SAM_VIT_L, SAM_VIT_TINY, SAMConfig
 from finesam.model.layers import ImageFeature, missing_features_message
 from finesam.model.mask_decoder import MaskDecoder
-from finesam.model.processing import MASK_THRESHOLD, ImageLike, as_rgb, postprocess_masks, preprocess_image
+from finesam.model.processing import (
+    MASK_THRESHOLD,
+    ImageLike,
+    as_rgb,
+    postprocess_masks,
+    preprocess_image,
+    resized_and_normalised,
+)
 from finesam.model.prompt_encoder import PromptEncoder, labelled_points
 from finesam.model.prompts import Prompts, prepare_prompts
 from finesam.model.quantized import quantize_linears
@@ -77,8 +84,8 @@ class SegmentAnything(fl.Chain):
 
     Other model generations (SAM 2) and decoder variants (EfficientSAM) subclass it, with their decoder
     (`decoder_class`, `transformer_class`), prompt encoder (`prompt_encoder_class`, `takes_mask_input`,
-    `fixed_prompt_points`) and their pre- and postprocessing (`preprocess`, `sparse_points`, `postprocess`,
-    `returned_low_res`).
+    `fixed_prompt_points`) and their pre- and postprocessing (`preprocess` with its training twin `input_frame`,
+    `sparse_points`, `postprocess`, `returned_low_res`).
     """
 
     decoder_class: ClassVar[type[fl.Chain]] = MaskDecoder
@@ -159,6 +166,13 @@ class SegmentAnything(fl.Chain):
         """The encoder's input from normalised pixels drawn in the prompt frame (the trainer's samples, which
         hold the image and its masks in one frame): the same pixels where the encoder reads that frame."""
         return pixels
+
+    @staticmethod
+    def input_frame(image: Image.Image, side: int) -> Float[Tensor, "3 height width"]:
+        """The image as `preprocess` frames it with `side` as the model size, before any padding: the training
+        data draws its samples with it (at a jittered `side`). SAM: the longest side at `side`, the aspect ratio
+        kept, normalised. A static method, so that the data pipeline holds a plain function, not the model."""
+        return resized_and_normalised(image, resized_shape(image.height, image.width, side))
 
     def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
         """The model input for an RGB image, and the (height, width) the image occupies inside it: SAM resizes

@@ -4,6 +4,7 @@ Every random choice of a sample comes from a generator seeded with (seed, epoch,
 whichever process draws it, and a resumed run sees exactly what an uninterrupted one would.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,16 +16,13 @@ from torch import Tensor
 
 from finesam.data.pairs import load_pair
 from finesam.data.sampling import foreground_points, mask_box, noisy_box, sample_generator
-from finesam.inputs import SQUARE, STRETCH, resized_shape
-from finesam.model.efficient_sam.efficient_sam import stretched_input
-from finesam.model.processing import resized_and_normalised
 from finesam.model.prompts import Prompts
-from finesam.model.sam2.processing import square_input
+from finesam.model.sam import SegmentAnything
 from finesam.training.config import DataConfig, PromptConfig
 
-# the square input frames, by the name of the model's preprocessing (`processing_names`): SAM 2's antialiased
-# squash, EfficientSAM's stretch without antialiasing; any other name is SAM's longest side, padded
-SQUARE_FRAMES = {SQUARE: square_input, STRETCH: stretched_input}
+# (image, side) -> the normalised (3, height, width) pixels of the model's input frame: `input_frame` of the
+# model's class (SAM: the longest side at `side`; SAM 2: squashed to a square; EfficientSAM: stretched)
+InputFrame = Callable[[Image.Image, int], Float[Tensor, "3 height width"]]
 
 
 @dataclass(frozen=True)
@@ -36,12 +34,16 @@ class Sample:
 
 
 def to_input_frame(
-    image: Image.Image, mask: Tensor, size: int, config: DataConfig, g: torch.Generator, frame: str = ""
+    image: Image.Image,
+    mask: Tensor,
+    size: int,
+    config: DataConfig,
+    g: torch.Generator,
+    frame: InputFrame = SegmentAnything.input_frame,
 ) -> tuple[Float[Tensor, "3 size size"], Float[Tensor, "size size"]]:
-    """Flip / large-scale jitter (when enabled), resize with the longest side at `size` x scale (a square
-    `frame` of `SQUARE_FRAMES`: both sides, as SAM 2's or EfficientSAM's input), then crop or pad to `size` x
-    `size`: the image normalised as the model's preprocessing does it (padding 0 after normalisation, as SAM's),
-    the mask in [0, 1]."""
+    """Flip / large-scale jitter (when enabled), the model's input `frame` at `size` x scale (SAM: the longest
+    side; SAM 2, EfficientSAM: both sides), then crop or pad to `size` x `size`: the image normalised as the
+    model's preprocessing does it (padding 0 after normalisation, as SAM's), the mask in [0, 1]."""
     if config.flip and torch.rand((), generator=g) < 0.5:
         image, mask = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mask.flip(-1)
     scale = 1.0
@@ -49,12 +51,8 @@ def to_input_frame(
         low, high = config.scale_jitter
         scale = low + (high - low) * torch.rand((), generator=g).item()
     side = max(1, round(size * scale))
-    if frame in SQUARE_FRAMES:  # without jitter: exactly what SAM 2's (EfficientSAM's) inference sees
-        height, width = side, side
-        pixels = SQUARE_FRAMES[frame](image, side)[0]
-    else:  # without jitter: exactly what SAM's inference sees
-        height, width = resized_shape(image.height, image.width, side)
-        pixels = resized_and_normalised(image, (height, width))
+    pixels = frame(image, side)  # without jitter: exactly what the model's inference sees
+    height, width = pixels.shape[-2:]
     mask = F.interpolate(mask[None, None], (height, width), mode="bilinear", align_corners=False)[0, 0]
     top = int(torch.randint(0, height - size + 1, (), generator=g)) if height > size else 0
     left = int(torch.randint(0, width - size + 1, (), generator=g)) if width > size else 0
@@ -99,7 +97,7 @@ class TrainingSet:
         size: int,
         low: int,
         seed: int,
-        frame: str = "",
+        frame: InputFrame = SegmentAnything.input_frame,
     ) -> None:
         self.pairs, self.data, self.prompts = pairs, data, prompts
         self.size, self.low, self.seed, self.frame = size, low, seed, frame

@@ -135,9 +135,8 @@ class Trainer:
             raise ValueError(f"batch_size {optim.batch_size} does not split over {self.dist.world} processes")
         size, low = model.config.image_size, model.config.mask_input_size
         # the input frame of the model's own preprocessing (SAM 2 and EfficientSAM squash the image to a square)
-        frame = model.processing_names["preprocessing"]
         prompts = prompts_for_model(model, config.prompts)
-        self.data = TrainingSet(pairs, config.data, prompts, size, low, config.run.seed, frame)
+        self.data = TrainingSet(pairs, config.data, prompts, size, low, config.run.seed, model.input_frame)
         self.steps_per_epoch = len(pairs) // optim.batch_size  # the last incomplete batch is dropped
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.out = config.run.out

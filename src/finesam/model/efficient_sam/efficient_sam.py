@@ -82,6 +82,11 @@ class EfficientSAM(SegmentAnything):
     def fixed_prompt_points(self) -> int | None:
         return self.point_count
 
+    @staticmethod
+    def input_frame(image: Image.Image, side: int) -> Float[Tensor, "3 side side"]:
+        """The stretched input at `side` (see `SegmentAnything.input_frame`)."""
+        return stretched_input(image, side)[0]
+
     def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
         """The stretched input; the whole model input is the image."""
         size = self.config.image_size

@@ -94,6 +94,11 @@ class SegmentAnything2(SegmentAnything):
         dim, low = self.config.decoder.prompt_dim, self.config.mask_input_size
         return {HIGH_RES_S0: (1, dim // 8, low, low), HIGH_RES_S1: (1, dim // 4, low // 2, low // 2)}
 
+    @staticmethod
+    def input_frame(image: Image.Image, side: int) -> Float[Tensor, "3 side side"]:
+        """The square, antialiased input at `side` (see `SegmentAnything.input_frame`)."""
+        return square_input(image, side)[0]
+
     def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
         """The square, antialiased input; the whole model input is the image."""
         size = self.config.image_size
