@@ -190,6 +190,33 @@ class DensePositionalEncoding(fl.Module):
         return encoding(grid).permute(2, 0, 1).unsqueeze(0)
 
 
+def prompt_embeddings(
+    point_encoder: fl.Module,
+    positional_encoding: FourierPositionalEncoding,
+    embedding_size: int,
+    dense_embedding: fl.Module | None = None,
+) -> list[fl.Chain]:
+    """A prompt encoder's branches: the points of the `sam` context through `point_encoder` to the sparse prompt
+    embedding, `dense_embedding` (when the model has one) to the dense prompt embedding, and the grid's encoding
+    by `positional_encoding` to the dense positional encoding, all in the `mask_decoder` context. The layers are
+    built by the caller, in the order that seeds their weights."""
+    dense: list[fl.Chain] = []
+    if dense_embedding is not None:
+        dense.append(fl.Chain(dense_embedding, fl.SetContext("mask_decoder", "dense_prompt_embedding")))
+    return [
+        fl.Chain(
+            fl.Parallel(fl.UseContext("sam", "point_coords"), fl.UseContext("sam", "point_labels")),
+            point_encoder,
+            fl.SetContext("mask_decoder", "sparse_prompt_embedding"),
+        ),
+        *dense,
+        fl.Chain(
+            DensePositionalEncoding(positional_encoding, embedding_size),
+            fl.SetContext("mask_decoder", "dense_positional_encoding"),
+        ),
+    ]
+
+
 class PromptEncoder(fl.Passthrough):
     """Reads the prompt from the `sam` context and writes its embeddings to the `mask_decoder` context.
 
@@ -198,18 +225,7 @@ class PromptEncoder(fl.Passthrough):
 
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
         point_encoder = PointEncoder(config, device=device, dtype=dtype)
+        dense_embedding = DenseEmbedding(config, device=device, dtype=dtype)
         super().__init__(
-            fl.Chain(
-                fl.Parallel(fl.UseContext("sam", "point_coords"), fl.UseContext("sam", "point_labels")),
-                point_encoder,
-                fl.SetContext("mask_decoder", "sparse_prompt_embedding"),
-            ),
-            fl.Chain(
-                DenseEmbedding(config, device=device, dtype=dtype),
-                fl.SetContext("mask_decoder", "dense_prompt_embedding"),
-            ),
-            fl.Chain(
-                DensePositionalEncoding(point_encoder.positional_encoding, config.embedding_size),
-                fl.SetContext("mask_decoder", "dense_positional_encoding"),
-            ),
+            *prompt_embeddings(point_encoder, point_encoder.positional_encoding, config.embedding_size, dense_embedding)
         )

@@ -22,7 +22,7 @@ from finesam.inputs import (
     check_point_count,
 )
 from finesam.model.config import SAMConfig
-from finesam.model.prompt_encoder import DensePositionalEncoding, FourierPositionalEncoding, PixelToUnit
+from finesam.model.prompt_encoder import FourierPositionalEncoding, PixelToUnit, prompt_embeddings
 from finesam.model.prompts import Prompts
 
 
@@ -98,14 +98,4 @@ class EfficientSAMPromptEncoder(fl.Passthrough):
 
     def __init__(self, config: SAMConfig, device: Device | str | None = None, dtype: DType | None = None) -> None:
         point_encoder = PointEncoder(config, device=device, dtype=dtype)
-        super().__init__(
-            fl.Chain(
-                fl.Parallel(fl.UseContext("sam", "point_coords"), fl.UseContext("sam", "point_labels")),
-                point_encoder,
-                fl.SetContext("mask_decoder", "sparse_prompt_embedding"),
-            ),
-            fl.Chain(
-                DensePositionalEncoding(point_encoder.positional_encoding, config.embedding_size),
-                fl.SetContext("mask_decoder", "dense_positional_encoding"),
-            ),
-        )
+        super().__init__(*prompt_embeddings(point_encoder, point_encoder.positional_encoding, config.embedding_size))
