@@ -264,6 +264,23 @@ def build_official_tiny(seed: int = 0) -> Any:
     return sam.eval()
 
 
+def narrow_official_tiny_vit(seed: int) -> Any:
+    """A narrow official TinyViT (the HQ package's, which keeps its early embedding), seeded and perturbed, in
+    eval mode: it only runs at 1024 (its grid is written into the code), so the widths are small; the last stage
+    keeps 320 channels (the official rule of no downsampling at that width)."""
+    torch.manual_seed(seed)
+    encoder = segment_anything_hq.modeling.TinyViT(
+        img_size=1024,
+        embed_dims=[16, 32, 40, 320],
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 2, 4],
+        window_sizes=[7, 7, 14, 7],
+        drop_path_rate=0.0,
+    )
+    perturb(encoder, seed)
+    return encoder.eval()  # after the weights are set: the attention biases are cached in eval mode
+
+
 class _EncoderOnly(torch.nn.Module):
     """The HQ package's TinyViT returns (embedding, early embeddings); plain SAM wants the embedding only."""
 

@@ -37,7 +37,7 @@ import official_efficient_sam
 from conftest import SMALL, TOLERANCE, max_diff
 from edge_sam_reference import tempered_state_dict
 from helpers import finesam
-from official import OFFICIAL_BUILDERS, build_official, perturb, segment_anything_hq
+from official import OFFICIAL_BUILDERS, build_official, narrow_official_tiny_vit
 from official_efficientvit import SMALL_L as SMALL_EFFICIENTVIT
 from official_efficientvit import build_official_efficientvit, official_encoder_outputs
 from official_sam2 import build_official_sam2
@@ -55,20 +55,9 @@ def _sam_package(config: SAMConfig) -> Official:
 
 
 def _tiny_vit() -> Official:
-    """A narrow official TinyViT (the HQ package's, which keeps its early embedding): it only runs at 1024 (its
-    grid is written into the code), so the widths are small; the last stage keeps 320 channels (the official rule
-    of no downsampling at that width); the decoder keys are SAM's."""
-    torch.manual_seed(0)
-    encoder = segment_anything_hq.modeling.TinyViT(
-        img_size=1024,
-        embed_dims=[16, 32, 40, 320],
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 2, 2, 4],
-        window_sizes=[7, 7, 14, 7],
-        drop_path_rate=0.0,
-    )
-    perturb(encoder, 0)
-    encoder.eval()  # after the weights are set: the attention biases are cached in eval mode
+    """A narrow official TinyViT (`official.narrow_official_tiny_vit`: it only runs at 1024); the decoder keys are
+    SAM's."""
+    encoder = narrow_official_tiny_vit(0)
     decoder = build_official(SMALL, seed=0).state_dict()
     state_dict = {k: v for k, v in decoder.items() if not k.startswith("image_encoder.")}
     state_dict |= {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}

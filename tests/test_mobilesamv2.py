@@ -26,7 +26,7 @@ from finesam.weights.mobilesamv2 import read_prompt_guided_decoder
 from conftest import SMALL, TOLERANCE, max_diff, photo
 from helpers import assert_matches_official_predictor, finesam
 from official import _EncoderOnly as EncoderOnly
-from official import build_official, perturb, segment_anything, segment_anything_hq
+from official import build_official, narrow_official_tiny_vit, perturb, segment_anything
 
 DECODER_SEED = 7
 
@@ -80,17 +80,7 @@ def _vit() -> tuple[Any, dict[str, Tensor]]:
 def _tiny_vit() -> tuple[Any, dict[str, Any]]:
     """A narrow official TinyViT (as in test_families: it only runs at 1024), saved as MobileSAMv2's encoder file is
     read (`{'model': TinyViT keys}`, no prefix)."""
-    torch.manual_seed(2)
-    encoder = segment_anything_hq.modeling.TinyViT(
-        img_size=1024,
-        embed_dims=[16, 32, 40, 320],
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 2, 2, 4],
-        window_sizes=[7, 7, 14, 7],
-        drop_path_rate=0.0,
-    )
-    perturb(encoder, 2)
-    encoder.eval()  # after the weights are set: the attention biases are cached in eval mode
+    encoder = narrow_official_tiny_vit(2)
     return types.SimpleNamespace(image_encoder=EncoderOnly(encoder)), {"model": encoder.state_dict()}
 
 
