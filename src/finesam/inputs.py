@@ -299,6 +299,22 @@ def unit_model_input(image: Image.Image, image_size: int, input_size: int) -> tu
     return padded, resized_shape(image.height, image.width, image_size)
 
 
+def _boxes_first(
+    points: np.ndarray | None, labels: np.ndarray | None, box: np.ndarray | None
+) -> tuple[list[Any], list[Any]]:
+    """The box's corners labelled 2 and 3, then the points: the start of SAM 2's and EfficientSAM's sequences, as
+    parts to concatenate (an empty first part, so that a mask-only prompt concatenates to empty arrays)."""
+    coords: list[Any] = [np.zeros((0, 2))]
+    kinds: list[Any] = [np.zeros(0)]
+    if box is not None:
+        coords.append(np.reshape(box, (2, 2)))
+        kinds.append([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL])
+    if points is not None and labels is not None:
+        coords.append(points)
+        kinds.append(labels)
+    return coords, kinds
+
+
 def boxes_first_labelled_points(
     points: np.ndarray | None, labels: np.ndarray | None, box: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -309,14 +325,7 @@ def boxes_first_labelled_points(
     Returns:
         (k, 2) float64 coordinates and (k,) float64 labels; empty for a mask-only prompt.
     """
-    coords: list[Any] = [np.zeros((0, 2))]
-    kinds: list[Any] = [np.zeros(0)]
-    if box is not None:
-        coords.append(np.reshape(box, (2, 2)))
-        kinds.append([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL])
-    if points is not None and labels is not None:
-        coords.append(points)
-        kinds.append(labels)
+    coords, kinds = _boxes_first(points, labels, box)
     if len(coords) > 1:
         coords.append([PADDING_POINT])
         kinds.append([PADDING_LABEL])
@@ -342,14 +351,7 @@ def fixed_count_labelled_points(
     Raises:
         ValueError: more than `count` points (`check_point_count`).
     """
-    coords: list[Any] = [np.zeros((0, 2))]
-    kinds: list[Any] = [np.zeros(0)]
-    if box is not None:
-        coords.append(np.reshape(box, (2, 2)))
-        kinds.append([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL])
-    if points is not None and labels is not None:
-        coords.append(points)
-        kinds.append(labels)
+    coords, kinds = _boxes_first(points, labels, box)
     given = sum(len(c) for c in coords)
     check_point_count(given, count)
     coords.append(np.tile(FIXED_COUNT_PADDING_POINT, (count - given, 1)))
