@@ -32,6 +32,18 @@ SMALL = SAMConfig(
 # Max abs difference allowed between official and finesam fp32 outputs (logits, embeddings, IoU).
 TOLERANCE = 1e-4
 
+# The predictor-level prompts of the parity tests of SAM 2 and EfficientViT-SAM (`SamPredictor.predict` keywords),
+# inside every photo of `PHOTOS` at its tested size.
+PREDICTOR_PROMPTS: dict[str, dict[str, Any]] = {
+    "click": {"point_coords": np.array([[300.0, 200.0]]), "point_labels": np.array([1])},
+    "box": {"box": np.array([100.0, 50.0, 420.0, 300.0])},
+    "box and clicks": {
+        "box": np.array([100.0, 50.0, 420.0, 300.0]),
+        "point_coords": np.array([[300.0, 200.0], [120.0, 80.0]]),
+        "point_labels": np.array([1, 0]),
+    },
+}
+
 # Real photos bundled in the scikit-image wheel (a test dependency: nothing is downloaded), each resized to
 # the (width, height) the tests are written for: a large landscape (downscaled even at 1024), a landscape
 # below 1024 (upscaled at 1024; rotated, the portrait), and a square of exactly 1024.

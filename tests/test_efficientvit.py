@@ -33,7 +33,7 @@ from finesam.weights.layouts import layout_for, layout_of
 from finesam.weights.loading import convert_checkpoint, load_sam, sam_from_state_dict
 from finesam.weights.sam_keys import infer_config
 
-from conftest import PHOTOS, max_diff, photo
+from conftest import PHOTOS, PREDICTOR_PROMPTS, max_diff, photo
 from official import structured
 from official_efficientvit import (
     SMALL_L,
@@ -51,16 +51,6 @@ MAX_FLIPPED = 64  # pixels of an `everything` mask on the other side of the thre
 SMALL = {config.name: config for config in (SMALL_L, SMALL_XL, SMALL_QUADRATIC)}
 RELEASES = ["efficientvit_sam_l0", "efficientvit_sam_l1", "efficientvit_sam_l2"]
 RELEASES += ["efficientvit_sam_xl0", "efficientvit_sam_xl1"]
-
-PROMPTS: dict[str, dict[str, Any]] = {
-    "click": {"point_coords": np.array([[300.0, 200.0]]), "point_labels": np.array([1])},
-    "box": {"box": np.array([100.0, 50.0, 420.0, 300.0])},
-    "box and clicks": {
-        "box": np.array([100.0, 50.0, 420.0, 300.0]),
-        "point_coords": np.array([[300.0, 200.0], [120.0, 80.0]]),
-        "point_labels": np.array([1, 0]),
-    },
-}
 
 
 @functools.cache
@@ -193,23 +183,25 @@ CASES = [
 @pytest.mark.parametrize("shape, prompt, multimask", CASES)
 @torch.no_grad()
 def test_predict_matches_the_official_predictor_at_512(shape, prompt, multimask):
-    _compare(*_pair("small_l"), PHOTOS[shape](), PROMPTS[prompt], multimask)
+    _compare(*_pair("small_l"), PHOTOS[shape](), PREDICTOR_PROMPTS[prompt], multimask)
 
 
 @torch.no_grad()
 def test_an_image_of_the_encoders_size_is_not_resized_and_matches():
     image = photo("astronaut").resize((512, 384), Image.Resampling.BILINEAR)  # the longest side is 512
-    _compare(*_pair("small_l"), image, PROMPTS["box and clicks"], multimask=True)
+    _compare(*_pair("small_l"), image, PREDICTOR_PROMPTS["box and clicks"], multimask=True)
 
 
 @torch.no_grad()
 def test_predict_matches_the_official_predictor_at_1024():
-    _compare(*_pair("small_xl"), PHOTOS["portrait"](), PROMPTS["box and clicks"], multimask=True)
+    _compare(*_pair("small_xl"), PHOTOS["portrait"](), PREDICTOR_PROMPTS["box and clicks"], multimask=True)
 
 
 @torch.no_grad()
 def test_l0_matches_the_official_predictor():
-    _compare(*_pair("efficientvit_sam_l0"), PHOTOS["small landscape"](), PROMPTS["box and clicks"], multimask=False)
+    _compare(
+        *_pair("efficientvit_sam_l0"), PHOTOS["small landscape"](), PREDICTOR_PROMPTS["box and clicks"], multimask=False
+    )
 
 
 def test_everything_matches_the_official_generator():
@@ -286,7 +278,7 @@ def test_onnx_export_and_predictor_match_the_torch_model(tmp_path):
     assert description["encoder_inputs"]["image"]["shape"] == [1, 3, 512, 512]
     image = PHOTOS["portrait"]()
     predictor = OnnxPredictor(tmp_path)
-    prompt = PROMPTS["box and clicks"]
+    prompt = PREDICTOR_PROMPTS["box and clicks"]
     kwargs = {"points": prompt["point_coords"], "labels": prompt["point_labels"], "boxes": prompt["box"]}
     onnx = predictor.predict(image, **kwargs, return_logits=True)
     torch_result = ours.predict(image, **kwargs, return_logits=True)

@@ -29,7 +29,7 @@ from finesam.weights.layouts.hiera import is_memory_key
 from finesam.weights.loading import convert_checkpoint, load_sam, read_kept, sam_from_state_dict, save_sam
 from finesam.weights.sam_keys import convert_state_dict
 
-from conftest import PHOTOS, max_diff
+from conftest import PHOTOS, PREDICTOR_PROMPTS, max_diff
 from helpers import write_config
 from official_sam2 import SAM2ImagePredictor, build_official_sam2, small_hiera
 
@@ -42,16 +42,6 @@ FEATURE_TOLERANCE = 1e-4
 SMALL_SAM2 = SAMConfig(
     HieraConfig(embed_dim=32, heads=1, stages=(1, 1, 2, 1), global_attention_blocks=(3,)), SAM2DecoderConfig()
 )
-
-PROMPTS: dict[str, dict[str, Any]] = {
-    "click": {"point_coords": np.array([[300.0, 200.0]]), "point_labels": np.array([1])},
-    "box": {"box": np.array([100.0, 50.0, 420.0, 300.0])},
-    "box and clicks": {
-        "box": np.array([100.0, 50.0, 420.0, 300.0]),
-        "point_coords": np.array([[300.0, 200.0], [120.0, 80.0]]),
-        "point_labels": np.array([1, 0]),
-    },
-}
 
 
 @functools.cache
@@ -95,11 +85,11 @@ def _compare(official: Any, ours: SegmentAnything2, image: np.ndarray, prompt: d
 
 
 @pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
-@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("prompt", list(PREDICTOR_PROMPTS))
 @pytest.mark.parametrize("shape", ["landscape", "portrait"])
 @torch.no_grad()
 def test_predict_matches_the_official_predictor(shape, prompt, multimask):
-    _compare(*_small(), np.asarray(PHOTOS[shape]()), PROMPTS[prompt], multimask)
+    _compare(*_small(), np.asarray(PHOTOS[shape]()), PREDICTOR_PROMPTS[prompt], multimask)
 
 
 @torch.no_grad()
@@ -107,7 +97,7 @@ def test_sam2_1_hiera_tiny_matches_the_official_predictor():
     official, ours = _release("sam2.1_hiera_tiny")
     assert ours.config.name == "sam2.1_hiera_tiny"
     image = np.asarray(PHOTOS["small landscape"]())
-    for prompt in PROMPTS.values():
+    for prompt in PREDICTOR_PROMPTS.values():
         _compare(official, ours, image, prompt, multimask=False)
 
 
@@ -117,7 +107,7 @@ def test_sam2_1_hiera_tiny_matches_the_official_predictor():
 def test_every_release_matches_the_official_predictor(name):
     official, ours = _release(name)
     assert ours.config.name == name
-    _compare(official, ours, np.asarray(PHOTOS["square"]()), PROMPTS["box and clicks"], multimask=True)
+    _compare(official, ours, np.asarray(PHOTOS["square"]()), PREDICTOR_PROMPTS["box and clicks"], multimask=True)
 
 
 @torch.no_grad()
@@ -128,14 +118,14 @@ def test_mask_input_and_batched_boxes_match():
     predictor.set_image(image)
     embedding = ours.encode_image(image)
     # a refinement: the previous low-resolution logits (clamped, as returned) fed back with a click
-    _, _, low_res = predictor.predict(**PROMPTS["click"], multimask_output=False)
-    first = ours.predict(embedding, **_ours_kwargs(PROMPTS["click"]))
+    _, _, low_res = predictor.predict(**PREDICTOR_PROMPTS["click"], multimask_output=False)
+    first = ours.predict(embedding, **_ours_kwargs(PREDICTOR_PROMPTS["click"]))
     assert max_diff(first.low_res_logits[0], torch.from_numpy(low_res)) <= TOLERANCE
     masks, iou, _ = predictor.predict(
-        **PROMPTS["click"], mask_input=low_res, multimask_output=False, return_logits=True
+        **PREDICTOR_PROMPTS["click"], mask_input=low_res, multimask_output=False, return_logits=True
     )
     refined = ours.predict(
-        embedding, **_ours_kwargs(PROMPTS["click"]), mask_input=first.low_res_logits[0], return_logits=True
+        embedding, **_ours_kwargs(PREDICTOR_PROMPTS["click"]), mask_input=first.low_res_logits[0], return_logits=True
     )
     assert max_diff(refined.masks[0], torch.from_numpy(masks)) <= TOLERANCE
     assert max_diff(refined.iou_predictions[0], torch.from_numpy(iou)) <= TOLERANCE
@@ -171,11 +161,13 @@ def test_hole_and_sprinkle_filling_match_the_official_predictor():
     # areas that change some regions but not all (random weights give ragged masks)
     predictor = SAM2ImagePredictor(official, max_hole_area=40.0, max_sprinkle_area=40.0)
     predictor.set_image(image)
-    masks, _, _ = predictor.predict(**PROMPTS["box"], multimask_output=True, return_logits=True)
-    plain = ours.predict(image, **_ours_kwargs(PROMPTS["box"]), multimask_output=True, return_logits=True)
+    masks, _, _ = predictor.predict(**PREDICTOR_PROMPTS["box"], multimask_output=True, return_logits=True)
+    plain = ours.predict(image, **_ours_kwargs(PREDICTOR_PROMPTS["box"]), multimask_output=True, return_logits=True)
     ours.max_hole_area, ours.max_sprinkle_area = 40.0, 40.0
     try:
-        filled = ours.predict(image, **_ours_kwargs(PROMPTS["box"]), multimask_output=True, return_logits=True)
+        filled = ours.predict(
+            image, **_ours_kwargs(PREDICTOR_PROMPTS["box"]), multimask_output=True, return_logits=True
+        )
     finally:
         ours.max_hole_area, ours.max_sprinkle_area = 0.0, 0.0
     assert max_diff(filled.masks[0], torch.from_numpy(masks)) <= TOLERANCE
@@ -263,12 +255,12 @@ def test_the_sam1_hq_adapter_refuses_a_sam2_model_with_a_reason():
 def test_the_fast_paths_of_sam2_equal_its_reference():
     _, ours = _small()
     image = PHOTOS["portrait"]()
-    reference = ours.predict(image, **_ours_kwargs(PROMPTS["box and clicks"]), return_logits=True)
+    reference = ours.predict(image, **_ours_kwargs(PREDICTOR_PROMPTS["box and clicks"]), return_logits=True)
     apply_fast_paths(ours)
     try:
         assert is_fast(ours.image_encoder.ensure_find(WindowedPositionEmbedding))
         for _ in range(2):  # the second call reads what the first remembered
-            fast = ours.predict(image, **_ours_kwargs(PROMPTS["box and clicks"]), return_logits=True)
+            fast = ours.predict(image, **_ours_kwargs(PREDICTOR_PROMPTS["box and clicks"]), return_logits=True)
             assert max_diff(fast.masks, reference.masks) <= 1e-5
             assert max_diff(fast.iou_predictions, reference.iou_predictions) <= 1e-6
         # the remembered embedding follows its weights
