@@ -22,7 +22,6 @@ from finesam.model.sam import SegmentAnything
 from finesam.model.transformer import (
     ImageToTokenAttention,
     TokenFeedForward,
-    TokenSelfAttention,
     TokenToImageAttention,
     TwoWayAttentionBlock,
     TwoWayTransformer,
@@ -97,6 +96,38 @@ def _modules(model: SegmentAnything) -> list[tuple[str, fl.Module]]:
     return layout_of(family_of(model.config.encoder).name).modules(model.image_encoder) + decoder_modules(model)
 
 
+def attention_modules(prefix: str, layer: fl.Attention) -> list[tuple[str, fl.Module]]:
+    """An official `Attention`'s projections."""
+    q, k, v, out = layer.layers(fl.Linear)
+    return [(f"{prefix}.q_proj", q), (f"{prefix}.k_proj", k), (f"{prefix}.v_proj", v), (f"{prefix}.out_proj", out)]
+
+
+def two_way_modules(transformer: fl.Chain, prefix: str, mlp: tuple[str, str]) -> list[tuple[str, fl.Module]]:
+    """An official `TwoWayTransformer` at `prefix` (its blocks' MLP linears named `mlp`): SAM's, SAM 2's and the
+    variants' whose blocks subclass `TwoWayAttentionBlock` (EfficientSAM's)."""
+    pairs: list[tuple[str, fl.Module]] = []
+    for i, (block, _) in enumerate(transformer.walk(TwoWayAttentionBlock)):
+        layer = f"{prefix}.layers.{i}"
+        self_attn, to_image = block.layer(0, fl.Chain), block.ensure_find(TokenToImageAttention)
+        feed_forward, to_tokens = block.ensure_find(TokenFeedForward), block.ensure_find(ImageToTokenAttention)
+        lin1, lin2 = feed_forward.layers(fl.Linear)
+        pairs += attention_modules(f"{layer}.self_attn", self_attn.ensure_find(fl.Attention))
+        pairs += attention_modules(f"{layer}.cross_attn_token_to_image", to_image.ensure_find(fl.Attention))
+        pairs += attention_modules(f"{layer}.cross_attn_image_to_token", to_tokens.ensure_find(fl.Attention))
+        pairs += [
+            (f"{layer}.norm1", self_attn.ensure_find(fl.LayerNorm)),
+            (f"{layer}.norm2", to_image.ensure_find(fl.LayerNorm)),
+            (f"{layer}.{mlp[0]}", lin1),
+            (f"{layer}.{mlp[1]}", lin2),
+            (f"{layer}.norm3", feed_forward.ensure_find(fl.LayerNorm)),
+            (f"{layer}.norm4", to_tokens.ensure_find(fl.LayerNorm)),
+        ]
+    final = transformer.layer(-1, TokenToImageAttention)
+    pairs += attention_modules(f"{prefix}.final_attn_token_to_image", final.ensure_find(fl.Attention))
+    pairs.append((f"{prefix}.norm_final_attn", final.ensure_find(fl.LayerNorm)))
+    return pairs
+
+
 def decoder_modules(model: SegmentAnything, keys: DecoderKeys = SAM_KEYS) -> list[tuple[str, fl.Module]]:
     """The (official prefix, module) pairs of the prompt encoder and the mask decoder, named as `keys` says."""
     prompt, decoder = keys.prompt_encoder, keys.mask_decoder
@@ -107,30 +138,7 @@ def decoder_modules(model: SegmentAnything, keys: DecoderKeys = SAM_KEYS) -> lis
     ]
     pairs.append((f"{prompt}.no_mask_embed", model.ensure_find(NoMaskEmbedding)))
 
-    def attention(prefix: str, layer: fl.Attention) -> list[tuple[str, fl.Module]]:
-        q, k, v, out = layer.layers(fl.Linear)
-        return [(f"{prefix}.q_proj", q), (f"{prefix}.k_proj", k), (f"{prefix}.v_proj", v), (f"{prefix}.out_proj", out)]
-
-    transformer = model.ensure_find(TwoWayTransformer)
-    for i, (block, _) in enumerate(transformer.walk(TwoWayAttentionBlock)):
-        prefix = f"{decoder}.transformer.layers.{i}"
-        self_attn, to_image = block.ensure_find(TokenSelfAttention), block.ensure_find(TokenToImageAttention)
-        feed_forward, to_tokens = block.ensure_find(TokenFeedForward), block.ensure_find(ImageToTokenAttention)
-        lin1, lin2 = feed_forward.layers(fl.Linear)
-        pairs += attention(f"{prefix}.self_attn", self_attn.ensure_find(fl.Attention))
-        pairs += attention(f"{prefix}.cross_attn_token_to_image", to_image.ensure_find(fl.Attention))
-        pairs += attention(f"{prefix}.cross_attn_image_to_token", to_tokens.ensure_find(fl.Attention))
-        pairs += [
-            (f"{prefix}.norm1", self_attn.ensure_find(fl.LayerNorm)),
-            (f"{prefix}.norm2", to_image.ensure_find(fl.LayerNorm)),
-            (f"{prefix}.{keys.mlp[0]}", lin1),
-            (f"{prefix}.{keys.mlp[1]}", lin2),
-            (f"{prefix}.norm3", feed_forward.ensure_find(fl.LayerNorm)),
-            (f"{prefix}.norm4", to_tokens.ensure_find(fl.LayerNorm)),
-        ]
-    final = transformer.layer(-1, TokenToImageAttention)
-    pairs += attention(f"{decoder}.transformer.final_attn_token_to_image", final.ensure_find(fl.Attention))
-    pairs.append((f"{decoder}.transformer.norm_final_attn", final.ensure_find(fl.LayerNorm)))
+    pairs += two_way_modules(model.ensure_find(TwoWayTransformer), f"{decoder}.transformer", keys.mlp)
     upscaling = model.ensure_find(keys.upscaling)
     pairs += [
         (f"{decoder}.output_upscaling.{i}", layer)

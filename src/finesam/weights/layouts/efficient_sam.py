@@ -20,21 +20,18 @@ from finesam.model.config import SAMConfig
 from finesam.model.efficient_sam.config import EFFICIENT_SAM_PRESETS, EfficientSAMConfig, EfficientSAMDecoderConfig
 from finesam.model.efficient_sam.encoder import GlobalAttention, PretrainPositionTable, ViTBlock
 from finesam.model.efficient_sam.mask_decoder import (
-    EfficientSAMAttentionBlock,
     EfficientSAMTransformer,
-    GeLUTokenFeedForward,
     GroupNormUpscaling,
-    ResidualTokenSelfAttention,
 )
 from finesam.model.efficient_sam.prompt_encoder import PointLabelEmbedding
 from finesam.model.image_encoder import FeedForward
 from finesam.model.mask_decoder import IoUHead, MaskHypernetworks, OutputTokens
 from finesam.model.prompt_encoder import FourierPositionalEncoding
 from finesam.model.registry import EncoderChain
-from finesam.model.transformer import ImageToTokenAttention, TokenToImageAttention
 from finesam.weights.key_map import Rule, rules_for
 from finesam.weights.layouts import Checkpoint, CheckpointLayout, KeyOf, count, neck_modules, shape_of
 from finesam.weights.layouts import vit as vit_layout
+from finesam.weights.sam_keys import two_way_modules
 
 ENCODER, PROMPT, DECODER = "image_encoder", "prompt_encoder", "mask_decoder"
 # the head width of both releases (192 / 3, 384 / 6): the weights do not show the number of heads
@@ -116,35 +113,12 @@ def _mlp_block(prefix: str, mlp: fl.Chain) -> list[tuple[str, fl.Module]]:
     return [*pairs, (f"{prefix}.fc", last)]
 
 
-def _attention(prefix: str, layer: fl.Attention) -> list[tuple[str, fl.Module]]:
-    q, k, v, out = layer.layers(fl.Linear)
-    return [(f"{prefix}.q_proj", q), (f"{prefix}.k_proj", k), (f"{prefix}.v_proj", v), (f"{prefix}.out_proj", out)]
-
-
 def decoder_modules(model: Any) -> list[tuple[str, fl.Module]]:
     """The mask decoder's one-to-one pairs: the two-way blocks, the final attention, the upscaling, the
     hypernetworks and the IoU head."""
     transformer = model.ensure_find(EfficientSAMTransformer)
-    pairs: list[tuple[str, fl.Module]] = []
-    for i, (block, _) in enumerate(transformer.walk(EfficientSAMAttentionBlock)):
-        prefix = f"{DECODER}.transformer.layers.{i}"
-        self_attn, to_image = block.ensure_find(ResidualTokenSelfAttention), block.ensure_find(TokenToImageAttention)
-        feed_forward, to_tokens = block.ensure_find(GeLUTokenFeedForward), block.ensure_find(ImageToTokenAttention)
-        lin1, lin2 = feed_forward.layers(fl.Linear)
-        pairs += _attention(f"{prefix}.self_attn", self_attn.ensure_find(fl.Attention))
-        pairs += _attention(f"{prefix}.cross_attn_token_to_image", to_image.ensure_find(fl.Attention))
-        pairs += _attention(f"{prefix}.cross_attn_image_to_token", to_tokens.ensure_find(fl.Attention))
-        pairs += [
-            (f"{prefix}.norm1", self_attn.ensure_find(fl.LayerNorm)),
-            (f"{prefix}.norm2", to_image.ensure_find(fl.LayerNorm)),
-            (f"{prefix}.mlp.layers.0.0", lin1),
-            (f"{prefix}.mlp.fc", lin2),
-            (f"{prefix}.norm3", feed_forward.ensure_find(fl.LayerNorm)),
-            (f"{prefix}.norm4", to_tokens.ensure_find(fl.LayerNorm)),
-        ]
-    final = transformer.layer(-1, TokenToImageAttention)
-    pairs += _attention(f"{DECODER}.transformer.final_attn_token_to_image", final.ensure_find(fl.Attention))
-    pairs.append((f"{DECODER}.transformer.norm_final_attn", final.ensure_find(fl.LayerNorm)))
+    # the official `mlp` of a block is an `MLPBlock` (`layers.0.0`, then `fc`)
+    pairs = two_way_modules(transformer, f"{DECODER}.transformer", ("mlp.layers.0.0", "mlp.fc"))
     upscaling = model.ensure_find(GroupNormUpscaling)
     first, norm, second = [m for m in upscaling if isinstance(m, fl.WeightedModule)]
     up = f"{DECODER}.final_output_upscaling_layers"
