@@ -111,6 +111,22 @@ def official_vit_b_hq_square():
     return official, predictor
 
 
+ModelSnapshot = tuple[str, dict[str, torch.Tensor]]  # the structure (repr) and a copy of every tensor
+
+
+def model_snapshot(model: torch.nn.Module) -> ModelSnapshot:
+    """The model's structure and weights, to check that an adapter or a fast path ejects bit-exactly."""
+    return repr(model), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_model_unchanged(model: torch.nn.Module, before: ModelSnapshot) -> None:
+    """The same structure and the same keys, in the same order, with bit-identical tensors as `before`."""
+    text, state = before
+    assert repr(model) == text
+    now = model.state_dict()
+    assert list(now) == list(state) and all(torch.equal(now[k], state[k]) for k in state)
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0

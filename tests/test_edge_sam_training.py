@@ -22,6 +22,7 @@ from finesam.model.rep_vit import RepViTConfig
 from finesam.model.sam import SegmentAnything, build_sam
 from finesam.weights import load_sam, save_sam
 
+from conftest import assert_model_unchanged, model_snapshot
 from hq_training import base_and_hq_scores, hq_trainer, run_hq_training, synthetic_split
 
 SIZE = 96  # synthetic images: small and quick to draw
@@ -58,7 +59,7 @@ def test_hq_taps_stage_2_and_ejects_bit_exactly(base):
     assert isinstance(adapter, HQSAMAdapter)
     pixels = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     box = Prompts(boxes=torch.tensor([[30.0, 40.0, 200.0, 220.0]]))
-    text, weights = repr(model), {k: v.clone() for k, v in model.state_dict().items()}
+    before_weights = model_snapshot(model)
     before = model.decode(model.encode(pixels), box, multimask_output=True)
     for parameter in adapter.parameters():  # trained-looking HQ weights: the masks change
         parameter.normal_(0, 0.1)
@@ -68,9 +69,7 @@ def test_hq_taps_stage_2_and_ejects_bit_exactly(base):
     changed = model.decode(embedding, box, multimask_output=True)
     assert not torch.equal(changed[0], before[0])
     adapter.eject()
-    assert repr(model) == text
-    state = model.state_dict()
-    assert list(state) == list(weights) and all(torch.equal(state[k], v) for k, v in weights.items())
+    assert_model_unchanged(model, before_weights)
     after = model.decode(model.encode(pixels), box, multimask_output=True)
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 

@@ -43,6 +43,7 @@ from finesam.weights.layouts import layout_for
 from finesam.weights.loading import sam_from_state_dict
 from finesam.weights.sam_keys import convert_state_dict, infer_config, sam_key_map
 
+from conftest import assert_model_unchanged, model_snapshot
 from fixture_recipe import recipe_sha256
 from helpers import finesam
 from hq_training import base_and_hq_scores, hq_trainer, run_hq_training, synthetic_split
@@ -349,16 +350,12 @@ def test_segment_and_a_dataset_run_read_the_official_file(tmp_path):
 # HQ-SAM on EfficientSAM: no official HQ weights exist, so the adapter is trained (`finesam train`).
 
 
-def snapshot(model: EfficientSAM) -> tuple[str, dict[str, Tensor]]:
-    return repr(model), {k: v.clone() for k, v in model.state_dict().items()}
-
-
 @torch.no_grad()
 def test_hq_sam_injects_into_efficient_sam_and_ejects_bit_exactly():
     model = small_256()
     image = IMAGES["coffee"]()
     prompt: dict[str, Any] = {"boxes": [200, 60, 480, 330], "points": [[330, 200]], "multimask_output": True}
-    before, outputs = snapshot(model), model.predict(image, **prompt, return_logits=True)
+    before, outputs = model_snapshot(model), model.predict(image, **prompt, return_logits=True)
     adapter = hq_adapter_for(model)
     assert isinstance(adapter, HQEfficientSAMAdapter)
     with pytest.raises(ValueError, match="HQ-SAM adapts SAM's mask decoder; this EfficientSAM has a EfficientSAMMask"):
@@ -371,9 +368,7 @@ def test_hq_sam_injects_into_efficient_sam_and_ejects_bit_exactly():
     assert with_hq.masks.shape[1] == 1  # HQ-SAM's output: the best SAM mask plus the HQ mask
     assert (with_hq.masks - outputs.masks[:, :1]).abs().max() > 1e-3
     adapter.eject()
-    after = snapshot(model)
-    assert after[0] == before[0] and after[1].keys() == before[1].keys()
-    assert all(torch.equal(after[1][k], v) for k, v in before[1].items())
+    assert_model_unchanged(model, before)
     again = model.predict(image, **prompt, return_logits=True)
     assert torch.equal(again.masks, outputs.masks) and torch.equal(again.iou_predictions, outputs.iou_predictions)
 

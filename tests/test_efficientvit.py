@@ -33,7 +33,7 @@ from finesam.weights.layouts import layout_for, layout_of
 from finesam.weights.loading import convert_checkpoint, load_sam, sam_from_state_dict
 from finesam.weights.sam_keys import infer_config
 
-from conftest import PHOTOS, PREDICTOR_PROMPTS, max_diff, photo
+from conftest import PHOTOS, PREDICTOR_PROMPTS, assert_model_unchanged, max_diff, model_snapshot, photo
 from official import structured
 from official_efficientvit import (
     SMALL_L,
@@ -237,7 +237,7 @@ def test_hq_sam_taps_the_stage_at_the_embedding_grid_and_ejects_exactly():
     _, early = official_encoder_outputs(official, pixels)
     box = Prompts(boxes=torch.tensor([[100.0, 150.0, 700.0, 900.0]]))
     before = ours.decode(ours.encode(pixels), box, multimask_output=True)
-    state, text = {k: v.clone() for k, v in ours.state_dict().items()}, repr(ours)
+    snapshot = model_snapshot(ours)
     adapter = hq_adapter_for(ours)
     assert isinstance(adapter, HQSAMAdapter)
     adapter.inject()
@@ -248,9 +248,7 @@ def test_hq_sam_taps_the_stage_at_the_embedding_grid_and_ejects_exactly():
         assert masks.shape == (1, 1, 256, 256)  # the best SAM mask plus the HQ mask (official HQ-SAM rule)
     finally:
         adapter.eject()
-    assert repr(ours) == text
-    after = ours.state_dict()
-    assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    assert_model_unchanged(ours, snapshot)
     again = ours.decode(ours.encode(pixels), box, multimask_output=True)
     assert all(torch.equal(a, b) for a, b in zip(again, before, strict=True))
 

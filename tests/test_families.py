@@ -7,7 +7,6 @@ HQ-SAM tap included; every LoRA preset adapts layers of it and ejects bit-exactl
 ONNX; it runs in bf16.
 """
 
-import copy
 import dataclasses
 import functools
 import warnings
@@ -34,7 +33,7 @@ from finesam.weights.loading import sam_from_state_dict
 
 import edge_sam_reference
 import official_efficient_sam
-from conftest import SMALL, TOLERANCE, max_diff
+from conftest import SMALL, TOLERANCE, assert_model_unchanged, max_diff, model_snapshot
 from edge_sam_reference import tempered_state_dict
 from helpers import finesam
 from official import OFFICIAL_BUILDERS, build_official, narrow_official_tiny_vit
@@ -215,7 +214,7 @@ def test_every_lora_preset_adapts_the_family_and_ejects_exactly(name):
         False: lambda: model.decode(embedding, box, multimask_output=True),
     }
     before = {on_encoder: run() for on_encoder, run in stages.items()}
-    text, weights = repr(model), copy.deepcopy(model.state_dict())
+    snapshot = model_snapshot(model)
     encoder = type(model.image_encoder).__name__
     selected = {}
     for target, include in TARGETS.items():
@@ -231,9 +230,7 @@ def test_every_lora_preset_adapts_the_family_and_ejects_exactly(name):
         changed = stages[on_encoder]()
         assert any(not torch.equal(a, b) for a, b in zip(changed, before[on_encoder], strict=True))
         adapter.eject()
-        assert repr(model) == text
-        after = model.state_dict()
-        assert list(after) == list(weights) and all(torch.equal(after[k], v) for k, v in weights.items())
+        assert_model_unchanged(model, snapshot)
         assert all(torch.equal(a, b) for a, b in zip(stages[on_encoder](), before[on_encoder], strict=True))
     assert selected["encoder_attention"] < selected["encoder"]
     assert selected["decoder"] < selected["decoder_all"]
@@ -250,7 +247,7 @@ def test_every_family_takes_its_hq_adapter_and_ejects_exactly(name):
     box = Prompts(boxes=torch.tensor([[0.1 * size, 0.2 * size, 0.7 * size, 0.9 * size]]))
 
     embedding = model.encode(pixels)
-    before, text, weights = model.decode(embedding, box), repr(model), copy.deepcopy(model.state_dict())
+    before, snapshot = model.decode(embedding, box), model_snapshot(model)
     adapter = hq_adapter_for(model)
     assert isinstance(adapter, _hq_adapter_class(families()[name]))
     generator = torch.Generator().manual_seed(0)
@@ -263,9 +260,7 @@ def test_every_family_takes_its_hq_adapter_and_ejects_exactly(name):
         assert not torch.equal(hq_masks, before[0])
     finally:
         adapter.eject()
-    assert repr(model) == text
-    after = model.state_dict()
-    assert list(after) == list(weights) and all(torch.equal(after[k], v) for k, v in weights.items())
+    assert_model_unchanged(model, snapshot)
     assert all(torch.equal(a, b) for a, b in zip(model.decode(embedding, box), before, strict=True))
 
 
