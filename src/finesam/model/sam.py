@@ -174,6 +174,13 @@ class SegmentAnything(fl.Chain):
         kept, normalised. A static method, so that the data pipeline holds a plain function, not the model."""
         return resized_and_normalised(image, resized_shape(image.height, image.width, side))
 
+    def square_frame_input(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
+        """`preprocess` of a model whose `input_frame` is a square (SAM 2, EfficientSAM): that frame at the model
+        size, so that training and inference see the same pixels; the whole model input is the image."""
+        size = self.config.image_size
+        pixels = self.input_frame(image, size)[None]
+        return pixels.to(device=self.device, dtype=self.dtype or torch.float32), (size, size)
+
     def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
         """The model input for an RGB image, and the (height, width) the image occupies inside it: SAM resizes
         the longest side and pads (`finesam.model.processing.preprocess_image`)."""

@@ -89,8 +89,7 @@ class EfficientSAM(SegmentAnything):
 
     def preprocess(self, image: Image.Image) -> tuple[Float[Tensor, "1 3 size size"], tuple[int, int]]:
         """The stretched input; the whole model input is the image."""
-        size = self.config.image_size
-        return stretched_input(image, size, device=self.device, dtype=self.dtype or torch.float32), (size, size)
+        return self.square_frame_input(image)
 
     def sparse_points(self, prompts: Prompts) -> tuple[Float[Tensor, "batch n 2"], Int[Tensor, "batch n"]]:
         return fixed_count_labelled_points(prompts, self.point_count)
