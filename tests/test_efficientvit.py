@@ -27,6 +27,7 @@ from finesam.fast import efficientvit as fast_efficientvit
 from finesam.fast.swap import is_fast
 from finesam.model import PRESETS
 from finesam.model.efficientvit.config import EfficientViTConfig, input_size_for
+from finesam.model.efficientvit.encoder import Upsample
 from finesam.model.efficientvit.sam import EfficientViTSAM
 from finesam.model.prompts import Prompts
 from finesam.onnx.export import export
@@ -288,7 +289,12 @@ def test_each_fast_layer_equals_its_reference(name):
     _, ours = _pair(name)
     pixels = _pixels(ours.encoder_input_size)
     inputs: dict[torch.nn.Module, torch.Tensor] = {}
-    classes = (fast_efficientvit.ConvLayer, fast_efficientvit.LocalBlock, fast_efficientvit.ContextModule)
+    classes = (
+        fast_efficientvit.ConvLayer,
+        fast_efficientvit.LocalBlock,
+        fast_efficientvit.ContextModule,
+        fast_efficientvit.Upsample,
+    )
     apply_fast_paths(ours)
     try:
         layers = [m for m in ours.image_encoder.modules() if isinstance(m, classes)]
@@ -304,6 +310,22 @@ def test_each_fast_layer_equals_its_reference(name):
     for layer, x in inputs.items():
         reference = layer(x)
         assert max_diff(fast[layer], reference) <= TOLERANCE, type(layer).__name__
+
+
+@pytest.mark.parametrize("height, width", [(16, 16), (32, 32), (7, 12), (64, 64)])
+@torch.no_grad()
+def test_the_fast_resampling_equals_the_bicubic_one(height, width):
+    """The neck's bicubic resampling as two products by the separable weights: within TOLERANCE (1e-4) of
+    torch's bicubic kernel in float32 (values of a few units), channels-last; the same size is left as it is."""
+    upsample = Upsample(64)
+    x = 3 * torch.randn(2, 24, height, width, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    reference = upsample(x)
+    apply_fast_paths(upsample)
+    assert is_fast(upsample)
+    fast = upsample(x)
+    assert max_diff(fast, reference) <= TOLERANCE and fast.is_contiguous(memory_format=torch.channels_last)
+    assert height != 64 or fast is x
 
 
 @torch.no_grad()
