@@ -34,12 +34,12 @@ from torch import Tensor
 from finesam.fast.layers import GeLU as FastGeLU
 from finesam.fast.swap import fast_version_of, swapped_by_type
 from finesam.fast.tiny_vit import Conv2dBN as FastConv2dBN
+from finesam.model.efficientvit.encoder import Aggregation, MultiScaleQKV, ReLULinearAttention
 from finesam.model.efficientvit.encoder import ContextModule as ReferenceContextModule
 from finesam.model.efficientvit.encoder import ConvLayer as ReferenceConvLayer
 from finesam.model.efficientvit.encoder import EfficientViTEncoder as ReferenceEncoder
 from finesam.model.efficientvit.encoder import LiteMLA as ReferenceLiteMLA
 from finesam.model.efficientvit.encoder import LocalBlock as ReferenceLocalBlock
-from finesam.model.efficientvit.encoder import MultiScaleQKV, ReLULinearAttention
 from finesam.model.efficientvit.encoder import Pointwise as ReferencePointwise
 from finesam.model.efficientvit.encoder import Upsample as ReferenceUpsample
 from finesam.model.layers import weights_key
@@ -232,7 +232,28 @@ class Pointwise(ReferencePointwise):
         linear = _linear(self)
         if torch.is_grad_enabled() or linear is None:
             return super().forward(*inputs)
-        return F.conv2d(inputs[0], linear.weight[:, :, None, None], linear.bias)
+        return _pointwise(inputs[0], linear)
+
+
+def _pointwise(x: Tensor, linear: fl.Linear) -> Tensor:
+    """The linear layer over channels as a 1x1 convolution (through oneDNN where it applies: torch's dispatch
+    takes a slow path for some float32 channels-last 1x1 convolutions)."""
+    weight = linear.weight[:, :, None, None]
+    if _oneDNN(x) and x.dtype == weight.dtype:
+        return _run_conv(_channels_last(x), weight, linear.bias, POINTWISE)
+    return F.conv2d(x, weight, linear.bias)
+
+
+def _aggregate(aggregation: fl.Module, x: Tensor) -> Tensor:
+    """An `Aggregation` (depthwise, then grouped 1x1 convolutions) through oneDNN: torch's own dispatch takes a
+    slow loop over groups for the grouped 1x1 in float32."""
+    convs = list(aggregation) if type(aggregation) is Aggregation else []
+    if not convs or not all(type(conv) is fl.Conv2d and conv.padding_mode == "zeros" for conv in convs):
+        return _channels_last(aggregation(x))
+    for conv in convs:
+        assert isinstance(conv, fl.Conv2d)
+        x = _run_conv(x, conv.weight, conv.bias, _geometry(conv))
+    return x
 
 
 def _linear_attention(qkv: Tensor, out: Tensor, dim: int, eps: float) -> None:
@@ -279,8 +300,8 @@ class LiteMLA(ReferenceLiteMLA):
         if type(identity) is not fl.Identity or aggregation.dim != 1:
             return None
         x = _channels_last(x)
-        q_k_v = _channels_last(F.conv2d(x, qkv_linear.weight[:, :, None, None], qkv_linear.bias))
-        aggregated = [_channels_last(scale(q_k_v)) for scale in scales]  # before the ReLU in place
+        q_k_v = _channels_last(_pointwise(x, qkv_linear))
+        aggregated = [_aggregate(scale, q_k_v) for scale in scales]  # before the ReLU in place
         dim = attention.head_dim
         batch, channels = q_k_v.shape[:2]
         heads = channels // (3 * dim)
