@@ -22,9 +22,12 @@ from PIL import Image
 
 from finesam.adapters.hq import HQSAMAdapter, hq_adapter_for
 from finesam.amg import AutomaticMaskGenerator
-from finesam.fast import apply_fast_paths, remove_fast_paths
+from finesam.fast import apply_fast_paths, reference_paths, remove_fast_paths
+from finesam.fast import efficientvit as fast_efficientvit
+from finesam.fast.swap import is_fast
 from finesam.model import PRESETS
 from finesam.model.efficientvit.config import EfficientViTConfig, input_size_for
+from finesam.model.efficientvit.encoder import Upsample
 from finesam.model.efficientvit.sam import EfficientViTSAM
 from finesam.model.prompts import Prompts
 from finesam.onnx.export import export
@@ -265,6 +268,86 @@ def test_the_fast_paths_equal_the_reference():
         remove_fast_paths(ours)
     assert max_diff(fast, reference) <= TOLERANCE
     assert torch.equal(ours.encode(pixels), reference)
+
+
+@pytest.mark.parametrize("name", ["small_l", "small_quadratic"])
+@torch.no_grad()
+def test_each_fast_layer_equals_its_reference(name):
+    """Every fast layer of the encoder (fused convolutions, residual blocks, linear attention; the quadratic
+    form falls back) against the same layer with its reference class, on the map it sees in the encoder:
+    within TOLERANCE (1e-4) in float32."""
+    _, ours = _pair(name)
+    pixels = _pixels(ours.encoder_input_size)
+    inputs: dict[torch.nn.Module, torch.Tensor] = {}
+    classes = (
+        fast_efficientvit.ConvLayer,
+        fast_efficientvit.LocalBlock,
+        fast_efficientvit.ContextModule,
+        fast_efficientvit.Upsample,
+    )
+    apply_fast_paths(ours)
+    try:
+        layers = [m for m in ours.image_encoder.modules() if isinstance(m, classes)]
+        hooks = [m.register_forward_pre_hook(lambda m, i: inputs.setdefault(m, i[0])) for m in layers]
+        ours.image_encoder(pixels)
+        for hook in hooks:
+            hook.remove()
+        assert {type(m) for m in inputs} == set(classes)  # the layers inside a block run through the block
+        fast = {m: m(x) for m, x in inputs.items()}
+    finally:
+        remove_fast_paths(ours)
+    assert not any(is_fast(m) or "_memory" in vars(m) for m in ours.modules())  # the swap undone
+    for layer, x in inputs.items():
+        reference = layer(x)
+        assert max_diff(fast[layer], reference) <= TOLERANCE, type(layer).__name__
+
+
+@pytest.mark.parametrize("height, width", [(16, 16), (32, 32), (7, 12), (64, 64)])
+@torch.no_grad()
+def test_the_fast_resampling_equals_the_bicubic_one(height, width):
+    """The neck's bicubic resampling as two products by the separable weights: within TOLERANCE (1e-4) of
+    torch's bicubic kernel in float32 (values of a few units), channels-last; the same size is left as it is."""
+    upsample = Upsample(64)
+    x = 3 * torch.randn(2, 24, height, width, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    reference = upsample(x)
+    apply_fast_paths(upsample)
+    assert is_fast(upsample)
+    fast = upsample(x)
+    assert max_diff(fast, reference) <= TOLERANCE and fast.is_contiguous(memory_format=torch.channels_last)
+    assert height != 64 or fast is x
+
+
+@torch.no_grad()
+def test_the_fast_paths_in_bfloat16_are_as_close_as_the_reference_in_bfloat16():
+    """bfloat16 (`set_encoder_dtype`): the fast encoder's embedding no further from the float32 one than the
+    reference's bfloat16 embedding is, up to a quarter more (both round every layer's output)."""
+    official, _ = _pair("small_l")
+    ours = sam_from_state_dict(official.state_dict()).eval()
+    pixels = _pixels(512)
+    expected = ours.encode(pixels)
+    ours.set_encoder_dtype(torch.bfloat16)
+    reference = ours.encode(pixels)
+    apply_fast_paths(ours)
+    fast = ours.encode(pixels)
+    assert fast.dtype == reference.dtype == expected.dtype
+    assert max_diff(fast, expected) <= 1.25 * max_diff(reference, expected) + 1e-3
+
+
+@torch.no_grad()
+def test_the_fast_paths_fold_the_current_weights():
+    """The folded weights are remembered, and folded again when a weight changes in place."""
+    official, _ = _pair("small_l")
+    ours = sam_from_state_dict(official.state_dict()).eval()
+    pixels = _pixels(512)
+    apply_fast_paths(ours)
+    before = ours.encode(pixels)
+    for norm in (m for m in ours.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_var.mul_(2.0)
+    after = ours.encode(pixels)
+    with reference_paths(ours):
+        expected = ours.encode(pixels)
+    assert max_diff(after, before) > 1e-2 and max_diff(after, expected) <= TOLERANCE
 
 
 @torch.no_grad()
