@@ -7,13 +7,11 @@ timings do not depend on the values), the same in both. Prints each median and t
 """
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "reference"), str(Path(__file__).resolve().parent)]
 
 import numpy as np
 import torch
@@ -22,25 +20,13 @@ from finesam.fast import apply_fast_paths
 from finesam.model import PRESETS
 from finesam.weights.loading import sam_from_state_dict
 
+from bench import alternating_median_ms
 from official_efficientvit import EfficientViTSamPredictor, build_official_efficientvit
 
 
-def _time(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
-def _alternating(runs: list[Callable[[], object] | None], repeats: int) -> list[float | None]:
-    for run in runs:  # warm-up
-        if run is not None:
-            run()
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for i, run in enumerate(runs):
-            if run is not None:
-                times[i].append(_time(run))
-    return [statistics.median(t) if t else None for t in times]
+def _alternating_s(*runs: Callable[[], object], repeats: int) -> list[float]:
+    """Median seconds of the runs, taken in turn (`bench.alternating_median_ms`)."""
+    return [ms / 1000 for ms in alternating_median_ms(*runs, repeats=repeats)]
 
 
 def _official_bf16_runs(predictor: EfficientViTSamPredictor, image: np.ndarray) -> Callable[[], object] | None:
@@ -76,21 +62,21 @@ def main() -> None:
         official_bf16 = _official_bf16_runs(predictor, image)
         predictor.set_image(image)
         embedding = ours.encode_image(image)
-        fp32 = _alternating([lambda: predictor.set_image(image), lambda: ours.encode_image(image)], args.repeats)
-        theirs_fp32, mine_fp32 = fp32
-        assert theirs_fp32 is not None and mine_fp32 is not None
-        rows.append(("encoder fp32", theirs_fp32, mine_fp32))
-        half = _alternating([official_bf16, lambda: bf16.encode_image(image)], args.repeats)
-        mine_bf16 = half[1]
-        assert mine_bf16 is not None
-        rows.append(("encoder bf16 (official: autocast)", half[0], mine_bf16))
-        predictor.set_image(image)
-        box_times = _alternating(
-            [lambda: predictor.predict(box=box, multimask_output=False), lambda: ours.predict(embedding, boxes=box)],
-            args.repeats,
+        theirs_fp32, mine_fp32 = _alternating_s(
+            lambda: predictor.set_image(image), lambda: ours.encode_image(image), repeats=args.repeats
         )
-        theirs_box, mine_box = box_times
-        assert theirs_box is not None and mine_box is not None
+        rows.append(("encoder fp32", theirs_fp32, mine_fp32))
+        official_bf16_runs = [] if official_bf16 is None else [official_bf16]
+        *theirs_bf16, mine_bf16 = _alternating_s(
+            *official_bf16_runs, lambda: bf16.encode_image(image), repeats=args.repeats
+        )
+        rows.append(("encoder bf16 (official: autocast)", next(iter(theirs_bf16), None), mine_bf16))
+        predictor.set_image(image)
+        theirs_box, mine_box = _alternating_s(
+            lambda: predictor.predict(box=box, multimask_output=False),
+            lambda: ours.predict(embedding, boxes=box),
+            repeats=args.repeats,
+        )
         rows.append(("one box", theirs_box, mine_box))
     print(f"EfficientViT-SAM-{args.size.upper()}, {torch.get_num_threads()} threads, {args.repeats} repeats")
     print(f"{'case':36} {'official s':>10} {'finesam s':>10} {'/official':>9} {'/official fp32':>15}")

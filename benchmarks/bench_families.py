@@ -12,11 +12,10 @@ Nothing here names a family: the presets come from the registry.
 
 import argparse
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "reference"), str(Path(__file__).resolve().parent)]
 
 import torch
 
@@ -26,16 +25,7 @@ from finesam.model.prompts import Prompts
 from finesam.model.registry import families
 from finesam.model.sam import SegmentAnything, build_sam
 
-
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    """The median wall time of `repeats` runs of `run`, in milliseconds, after one warm-up run."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+from bench import median_ms
 
 
 def cpu_name() -> str:
