@@ -34,6 +34,7 @@ from torch import Tensor
 from finesam.fast.layers import GeLU as FastGeLU
 from finesam.fast.swap import fast_version_of, swapped_by_type
 from finesam.fast.tiny_vit import Conv2dBN as FastConv2dBN
+from finesam.fast.tiny_vit import fold_batch_norm
 from finesam.model.efficientvit.encoder import Aggregation, MultiScaleQKV, ReLULinearAttention
 from finesam.model.efficientvit.encoder import ContextModule as ReferenceContextModule
 from finesam.model.efficientvit.encoder import ConvLayer as ReferenceConvLayer
@@ -78,11 +79,7 @@ def _fold(conv: fl.Conv2d, norm: BatchNorm2d | None, dtype: torch.dtype) -> tupl
     weight = conv.weight.float()
     bias = None if conv.bias is None else conv.bias.float()
     if norm is not None:
-        assert norm.running_mean is not None and norm.running_var is not None
-        scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
-        shift = norm.bias.float() - norm.running_mean.float() * scale
-        weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
-        bias = shift if bias is None else shift + bias * scale
+        weight, bias = fold_batch_norm(weight, bias, norm)
     return weight.to(dtype).contiguous(), None if bias is None else bias.to(dtype)
 
 

@@ -9,6 +9,7 @@ from refiners.fluxion import layers as fl
 from torch import Tensor
 
 from finesam.fast.swap import fast_version_of, swapped_by_type
+from finesam.fast.tiny_vit import fold_batch_norm
 from finesam.model.rep_vit import RepVGGDW as ReferenceRepVGGDW
 from finesam.model.tiny_vit import BatchNorm2d, Conv2dBN
 
@@ -21,11 +22,9 @@ def _folded(unit: fl.Module) -> tuple[Tensor, Tensor] | None:
     conv, norm = unit
     if type(conv) is not fl.Conv2d or type(norm) is not BatchNorm2d or norm.training:
         return None
-    mean, var = norm.running_mean, norm.running_var
-    if mean is None or var is None:
+    if norm.running_mean is None or norm.running_var is None:
         return None
-    scale = norm.weight * torch.rsqrt(var + norm.eps)
-    return conv.weight * scale[:, None, None, None], norm.bias - mean * scale
+    return fold_batch_norm(conv.weight, None, norm)
 
 
 @swapped_by_type()

@@ -12,6 +12,18 @@ from finesam.model.tiny_vit import BatchNorm2d
 from finesam.model.tiny_vit import Conv2dBN as ReferenceConv2dBN
 
 
+def fold_batch_norm(weight: Tensor, bias: Tensor | None, norm: BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """A convolution's `weight` and `bias` with the eval-mode `norm` after it folded in (its running statistics),
+    computed in `weight`'s dtype. Every fast path that folds a BatchNorm (TinyViT, RepViT, EfficientViT) uses it."""
+    mean, var = norm.running_mean, norm.running_var
+    assert mean is not None and var is not None
+    dtype = weight.dtype
+    scale = norm.weight.to(dtype) * torch.rsqrt(var.to(dtype) + norm.eps)
+    shift = norm.bias.to(dtype) - mean.to(dtype) * scale
+    weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return weight, shift if bias is None else shift + bias * scale
+
+
 @swapped_by_type()
 @fast_version_of(ReferenceConv2dBN)
 class Conv2dBN(ReferenceConv2dBN):
@@ -22,10 +34,7 @@ class Conv2dBN(ReferenceConv2dBN):
         conv, norm = self
         if torch.is_grad_enabled() or type(conv) is not fl.Conv2d or type(norm) is not BatchNorm2d or norm.training:
             return super().forward(*inputs)  # an adapter in place of a layer, or batch statistics: as written
-        mean, var = norm.running_mean, norm.running_var
-        if mean is None or var is None:
+        if norm.running_mean is None or norm.running_var is None:
             return super().forward(*inputs)
-        scale = norm.weight * torch.rsqrt(var + norm.eps)
-        shift = norm.bias - mean * scale
-        weight = conv.weight * scale[:, None, None, None]
+        weight, shift = fold_batch_norm(conv.weight, None, norm)
         return F.conv2d(inputs[0], weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
