@@ -143,6 +143,13 @@ def _pixels(size: int, seed: int = 0) -> Tensor:
     return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def _pixels_and_box(name: str) -> tuple[Tensor, Prompts]:
+    """Encoder input pixels at the family's official input size, and a box inside them."""
+    pixels = _pixels(_official(name)[2])
+    size = pixels.shape[-1]
+    return pixels, Prompts(boxes=torch.tensor([[0.1 * size, 0.2 * size, 0.7 * size, 0.9 * size]]))
+
+
 def test_every_family_has_an_official_checkpoint_maker_and_a_layout():
     assert set(OFFICIAL) == set(families())
     for name, family in families().items():
@@ -204,9 +211,7 @@ def test_official_weights_convert_load_and_match(name):
 @torch.no_grad()
 def test_every_lora_preset_adapts_the_family_and_ejects_exactly(name):
     model = _model(name)
-    pixels = _pixels(_official(name)[2])
-    size = pixels.shape[-1]
-    box = Prompts(boxes=torch.tensor([[0.1 * size, 0.2 * size, 0.7 * size, 0.9 * size]]))
+    pixels, box = _pixels_and_box(name)
     embedding = model.encode(pixels)
     # an encoder preset changes the embedding, a decoder preset the masks of a fixed embedding
     stages: dict[bool, Callable[[], tuple[Tensor, ...]]] = {
@@ -242,9 +247,7 @@ def test_every_family_takes_its_hq_adapter_and_ejects_exactly(name):
     # the generic path: `hq_adapter_for` picks the generation by the model's mask decoder, the adapter finds the
     # family's tap by itself; trained HQ weights change the mask, and ejecting gives the base back bit for bit
     model = _model(name)
-    pixels = _pixels(_official(name)[2])
-    size = pixels.shape[-1]
-    box = Prompts(boxes=torch.tensor([[0.1 * size, 0.2 * size, 0.7 * size, 0.9 * size]]))
+    pixels, box = _pixels_and_box(name)
 
     embedding = model.encode(pixels)
     before, snapshot = model.decode(embedding, box), model_snapshot(model)
