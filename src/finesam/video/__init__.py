@@ -1,0 +1,2 @@
+"""Video segmentation and tracking with SAM 2 / SAM 2.1 and HQ-SAM 2: frame sources that decode frames when they
+are needed, and the video predictor (sessions, prompts on any frame, propagation with memory)."""
