@@ -60,14 +60,13 @@ def rows_for(size: str, hq: bool, repeats: int, prompts: int, folder: Path) -> l
         embedding = model.encode_image(image)
     for label, predictor in (("fp32", fp32), ("int8", int8)):
         encoder = predictor.encoder
-        outputs = [o.name for o in encoder.get_outputs()]
 
         def torch_encoder() -> object:
             with torch.inference_mode():
                 return model.encode(pixels)
 
         torch_ms, onnx_ms = alternating_median_ms(
-            torch_encoder, lambda e=encoder, o=outputs: e.run(o, {"image": onnx_pixels}), repeats=repeats
+            torch_encoder, lambda e=encoder: e.run({"image": onnx_pixels}), repeats=repeats
         )
         onnx_embedding = predictor.encode_image(image)
         reference = fp32.encode_image(image).outputs["image_embeddings"].ravel()

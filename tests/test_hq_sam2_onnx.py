@@ -153,8 +153,8 @@ def test_export_matches_torch(exports, onnx_embedding, multimask, hq_only):
     assert description["decoder_outputs"][io.IOU_PREDICTIONS]["shape"] == [1, masks]
     for side in ("encoder", "decoder"):
         session = getattr(predictor, side)
-        assert [i.name for i in session.get_inputs()] == list(description[f"{side}_inputs"])
-        assert [o.name for o in session.get_outputs()] == list(description[f"{side}_outputs"])
+        assert session.input_names == list(description[f"{side}_inputs"])
+        assert session.output_names == list(description[f"{side}_outputs"])
     assert_matches_torch(predictor, onnx_embedding, hq_only)
 
 

@@ -1,5 +1,6 @@
 """ONNX export: onnxruntime (CPU) runs encoder.onnx -> decoder.onnx, compared with finesam's torch model and with
-the official predictors on the same random weights, and with the official package's own ONNX decoder.
+the official predictors on the same random weights, and with the official package's own ONNX decoder. The parity
+tests run through both runtimes of `OnnxPredictor` (the `runtime` fixture: onnxruntime, and OpenVINO in f32).
 
 Tolerance: ONNX_TOLERANCE (1e-3) max abs on logits, IoU and embeddings (reached: about 2e-5 on small
 configurations, 1e-5 at full size); masks identical wherever |logit| >= ONNX_TOLERANCE. Quantised models:
@@ -113,6 +114,12 @@ def assert_matches_official(
         assert_close(actual.low_res_logits[0], low_res, "low-res logits")
 
 
+@pytest.fixture(params=["onnxruntime", "openvino"])
+def runtime(request) -> str:
+    """The runtime of `OnnxPredictor` in the parity tests: each runs through both, OpenVINO at f32."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def official_hq_small():
     return build_official(SMALL, seed=0, hq=True)
@@ -122,23 +129,23 @@ def official_hq_small():
 
 
 @pytest.mark.parametrize("multimask", [False, True])
-def test_sam_export_matches_torch_and_official(small, official_small, tmp_path, multimask):
+def test_sam_export_matches_torch_and_official(small, official_small, tmp_path, multimask, runtime):
     export(small, tmp_path, multimask_output=multimask)
-    predictor = OnnxPredictor(tmp_path)
+    predictor = OnnxPredictor(tmp_path, runtime=runtime)
     assert predictor.multimask_output is multimask
     assert_matches_torch(predictor, small, PHOTOS["landscape"](), multimask)
     assert_matches_official(predictor, SamPredictor(official_small), PHOTOS["portrait"]())
 
 
 @pytest.mark.parametrize(("hq_only", "multimask"), [(False, False), (True, False), (False, True)])
-def test_hq_export_matches_torch_and_official(official_hq_small, tmp_path, hq_only, multimask):
+def test_hq_export_matches_torch_and_official(official_hq_small, tmp_path, hq_only, multimask, runtime):
     model, adapter = with_adapter(official_hq_small, hq_mask_only=hq_only)
     adapter.inject()
     description = export(model, tmp_path, multimask_output=multimask).description
     assert description["model"]["hq"] == {"hq_mask_only": hq_only}
     assert list(description["encoder_outputs"]) == [io.IMAGE_EMBEDDINGS, io.HQ_FEATURES]
     assert io.HQ_FEATURES in description["decoder_inputs"]
-    predictor = OnnxPredictor(tmp_path)
+    predictor = OnnxPredictor(tmp_path, runtime=runtime)
     assert_matches_torch(predictor, model, PHOTOS["small landscape"](), multimask)
     official = HQSamPredictor(official_hq_small)
     assert_matches_official(predictor, official, PHOTOS["square"](), hq_token_only=hq_only)
@@ -275,7 +282,7 @@ def test_quantized_models_stay_close_to_float32(small, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([io.ENCODER_FILE, io.DECODER_FILE, io.DESCRIPTION_FILE])
 
 
-def test_weights_over_the_inline_limit_go_to_one_external_data_file(small, tmp_path, monkeypatch):
+def test_weights_over_the_inline_limit_go_to_one_external_data_file(small, tmp_path, monkeypatch, runtime):
     monkeypatch.setattr(export_module, "INLINE_LIMIT", 2**20)  # ViT-H's encoder is over protobuf's 2 GB
     report = export(small, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -285,7 +292,7 @@ def test_weights_over_the_inline_limit_go_to_one_external_data_file(small, tmp_p
     assert set(report.files) == {p.name for p in tmp_path.iterdir()}
     image = PHOTOS["portrait"]()
     expected = small.predict(image, boxes=[50, 60, 400, 700], return_logits=True)
-    actual = OnnxPredictor(tmp_path).predict(image, boxes=[50, 60, 400, 700], return_logits=True)
+    actual = OnnxPredictor(tmp_path, runtime=runtime).predict(image, boxes=[50, 60, 400, 700], return_logits=True)
     assert_same_logits(actual.masks, expected.masks, "masks of the external-data export")
 
 
@@ -333,16 +340,20 @@ def test_predictor_checks_prompts_and_its_export(small, tmp_path):
 # `make test-slow`
 
 
-def test_full_size_vit_b_hq_matches_official(official_vit_b_hq_square, tmp_path):
+def test_full_size_vit_b_hq_matches_official(official_vit_b_hq_square, tmp_path_factory):
     official, official_predictor = official_vit_b_hq_square  # the square photo is set (shared with test_hq)
     model, adapter = with_adapter(official)
     adapter.inject()
-    export(model, tmp_path)
-    predictor = OnnxPredictor(tmp_path)
-    assert_matches_official(predictor, official_predictor, PHOTOS["square"](), image_is_set=True, hq_token_only=False)
+    folder = tmp_path_factory.mktemp("vit_b_hq")
+    export(model, folder)
+    for runtime in ("onnxruntime", "openvino"):  # one export (a minute on two cores), both runtimes
+        predictor = OnnxPredictor(folder, runtime=runtime)
+        assert_matches_official(
+            predictor, official_predictor, PHOTOS["square"](), image_is_set=True, hq_token_only=False
+        )
 
 
-def test_full_size_light_hq_sam_matches_official(tmp_path):
+def test_full_size_light_hq_sam_matches_official(tmp_path, runtime):
     """TinyViT's encoder (its image embedding and HQ features), with the HQ mask alone; its BatchNorm layers
     are still in eval mode after the export."""
     tiny_hq = build_official_tiny(seed=22)
@@ -353,7 +364,7 @@ def test_full_size_light_hq_sam_matches_official(tmp_path):
     export(model, tmp_path)
     assert [m.training for m in model.modules()] == modes
     official = HQSamPredictor(tiny_hq)
-    assert_matches_official(OnnxPredictor(tmp_path), official, photo("rocket"), hq_token_only=True)
+    assert_matches_official(OnnxPredictor(tmp_path, runtime=runtime), official, photo("rocket"), hq_token_only=True)
 
 
 @pytest.mark.slow
@@ -364,9 +375,13 @@ def test_full_size_large_encoders_match_official(name, tmp_path):
     adapter.inject()
     report = export(model, tmp_path, quantize=True)
     assert (io.ENCODER_FILE + ".data" in report.files) is (name == "vit_h")  # ViT-H's encoder is over 2 GB
-    assert_matches_official(
-        OnnxPredictor(tmp_path), HQSamPredictor(official), PHOTOS["portrait"](), hq_token_only=False
-    )
+    for runtime in ("onnxruntime", "openvino"):  # OpenVINO reads ViT-H's external data file too
+        assert_matches_official(
+            OnnxPredictor(tmp_path, runtime=runtime),
+            HQSamPredictor(official),
+            PHOTOS["portrait"](),
+            hq_token_only=False,
+        )
     image = PHOTOS["portrait"]()
     box = np.array([50.0, 100.0, 450.0, 700.0])
     expected = OnnxPredictor(tmp_path).predict(image, boxes=box)

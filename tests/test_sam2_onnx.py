@@ -159,8 +159,11 @@ def test_prompt_order_matches_torch() -> None:
 # -- exports against the official predictor
 
 
-def test_small_export_matches_official(small_sam2: SegmentAnything, official_small: SAM2Base, tmp_path: Path) -> None:
-    """Single-mask output (with the stability fallback), exported in Python."""
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_small_export_matches_official(
+    small_sam2: SegmentAnything, official_small: SAM2Base, tmp_path: Path, runtime: str
+) -> None:
+    """Single-mask output (with the stability fallback), exported in Python; run by both runtimes (OpenVINO f32)."""
     description = export(small_sam2, tmp_path).description
     assert description["processing"] == {
         "preprocessing": "square",
@@ -170,11 +173,11 @@ def test_small_export_matches_official(small_sam2: SegmentAnything, official_sma
     assert list(description["encoder_outputs"]) == ["image_embed", "high_res_feats_0", "high_res_feats_1"]
     assert list(description["decoder_inputs"])[:3] == ["image_embed", "high_res_feats_0", "high_res_feats_1"]
     assert list(description["decoder_outputs"]) == [*io.DECODER_OUTPUTS, "object_score_logits"]
-    predictor = OnnxPredictor(tmp_path)
+    predictor = OnnxPredictor(tmp_path, runtime=runtime)
     for side in ("encoder", "decoder"):
         session = getattr(predictor, side)
-        assert [i.name for i in session.get_inputs()] == list(description[f"{side}_inputs"])
-        assert [o.name for o in session.get_outputs()] == list(description[f"{side}_outputs"])
+        assert session.input_names == list(description[f"{side}_inputs"])
+        assert session.output_names == list(description[f"{side}_outputs"])
     assert_matches_official(predictor, official_small, photo("coffee"))
     # the object score against the torch model's
     expected = small_sam2.predict(photo("coffee"), **ours(cases(photo("coffee"))["click"]))

@@ -1,4 +1,4 @@
-"""`OnnxPredictor`: an exported encoder/decoder pair run with onnxruntime, numpy and PIL; no torch.
+"""`OnnxPredictor`: an exported encoder/decoder pair run with onnxruntime or OpenVINO, numpy and PIL; no torch.
 
 It takes prompts as `SegmentAnything.predict` does (pixels of the original image, the same checks), so an
 export can be checked end to end against the torch model, and used where torch is not installed.
@@ -39,6 +39,7 @@ from finesam.inputs import (
     unit_model_input,
 )
 from finesam.onnx import interface as io
+from finesam.onnx.runtimes import F32, ONNXRUNTIME, check_precision, open_session
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,18 @@ class OnnxPredictor:
 
     Args:
         folder: an export folder (model.json, encoder.onnx, decoder.onnx).
-        quantized: run the int8 models (`*.quant.onnx`, exported with `quantize=True`).
+        quantized: run the int8 models (`*.quant.onnx`, exported with `quantize=True`; onnxruntime only).
         providers: onnxruntime execution providers, in order of preference.
-        threads: intra-op threads of each session (default: onnxruntime's choice).
+        threads: intra-op threads of each session (default: the runtime's choice).
+        runtime: "onnxruntime" or "openvino" (`pip install 'finesam[openvino]'`): the same files, outputs and API.
+        precision: the encoder's precision, "f32" or "bf16" (OpenVINO only, on a CPU whose OpenVINO plugin has
+            bf16; refused with a ValueError elsewhere). The decoder always runs in f32, as the torch model's
+            bf16 mode keeps it.
+        cache_dir: OpenVINO only: a folder for its compiled models, so that a later start loads them instead
+            of compiling again (created; keyed by file, options and OpenVINO version).
+
+    Raises:
+        ValueError: a folder that is no readable export, a missing file, or an option the runtime lacks.
     """
 
     def __init__(
@@ -120,27 +130,40 @@ class OnnxPredictor:
         quantized: bool = False,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
+        runtime: str = ONNXRUNTIME,
+        precision: str = F32,
+        cache_dir: str | Path | None = None,
     ) -> None:
-        import onnxruntime as ort
-
+        check_precision(runtime, precision)
+        if quantized and runtime != ONNXRUNTIME:
+            raise ValueError("the int8 models are onnxruntime's dynamic quantisation: run them with onnxruntime")
         self.folder = Path(folder)
+        self.runtime, self.precision = runtime, precision
         self.description = read_description(folder)
         files = self.description["files"]
         names = ("encoder_quantized", "decoder_quantized") if quantized else ("encoder", "decoder")
         if any(name not in files for name in names):
             raise ValueError(f"{self.folder}: this export has no quantised models (export with --quantize)")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
         sessions = []
-        for name in names:
+        for name, side in zip(names, ("encoder", "decoder"), strict=True):
             path = self.folder / files[name]
             if not path.is_file():
                 raise ValueError(f"{path}: missing from the export folder")
-            # onnxruntime's arena would keep the encoder's peak (the global attention scores) for the life of
-            # the session, about twice what one run needs; without it the encoder runs as fast
-            options.enable_cpu_mem_arena = not name.startswith("encoder")
-            sessions.append(ort.InferenceSession(str(path), options, providers=list(providers)))
+            tensors = [*self.description[f"{side}_inputs"], *self.description[f"{side}_outputs"]]
+            sessions.append(
+                open_session(
+                    path,
+                    runtime,
+                    tensors,
+                    threads=threads,
+                    precision=precision if side == "encoder" else F32,
+                    cache_dir=None if cache_dir is None else Path(cache_dir),
+                    providers=providers,
+                    # onnxruntime's arena would keep the encoder's peak (the global attention scores) for the
+                    # life of the session, about twice what one run needs; without it the encoder runs as fast
+                    memory_arena=side != "encoder",
+                )
+            )
         self.encoder, self.decoder = sessions
         preprocessing = self.description["preprocessing"]
         self.image_size: int = preprocessing["image_size"]
@@ -148,9 +171,8 @@ class OnnxPredictor:
         self.encoder_input_size: int = preprocessing.get("encoder_input_size", self.image_size)
         self.mask_input_size: int = self.description["decoder_outputs"][io.LOW_RES_MASKS]["shape"][-1]
         self.multimask_output: bool = self.description["multimask_output"]
-        self._encoder_outputs = [output.name for output in self.encoder.get_outputs()]
-        self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
-        self._decoder_outputs = [output.name for output in self.decoder.get_outputs()]
+        self._encoder_outputs = self.encoder.output_names
+        self._decoder_inputs = self.decoder.input_names
         processing = self.description.get("processing", io.SAM_PROCESSING)  # version 1: SAM's
         self._preprocess = PREPROCESSING[processing["preprocessing"]]
         self._labelled_points = PROMPT_ORDERS[processing["prompt_order"]]
@@ -164,7 +186,7 @@ class OnnxPredictor:
         """Encodes an image (PIL of any mode, or a numpy array, as `SegmentAnything.encode_image` takes it)."""
         rgb = as_rgb(image)
         pixels, input_size = self._preprocess(rgb, self.image_size, self.encoder_input_size)
-        outputs = self.encoder.run(self._encoder_outputs, {io.IMAGE: pixels})
+        outputs = self.encoder.run({io.IMAGE: pixels})
         named = dict(zip(self._encoder_outputs, outputs, strict=True))
         return OnnxEmbedding(named, (rgb.height, rgb.width), input_size)
 
@@ -236,6 +258,4 @@ class OnnxPredictor:
         }
         # the embedding and whatever else the encoder computed for the decoder (HQ-SAM's, SAM 2's features)
         feeds |= {name: embedding.outputs[name] for name in self._decoder_inputs if name in embedding.outputs}
-        return tuple(
-            self.decoder.run(self._decoder_outputs, {k: v for k, v in feeds.items() if k in self._decoder_inputs})
-        )
+        return tuple(self.decoder.run(feeds))
