@@ -3,25 +3,14 @@
 import argparse
 import inspect
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias
 
 from finesam.amg import GENERATOR_OPTIONS, AutomaticMaskGenerator
+from finesam.cli.basics import HelpFormatter, _parsed, positive_int
 from finesam.cli.common import DTYPES
 
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default, when it has a meaningful one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        shown = action.default not in (None, False, [], argparse.SUPPRESS)
-        if shown and action.option_strings and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
 
 
 def add_command(
@@ -80,24 +69,6 @@ def lora_options(
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--lora", type=Path, action="append", default=[], metavar="LORA.safetensors", help=help)
     return options
-
-
-Number = TypeVar("Number", int, float)
-
-
-def _parsed(text: str, convert: Callable[[str], Number], noun: str) -> Number:
-    """`convert(text)`, or the argparse error that says what was expected."""
-    try:
-        return convert(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    value = _parsed(text, int, "a whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
 
 
 def positive_number(text: str) -> float:

@@ -1,8 +1,6 @@
 """`finesam segment`: masks from box and point prompts, the image encoded once for all of them."""
 
 import argparse
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,6 @@ from finesam.cli.common import (
     check_distinct_paths,
     check_logits_output,
     check_mask_output,
-    floats,
     inference,
     load_model,
     save_array,
@@ -21,9 +18,11 @@ from finesam.cli.common import (
     suffixed,
 )
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
+from finesam.cli.onnx_segment import run_onnx_segment
 from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.overlay import overlay
-from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, as_rgb, open_image, parse_json_prompts, read_text_input
+from finesam.cli.prompting import command_line_prompt, onnx_options, prompt_options, read_prompt_file
+from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
 from finesam.model.prompts import prepare_prompts
@@ -31,72 +30,11 @@ from finesam.progress import progress
 from finesam.weights import atomic_write, check_output
 
 
-def _box(text: str) -> list[float]:
-    return floats(text, (4,), "--box X1,Y1,X2,Y2")
-
-
-def _point(text: str) -> list[float]:
-    values = floats(text, (2, 3), "--point X,Y[,LABEL]")
-    if len(values) == 3 and values[2] not in (0, 1):
-        raise argparse.ArgumentTypeError(f"--point LABEL must be 1 (foreground) or 0 (background), got {text!r}")
-    return values if len(values) == 3 else [*values, 1.0]
-
-
-PROMPT_KEYS = JSON_PROMPT_KEYS | {"multimask"}
-
-
-@dataclass(frozen=True)
-class SegmentPrompt:
-    """One prompt of the command line or of a prompts file: its objects (one mask each, or three with
-    multimask) and its own multimask choice (None: the command's --multimask)."""
-
-    objects: JsonPrompts
-    multimask: bool | None = None
-
-
-def read_prompt_file(path: Path) -> list[SegmentPrompt]:
-    """Prompts from JSON: a list (or {"prompts": [...]}) of objects in the JSON prompt dialect
-    (docs/prompting.md: "box" or "boxes", "points", "labels"), each with an optional "multimask": bool.
-
-    Raises:
-        UsageError: the file cannot be read, or a prompt is malformed (the message names it by its position).
-    """
-    try:
-        data = json.loads(read_text_input(path, "prompts"))
-    except ValueError as e:  # unreadable (its message names the file), or not JSON
-        detail = str(e) if not isinstance(e, json.JSONDecodeError) else f"not JSON: {e}"
-        raise UsageError(f"cannot read prompts from {path}: {detail}") from None
-    prompts = data.get("prompts") if isinstance(data, dict) else data
-    if not isinstance(prompts, list) or not prompts:
-        raise UsageError(f'{path}: expected a non-empty list of prompts (or {{"prompts": [...]}})')
-    read = []
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, dict):
-            raise UsageError(f'{path}: prompt {i}: expected an object with "box" and/or "points"')
-        if unknown := sorted(prompt.keys() - PROMPT_KEYS):
-            raise UsageError(f"{path}: prompt {i}: unknown keys {unknown} (known: {sorted(PROMPT_KEYS)})")
-        multimask = prompt.get("multimask")
-        if multimask is not None and not isinstance(multimask, bool):
-            raise UsageError(f'{path}: prompt {i}: "multimask" must be true or false, got {multimask!r}')
-        try:
-            read.append(SegmentPrompt(parse_json_prompts(prompt), multimask))
-        except ValueError as e:
-            raise UsageError(f"{path}: prompt {i}: {e}") from None
-    return read
-
-
-def command_line_prompt(args: argparse.Namespace) -> SegmentPrompt:
-    """The prompt of --box and --point: every box, with the points (if any) shared by all of them."""
-    objects = JsonPrompts(
-        boxes=args.box or None,
-        points=[[p[:2] for p in args.point]] if args.point else None,
-        labels=[[int(p[2]) for p in args.point]] if args.point else None,
-    )
-    return SegmentPrompt(objects, args.multimask)
-
-
 @inference
 def run_segment(args: argparse.Namespace) -> None:
+    if args.onnx is not None:  # here only where `finesam.cli.main` did not see it (an abbreviated --onnx)
+        run_onnx_segment(args)  # which refuses --weights
+        return
     if args.manifest is not None:
         run_segment_manifest(args)
         return
@@ -202,7 +140,7 @@ def add_commands(commands: Commands) -> None:
         commands,
         "segment",
         "segment an image with box and point prompts",
-        (model_options(), lora_options(), labelling_options()),
+        (model_options(), lora_options(), labelling_options(), prompt_options(), onnx_options()),
     )
     segment.add_argument("image", type=Path, nargs="?", help="the image (any format PIL reads)")
     segment.add_argument(
@@ -212,28 +150,6 @@ def add_commands(commands: Commands) -> None:
         help='many images: one line each, {"image": path, "boxes": [...], "points": [...], "labels": [...], '
         '"category_ids": [...]}; --out is then a folder (annotations.json, COCO)',
     )
-    segment.add_argument(
-        "--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2", help="a box prompt; repeat for more"
-    )
-    segment.add_argument(
-        "--point",
-        type=_point,
-        action="append",
-        default=[],
-        metavar="X,Y[,LABEL]",
-        help="a click, label 1 foreground (the default) or 0 background; repeat for more; goes with every box",
-    )
-    segment.add_argument("--prompts", type=Path, metavar="PROMPTS.json", help="many prompts, the image encoded once")
-    segment.add_argument("--multimask", action="store_true", help="predict 3 masks, keep the best by predicted IoU")
-    segment.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        metavar="MASK.png|DIR",
-        help="the mask (255 = object); with --manifest a folder",
-    )
-    segment.add_argument("--logits", type=Path, metavar="LOGITS.npy", help="also save the float32 logits")
-    segment.add_argument("--overlay", type=Path, metavar="OVERLAY.png", help="the image with masks and prompts drawn")
     segment.add_argument(
         "--compile", action="store_true", help="torch.compile the image encoder (slow first call; for many images)"
     )

@@ -1,0 +1,155 @@
+"""`finesam segment IMAGE --onnx DIR`: the masks of `finesam segment` from an export (`finesam export`), run by
+onnxruntime or OpenVINO through `OnnxPredictor`, without torch.
+
+`finesam.cli.main` sends a `segment` command line with `--onnx` here before anything imports torch; the options
+are the torch command's own declarations (`finesam.cli.prompting`), so both read a command line the same way.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from finesam.cli.basics import (
+    HelpFormatter,
+    UsageError,
+    check_distinct_paths,
+    check_logits_output,
+    check_mask_output,
+    join_signed_values,
+    save_array,
+    save_mask,
+    suffixed,
+)
+from finesam.cli.overlay import overlay
+from finesam.cli.prompting import command_line_prompt, onnx_options, prompt_options, read_prompt_file
+from finesam.files import OutputError, atomic_write, check_output
+from finesam.inputs import as_rgb, check_prompts, open_image
+from finesam.onnx.interface import DESCRIPTION_FILE
+
+# the torch model's options, which an export fixes (or has no use for)
+TORCH_ONLY = ("--weights", "--hq", "--hq-only", "--lora", "--device", "--dtype", "--compile")
+
+
+def requested(argv: list[str]) -> bool:
+    """A `segment` command line that asks for `--onnx` (as `--onnx DIR` or `--onnx=DIR`)."""
+    return bool(argv) and argv[0] == "segment" and any(a == "--onnx" or a.startswith("--onnx=") for a in argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finesam segment",
+        description="segment an image with box and point prompts, with an exported model (--onnx)",
+        parents=[prompt_options(), onnx_options()],
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("image", type=Path, nargs="?", help="the image (any format PIL reads)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="(no progress bars are drawn for one image)")
+    parser.add_argument(
+        "--max-pixels", type=int, metavar="N", help="refuse input images with more pixels (PIL's limit otherwise)"
+    )
+    for option in (*TORCH_ONLY, "--manifest"):
+        parser.add_argument(option, nargs="?", const=True, help=argparse.SUPPRESS)
+    return parser
+
+
+def run_onnx_segment(args: argparse.Namespace) -> None:
+    """The masks of every prompt of `args` (parsed by `build_parser` or by the torch command's parser)."""
+    given = [option for option in TORCH_ONLY if _given(args, option)]
+    if given:
+        raise UsageError(f"--onnx runs an export, which fixes the model: drop {', '.join(given)}")
+    if getattr(args, "manifest", None):
+        raise UsageError("--manifest (dataset runs) needs the torch model for now: drop --onnx, give --weights")
+    if args.runtime != "openvino" and args.cache_dir is not None:
+        raise UsageError("--cache-dir keeps OpenVINO's compiled models: add --runtime openvino")
+    if args.image is None:
+        raise UsageError("give the IMAGE to segment")
+    if args.prompts is not None and (args.box or args.point):
+        raise UsageError("give prompts either with --prompts or with --box/--point, not both")
+    if args.prompts is None and not args.box and not args.point:
+        raise UsageError("give at least one --box or --point (or --prompts PROMPTS.json)")
+    if not (args.onnx / DESCRIPTION_FILE).is_file():
+        raise UsageError(f"--onnx {args.onnx}: no {DESCRIPTION_FILE} there; give a folder `finesam export` wrote")
+    if args.max_pixels is not None:
+        if args.max_pixels < 1:
+            raise UsageError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+        Image.MAX_IMAGE_PIXELS = args.max_pixels
+    prompts = read_prompt_file(args.prompts) if args.prompts is not None else [command_line_prompt(args)]
+    image = as_rgb(open_image(args.image))
+    size = (image.height, image.width)
+    counts = []
+    for i, prompt in enumerate(prompts):  # every prompt checked before the model loads and encodes the image
+        try:
+            checked = check_prompts(**prompt.objects.as_arrays(), original_size=size, mask_input_size=0)
+        except ValueError as e:
+            raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
+        counts.append(checked.batch)
+    total = sum(counts)
+    outputs = [("--out", check_mask_output(suffixed(args.out, i, total))) for i in range(total)]
+    if args.logits is not None:
+        outputs += [("--logits", check_logits_output(suffixed(args.logits, i, total))) for i in range(total)]
+    if args.overlay is not None:
+        outputs.append(("--overlay", check_output(args.overlay)))
+    inputs = [("IMAGE", args.image), *(("--onnx", path) for path in sorted(args.onnx.iterdir()) if path.is_file())]
+    if args.prompts is not None:
+        inputs.append(("--prompts", args.prompts))
+    check_distinct_paths(outputs, inputs)
+
+    from finesam.onnx import OnnxPredictor  # the runtime's import, after every check
+
+    predictor = OnnxPredictor(
+        args.onnx, runtime=args.runtime, precision=args.precision, threads=args.threads, cache_dir=args.cache_dir
+    )
+    embedding = predictor.encode_image(image)  # once, for every prompt
+    index = 0
+    drawn: list[np.ndarray] = []
+    for prompt in prompts:
+        multimask = args.multimask if prompt.multimask is None else prompt.multimask
+        prediction = predictor.predict(
+            embedding, **prompt.objects.as_arrays(), multimask_output=multimask, return_logits=True
+        )
+        best = prediction.iou_predictions.argmax(axis=1)  # each box's best mask (its only one without multimask)
+        for j, k in enumerate(best):
+            values = prediction.masks[j, k]
+            mask_path = save_mask(values > 0, suffixed(args.out, index, total))
+            print(f"{mask_path}\tpredicted IoU {prediction.iou_predictions[j, k]:.4f}")
+            if args.logits is not None:
+                print(save_array(values, suffixed(args.logits, index, total)))
+            if args.overlay is not None:
+                drawn.append(values > 0)
+            index += 1
+    if args.overlay is not None:
+        boxes = [box for p in prompts for box in p.objects.boxes or []]
+        points = [
+            (x, y, label)
+            for p in prompts
+            for one, labels in zip(p.objects.points or [], p.objects.labels or [], strict=True)
+            for (x, y), label in zip(one, labels, strict=True)
+        ]
+        picture = overlay(image, drawn, boxes=boxes, points=points)
+        print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
+
+
+def main(argv: list[str]) -> None:
+    """`finesam segment ARGS --onnx DIR` (ARGS without the command's name): errors as the other commands give
+    them (one line, status 2; a failed write, status 1)."""
+    args = build_parser().parse_args(join_signed_values(argv))
+    try:
+        run_onnx_segment(args)
+    except (UsageError, ValueError) as e:
+        print(f"finesam segment: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OutputError as e:
+        print(f"finesam segment: error: {e.strerror}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("finesam segment: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _given(args: argparse.Namespace, option: str) -> bool:
+    value = getattr(args, option.removeprefix("--").replace("-", "_"), None)
+    defaults = {"--device": "cpu", "--dtype": "float32"}  # the torch command's defaults are not a choice
+    return value not in (None, False, [], defaults.get(option))
