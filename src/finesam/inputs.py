@@ -261,11 +261,17 @@ def labelled_points(
     return np.concatenate(coords).astype(np.float64), np.concatenate(kinds).astype(np.float64)
 
 
+def resized_pixels(image: Image.Image, shape: tuple[int, int]) -> np.ndarray:
+    """An RGB image resized to (height, width) as the official predictor does (PIL bilinear on uint8): float32
+    (height, width, 3), 0-255 (what an export with `--encoder-input pixels` takes)."""
+    height, width = shape
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
 def normalised(image: Image.Image, shape: tuple[int, int]) -> np.ndarray:
     """An RGB image resized to (height, width) as the official predictor does (PIL bilinear on uint8), then
     normalised with SAM's pixel mean and std: float32 (3, height, width)."""
-    height, width = shape
-    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    resized = resized_pixels(image, shape)
     mean, std = np.array(PIXEL_MEAN, dtype=np.float32), np.array(PIXEL_STD, dtype=np.float32)
     return ((resized - mean) / std).transpose(2, 0, 1)
 

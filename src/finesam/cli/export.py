@@ -15,13 +15,25 @@ def run_export(args: argparse.Namespace) -> None:
     missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
         raise UsageError(f"export needs {' and '.join(missing)}: pip install 'finesam[onnx]'")
-    from finesam.onnx.export import check_opset, export
+    from finesam.onnx.export import check_interface, check_opset, export
 
     check_output_folder(args.out, "--out")
     check_opset(args.opset)
-    model = load_model(args)  # HQ-SAM, then the LoRAs (finesam.adapters.order); export has no --compile
+    model = load_model(args)
     try:
-        report = export(model, args.out, multimask_output=args.multimask, opset=args.opset, quantize=args.quantize)
+        check_interface(model, args.encoder_input, args.hq_decoder)
+    except ValueError as e:
+        raise UsageError(str(e)) from None  # HQ-SAM, then the LoRAs (finesam.adapters.order); export has no --compile
+    try:
+        report = export(
+            model,
+            args.out,
+            multimask_output=args.multimask,
+            opset=args.opset,
+            quantize=args.quantize,
+            encoder_input=args.encoder_input,
+            hq_decoder=args.hq_decoder,
+        )
     except OSError as e:  # disk full in the staging folder, say: the earlier export in --out is untouched
         raise output_error(Path(e.filename) if e.filename else args.out, e) from None
     for name in report.files:
@@ -64,4 +76,18 @@ def add_commands(commands: Commands) -> None:
     )
     export.add_argument("--opset", type=int, default=io.OPSET, help="ONNX opset")
     export.add_argument("--quantize", action="store_true", help="also int8 models (onnxruntime dynamic quantisation)")
+    export.add_argument(
+        "--encoder-input",
+        choices=io.ENCODER_INPUTS,
+        default=io.TENSOR_INPUT,
+        help="tensor: the preprocessed (1, 3, S, S) model input; pixels: the resized RGB image (H, W, 3), normalised "
+        "and padded inside the graph (samexporter's runners; SAM 1 and TinyViT)",
+    )
+    export.add_argument(
+        "--hq-decoder",
+        choices=io.HQ_DECODERS,
+        default=io.HQ_FEATURES_DECODER,
+        help="with HQ-SAM: features (the encoder computes the fused hq_features once per image) or official (the "
+        "official HQ-SAM ONNX decoder's interm_embeddings input)",
+    )
     export.set_defaults(run=run_export, device="cpu", dtype="float32", large_tensors=True)

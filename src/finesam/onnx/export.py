@@ -44,7 +44,7 @@ from finesam.inputs import (
 from finesam.model.config import preset_name
 from finesam.model.sam import SegmentAnything
 from finesam.onnx import interface as io
-from finesam.onnx.graphs import DecoderGraph, EncoderGraph, loras_merged
+from finesam.onnx.graphs import DecoderGraph, EncoderGraph, interm_layers, loras_merged
 from finesam.weights.io import process_running, process_umask
 
 # protobuf cannot hold a file over 2 GB: above this the weights go to one external-data file beside it
@@ -80,7 +80,37 @@ def _adapters(model: SegmentAnything) -> dict[str, Any]:
     }
 
 
-def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quantized: bool) -> dict[str, Any]:
+def _interm_shape(model: SegmentAnything) -> list[int]:
+    """The shape of the official HQ-SAM interface's `interm_embeddings`: (K, 1, E, E, C)."""
+    config = model.config
+    count = len(interm_layers(model))
+    return [count, 1, config.embedding_size, config.embedding_size, config.encoder.early_embedding_dim]
+
+
+def check_interface(model: SegmentAnything, encoder_input: str, hq_decoder: str) -> None:
+    """Raises a `ValueError` unless `model` can be exported with these interface options."""
+    if encoder_input not in io.ENCODER_INPUTS:
+        raise ValueError(f"unknown encoder input {encoder_input!r}: one of {', '.join(io.ENCODER_INPUTS)}")
+    if hq_decoder not in io.HQ_DECODERS:
+        raise ValueError(f"unknown HQ decoder interface {hq_decoder!r}: one of {', '.join(io.HQ_DECODERS)}")
+    preprocessing = model.processing_names["preprocessing"]
+    if encoder_input == io.PIXELS_INPUT and preprocessing != LONGEST_SIDE_PADDED:
+        raise ValueError(
+            f"--encoder-input pixels is SAM's interface (longest side resized, then normalised and padded); this "
+            f"model's preprocessing is {preprocessing!r}"
+        )
+    if hq_decoder == io.OFFICIAL_HQ_DECODER and model.find(HQFeatureFusion) is None:
+        raise ValueError("--hq-decoder official is HQ-SAM's interface: export with HQ-SAM (--hq), on SAM 1 or TinyViT")
+
+
+def _describe(
+    model: SegmentAnything,
+    multimask_output: bool,
+    opset: int,
+    quantized: bool,
+    encoder_input: str = io.TENSOR_INPUT,
+    hq_decoder: str = io.HQ_FEATURES_DECODER,
+) -> dict[str, Any]:
     config = model.config
     adapters = _adapters(model)
     masks = 3 if multimask_output else 1
@@ -117,16 +147,23 @@ def _describe(model: SegmentAnything, multimask_output: bool, opset: int, quanti
         | {"mask_threshold": MASK_THRESHOLD},
         # by name: the ONNX predictor runs the numpy twins of these (a version 1 file has none: SAM's)
         "processing": dict(model.processing_names),
-        **io.tensors(
-            config.image_size,
-            config.decoder.prompt_dim,
-            config.embedding_size,
-            hq_features,
-            masks,
-            features,
-            model.extra_decoder_outputs,
-            model.takes_mask_input,
-            model.encoder_input_size,
+        # the tensor conventions of other tools, where asked for (docs/onnx.md)
+        "interface": {"encoder_input": encoder_input, "hq_decoder": hq_decoder if hq_features else None},
+        **io.with_interface(
+            io.tensors(
+                config.image_size,
+                config.decoder.prompt_dim,
+                config.embedding_size,
+                hq_features,
+                masks,
+                features,
+                model.extra_decoder_outputs,
+                model.takes_mask_input,
+                model.encoder_input_size,
+            ),
+            encoder_input,
+            hq_decoder,
+            _interm_shape(model) if hq_features and hq_decoder == io.OFFICIAL_HQ_DECODER else None,
         ),
     }
 
@@ -253,6 +290,8 @@ def export(
     multimask_output: bool = False,
     opset: int = io.OPSET,
     quantize: bool = False,
+    encoder_input: str = io.TENSOR_INPUT,
+    hq_decoder: str = io.HQ_FEATURES_DECODER,
 ) -> ExportReport:
     """Writes `encoder.onnx`, `decoder.onnx` and `model.json` (and with `quantize` the int8 `*.quant.onnx`)
     into `folder`, for the model as it is: HQ-SAM or HQ-SAM 2, if injected, with its `hq_mask_only` setting;
@@ -270,19 +309,28 @@ def export(
             three, each plus the HQ mask (one with `hq_mask_only`: the HQ mask, with the best of the three IoUs).
         opset: the ONNX opset.
         quantize: also write dynamically int8-quantised models (onnxruntime's `quantize_dynamic`).
+        encoder_input: "tensor" (the model input, (1, 3, S, S), preprocessed by the caller) or "pixels" (the
+            resized RGB image, (H, W, 3) float32 0-255, normalised and padded inside the graph: the convention of
+            samexporter's runners); SAM's preprocessing only.
+        hq_decoder: with HQ-SAM, "features" (the encoder outputs the fused `hq_features`, the decoder takes them)
+            or "official" (the official HQ-SAM ONNX decoder's `interm_embeddings`, which the encoder outputs).
 
     Returns:
         What was written, with sizes and time.
     """
     check_opset(opset)
+    check_interface(model, encoder_input, hq_decoder)
     parameters = list(model.parameters())
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in parameters):
         raise ValueError("export a float32 model on the CPU (load it without --device / --dtype)")
     start = time.perf_counter()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    description = _describe(model, multimask_output, opset, quantize)
+    description = _describe(model, multimask_output, opset, quantize, encoder_input, hq_decoder)
     image, prompt = _example_inputs(model)
+    pixels_input, official_hq = encoder_input == io.PIXELS_INPUT, hq_decoder == io.OFFICIAL_HQ_DECODER
+    if pixels_input:  # a landscape image's resized pixels: height and width stay dynamic in the graph
+        image = torch.zeros(model.encoder_input_size * 3 // 4, model.encoder_input_size, 3)
     _remove_dead_stagings(folder)
     staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=folder))
     # the exporter switches the traced wrapper (and so the whole model) to eval mode and back to the wrapper's
@@ -292,15 +340,16 @@ def export(
         # the reference chains: the fast paths' memories and shortcuts are not for a graph
         with torch.no_grad(), reference_paths(model), loras_merged(model):
             encoder_out = list(description["encoder_outputs"])
-            encoder = EncoderGraph(model)
+            encoder = EncoderGraph(model, pixels_input, official_hq)
             (staging / "encoder").mkdir()
             _trace(
                 encoder,
                 (image,),
                 staging / "encoder" / io.ENCODER_FILE,
                 opset,
-                input_names=[io.IMAGE],
+                input_names=list(description["encoder_inputs"]),
                 output_names=encoder_out,
+                **({"dynamic_axes": {io.INPUT_IMAGE: {0: "image_height", 1: "image_width"}}} if pixels_input else {}),
             )
             # the decoder's example embeddings need only their shapes: not another encoder pass
             shapes = description["encoder_outputs"]
@@ -308,7 +357,7 @@ def export(
             example = tuple(
                 prompt[name] if name in prompt else torch.zeros(shapes[name]["shape"]) for name in decoder_in
             )
-            decoder = DecoderGraph(model, multimask_output)
+            decoder = DecoderGraph(model, multimask_output, official_hq)
             (staging / "decoder").mkdir()
             _trace(
                 decoder,

@@ -12,29 +12,75 @@ from refiners.fluxion import layers as fl
 from refiners.fluxion.adapters import LoraAdapter
 from torch import Tensor
 
-from finesam.adapters.hq.layers import CachedHQFeatures, HQFeatureFusion
+from finesam.adapters.hq.layers import EARLY_EMBEDDING, CachedHQFeatures, HQFeatureFusion
 from finesam.adapters.lora import merged_weight
-from finesam.inputs import BICUBIC_RESIZE, CROP_THEN_RESIZE, RESIZE
+from finesam.inputs import BICUBIC_RESIZE, CROP_THEN_RESIZE, PIXEL_MEAN, PIXEL_STD, RESIZE
+from finesam.model.image_encoder import ImageEncoder, TransformerBlock
 from finesam.model.prompt_encoder import MaskEncoder
 from finesam.model.sam import SegmentAnything
+
+
+class PixelsInput(torch.nn.Module):
+    """The resized RGB pixels (H, W, 3), float32 0-255 with the longest side `size` (the caller resizes, as the
+    model's preprocessing says) -> the model input (1, 3, size, size): normalised with SAM's mean and std, then
+    padded bottom and right with zeros. H and W stay dynamic in the graph."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32)  # constants of the graph
+        self.std = torch.tensor(PIXEL_STD, dtype=torch.float32)
+
+    def forward(self, pixels: Float[Tensor, "height width 3"]) -> Float[Tensor, "1 3 size size"]:
+        normalised = ((pixels - self.mean) / self.std).permute(2, 0, 1)[None]
+        height, width = normalised.shape[-2:]
+        return F.pad(normalised, (0, self.size - width, 0, self.size - height))
+
+
+def interm_layers(model: SegmentAnything) -> list[torch.nn.Module]:
+    """The layers whose outputs the official HQ-SAM interface passes as `interm_embeddings`: a ViT's
+    global-attention blocks (the first is HQ-SAM's early embedding), else the early-embedding layer alone
+    (TinyViT's stage 1, as the official Light HQ-SAM returns it)."""
+    encoder = model.image_encoder
+    if isinstance(encoder, ImageEncoder):
+        blocks = [block for block, _ in encoder.walk(TransformerBlock)]
+        return [blocks[i] for i in sorted(encoder.config.global_attention_blocks)]
+    return [encoder.early_embedding_layer]
 
 
 class EncoderGraph(torch.nn.Module):
     """Model input (1, 3, S, S) -> image embedding; with HQ-SAM the fused HQ features (in the decoder stage at
     inference they are computed once per image anyway, so the export computes them here); then the features
     the encoder itself writes for the decoder (`SegmentAnything.decoder_image_features`: SAM 2's
-    high-resolution features), in the model's order."""
+    high-resolution features), in the model's order.
 
-    def __init__(self, model: SegmentAnything) -> None:
+    With `pixels_input` the graph takes the resized pixels instead (`PixelsInput`); with `official_hq` HQ-SAM's
+    output is the official interface's `interm_embeddings` (K, 1, E, E, C), not the fused features."""
+
+    def __init__(self, model: SegmentAnything, pixels_input: bool = False, official_hq: bool = False) -> None:
         super().__init__()
         self.model = model
         self.fusion = model.find(HQFeatureFusion)
         self.features = tuple(model.decoder_image_features())
+        self.pixels = PixelsInput(model.encoder_input_size) if pixels_input else None
+        self.interm = interm_layers(model) if official_hq and self.fusion is not None else None
 
-    def forward(self, image: Float[Tensor, "1 3 size size"]) -> Tensor | tuple[Tensor, ...]:
-        embedding = self.model.encode(image)
+    def forward(self, image: Tensor) -> Tensor | tuple[Tensor, ...]:
+        pixels = image if self.pixels is None else self.pixels(image)
+        captured: list[Tensor] = []
+        hooks = [
+            layer.register_forward_hook(lambda _module, _inputs, output: captured.append(output))  # type: ignore[arg-type]
+            for layer in self.interm or []
+        ]
+        try:
+            embedding = self.model.encode(pixels)
+        finally:
+            for hook in hooks:
+                hook.remove()
         outputs = [embedding]
-        if self.fusion is not None:
+        if self.interm is not None:
+            outputs.append(torch.stack(captured))  # (K, 1, E, E, C): channels last, as the official encoder's
+        elif self.fusion is not None:
             outputs.append(self.fusion(embedding))
         context = self.model.use_context("image")
         outputs += [context[key] for key in self.features]
@@ -91,16 +137,21 @@ class DecoderGraph(torch.nn.Module):
     outputs (SAM 2's object-score logits).
     """
 
-    def __init__(self, model: SegmentAnything, multimask_output: bool) -> None:
+    def __init__(self, model: SegmentAnything, multimask_output: bool, official_hq: bool = False) -> None:
         super().__init__()
         self.model = model
         self.multimask_output = multimask_output
         self.hq_features = model.find(CachedHQFeatures)
+        # the official HQ-SAM interface: `interm_embeddings` after the embedding, the fusion computed here
+        self.fusion = model.find(HQFeatureFusion) if official_hq else None
         self.features = tuple(model.decoder_image_features())
         self.postprocess = POSTPROCESSING[model.processing_names["postprocessing"]]
 
     def forward(self, image_embeddings: Float[Tensor, "1 dim grid grid"], *inputs: Tensor) -> tuple[Tensor, ...]:
         model = self.model
+        interm = None
+        if self.fusion is not None:
+            interm, inputs = inputs[0], inputs[1:]
         features, inputs = inputs[: len(self.features)], inputs[len(self.features) :]
         if model.takes_mask_input:
             point_coords, point_labels, mask_input, has_mask_input, orig_im_size, *rest = inputs
@@ -109,7 +160,10 @@ class DecoderGraph(torch.nn.Module):
         prompt = {"point_coords": point_coords, "point_labels": point_labels.long(), "mask_prompt": None}
         model.set_context("sam", {**prompt, "multimask_output": self.multimask_output})
         model.use_context("image").update(zip(self.features, features, strict=True))
-        if self.hq_features is not None:
+        if self.fusion is not None and self.hq_features is not None and interm is not None:
+            model.use_context("image")[EARLY_EMBEDDING] = interm[0]  # the first global block's output
+            self.hq_features.keep(self.fusion(image_embeddings))
+        elif self.hq_features is not None:
             self.hq_features.keep(rest[0])
         prompt_encoder, mask_decoder = list(model)[1:]
         prompt_encoder(image_embeddings)  # the dense embedding it writes is the no-mask one: blended below

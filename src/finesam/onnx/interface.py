@@ -52,6 +52,45 @@ SAM_PROCESSING = {
 }
 
 
+# the export options for other tools' conventions (model.json "interface"; absent in earlier files: the defaults)
+ENCODER_INPUTS = TENSOR_INPUT, PIXELS_INPUT = ("tensor", "pixels")
+HQ_DECODERS = HQ_FEATURES_DECODER, OFFICIAL_HQ_DECODER = ("features", "official")
+INPUT_IMAGE = "input_image"  # the encoder's input with --encoder-input pixels (samexporter's name)
+INTERM_EMBEDDINGS = "interm_embeddings"  # the official HQ-SAM decoder's early ViT features
+
+
+def interface_of(description: dict[str, Any]) -> dict[str, str]:
+    """The export options of a model.json (the defaults for files written before they existed)."""
+    interface = description.get("interface", {})
+    return {
+        "encoder_input": interface.get("encoder_input", TENSOR_INPUT),
+        "hq_decoder": interface.get("hq_decoder", HQ_FEATURES_DECODER),
+    }
+
+
+def with_interface(
+    described: dict[str, dict[str, dict[str, Any]]],
+    encoder_input: str,
+    hq_decoder: str,
+    interm_shape: list[int] | None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """`tensors(...)` changed for the export options: the encoder takes the resized RGB pixels, (H, W, 3) float32
+    with the longest side the model's (normalised and padded inside the graph); the HQ decoder takes the
+    official HQ-SAM ONNX interface's `interm_embeddings` (K, 1, E, E, C) after the embedding instead of
+    `hq_features` (the encoder outputs them in its place)."""
+    described = {side: dict(tensors) for side, tensors in described.items()}
+    if encoder_input == PIXELS_INPUT:
+        pixels = {"shape": ["image_height", "image_width", 3], "dtype": "float32"}
+        described["encoder_inputs"] = {INPUT_IMAGE: pixels}
+    if hq_decoder == OFFICIAL_HQ_DECODER and interm_shape is not None:
+        interm = {"shape": interm_shape, "dtype": "float32"}
+        outputs = {k: v for k, v in described["encoder_outputs"].items() if k != HQ_FEATURES}
+        described["encoder_outputs"] = outputs | {INTERM_EMBEDDINGS: interm}
+        inputs = [(k, v) for k, v in described["decoder_inputs"].items() if k != HQ_FEATURES]
+        described["decoder_inputs"] = dict([inputs[0], (INTERM_EMBEDDINGS, interm), *inputs[1:]])
+    return described
+
+
 def feature_names(count: int) -> tuple[str, ...]:
     """The ONNX names of the encoder's extra features, in the model's order (SAM 2: strides 4 then 8)."""
     return tuple(f"high_res_feats_{i}" for i in range(count))

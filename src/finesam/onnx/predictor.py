@@ -33,6 +33,8 @@ from finesam.inputs import (
     fixed_count_labelled_points,
     labelled_points,
     model_input,
+    resized_pixels,
+    resized_shape,
     scale_coordinates,
     square_model_input,
     stretched_model_input,
@@ -181,12 +183,18 @@ class OnnxPredictor:
             self._labelled_points = functools.partial(fixed_count_labelled_points, count=count)
         # EfficientSAM's decoder has no mask input
         self.takes_mask_input = io.MASK_INPUT in self._decoder_inputs
+        # an encoder that takes the resized pixels (--encoder-input pixels) normalises and pads them itself
+        self.pixels_input = io.interface_of(self.description)["encoder_input"] == io.PIXELS_INPUT
 
     def encode_image(self, image: ImageLike) -> OnnxEmbedding:
         """Encodes an image (PIL of any mode, or a numpy array, as `SegmentAnything.encode_image` takes it)."""
         rgb = as_rgb(image)
-        pixels, input_size = self._preprocess(rgb, self.image_size, self.encoder_input_size)
-        outputs = self.encoder.run({io.IMAGE: pixels})
+        if self.pixels_input:
+            input_size = resized_shape(rgb.height, rgb.width, self.image_size)
+            outputs = self.encoder.run({io.INPUT_IMAGE: resized_pixels(rgb, input_size)})
+        else:
+            pixels, input_size = self._preprocess(rgb, self.image_size, self.encoder_input_size)
+            outputs = self.encoder.run({io.IMAGE: pixels})
         named = dict(zip(self._encoder_outputs, outputs, strict=True))
         return OnnxEmbedding(named, (rgb.height, rgb.width), input_size)
 
