@@ -24,6 +24,8 @@ $(VENV)/.test: $(VENV)/.base
 	$(BIN)/pip install --quiet setuptools wheel
 	SAM2_BUILD_CUDA=0 $(BIN)/pip install --quiet --no-deps --no-build-isolation sam2==1.1.0
 	$(BIN)/pip install --quiet --no-deps efficientsam==1.0.0
+	# the third-party ONNX runner of tests/test_onnx_interfaces.py: its opencv-python would replace the headless one
+	$(BIN)/pip install --quiet --no-deps segment-anything-onnx==0.0.5
 	touch $@
 
 demo: $(VENV)/.base

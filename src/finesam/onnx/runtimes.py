@@ -56,6 +56,11 @@ def openvino_capabilities() -> tuple[str, ...]:
     return tuple(ov.Core().get_property(OPENVINO_DEVICE, "OPTIMIZATION_CAPABILITIES"))
 
 
+def openvino_has_bf16() -> bool:
+    """OpenVINO's CPU plugin lists bf16 among its capabilities here (AMX, AVX-512 BF16)."""
+    return BF16.upper() in openvino_capabilities()
+
+
 def openvino_cpu_name() -> str:
     import openvino as ov
 
@@ -70,7 +75,7 @@ def check_precision(runtime: str, precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}: one of {', '.join(PRECISIONS)}")
     if precision == BF16 and runtime == ONNXRUNTIME:
         raise ValueError("onnxruntime runs the export in f32 only: use runtime='openvino' for bf16")
-    if precision == BF16 and BF16.upper() not in openvino_capabilities():
+    if precision == BF16 and not openvino_has_bf16():
         raise ValueError(
             f"OpenVINO's CPU plugin has no bf16 on this CPU ({openvino_cpu_name()}; capabilities: "
             f"{', '.join(openvino_capabilities())}): use precision='f32'"
