@@ -23,6 +23,7 @@ from finesam.cli.common import (
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.overlay import overlay
+from finesam.cli.text_prompts import run_text, text_options
 from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, as_rgb, open_image, parse_json_prompts, read_text_input
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
@@ -97,6 +98,11 @@ def command_line_prompt(args: argparse.Namespace) -> SegmentPrompt:
 
 @inference
 def run_segment(args: argparse.Namespace) -> None:
+    if args.text is not None:
+        run_text(args)
+        return
+    if args.detections is not None:
+        raise UsageError("--detections lists what --text finds: give --text")
     if args.manifest is not None:
         run_segment_manifest(args)
         return
@@ -201,10 +207,16 @@ def add_commands(commands: Commands) -> None:
     segment = add_command(
         commands,
         "segment",
-        "segment an image with box and point prompts",
-        (model_options(), lora_options(), labelling_options()),
+        "segment an image with box and point prompts, or by name (--text)",
+        (model_options(), lora_options(), text_options(), labelling_options()),
     )
-    segment.add_argument("image", type=Path, nargs="?", help="the image (any format PIL reads)")
+    segment.add_argument(
+        "image",
+        type=Path,
+        nargs="?",
+        metavar="IMAGE",
+        help="the image (any format PIL reads); with --text also a folder of images or a text file of image paths",
+    )
     segment.add_argument(
         "--manifest",
         type=Path,
@@ -230,7 +242,7 @@ def add_commands(commands: Commands) -> None:
         type=Path,
         required=True,
         metavar="MASK.png|DIR",
-        help="the mask (255 = object); with --manifest a folder",
+        help="the mask (255 = object; several: MASK_0.png, MASK_1.png, ...); with --manifest or a folder a folder",
     )
     segment.add_argument("--logits", type=Path, metavar="LOGITS.npy", help="also save the float32 logits")
     segment.add_argument("--overlay", type=Path, metavar="OVERLAY.png", help="the image with masks and prompts drawn")
