@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import numpy as np
@@ -22,6 +24,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
+from finesam.amg.rle import from_coco, rle_to_mask
 from finesam.detection import DetectorError, TextDetector, grounding_text, masks_of_detections, parse_phrases
 from finesam.detection import segment_text as segment_by_text
 from finesam.model import SegmentAnything
@@ -30,6 +33,8 @@ from finesam.weights import load_sam, save_sam
 import tiny_detectors
 from conftest import photo
 from helpers import finesam
+from served import Served
+from test_serve_browser import api_union, browser_paths, overlay_mask, wait_for
 
 PHRASES = ["a dog", "a cat"]
 TEXT = "A dog. a  cat."
@@ -311,3 +316,107 @@ def test_torchrun_two_processes_equal_one(tmp_path, dataset_run, dataset, weight
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("annotations.json", "errors.jsonl", "run.json"):
         assert (out / name).read_bytes() == (dataset_run / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def served(weights, detectors) -> Iterator[Served]:
+    server = Served("--weights", weights, "--detector", detectors["owlvit"])
+    yield server
+    server.close()
+
+
+def png_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_the_api_finds_detections_and_their_boxes_mask_like_predict(served, detectors, image_path, sam):
+    status, uploaded = served.upload(png_bytes(image_path), "rocket.png")
+    assert status == 200, uploaded
+    status, model = served.call("GET", "/api/model")
+    assert status == 200 and model["detector"] == str(detectors["owlvit"])
+    status, answer = served.call(
+        "POST", f"/api/images/{uploaded['id']}/detections", {"text": TEXT, "box_threshold": 0.3, "max_detections": 3}
+    )
+    assert status == 200, answer
+    image = image_of(image_path)
+    expected = TextDetector.load(detectors["owlvit"]).detect(image, TEXT, 0.3, None, 3)
+    assert answer["detections"] == [d.as_json() for d in expected] and expected
+    for detection in answer["detections"]:
+        status, masks = served.call("POST", f"/api/images/{uploaded['id']}/masks", {"box": detection["box"]})
+        assert status == 200, masks
+        mask = rle_to_mask(from_coco(masks["masks"][0]["rle"]))
+        assert np.array_equal(mask, sam.predict(image, boxes=detection["box"]).masks[0, 0].numpy())
+    for body, message in [
+        ({}, '"text" must be the phrases to find'),
+        ({"text": "a dog", "box_threshold": 2}, "between 0 and 1"),
+        ({"text": "a dog", "text_threshold": 0.2}, "text threshold is for phrase-grounding"),
+        ({"text": "a dog", "max_detections": 0}, "at least 1"),
+        ({"text": " . "}, "no phrase"),
+        ({"text": "a dog", "colour": 1}, "unknown keys ['colour']"),
+    ]:
+        status, answer = served.call("POST", f"/api/images/{uploaded['id']}/detections", body)
+        assert status == 422 and message in answer["error"], (body, answer)
+
+
+def test_a_server_without_a_detector_says_how_to_get_one(weights, image_path):
+    server = Served("--weights", weights)
+    try:
+        _, uploaded = server.upload(png_bytes(image_path))
+        status, answer = server.call("POST", f"/api/images/{uploaded['id']}/detections", {"text": "a dog"})
+        assert status == 422 and "start it with --detector" in answer["error"]
+        assert server.call("GET", "/api/model")[1]["detector"] is None
+    finally:
+        server.close()
+
+
+def test_the_page_adds_the_detections_as_objects_editable_with_clicks(served, image_path, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    chromium, driver = browser_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1500,950"):
+        options.add_argument(argument)
+    options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path)})
+    browser = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    try:
+        browser.get(served.page)
+        wait_for(lambda: browser.find_element(By.ID, "text").is_enabled(), "the text box, enabled")
+        browser.find_element(By.ID, "file").send_keys(str(image_path))
+        image_id = wait_for(lambda: browser.execute_script("return finesam.image && finesam.image.id"), "the upload")
+        browser.find_element(By.ID, "box-threshold").send_keys("0.3")
+        browser.find_element(By.ID, "text").send_keys(TEXT)
+        browser.find_element(By.ID, "detect").click()
+
+        def objects() -> list[Any]:
+            script = "return finesam.busy === 0 && finesam.objects.map(o => [o.name, o.score, o.box, !!o.results.main])"
+            return browser.execute_script(script) or []
+
+        found = wait_for(lambda: [o for o in objects() if o[3]] if all(o[3] for o in objects()) else [], "the masks")
+        _, answer = served.call("POST", f"/api/images/{image_id}/detections", {"text": TEXT, "box_threshold": 0.3})
+        assert [[o[0], o[1], o[2]] for o in found] == [[d["label"], d["score"], d["box"]] for d in answer["detections"]]
+        listed = browser.find_element(By.ID, "objects").text
+        assert all(f"{d['label']} {d['score']:.2f}" in listed for d in answer["detections"])
+        requests = browser.execute_script("return finesam.objects.map(o => o.results.main.request)")
+        np.testing.assert_array_equal(overlay_mask(browser), api_union(served, image_id, requests))
+
+        # the first detection edited like any object: picked in the list, then a background click
+        browser.find_elements(By.CSS_SELECTOR, "#objects li")[0].click()
+        canvas = browser.find_element(By.ID, "prompts-main")
+        ActionChains(browser).move_to_element_with_offset(canvas, 0, 0).context_click().perform()
+        wait_for(
+            lambda: browser.execute_script(
+                "const r = finesam.objects[0].results.main; return finesam.busy === 0 && r && r.request.points"
+            ),
+            "the edited mask",
+        )
+        edited = browser.execute_script("return finesam.objects[0].results.main.request")
+        assert edited["box"] == answer["detections"][0]["box"] and edited["labels"] == [0]
+        requests = browser.execute_script("return finesam.objects.map(o => o.results.main.request)")
+        np.testing.assert_array_equal(overlay_mask(browser), api_union(served, image_id, requests))
+        assert len(browser.execute_script("return finesam.objects")) == len(answer["detections"])
+    finally:
+        browser.quit()
