@@ -28,18 +28,24 @@ from finesam.amg.rle import from_coco, rle_to_mask
 from finesam.detection import DetectorError, TextDetector, grounding_text, masks_of_detections, parse_phrases
 from finesam.detection import segment_text as segment_by_text
 from finesam.model import SegmentAnything
-from finesam.weights import load_sam, save_sam
+from finesam.weights import convert_checkpoint, load_hq, load_sam, save_sam
 
 import tiny_detectors
-from conftest import photo
+from conftest import SMALL, photo
 from helpers import finesam
+from official import build_official
 from served import Served
 from test_serve_browser import api_union, browser_paths, overlay_mask, wait_for
 
 PHRASES = ["a dog", "a cat"]
 TEXT = "A dog. a  cat."
 # thresholds under which the random-weight detectors keep several boxes (and a text threshold that keeps all)
-THRESHOLDS = {"grounding_dino": (0.5, 0.0), "owlv2": (0.3, None), "owlvit": (0.3, None)}
+THRESHOLDS = {
+    "grounding_dino": (0.5, 0.0),
+    "mm_grounding_dino": (0.05, 0.0),
+    "owlv2": (0.3, None),
+    "owlvit": (0.3, None),
+}
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +223,29 @@ def test_segment_text_writes_masks_and_detections(tmp_path, detectors, weights, 
         assert np.array_equal(written, np.where(masks[i].numpy(), 255, 0))
         assert f"masks_{i}.png\t{detection.label}\tscore {detection.score:.4f}" in result.stdout
     assert Image.open(tmp_path / "overlay.png").size == image.size
+
+
+def test_grounded_hq_sam_masks_with_the_hq_adapter_injected(tmp_path, detectors, image_path):
+    checkpoint = tmp_path / "sam_hq_small.pth"
+    torch.save(build_official(SMALL, seed=3, hq=True).state_dict(), checkpoint)
+    base, hq = convert_checkpoint(checkpoint, tmp_path).written
+    result = finesam(
+        "segment", image_path, "--weights", base, "--hq", hq, "--text", TEXT, "--detector", detectors["owlv2"],
+        "--box-threshold", "0.3", "--out", tmp_path / "m.png", "--detections", tmp_path / "found.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = json.loads((tmp_path / "found.json").read_text())
+    assert records
+    model = load_sam(base)
+    image = image_of(image_path)
+    boxes = [record["box"] for record in records]
+    without, _ = model.predict(image, boxes=boxes).best()
+    load_hq(model, hq).inject()
+    masks, scores = model.predict(image, boxes=boxes).best()
+    for record, mask, score in zip(records, masks, scores.tolist(), strict=True):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / record["mask"])) > 0, mask.numpy())
+        assert record["predicted_iou"] == score
+    assert not torch.equal(masks, without)  # HQ-SAM's masks, not SAM's
 
 
 def test_segment_text_with_nothing_found(tmp_path, detectors, weights, image_path):

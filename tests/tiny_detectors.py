@@ -10,14 +10,17 @@ import torch
 WORDS = ("a", "an", "the", "dog", "cat", "person", "car", "bicycle", "coffee", "cup", "rocket")
 
 
-def grounding_dino(folder: Path, seed: int = 0) -> Path:
-    """A Grounding DINO (Swin backbone, BERT text encoder) of about 160k parameters."""
+def grounding_dino(folder: Path, seed: int = 0, mm: bool = False) -> Path:
+    """A Grounding DINO (Swin backbone, BERT text encoder) of about 160k parameters; with `mm` an MM Grounding
+    DINO (the same processor, the model of its own class)."""
     from transformers import (
         BertConfig,
         BertTokenizer,
         GroundingDinoConfig,
         GroundingDinoForObjectDetection,
         GroundingDinoProcessor,
+        MMGroundingDinoConfig,
+        MMGroundingDinoForObjectDetection,
         SwinConfig,
     )
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
@@ -31,7 +34,12 @@ def grounding_dino(folder: Path, seed: int = 0) -> Path:
         image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
         tokenizer=BertTokenizer(str(folder / "vocab.txt")),
     )
-    config = GroundingDinoConfig(
+    config_class, model_class = (
+        (MMGroundingDinoConfig, MMGroundingDinoForObjectDetection)
+        if mm
+        else (GroundingDinoConfig, GroundingDinoForObjectDetection)
+    )
+    config = config_class(
         backbone_config=SwinConfig(
             embed_dim=8,
             depths=[1, 1, 1, 1],
@@ -61,7 +69,7 @@ def grounding_dino(folder: Path, seed: int = 0) -> Path:
         max_text_len=32,
     )
     torch.manual_seed(seed)
-    GroundingDinoForObjectDetection(config).save_pretrained(folder)
+    model_class(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
@@ -139,6 +147,7 @@ def owl(folder: Path, version: int = 2, seed: int = 0) -> Path:
 
 BUILDERS = {
     "grounding_dino": grounding_dino,
+    "mm_grounding_dino": lambda folder: grounding_dino(folder, mm=True),
     "owlv2": lambda folder: owl(folder, 2),
     "owlvit": lambda folder: owl(folder, 1),
 }
