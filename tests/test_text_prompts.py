@@ -186,16 +186,17 @@ def test_a_detector_that_does_not_load_says_why(tmp_path, monkeypatch):
 
 
 def test_without_transformers_the_message_names_the_extra(tmp_path, weights, image_path):
-    code = (
-        "import sys; sys.modules['transformers'] = None\n"
-        "from finesam.cli import main\n"
-        f"main(['segment', {str(image_path)!r}, '--weights', {str(weights)!r}, '--text', 'a dog', "
-        f"'--out', {str(tmp_path / 'm.png')!r}])\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr
-    assert "transformers is missing: pip install 'finesam[text]'" in result.stderr
-    assert not (tmp_path / "m.png").exists()
+    for source, out in ((image_path, tmp_path / "m.png"), (image_path.parent, tmp_path / "labels")):
+        code = (
+            "import sys; sys.modules['transformers'] = None\n"
+            "from finesam.cli import main\n"
+            f"main(['segment', {str(source)!r}, '--weights', {str(weights)!r}, '--text', 'a dog', "
+            f"'--out', {str(out)!r}])\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        assert "transformers is missing: pip install 'finesam[text]'" in result.stderr
+        assert not out.exists()  # refused before anything is written (a dataset run records nothing)
 
 
 def test_segment_text_writes_masks_and_detections(tmp_path, detectors, weights, image_path, sam):

@@ -25,7 +25,14 @@ from finesam.cli.common import (
 from finesam.cli.labelling import Segmenter, run_labelling
 from finesam.cli.options import positive_int
 from finesam.cli.overlay import overlay
-from finesam.detection import DEFAULT_DETECTOR, Detection, DetectorError, TextDetector, parse_phrases
+from finesam.detection import (
+    DEFAULT_DETECTOR,
+    Detection,
+    DetectorError,
+    TextDetector,
+    check_detector_source,
+    parse_phrases,
+)
 from finesam.devices import usable_device
 from finesam.inputs import MASK_THRESHOLD, as_rgb, open_image
 from finesam.labelling import ImageJob, SegmentedObject, images_of, is_image_file, text_objects
@@ -137,7 +144,10 @@ def run_text(args: argparse.Namespace) -> None:
     if args.image is None:
         raise UsageError("give the IMAGE (or a folder or list of images) to segment with --text")
     phrases = _phrases(args)
-    args.detector = args.detector or DEFAULT_DETECTOR
+    try:  # before anything loads or a dataset run records its folder
+        args.detector = check_detector_source(args.detector or DEFAULT_DETECTOR)
+    except DetectorError as e:
+        raise UsageError(f"--detector: {e}") from None
     if is_dataset(args.image):
         run_text_dataset(args, phrases)
     else:

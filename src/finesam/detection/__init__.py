@@ -7,6 +7,7 @@ from finesam.detection.detector import (
     Detection,
     DetectorError,
     TextDetector,
+    check_detector_source,
     grounding_text,
     parse_phrases,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "DetectorError",
     "TextDetector",
     "TextMask",
+    "check_detector_source",
     "grounding_text",
     "masks_of_detections",
     "parse_phrases",

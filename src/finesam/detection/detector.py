@@ -77,6 +77,28 @@ class Detection:
         return {"label": self.label, "score": self.score, "box": list(self.box)}
 
 
+def check_detector_source(source: str | Path) -> str:
+    """The cheap checks of a detector before anything loads: transformers is installed, and a source written as a
+    path (a `Path`, or text starting with /, ./, ../ or ~) is a folder. Returns the name to load.
+
+    Raises:
+        DetectorError: either is not so.
+    """
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise DetectorError(
+            f"text prompts run a transformers detector, and transformers is missing: {TEXT_EXTRA}"
+        ) from None
+    name = str(source)
+    if isinstance(source, Path) or name.startswith(("/", "./", "../", "~")):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise DetectorError(f"the detector folder {name} does not exist (or is not a folder)")
+        name = str(folder)
+    return name
+
+
 def _call_defaults(function: Callable[..., Any]) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(function).parameters)
 
@@ -141,18 +163,9 @@ class TextDetector:
             DetectorError: transformers is not installed, or the source does not load as a zero-shot detector
                 (offline and not cached, an unknown id, a folder without the files); the message says which.
         """
-        try:
-            from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-        except ImportError:
-            raise DetectorError(
-                f"text prompts run a transformers detector, and transformers is missing: {TEXT_EXTRA}"
-            ) from None
-        name = str(source)
-        if isinstance(source, Path) or name.startswith(("/", "./", "../", "~")):
-            folder = Path(name).expanduser()
-            if not folder.is_dir():
-                raise DetectorError(f"the detector folder {name} does not exist (or is not a folder)")
-            name = str(folder)
+        name = check_detector_source(source)
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
         try:
             processor = AutoProcessor.from_pretrained(name)
             model = AutoModelForZeroShotObjectDetection.from_pretrained(name)
