@@ -33,14 +33,13 @@ from finesam.detection import (
     check_detector_source,
     parse_phrases,
 )
+from finesam.detection.grounded import DECODER_BATCH
 from finesam.devices import usable_device
 from finesam.inputs import MASK_THRESHOLD, as_rgb, open_image
 from finesam.labelling import ImageJob, SegmentedObject, images_of, is_image_file, text_objects
 from finesam.model import SegmentAnything
 from finesam.weights import atomic_write, check_output
 from finesam.weights.download import sha256_of
-
-DECODER_BATCH = 64  # boxes decoded in one call
 
 
 def _threshold(text: str) -> float:
