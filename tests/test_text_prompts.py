@@ -450,3 +450,8 @@ def test_the_page_adds_the_detections_as_objects_editable_with_clicks(served, im
         assert len(browser.execute_script("return finesam.objects")) == len(answer["detections"])
     finally:
         browser.quit()
+
+
+def test_serve_refuses_a_detector_folder_that_does_not_exist_before_it_loads(weights, tmp_path):
+    result = finesam("serve", "--weights", weights, "--port", "0", "--detector", tmp_path / "missing")
+    assert result.returncode == 2 and "--detector: the detector folder" in result.stderr, result.stderr

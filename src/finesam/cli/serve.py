@@ -10,6 +10,7 @@ from finesam.cli.common import UsageError, load_base
 from finesam.cli.demo import converted_checkpoint, find_checkpoint, instructions
 from finesam.cli.options import Commands, add_command, model_options, port_number, positive_int, positive_number
 from finesam.cli.text_prompts import load_detector
+from finesam.detection import DetectorError, check_detector_source
 from finesam.serve.app import BODY_TIMEOUT_S, MIN_TOKEN_LENGTH, allowed_hosts, check_token
 from finesam.weights import load_lora
 
@@ -41,6 +42,11 @@ def run_serve(args: argparse.Namespace) -> None:
             raise SystemExit(1)
         args.weights, hq = converted_checkpoint(checkpoint)
         args.hq = args.hq if args.hq is not None or not hq.is_file() else hq
+    if args.detector is not None:  # transformers and a folder checked before anything loads
+        try:
+            args.detector = check_detector_source(args.detector)
+        except DetectorError as e:
+            raise UsageError(f"--detector: {e}") from None
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
