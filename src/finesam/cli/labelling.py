@@ -77,6 +77,7 @@ def run_labelling(
     command: str,
     options: dict[str, Any],
     segmenter: Callable[[SegmentAnything], Segmenter],
+    categories: dict[int, str] | None = None,
 ) -> None:
     """Segments every job with the segmenter made for the loaded model and writes the run's outputs.
 
@@ -86,6 +87,7 @@ def run_labelling(
         command: the command's name, recorded with `options` (what the results depend on besides the images).
         options: the settings of the command that change its results.
         segmenter: makes the function from an image and its job to its objects, given the model.
+        categories: the category names by id (all listed in annotations.json); None: the ids the objects use.
     """
     out: Path = check_output_folder(args.out, "--out")
     # the files of the folder itself are never an input (a manifest kept as OUT/errors.jsonl, say)
@@ -108,7 +110,9 @@ def run_labelling(
         "hq": None if hq is None or hq == args.weights else _digest(hq, "--hq"),
         "loras": [_digest(path, "--lora") for path in args.lora],
     }
-    run = LabellingRun(out, identity, polygons=args.polygons, png=args.png, keep_empty=args.keep_empty)
+    run = LabellingRun(
+        out, identity, polygons=args.polygons, png=args.png, keep_empty=args.keep_empty, categories=categories
+    )
     # by every process: a refused run stops them all alike, before the model loads
     run.check_outputs(args.overwrite)
     if not args.overwrite:

@@ -28,11 +28,12 @@ def overlay(
     points: Sequence[tuple[float, float, int]] = (),
     alpha: float = 0.5,
     colours: Sequence[tuple[int, int, int]] | None = None,
+    labels: Sequence[str] = (),
 ) -> Image.Image:
     """The image with each (H, W) boolean mask tinted in its own colour, boxes outlined, points marked.
 
     Masks take `colours` in turn (by default the palette, repeated). Foreground points are drawn green,
-    background points red.
+    background points red. `labels` name the boxes in turn (written at their top-left corner).
     """
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     palette = colours or PALETTE
@@ -43,7 +44,12 @@ def overlay(
     draw = ImageDraw.Draw(result)
     width = max(2, round(max(result.size) / 400))
     for i, box in enumerate(boxes):
-        draw.rectangle([tuple(box[:2]), tuple(box[2:4])], outline=PALETTE[i % len(PALETTE)], width=width)
+        colour = PALETTE[i % len(PALETTE)]
+        draw.rectangle([tuple(box[:2]), tuple(box[2:4])], outline=colour, width=width)
+        if i < len(labels):
+            left, top, right, bottom = draw.textbbox((box[0] + width, box[1] + width), labels[i])
+            draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
+            draw.text((box[0] + width, box[1] + width), labels[i], fill=(255, 255, 255))
     radius = 3 * width
     for x, y, label in points:
         fill = (0, 200, 0) if label == 1 else (220, 0, 0)

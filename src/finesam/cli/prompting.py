@@ -96,7 +96,7 @@ def prompt_options() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         metavar="MASK.png|DIR",
-        help="the mask (255 = object); with --manifest a folder",
+        help="the mask (255 = object; several: MASK_0.png, MASK_1.png, ...); with --manifest or a folder a folder",
     )
     options.add_argument("--logits", type=Path, metavar="LOGITS.npy", help="also save the float32 logits")
     options.add_argument("--overlay", type=Path, metavar="OVERLAY.png", help="the image with masks and prompts drawn")

@@ -22,6 +22,7 @@ from finesam.cli.onnx_segment import run_onnx_segment
 from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.overlay import overlay
 from finesam.cli.prompting import command_line_prompt, onnx_options, prompt_options, read_prompt_file
+from finesam.cli.text_prompts import run_text, text_options
 from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
@@ -35,6 +36,11 @@ def run_segment(args: argparse.Namespace) -> None:
     if args.onnx is not None:  # here only where `finesam.cli.main` did not see it (an abbreviated --onnx)
         run_onnx_segment(args)  # which refuses --weights
         return
+    if args.text is not None:
+        run_text(args)
+        return
+    if args.detections is not None:
+        raise UsageError("--detections lists what --text finds: give --text")
     if args.manifest is not None:
         run_segment_manifest(args)
         return
@@ -139,10 +145,16 @@ def add_commands(commands: Commands) -> None:
     segment = add_command(
         commands,
         "segment",
-        "segment an image with box and point prompts",
-        (model_options(), lora_options(), labelling_options(), prompt_options(), onnx_options()),
+        "segment an image with box and point prompts, or by name (--text)",
+        (model_options(), lora_options(), text_options(), labelling_options(), prompt_options(), onnx_options()),
     )
-    segment.add_argument("image", type=Path, nargs="?", help="the image (any format PIL reads)")
+    segment.add_argument(
+        "image",
+        type=Path,
+        nargs="?",
+        metavar="IMAGE",
+        help="the image (any format PIL reads); with --text also a folder of images or a text file of image paths",
+    )
     segment.add_argument(
         "--manifest",
         type=Path,

@@ -9,6 +9,8 @@ from pathlib import Path
 from finesam.cli.common import UsageError, load_base
 from finesam.cli.demo import converted_checkpoint, find_checkpoint, instructions
 from finesam.cli.options import Commands, add_command, model_options, port_number, positive_int, positive_number
+from finesam.cli.text_prompts import load_detector
+from finesam.detection import DetectorError, check_detector_source
 from finesam.serve.app import BODY_TIMEOUT_S, MIN_TOKEN_LENGTH, allowed_hosts, check_token
 from finesam.weights import load_lora
 
@@ -40,6 +42,11 @@ def run_serve(args: argparse.Namespace) -> None:
             raise SystemExit(1)
         args.weights, hq = converted_checkpoint(checkpoint)
         args.hq = args.hq if args.hq is not None or not hq.is_file() else hq
+    if args.detector is not None:  # transformers and a folder checked before anything loads
+        try:
+            args.detector = check_detector_source(args.detector)
+        except DetectorError as e:
+            raise UsageError(f"--detector: {e}") from None
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -49,7 +56,8 @@ def run_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
     model, adapter = load_base(args)
     loras = [load_lora(model, path) for path in args.lora]
-    host = ModelHost(model, adapter, loras, cache_images=args.cache_images)
+    detector = None if args.detector is None else load_detector(args)
+    host = ModelHost(model, adapter, loras, cache_images=args.cache_images, detector=detector)
     app = create_app(
         host,
         images=args.images,
@@ -97,4 +105,10 @@ def add_commands(commands: Commands) -> None:
         metavar="S",
         help="seconds a request body may take to arrive in full (a client that stops halfway is cut off)",
     )
-    serve.set_defaults(run=run_serve)
+    serve.add_argument(
+        "--detector",
+        metavar="HUB_ID|DIR",
+        help="text prompts on the page: this transformers zero-shot object detector (e.g. "
+        "IDEA-Research/grounding-dino-tiny, or a local folder; pip install 'finesam[text]')",
+    )
+    serve.set_defaults(run=run_serve, box_threshold=None, text_threshold=None)

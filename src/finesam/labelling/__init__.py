@@ -6,7 +6,7 @@ as COCO annotations, `run` commits each image's result and merges them, `prefetc
 
 from finesam.labelling.coco import SegmentedObject, annotation, coco_document
 from finesam.labelling.run import LabellingRun, Summary
-from finesam.labelling.segmenters import everything_objects, prompted_objects
+from finesam.labelling.segmenters import everything_objects, prompted_objects, text_objects
 from finesam.labelling.sources import ImageJob, ObjectPrompts, images_of, is_image_file, read_manifest
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "is_image_file",
     "prompted_objects",
     "read_manifest",
+    "text_objects",
 ]

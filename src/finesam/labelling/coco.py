@@ -24,6 +24,7 @@ class SegmentedObject:
     score: float  # the predicted IoU
     category_id: int
     stability_score: float | None = None  # where the automatic generator computed it
+    detection_score: float | None = None  # where a text detector found its box
 
     @property
     def area(self) -> int:
@@ -76,19 +77,29 @@ def annotation(item: SegmentedObject, *, polygons: bool = False) -> dict[str, An
     record |= {"area": item.area, "bbox": coco_box(mask), "iscrowd": 0, "score": item.score}
     if item.stability_score is not None:
         record["stability_score"] = item.stability_score
+    if item.detection_score is not None:
+        record["detection_score"] = item.detection_score
     record["category_id"] = item.category_id
     return record
 
 
 def coco_document(
-    images: list[dict[str, Any]], annotations: list[list[dict[str, Any]]], category_ids: set[int]
+    images: list[dict[str, Any]],
+    annotations: list[list[dict[str, Any]]],
+    category_ids: set[int],
+    category_names: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """A COCO instances file: `images` (file_name, width, height) numbered from 1 in order, each image's
-    annotations numbered from 1 across the file, and the categories (1 is "object" unless named otherwise)."""
+    annotations numbered from 1 across the file, and the categories: every id of `category_names` with its name
+    (text prompts: the phrases), then the other ids used (1 is "object" unless named otherwise)."""
     coco_images, coco_annotations = [], []
     for image_id, (image, records) in enumerate(zip(images, annotations, strict=True), 1):
         coco_images.append({"id": image_id, **image})
         for record in records:
             coco_annotations.append({"id": len(coco_annotations) + 1, "image_id": image_id, **record})
-    categories = [{"id": c, "name": "object" if c == 1 else f"category {c}"} for c in sorted(category_ids)]
+    names = dict(category_names or {})
+    categories = [
+        {"id": c, "name": names.get(c, "object" if c == 1 else f"category {c}")}
+        for c in sorted(category_ids | names.keys())
+    ]
     return {"images": coco_images, "annotations": coco_annotations, "categories": categories}

@@ -58,6 +58,8 @@ class LabellingRun:
         png: also one mask PNG per object, under `out/masks/`.
         keep_empty: keep empty masks as annotations (area 0, bbox [0, 0, 0, 0]); by default they are left out
             and counted: COCO evaluation cannot match them and many trainers refuse zero-area boxes.
+        categories: the names of the categories by id, all listed in annotations.json (text prompts: the
+            phrases); None: the ids used, named "object" (1) or "category N".
     """
 
     def __init__(
@@ -68,8 +70,10 @@ class LabellingRun:
         polygons: bool = False,
         png: bool = False,
         keep_empty: bool = False,
+        categories: dict[int, str] | None = None,
     ) -> None:
         self.out = out
+        self.categories = categories
         self.identity = {"format": RUN_FORMAT, **identity, "polygons": polygons, "png": png, "keep_empty": keep_empty}
         self.polygons = polygons
         self.png = png
@@ -242,7 +246,9 @@ class LabellingRun:
             annotations.append(part["annotations"])
             empty += int(part.get("empty", 0))
             categories |= {record["category_id"] for record in part["annotations"]}
-        document = coco_document(images, annotations, categories or {DEFAULT_CATEGORY})
+        if not categories and not self.categories:
+            categories = {DEFAULT_CATEGORY}
+        document = coco_document(images, annotations, categories, self.categories)
         write_text(self.out / "annotations.json", json.dumps(document))
         write_text(self.out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
         return Summary(len(images), sum(map(len, annotations)), len(errors), empty)

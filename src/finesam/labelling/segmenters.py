@@ -1,10 +1,15 @@
-"""The objects of one image: everything the automatic generator finds, or one mask per prompted object."""
+"""The objects of one image: everything the automatic generator finds, one mask per prompted object, or one mask
+per box a text detector finds."""
+
+from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from PIL import Image
 
 from finesam.amg import AutomaticMaskGenerator, masks_to_rle
 from finesam.amg.generator import UPSCALE_BUDGET
+from finesam.detection import TextDetector
 from finesam.inputs import MASK_THRESHOLD
 from finesam.labelling.coco import SegmentedObject
 from finesam.labelling.sources import DEFAULT_CATEGORY, ObjectPrompts
@@ -60,3 +65,24 @@ def prompted_objects(
                 for i, rle, score in zip(chosen[part], masks_to_rle(masks), scores[part].tolist(), strict=True):
                     found[i] = SegmentedObject(rle, score, prompts.category_ids[i])
     return [found[i] for i in range(len(prompts))]
+
+
+def text_objects(
+    model: SegmentAnything,
+    detector: TextDetector,
+    image: Image.Image,
+    phrases: Sequence[str],
+    box_threshold: float | None = None,
+    text_threshold: float | None = None,
+    max_detections: int | None = None,
+    multimask: bool = False,
+) -> list[SegmentedObject]:
+    """One mask per box the detector finds for the phrases (see `TextDetector.detect`), highest detection score
+    first: category i + 1 for phrase i, `score` the predicted IoU and `detection_score` the detector's. No
+    detection: no object (the image is then not encoded)."""
+    detections = detector.detect(image, phrases, box_threshold, text_threshold, max_detections)
+    if not detections:
+        return []
+    prompts = ObjectPrompts(boxes=[list(d.box) for d in detections], category_ids=[d.phrase + 1 for d in detections])
+    objects = prompted_objects(model, image, prompts, multimask=multimask)
+    return [replace(item, detection_score=d.score) for item, d in zip(objects, detections, strict=True)]

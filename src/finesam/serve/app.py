@@ -34,7 +34,7 @@ from starlette.routing import Route
 from finesam.data.pairs import IMAGE_SUFFIXES
 from finesam.inputs import as_rgb, open_image
 from finesam.serve.host import ModelHost, NotFound
-from finesam.serve.requests import ApiError, everything_request, mask_request
+from finesam.serve.requests import ApiError, detection_request, everything_request, mask_request
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
 STATIC = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
@@ -252,6 +252,10 @@ def create_app(
         prompt = mask_request(await body_json(request))
         return JSONResponse(await run_in_threadpool(host.masks, request.path_params["id"], prompt))
 
+    async def detections(request: Request) -> Response:
+        asked = detection_request(await body_json(request))
+        return JSONResponse(await run_in_threadpool(host.detections, request.path_params["id"], asked))
+
     async def everything(request: Request) -> Response:
         options, hq, hq_only, loras = everything_request(await body_json(request))
         result = await run_in_threadpool(host.everything, request.path_params["id"], options, hq, hq_only, loras)
@@ -289,6 +293,7 @@ def create_app(
         Route("/api/images/{id}", image_pixels),
         Route("/api/images/{id}/masks", masks, methods=["POST"]),
         Route("/api/images/{id}/everything", everything, methods=["POST"]),
+        Route("/api/images/{id}/detections", detections, methods=["POST"]),
     ]
 
     def error(status: int, message: str) -> JSONResponse:

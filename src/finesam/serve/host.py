@@ -21,6 +21,7 @@ from finesam.adapters.lora import SAMLoraAdapter
 from finesam.adapters.order import injection_order
 from finesam.amg import AutomaticMaskGenerator
 from finesam.amg.rle import mask_to_rle, to_coco
+from finesam.detection import TextDetector
 from finesam.model.config import describe
 from finesam.model.sam import ImageEmbedding, SegmentAnything
 
@@ -42,6 +43,16 @@ class MaskRequest:
     hq: bool = False
     hq_only: bool = False
     loras: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DetectionRequest:
+    """Phrases to find in an image, and the detector's options (None: its defaults)."""
+
+    text: str
+    box_threshold: float | None = None
+    text_threshold: float | None = None
+    max_detections: int | None = None
 
 
 @dataclass
@@ -69,6 +80,7 @@ class ModelHost:
         hq: the HQ-SAM adapter, not injected, or None.
         loras: LoRA adapters by name, not injected.
         cache_images: images (and their embeddings) kept; the least recently used is dropped first.
+        detector: the zero-shot detector of text prompts, or None (the page then has none).
     """
 
     def __init__(
@@ -77,10 +89,11 @@ class ModelHost:
         hq: HQAdapter | None = None,
         loras: Sequence[SAMLoraAdapter] = (),
         cache_images: int = 8,
+        detector: TextDetector | None = None,
     ) -> None:
         if cache_images < 1:
             raise ValueError(f"cache_images must be at least 1, got {cache_images}")
-        self.model, self.hq, self.cache_images = model, hq, cache_images
+        self.model, self.hq, self.cache_images, self.detector = model, hq, cache_images, detector
         self.loras = {lora.name: lora for lora in loras}
         if HQ in self.loras:
             raise ValueError("a LoRA named 'hq' would shadow the HQ adapter: rename it")
@@ -225,6 +238,25 @@ class ModelHost:
         ]
         return {"annotations": annotations, "ms": round(ms, 2)}
 
+    def detections(self, image_id: str, request: DetectionRequest) -> dict[str, Any]:
+        """The boxes the detector finds for the phrases (`TextDetector.detect`), highest score first: the page
+        makes each one an object, whose mask it then asks for like any box.
+
+        Raises:
+            NotFound: unknown image id.
+            ValueError: no detector, no phrase, or options the detector does not take.
+        """
+        if self.detector is None:
+            raise ValueError("this server has no text detector (start it with --detector HUB_ID_OR_FOLDER)")
+        with self._lock:
+            image = self._entry(image_id).image
+            start = time.perf_counter()
+            found = self.detector.detect(
+                image, request.text, request.box_threshold, request.text_threshold, request.max_detections
+            )
+            ms = 1000 * (time.perf_counter() - start)
+        return {"detections": [d.as_json() for d in found], "ms": round(ms, 2)}
+
     def describe(self) -> dict[str, Any]:
         """What `/api/model` reports: the model, its adapters and the cache."""
         with self._lock:
@@ -237,6 +269,7 @@ class ModelHost:
                 "model": describe(self.model.config),
                 "image_size": self.model.config.image_size,
                 "adapters": {"hq": self.hq is not None, "loras": sorted(self.loras)},
+                "detector": None if self.detector is None else self.detector.name,
                 "injected": list(self._injected),
                 "cache": {"images": len(self._images), "limit": self.cache_images, "bytes": cached},
             }

@@ -4,7 +4,7 @@ from typing import Any
 
 from finesam.amg import GENERATOR_OPTIONS, AutomaticMaskGenerator
 from finesam.inputs import JSON_PROMPT_KEYS, finite_number, parse_json_prompts, shown
-from finesam.serve.host import MaskRequest
+from finesam.serve.host import DetectionRequest, MaskRequest
 
 
 class ApiError(Exception):
@@ -97,3 +97,32 @@ def everything_request(data: Any) -> tuple[dict[str, Any], bool, bool, tuple[str
     except (ValueError, TypeError) as e:
         raise _invalid(str(e)) from None
     return options, _flag(data, "hq"), _flag(data, "hq_only"), _loras(data)
+
+
+MAX_TEXT_CHARACTERS = 1000
+
+
+def detection_request(data: Any) -> DetectionRequest:
+    """A `DetectionRequest` from the JSON of `POST /api/images/{id}/detections`: {"text": "a dog. a cat.",
+    "box_threshold": 0.3, "text_threshold": 0.25, "max_detections": 10} (all but "text" optional)."""
+    if not isinstance(data, dict):
+        raise _invalid(f"the request body must be a JSON object, got {type(data).__name__}")
+    known = {"text", "box_threshold", "text_threshold", "max_detections"}
+    if unknown := sorted(set(data) - known):
+        raise _invalid(f"unknown keys {unknown} (known: {sorted(known)})")
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise _invalid(f'"text" must be the phrases to find, separated by dots ("a dog. a cat."), got {shown(text)}')
+    if len(text) > MAX_TEXT_CHARACTERS:
+        raise _invalid(f'"text" is at most {MAX_TEXT_CHARACTERS} characters')
+    thresholds: dict[str, float | None] = {}
+    for key in ("box_threshold", "text_threshold"):
+        value = data.get(key)
+        number = None if value is None else _number(value, f'"{key}"')
+        if number is not None and not 0 <= number <= 1:
+            raise _invalid(f'"{key}" must be between 0 and 1, got {shown(value)}')
+        thresholds[key] = number
+    limit = data.get("max_detections")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise _invalid(f'"max_detections" must be a whole number of at least 1, got {shown(limit)}')
+    return DetectionRequest(text, thresholds["box_threshold"], thresholds["text_threshold"], limit)

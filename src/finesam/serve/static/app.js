@@ -8,7 +8,8 @@ const COLOURS = [[230, 57, 70], [42, 157, 143], [69, 123, 157], [244, 162, 97], 
 
 const state = {
   image: null,       // {id, width, height, name}
-  objects: [],       // {points, labels, box, results: {main, hq}} ; a result: {masks: [{rle, score, bits}], chosen, ms}
+  objects: [],       // {points, labels, box, name, score, results: {main, hq}} ; a result: {masks: [{rle, score, bits}], chosen, ms}
+                     // (name and score: a detection of the text prompt; null for objects made by clicks)
   current: -1,
   history: [], future: [],
   everything: [],    // bit masks of "segment everything"
@@ -60,7 +61,8 @@ function rleToBits(rle) {
 
 // -- state and history ---------------------------------------------------------------------------------------
 function prompts() {
-  return { objects: state.objects.map((o) => ({ points: o.points, labels: o.labels, box: o.box })), current: state.current };
+  const saved = (o) => ({ points: o.points, labels: o.labels, box: o.box, name: o.name, score: o.score });
+  return { objects: state.objects.map(saved), current: state.current };
 }
 
 function remember() { state.history.push(JSON.stringify(prompts())); state.future = []; }
@@ -82,7 +84,7 @@ function currentObject() {
 
 function newObject(record = true) {
   if (record) remember();
-  state.objects.push({ points: [], labels: [], box: null, results: {} });
+  state.objects.push({ points: [], labels: [], box: null, name: null, score: null, results: {} });
   state.current = state.objects.length - 1;
   drawAll();
 }
@@ -135,6 +137,36 @@ async function refresh() {
     state.busy--;
   }
   drawAll();
+}
+
+// the boxes the server's detector finds for the phrases, each added as an object (its mask asked for like any box)
+async function detect() {
+  if (!state.image) return;
+  const text = $("text").value.trim();
+  if (!text) { status("type what to find, e.g. a dog. a cat."); return; }
+  const body = { text };
+  if ($("box-threshold").value !== "") body.box_threshold = Number($("box-threshold").value);
+  state.busy++;
+  try {
+    status(`finding ${text}...`);
+    const answer = await api(`images/${state.image.id}/detections`, { method: "POST", body: JSON.stringify(body) });
+    if (!answer.detections.length) {
+      status(`nothing found for "${text}" (${(answer.ms / 1000).toFixed(2)} s): try a lower box threshold`);
+      return;
+    }
+    remember();
+    for (const d of answer.detections) {
+      state.objects.push({ points: [], labels: [], box: d.box, name: d.label, score: d.score, results: {} });
+    }
+    state.current = -1;  // a click starts a new object; pick a detection in the list to edit it
+    status(`${answer.detections.length} found in ${(answer.ms / 1000).toFixed(2)} s; segmenting...`);
+  } catch (error) {
+    status("error: " + error.message);
+    return;
+  } finally {
+    state.busy--;
+  }
+  await refresh();
 }
 
 async function everything() {
@@ -194,6 +226,11 @@ function drawView(view) {
       pen.lineWidth = 2 * unit;
       const [x1, y1, x2, y2] = object.box;
       pen.strokeRect(x1, y1, x2 - x1, y2 - y1);
+      if (object.name) {
+        pen.font = `${Math.round(12 * unit)}px sans-serif`;
+        pen.fillStyle = pen.strokeStyle;
+        pen.fillText(`${object.name} ${object.score.toFixed(2)}`, x1 + 3 * unit, y1 + 14 * unit);
+      }
     }
     object.points.forEach(([x, y], j) => {
       pen.fillStyle = object.labels[j] ? "#22c55e" : "#ef4444";
@@ -220,12 +257,17 @@ function drawAll() {
     const item = document.createElement("li");
     const result = object.results.main;
     item.innerHTML = `<span class="swatch" style="background: rgb(${COLOURS[i % COLOURS.length].join(",")})"></span>` +
-      `object ${i + 1}` + (result ? ` (IoU ${result.masks[result.chosen].score.toFixed(3)})` : "");
+      (object.name ? `${escaped(object.name)} ${object.score.toFixed(2)}` : `object ${i + 1}`) +
+      (result ? ` (IoU ${result.masks[result.chosen].score.toFixed(3)})` : "");
     item.className = i === state.current ? "current" : "";
     item.onclick = () => { state.current = i; drawAll(); };
     list.appendChild(item);
   });
   drawCandidates();
+}
+
+function escaped(text) {
+  return text.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
 
 function drawCandidates() {
@@ -405,17 +447,20 @@ function polygons(bits, width, height) {
 
 function exportCoco(withPolygons) {
   const width = state.image.width, height = state.image.height, annotations = [];
+  const names = [...new Set(state.objects.map((o) => o.name || "object"))];  // categories: the phrases found
   state.objects.forEach((object, i) => {
     const result = object.results.main;
     if (!result) return;
     const mask = result.masks[result.chosen];
-    const annotation = Object.assign({ id: i + 1, image_id: 1, category_id: 1, score: mask.score }, boxOf(mask.bits, width));
+    const category = names.indexOf(object.name || "object") + 1;
+    const annotation = Object.assign({ id: i + 1, image_id: 1, category_id: category, score: mask.score }, boxOf(mask.bits, width));
+    if (object.name) annotation.detection_score = object.score;
     annotation.segmentation = withPolygons ? polygons(mask.bits, width, height) : mask.rle;
     annotations.push(annotation);
   });
   const coco = {
     images: [{ id: 1, file_name: state.image.name, width, height }],
-    categories: [{ id: 1, name: "object" }],
+    categories: names.map((name, i) => ({ id: i + 1, name })),
     annotations,
   };
   save(new Blob([JSON.stringify(coco)], { type: "application/json" }), `${stem()}_${withPolygons ? "polygons" : "coco"}.json`);
@@ -431,6 +476,8 @@ $("undo").onclick = undo;
 $("redo").onclick = redo;
 $("clear").onclick = clearAll;
 $("everything").onclick = everything;
+$("detect").onclick = detect;
+$("text").addEventListener("keydown", (event) => { if (event.key === "Enter") detect(); });
 for (const id of ["hq", "hq-only", "compare", "multimask"]) $(id).addEventListener("change", refresh);
 for (const id of ["opacity", "contours"]) $(id).addEventListener("input", drawAll);
 
@@ -457,6 +504,10 @@ async function start() {
     state.model = model;
     $("model").textContent = model.model + (model.adapters.hq ? " + HQ-SAM adapter" : "");
     for (const id of ["hq", "hq-only", "compare"]) $(id).disabled = !model.adapters.hq;
+    for (const id of ["text", "box-threshold", "detect"]) $(id).disabled = !model.detector;
+    $("text-hint").textContent = model.detector
+      ? `${model.detector} finds the boxes; each becomes an object: click it in the list to edit it`
+      : "this server has no text detector: start it with --detector (pip install 'finesam[text]')";
     for (const name of model.adapters.loras) {
       const label = document.createElement("label");
       label.innerHTML = `<input type="checkbox" value="${name.replace(/[^\w.-]/g, "")}"> LoRA ${name.replace(/[^\w.-]/g, "")}`;
