@@ -15,10 +15,7 @@ annotations.json written). Two processes get one thread each (torchrun's default
 """
 
 import argparse
-import os
 import platform
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "reference"), str(Path(__file__).resolve().parent)]
+from bench_datasets import run as dataset_rate
 from finesam.detection import TextDetector, masks_of_detections
 from finesam.fast import apply_fast_paths
 from finesam.model import SAMConfig, SegmentAnything
@@ -39,9 +37,6 @@ from tiny_detectors import WORDS, grounding_dino
 
 TEXT = "a person. a car. a bicycle."
 DETECTIONS = 10
-FINESAM = [sys.executable, "-m", "finesam.cli"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "finesam.cli"]
-SUMMARY = re.compile(r"(\d+) images, (\d+) masks, (\d+) failed, ([\d.]+) s")
 
 
 def full_grounding_dino(folder: Path) -> Path:
@@ -66,17 +61,6 @@ def full_grounding_dino(folder: Path) -> Path:
     GroundingDinoForObjectDetection(GroundingDinoConfig()).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-def dataset_rate(command: list[str], processes: int) -> tuple[int, int, float]:
-    """(images, masks, seconds) of a dataset run's summary line."""
-    launcher = FINESAM if processes == 1 else TORCHRUN
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if processes > 1 else dict(os.environ)
-    result = subprocess.run([*launcher, *command, "--quiet"], capture_output=True, text=True, env=env)
-    found = SUMMARY.search(result.stdout)
-    if result.returncode != 0 or found is None:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr[-3000:]}")
-    return int(found[1]), int(found[2]), float(found[4])
 
 
 def main() -> None:

@@ -23,9 +23,14 @@ from finesam.cli.basics import (
     save_mask,
     suffixed,
 )
-from finesam.cli.overlay import overlay
-from finesam.cli.prompting import command_line_prompt, onnx_options, prompt_options, read_prompt_file
-from finesam.files import OutputError, atomic_write, check_output
+from finesam.cli.prompting import (
+    command_line_prompt,
+    onnx_options,
+    prompt_options,
+    read_prompt_file,
+    save_prompts_overlay,
+)
+from finesam.files import OutputError, check_output
 from finesam.inputs import as_rgb, check_prompts, open_image
 from finesam.onnx.interface import DESCRIPTION_FILE
 
@@ -121,15 +126,7 @@ def run_onnx_segment(args: argparse.Namespace) -> None:
                 drawn.append(values > 0)
             index += 1
     if args.overlay is not None:
-        boxes = [box for p in prompts for box in p.objects.boxes or []]
-        points = [
-            (x, y, label)
-            for p in prompts
-            for one, labels in zip(p.objects.points or [], p.objects.labels or [], strict=True)
-            for (x, y), label in zip(one, labels, strict=True)
-        ]
-        picture = overlay(image, drawn, boxes=boxes, points=points)
-        print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
+        print(save_prompts_overlay(args.overlay, image, drawn, prompts))
 
 
 def main(argv: list[str]) -> None:

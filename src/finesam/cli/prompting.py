@@ -6,7 +6,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from finesam.cli.basics import UsageError, floats, positive_int
+from finesam.cli.overlay import overlay
+from finesam.files import atomic_write
 from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, parse_json_prompts, read_text_input
 from finesam.onnx.runtimes import F32, ONNXRUNTIME, PRECISIONS, RUNTIMES
 
@@ -73,6 +78,19 @@ def command_line_prompt(args: argparse.Namespace) -> SegmentPrompt:
         labels=[[int(p[2]) for p in args.point]] if args.point else None,
     )
     return SegmentPrompt(objects, args.multimask)
+
+
+def save_prompts_overlay(path: Path, image: Image.Image, masks: list[np.ndarray], prompts: list[SegmentPrompt]) -> Path:
+    """Writes (atomically) the image with the masks and every prompt's boxes and clicks drawn; returns the path."""
+    boxes = [box for p in prompts for box in p.objects.boxes or []]
+    points = [
+        (x, y, label)
+        for p in prompts
+        for one, labels in zip(p.objects.points or [], p.objects.labels or [], strict=True)
+        for (x, y), label in zip(one, labels, strict=True)
+    ]
+    picture = overlay(image, masks, boxes=boxes, points=points)
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def prompt_options() -> argparse.ArgumentParser:

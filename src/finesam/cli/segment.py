@@ -20,15 +20,20 @@ from finesam.cli.common import (
 from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
 from finesam.cli.onnx_segment import run_onnx_segment
 from finesam.cli.options import Commands, add_command, lora_options, model_options
-from finesam.cli.overlay import overlay
-from finesam.cli.prompting import command_line_prompt, onnx_options, prompt_options, read_prompt_file
+from finesam.cli.prompting import (
+    command_line_prompt,
+    onnx_options,
+    prompt_options,
+    read_prompt_file,
+    save_prompts_overlay,
+)
 from finesam.cli.text_prompts import run_text, text_options
 from finesam.inputs import as_rgb, open_image
 from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
 from finesam.model import SegmentAnything
 from finesam.model.prompts import prepare_prompts
 from finesam.progress import progress
-from finesam.weights import atomic_write, check_output
+from finesam.weights import check_output
 
 
 @inference
@@ -85,15 +90,7 @@ def run_segment(args: argparse.Namespace) -> None:
                 drawn.append(values > 0)
             index += 1
     if args.overlay is not None:
-        boxes = [box for p in prompts for box in p.objects.boxes or []]
-        points = [
-            (x, y, label)
-            for p in prompts
-            for one, labels in zip(p.objects.points or [], p.objects.labels or [], strict=True)
-            for (x, y), label in zip(one, labels, strict=True)
-        ]
-        picture = overlay(image, drawn, boxes=boxes, points=points)
-        print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
+        print(save_prompts_overlay(args.overlay, image, drawn, prompts))
 
 
 def _check_outputs(args: argparse.Namespace, total: int) -> None:
