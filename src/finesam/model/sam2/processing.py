@@ -33,6 +33,17 @@ def square_input(
     return ((resized - mean) / std).to(device=device, dtype=dtype)
 
 
+def video_frame_input(image: Image.Image, size: int) -> Float[Tensor, "1 3 size size"]:
+    """A video frame as the official video loader gives it to SAM 2: stretched to size x size by PIL's default
+    resize (bicubic, on uint8), divided by 255 in float64, then normalised with ImageNet's mean and std in
+    float32 (`sam2.utils.misc.load_video_frames`; not the image predictor's `square_input`)."""
+    resized = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.uint8)
+    pixels = torch.from_numpy(resized / 255.0).permute(2, 0, 1)[None].float()
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
 def component_areas(mask: np.ndarray) -> np.ndarray:
     """For a boolean (H, W) mask, the area of the 8-connected component of every true pixel (0 elsewhere)."""
     labelled = cast(tuple[np.ndarray, int], ndimage.label(mask, structure=np.ones((3, 3), dtype=bool)))
@@ -43,11 +54,15 @@ def component_areas(mask: np.ndarray) -> np.ndarray:
 
 
 def fill_holes_and_sprinkles(
-    logits: Float[Tensor, "batch masks h w"], max_hole_area: float, max_sprinkle_area: float
+    logits: Float[Tensor, "batch masks h w"],
+    max_hole_area: float,
+    max_sprinkle_area: float,
+    hole_logit: float = HOLE_LOGIT,
 ) -> Float[Tensor, "batch masks h w"]:
     """Background regions of at most `max_hole_area` pixels become foreground, then foreground regions of at
     most `max_sprinkle_area` pixels become background (8-connected regions of each mask; 0 turns a step off).
-    The official predictor's rule: the changed pixels take logit +10 / -10."""
+    The official image predictor's rule: the changed pixels take logit +10 / -10 (the video predictor fills
+    holes only, with `hole_logit` 0.1)."""
     if max_hole_area <= 0 and max_sprinkle_area <= 0:
         return logits
     flat = logits.detach().float().cpu().reshape(-1, *logits.shape[-2:]).numpy()
@@ -60,7 +75,7 @@ def fill_holes_and_sprinkles(
         if max_sprinkle_area > 0:
             areas = component_areas(mask > MASK_THRESHOLD)
             sprinkles[i] = (areas > 0) & (areas <= max_sprinkle_area)
-    out = torch.where(torch.from_numpy(holes).reshape(logits.shape).to(logits.device), HOLE_LOGIT, logits)
+    out = torch.where(torch.from_numpy(holes).reshape(logits.shape).to(logits.device), hole_logit, logits)
     return torch.where(torch.from_numpy(sprinkles).reshape(logits.shape).to(logits.device), SPRINKLE_LOGIT, out)
 
 

@@ -197,7 +197,9 @@ class SAM2Tracker:
         for slot, remembered in slots:
             if remembered is None:
                 continue
-            tokens.append(remembered.features.flatten(2).transpose(1, 2))
+            # features may be stored in bfloat16 (as the official video predictor stores them): used in the
+            # positions' precision (the official code upcasts them when pointers join them)
+            tokens.append(remembered.features.flatten(2).transpose(1, 2).to(remembered.positions.dtype))
             positions.append(self.memory.memory_time(remembered.positions.flatten(2).transpose(1, 2), slot))
         max_pointers = min(num_frames, config.max_pointers)
         sign = -1 if reverse else 1
