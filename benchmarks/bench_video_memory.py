@@ -89,7 +89,8 @@ def run(weights: Path, video: Path, mode: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=1000)
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "base_plus"], choices=["tiny", "small", "base_plus", "large"])
+    sizes = ["tiny", "small", "base_plus", "large"]
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "base_plus"], choices=sizes)
     parser.add_argument("--modes", nargs="+", default=["window", "all"], choices=["window", "all"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

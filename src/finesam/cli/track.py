@@ -379,18 +379,16 @@ def run_track(args: argparse.Namespace) -> None:
     prompts = check_prompts_on(read_track_prompts(args.prompts), frames, args.source)
     objects = sorted({p.object for p in prompts})
     order = tracked_order(len(frames), [p.frame for p in prompts], args.start_frame, args.max_frames, args.reverse)
+    if not order:
+        raise UsageError("--reverse from frame 0: there is no frame before it to track (give --start-frame)")
     _check_outputs(args, frames, objects)
     run = TrackRun(args.out, _identity(args, frames, prompts, order), frames.names)
     complete = run.check(order, objects, args.overwrite)
-    started = time.perf_counter()
-    done = len(order) if complete else 0
-    if not complete:
-        done = _track(args, run, frames, prompts, order)
-    elapsed = time.perf_counter() - started
+    tracked, seconds = (0, 0.0) if complete else _track(args, run, frames, prompts, order)
     if args.overlay is not None:
         _write_overlay(args, run, frames, prompts, order, objects)
-    rate = f", {done / elapsed:.2f} frames/s" if done and elapsed > 0 else ""
-    before = len(order) - done
+    rate = f", {tracked / seconds:.2f} frames/s" if tracked and seconds > 0 else ""
+    before = len(order) - tracked
     print(
         f"{args.out}\t{len(order)} frames, {len(objects)} objects{rate}"
         + (f" ({before} done before)" if before else "")
@@ -401,20 +399,22 @@ def _predictor(args: argparse.Namespace) -> VideoPredictor:
     model = load_model(args)
     if not isinstance(model, SegmentAnything2):
         raise UsageError(f"--weights {args.weights}: video tracking needs SAM 2 / 2.1 weights")
+    assert model.device is not None  # a loaded model's
     memory = load_video_memory(args.weights, device=model.device)
     return VideoPredictor(model, memory, fill_hole_area=args.fill_hole_area, non_overlap_masks=args.non_overlap)
 
 
 def _track(
     args: argparse.Namespace, run: TrackRun, frames: FrameSource, prompts: list[ObjectPrompt], order: list[int]
-) -> int:
-    """Tracks the frames of `order` not done yet and writes their files; returns how many it tracked."""
+) -> tuple[int, float]:
+    """Tracks the frames of `order` not done yet and writes their files; returns how many it tracked, and in how
+    many seconds (from the prompts to the last frame)."""
     predictor = _predictor(args)
     session = predictor.init_state(frames, keep_memories="window")
     notes = read_notes(run.state) if not args.overwrite else None
-    done = 0
+    done, started = 0, time.perf_counter()
     if notes is not None and notes.get("identity") == run.identity and 0 < notes.get("done", 0) <= len(order):
-        restore_session(session, run.state, predictor.model.device)
+        restore_session(session, run.state, predictor.model.device or "cpu")
         done = notes["done"]
     else:
         shutil.rmtree(run.out / STATE_FOLDER, ignore_errors=True)
@@ -448,7 +448,7 @@ def _track(
             except KeyboardInterrupt:
                 raise KeyboardInterrupt(f"what is done is kept in {run.out}: the same command resumes") from None
     run.finish()
-    return done - before
+    return done - before, time.perf_counter() - started
 
 
 def _write_frame(
