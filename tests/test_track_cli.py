@@ -20,6 +20,7 @@ import torch
 import transformers  # noqa: F401  before the reference: its torchvision stand-in confuses transformers' import checks
 from PIL import Image
 
+from finesam.adapters.hq import hq_adapter_for
 from finesam.cli.track import tracked_order
 from finesam.model.config import SAMConfig
 from finesam.model.sam import build_sam
@@ -27,6 +28,7 @@ from finesam.model.sam2.config import HieraConfig, SAM2DecoderConfig
 from finesam.video.frames import open_frames
 from finesam.video.palette import DAVIS_PALETTE
 from finesam.video.predictor import VideoPredictor
+from finesam.weights import load_sam, save_hq
 from finesam.weights.layouts.hiera import is_memory_key
 from finesam.weights.loading import save_sam
 from finesam.weights.sam_keys import convert_state_dict
@@ -79,11 +81,11 @@ def prompts_file(folder: Path, prompts: list[dict[str, Any]], name: str = "promp
 
 
 def expected_outputs(
-    weights: Path, source: Path, prompts: list[dict[str, Any]], count: int | None = None
+    weights: Path, source: Path, prompts: list[dict[str, Any]], count: int | None = None, hq: Path | None = None
 ) -> dict[int, torch.Tensor]:
     """Each frame's masks (objects, 1, H, W) through the API: every prompt, then one propagation (every memory
     kept, as the official predictor does)."""
-    predictor = VideoPredictor.from_weights(weights)
+    predictor = VideoPredictor.from_weights(weights, hq=hq)
     session = predictor.init_state(source)  # a path: opened by open_frames
     for p in prompts:
         if "mask" in p:
@@ -97,7 +99,7 @@ def expected_outputs(
             labels=None if points is None else np.array(p["labels"]),
             box=p.get("box"),
         )
-    assert session.object_ids == [1, 2, 3]
+    assert session.object_ids == sorted({p["object"] for p in prompts})
     tracked = predictor.propagate_in_video(session, max_frame_num_to_track=count)
     return {frame: masks for frame, _, masks in tracked}
 
@@ -144,6 +146,28 @@ def test_the_palette_pngs_are_the_predictor_masks(tmp_path, weights, sources, ki
         "track", source, "--weights", weights, "--prompts", tmp_path / "prompts.jsonl", "--out", out, *limit
     )
     assert again.returncode == 2 and "differs in: object_masks" in again.stderr  # another run's folder
+
+
+def test_hq_sam2_weights_are_injected(tmp_path, weights, sources):
+    model = load_sam(weights)
+    adapter = hq_adapter_for(model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # an adapter of random weights (its HQ mask starts near 0)
+        for tensor in adapter.state_dict().values():
+            tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+    hq = save_hq(adapter, tmp_path / "hq.safetensors")
+    out = tmp_path / "out"
+    prompts = prompts_file(tmp_path, PROMPTS[:1])
+    result = finesam("track", sources["folder"], "--weights", weights, "--hq", hq, "--prompts", prompts, "--out", out,
+                     "--max-frames", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with_hq = expected_outputs(weights, sources["folder"], PROMPTS[:1], 1, hq=hq)
+    without = expected_outputs(weights, sources["folder"], PROMPTS[:1], 1)
+    names = open_frames(sources["folder"]).names
+    for frame, masks in with_hq.items():
+        written = np.asarray(Image.open(out / f"{names[frame]}.png"))
+        assert np.array_equal(written, palette_of(masks, [1])), frame
+        assert not np.array_equal(written, palette_of(without[frame], [1])), frame  # the HQ mask counts
 
 
 def test_a_palette_mask_prompt_gives_its_objects(tmp_path, weights, sources):
