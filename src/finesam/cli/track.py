@@ -32,6 +32,7 @@ from finesam.cli.common import (
     load_model,
     save_mask,
 )
+from finesam.cli.labelling import file_digest
 from finesam.cli.options import Commands, add_command, model_options, positive_int
 from finesam.cli.overlay import distinct_colours, overlay
 from finesam.data.pairs import read_mask
@@ -51,7 +52,6 @@ from finesam.video.frames import VIDEO_EXTRA, FrameSource, open_frames
 from finesam.video.palette import MAX_OBJECT_ID, object_index_map, object_masks, palette_image
 from finesam.video.predictor import VideoPredictor
 from finesam.weights import atomic_write, check_output
-from finesam.weights.download import sha256_of
 from finesam.weights.sam2_memory import load_video_memory
 
 RUN_FORMAT = "finesam-track/1"
@@ -311,21 +311,14 @@ class TrackRun:
         shutil.rmtree(self.out / STATE_FOLDER, ignore_errors=True)
 
 
-def _digest(path: Path, what: str) -> str:
-    try:
-        return sha256_of(path)
-    except OSError as e:
-        raise UsageError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
-
-
 def _identity(args: argparse.Namespace, frames: FrameSource, prompts: list[ObjectPrompt], order: list[int]) -> dict:
     width, height = frames.size
     return {
         "source": {"path": str(args.source.resolve()), "frames": len(frames), "size": [width, height]},
         "prompts": [p.record(None if p.mask is None else _mask_digest(p.mask)) for p in prompts],
         "frames": [order[0], order[-1], len(order)] if order else [],
-        "weights": _digest(args.weights, "--weights"),
-        "hq": None if args.hq is None else _digest(args.hq, "--hq"),
+        "weights": file_digest(args.weights, "--weights"),
+        "hq": None if args.hq is None else file_digest(args.hq, "--hq"),
         "device": args.device,
         "dtype": args.dtype,
         "threshold": args.threshold,
@@ -375,6 +368,8 @@ def _has_av() -> bool:
 def run_track(args: argparse.Namespace) -> None:
     if args.hq_only:
         raise UsageError("--hq-only: HQ-SAM 2 on video returns SAM's mask plus the HQ mask (as its authors' code)")
+    if args.weights.is_dir():
+        raise UsageError(f"--weights {args.weights}: video tracking needs a SAM 2 / 2.1 file (.safetensors or .pt)")
     frames = open_frames(args.source)
     prompts = check_prompts_on(read_track_prompts(args.prompts), frames, args.source)
     objects = sorted({p.object for p in prompts})
