@@ -14,7 +14,7 @@ earlier logits (a correction on a tracked frame); its memory is encoded when pro
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from finesam.adapters.hq.adapter import hq_mask_only_set_to
 from finesam.adapters.hq.layers import HQRule
 from finesam.model.sam2.memory_encoder import NonOverlappingMasks
 from finesam.model.sam2.processing import fill_holes_and_sprinkles, video_frame_input
@@ -49,19 +50,10 @@ def _index(session: VideoSession, frame_idx: int) -> int:
     return frame_idx
 
 
-@contextmanager
-def _sam_plus_hq(model: SegmentAnything2) -> Iterator[None]:
-    """With an HQ adapter injected, its masks are SAM's plus the HQ mask (never the HQ mask alone: the video
-    path of HQ-SAM 2 has no `hq_token_only`)."""
-    rules = [m for m in model.modules() if isinstance(m, HQRule)]
-    saved = [rule.hq_mask_only for rule in rules]
-    for rule in rules:
-        rule.hq_mask_only = False
-    try:
-        yield
-    finally:
-        for rule, value in zip(rules, saved, strict=True):
-            rule.hq_mask_only = value
+def _sam_plus_hq(model: SegmentAnything2) -> AbstractContextManager[None]:
+    """With an HQ adapter injected, its masks are SAM's plus the HQ mask (the video path of HQ-SAM 2 has no
+    `hq_token_only`)."""
+    return hq_mask_only_set_to(model, False) if model.find(HQRule) is not None else nullcontext()
 
 
 class VideoPredictor:
