@@ -7,9 +7,10 @@ The clip is written once to a temporary mp4 (854 x 480, moving crops of a photo 
 back through `finesam.video.open_frames`, as `finesam track` reads a video: frames decoded when needed. Each
 measurement runs in a fresh process on a converted random-weight model of that size (memory does not depend on
 the weights' values): a box on frame 0, then propagation to the last frame. Printed per run: frames processed,
-the model's resident size, the peak RSS during tracking over the RSS after loading (VmHWM, reset after loading),
-RSS growth per 100 frames (from the 10% mark to the end), the session's own tensors at the end
-(`VideoSession.stored`) and the frames per second.
+the RSS after loading the model and opening the session ("loaded"), the peak RSS during tracking over it (VmHWM,
+reset after loading), RSS growth per 100 frames (from the 10% mark to the end: run enough frames that the window
+is full there, > 16 frames of pointers), the session's own tensors at the end (`VideoSession.stored`) and the
+frames per second.
 """
 
 import argparse
@@ -104,7 +105,7 @@ def main() -> None:
                 mark = max(1, len(rss) // 10)
                 growth = (rss[-1] - rss[mark - 1]) / max(1, len(rss) - mark) * 100
                 print(
-                    f"  sam2.1_hiera_{size:9s} {mode:6s} {len(rss)} frames, model+session {numbers['loaded']:6.0f} "
+                    f"  sam2.1_hiera_{size:9s} {mode:6s} {len(rss)} frames, loaded {numbers['loaded']:6.0f} "
                     f"MiB, peak +{numbers['peak']:6.0f} MiB, growth {growth:+6.1f} MiB / 100 frames, session "
                     f"{numbers['entries']} results {numbers['stored']:7.1f} MiB, "
                     f"{len(rss) / numbers['seconds']:.2f} frames/s"
