@@ -7,6 +7,7 @@ The model: a small SAM 2.1 configuration (narrow Hiera, 256 px input) with seede
 code, converted by our key map, its video memory kept in the file as `finesam convert` keeps it. The clip: moving
 crops of a real photo, 160 x 112."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -25,9 +26,12 @@ from finesam.cli.track import tracked_order
 from finesam.model.config import SAMConfig
 from finesam.model.sam import build_sam
 from finesam.model.sam2.config import HieraConfig, SAM2DecoderConfig
+from finesam.model.sam2.tracking import FrameMemory
+from finesam.video.checkpoint import restore_session, save_session
 from finesam.video.frames import open_frames
 from finesam.video.palette import DAVIS_PALETTE
 from finesam.video.predictor import VideoPredictor
+from finesam.video.session import FrameResult, KeptMemories, ObjectTrack, VideoSession
 from finesam.weights import load_sam, save_hq
 from finesam.weights.layouts.hiera import is_memory_key
 from finesam.weights.loading import save_sam
@@ -321,3 +325,63 @@ def test_the_frames_tracked():
     assert tracked_order(10, [3, 5], None, 2, False) == [3, 4, 5]
     assert tracked_order(10, [3, 5], 6, None, True) == [6, 5, 4, 3, 2, 1, 0]
     assert tracked_order(10, [0], None, None, True) == []  # as the predictor: nothing before the first frame
+
+
+def test_a_saved_session_reads_back_exactly(tmp_path):
+    """`save_session` / `restore_session` on a session of made-up tensors: every tensor, dtype and shape back (a
+    forgotten memory's empty features, a forgotten mask's None, the one copy of the memory positions); a session
+    with prompts not propagated yet, and one of another video, are refused."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    frames = [Image.new("RGB", (32, 24))] * 5
+    session = VideoSession(frames, (24, 32), KeptMemories.WINDOW, memory_positions=rand(1, 4, 2, 2))
+
+    def result(masks: bool = True, features: torch.Tensor | None = None) -> FrameResult:
+        pointer, score = rand(1, 8), rand(1, 1)
+        features = rand(1, 4, 2, 2, dtype=torch.bfloat16) if features is None else features
+        memory = FrameMemory(features, session.memory_positions, pointer, score)  # type: ignore[arg-type]
+        return FrameResult(rand(1, 1, 8, 8) if masks else None, score, pointer, memory)
+
+    track = ObjectTrack(points={0: (rand(1, 3, 2), torch.tensor([[2, 3, 1]], dtype=torch.int32))})
+    track.conditioning[0] = result()
+    track.tracked = {1: result(masks=False, features=torch.empty(0, dtype=torch.bfloat16)), 2: result()}
+    track.directions = {0: False, 1: False, 2: False}
+    other = ObjectTrack(masks={3: rand(1, 1, 16, 16).gt(0).float()})
+    other.conditioning[3] = result()
+    session.objects = {4: track, 9: other}
+    path = save_session(session, tmp_path / "s.safetensors", {"done": 3})
+
+    restored = VideoSession(frames, (24, 32), KeptMemories.WINDOW)
+    assert restore_session(restored, path) == {"done": 3}
+    assert list(restored.objects) == [4, 9]
+
+    def same(a: Any, b: Any) -> None:
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        elif isinstance(a, dict):
+            assert list(a) == list(b)
+            for key in a:
+                same(a[key], b[key])
+        elif isinstance(a, (tuple, list)):
+            assert len(a) == len(b)
+            for x, y in zip(a, b, strict=True):
+                same(x, y)
+        elif dataclasses.is_dataclass(a):
+            for field in dataclasses.fields(a):
+                same(getattr(a, field.name), getattr(b, field.name))
+        else:
+            assert a == b
+
+    for obj in (4, 9):
+        same(session.objects[obj], restored.objects[obj])
+    same(session.memory_positions, restored.memory_positions)
+    assert restored.objects[4].tracked[2].memory.positions is restored.memory_positions  # type: ignore[union-attr]
+
+    with pytest.raises(ValueError, match="another video"):
+        restore_session(VideoSession(frames[:4], (24, 32), KeptMemories.WINDOW), path)
+    track.pending[True][4] = result()
+    with pytest.raises(ValueError, match="prompts not propagated yet"):
+        save_session(session, tmp_path / "pending.safetensors")
