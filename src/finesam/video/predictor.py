@@ -13,6 +13,7 @@ earlier logits (a correction on a tracked frame); its memory is encoded when pro
 """
 
 import dataclasses
+import operator
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -43,8 +44,10 @@ FrameMasks = tuple[int, list[int], Tensor]
 
 
 def _index(session: VideoSession, frame_idx: int) -> int:
-    if not isinstance(frame_idx, int) or isinstance(frame_idx, bool):
-        raise TypeError(f"a frame index is an int, got {frame_idx!r}")
+    try:
+        frame_idx = operator.index(frame_idx)  # ints, numpy's integers
+    except TypeError:
+        raise TypeError(f"a frame index is an integer, got {frame_idx!r}") from None
     if not 0 <= frame_idx < session.num_frames:
         raise IndexError(f"frame {frame_idx} is out of range: the video has {session.num_frames} frames")
     return frame_idx
