@@ -13,6 +13,7 @@ from conftest import SMALL, photo
 from helpers import finesam, hf_from_official, write_config
 from official import build_official
 from official_sam2 import build_official_sam2
+from video_clips import moving_crops, write_video
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -52,6 +53,8 @@ def workspace(tmp_path_factory, official_small) -> Path:
     boxes = {"image": "photos/rocket.jpg", "boxes": [[10, 20, 300, 200], [0, 0, 600, 400]]}
     (root / "boxes.jsonl").write_text(json.dumps(boxes) + "\n")
     (root / "prompts.json").write_text('[{"box": [75, 275, 500, 400]}, {"points": [[300, 200]], "multimask": true}]')
+    write_video(root / "clip.mp4", moving_crops(3, 160, 112))
+    (root / "track.jsonl").write_text(json.dumps({"frame": 0, "object": 1, "box": [20, 10, 90, 80]}) + "\n")
     (root / "configs").mkdir()
     write_config(
         root / "configs" / "hq_sam.toml",
@@ -77,6 +80,7 @@ def test_the_readme_has_the_commands_this_test_knows():
         "synth",
         "train",
         "eval",
+        "track",
     } <= set(names)
 
 
@@ -115,6 +119,9 @@ def test_every_readme_command_line_runs(workspace):
     assert (workspace / "truck_masks" / "masks.json").is_file() and (workspace / "out" / "demo_overlay.png").is_file()
     assert (workspace / "runs" / "hq" / "hq.safetensors").is_file() and (workspace / "eval" / "eval.md").is_file()
     assert (workspace / "onnx" / "model.json").is_file()
+    assert len(list((workspace / "clip_masks").glob("*.png"))) == 3 and (workspace / "clip_overlay.mp4").is_file()
     for labels in ("labels/annotations.json", "labels/run.json", "box_labels/annotations.json"):
         assert (workspace / labels).is_file(), labels
-    assert set(ran) == {"models", "convert", "segment", "everything", "export", "demo", "synth", "train", "eval"}
+    assert set(ran) == {
+        "models", "convert", "segment", "everything", "export", "demo", "synth", "train", "eval", "track"
+    }  # fmt: skip

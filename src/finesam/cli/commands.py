@@ -7,13 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-from finesam.cli import convert, demo, eval, everything, export, models, segment, serve, train
+from finesam.cli import convert, demo, eval, everything, export, models, segment, serve, track, train
 from finesam.cli.basics import join_signed_values
 from finesam.cli.common import UsageError
 from finesam.process import configure_command
 from finesam.weights import CheckpointError, OutputError
 
-COMMAND_GROUPS = (convert, segment, everything, demo, serve, export, train, eval, models)
+COMMAND_GROUPS = (convert, segment, everything, track, demo, serve, export, train, eval, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

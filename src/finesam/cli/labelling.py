@@ -63,7 +63,7 @@ def refuse_labelling_options(args: argparse.Namespace, alternative: str) -> None
         raise UsageError(f"{', '.join(given)}: for folders, lists and manifests; for one image {alternative}")
 
 
-def _digest(path: Path, option: str) -> str:
+def file_digest(path: Path, option: str) -> str:
     """The SHA-256 of a weights file, which a run's results depend on."""
     try:
         return sha256_of(path)
@@ -106,9 +106,9 @@ def run_labelling(
         **options,
         "dtype": args.dtype,
         "hq_only": args.hq_only,
-        "weights": _digest(args.weights, "--weights"),
-        "hq": None if hq is None or hq == args.weights else _digest(hq, "--hq"),
-        "loras": [_digest(path, "--lora") for path in args.lora],
+        "weights": file_digest(args.weights, "--weights"),
+        "hq": None if hq is None or hq == args.weights else file_digest(hq, "--hq"),
+        "loras": [file_digest(path, "--lora") for path in args.lora],
     }
     run = LabellingRun(
         out, identity, polygons=args.polygons, png=args.png, keep_empty=args.keep_empty, categories=categories

@@ -32,6 +32,7 @@ from finesam.model.sam2.processing import fill_holes_and_sprinkles, video_frame_
 from finesam.model.sam2.sam2 import LOW_RES_LIMIT, SegmentAnything2
 from finesam.model.sam2.tracking import FrameFeatures, FrameMemory, FrameOutput, SAM2Tracker, encode_frame
 from finesam.model.sam2.video_memory import SAM2VideoMemory
+from finesam.video.frames import open_frames
 from finesam.video.session import FrameResult, KeptMemories, ObjectTrack, VideoSession, empty_features
 
 # the logit of an object on a frame where it has no result (official `NO_OBJ_SCORE`)
@@ -124,13 +125,14 @@ class VideoPredictor:
     # -- sessions ---------------------------------------------------------------------------------------------
 
     def init_state(
-        self, frames: Sequence[Image.Image], keep_memories: KeptMemories | str = KeptMemories.ALL
+        self, frames: Sequence[Image.Image] | str | Path, keep_memories: KeptMemories | str = KeptMemories.ALL
     ) -> VideoSession:
         """A session on a video.
 
         Args:
             frames: the video's frames: any Sequence of PIL images (a list, or a lazy sequence that decodes a
-                frame when it is indexed); each is indexed when its features are needed.
+                frame when it is indexed); each is indexed when its features are needed. A path (a video file or a
+                folder of JPEG / PNG frames) is opened with `finesam.video.frames.open_frames`.
             keep_memories: "all" (every tracked frame's result is kept, as official) or "window" (streaming:
                 see `KeptMemories`).
         """
@@ -148,10 +150,10 @@ class VideoPredictor:
             ) from None
         return VideoSession(frames, (first.height, first.width), kept)
 
-    def _frames(self, frames: Sequence[Image.Image]) -> Sequence[Image.Image]:
-        """The frames of a video source (the one place where a path to a folder or a video file will be opened)."""
+    def _frames(self, frames: Sequence[Image.Image] | str | Path) -> Sequence[Image.Image]:
+        """The frames of a video source (the one place where a path to a folder or a video file is opened)."""
         if isinstance(frames, (str, Path)):
-            raise TypeError(f"init_state takes a Sequence of PIL images, got the path {str(frames)!r}")
+            return open_frames(frames)
         return frames
 
     def reset_state(self, session: VideoSession) -> None:
