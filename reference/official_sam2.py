@@ -149,6 +149,13 @@ POSTPROCESSING = {
     }
 }
 
+# what `build_sam2_video_predictor(apply_postprocessing=True)` sets on top of a configuration (with POSTPROCESSING)
+VIDEO_PREDICTOR = {
+    "_target_": "sam2.sam2_video_predictor.SAM2VideoPredictor",
+    "binarize_mask_from_pts_for_mem_enc": True,
+    "fill_hole_area": 8,
+}
+
 
 def instantiate(node: Any) -> Any:
     """hydra's recursive `instantiate` for the plain YAML of sam2's configs."""
