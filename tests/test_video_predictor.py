@@ -32,7 +32,7 @@ from finesam.weights.sam2_memory import load_video_memory, video_memory_from_sta
 from finesam.weights.sam_keys import convert_state_dict
 
 from conftest import photo
-from official_sam2 import build_official_sam2, small_hiera
+from official_sam2 import VIDEO_PREDICTOR, build_official_sam2, small_hiera
 
 # per-frame mask logits (float32 on a CPU; the memory's bfloat16 storage and the binarized masks of prompted
 # frames make the memory a step function of the logits, so 1e-3 rather than the image path's 1e-4)
@@ -47,15 +47,10 @@ SMALL_SAM2 = SAMConfig(
     SAM2DecoderConfig(),
     image_size=256,
 )
-VIDEO_OVERRIDES = {
-    "_target_": "sam2.sam2_video_predictor.SAM2VideoPredictor",
-    "binarize_mask_from_pts_for_mem_enc": True,
-    "fill_hole_area": 8,
-}
 
 
 def _official_predictor(changes: dict[str, Any], name: str = "sam2.1_hiera_tiny") -> Any:
-    official: Any = build_official_sam2(name, {**changes, **VIDEO_OVERRIDES})
+    official: Any = build_official_sam2(name, {**changes, **VIDEO_PREDICTOR})
     with torch.no_grad():
         official.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(SCORE_BIAS)
     return official
