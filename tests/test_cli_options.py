@@ -14,6 +14,7 @@ COMMANDS = (
     "download",
     "segment",
     "everything",
+    "track",
     "demo",
     "serve",
     "export",

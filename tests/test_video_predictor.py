@@ -499,8 +499,8 @@ def test_bad_inputs_are_refused_clearly(small_pair, clip):
     frames = clip[1]
     with pytest.raises(ValueError, match="the video has no frames"):
         predictor.init_state([])
-    with pytest.raises(TypeError, match="a Sequence of PIL images, got the path"):
-        predictor.init_state("frames/")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no-such-frames: no such file or folder"):
+        predictor.init_state(str(clip[0].parent / "no-such-frames"))  # a path is opened by open_frames
     with pytest.raises(ValueError, match="keep_memories is one of"):
         predictor.init_state(frames, keep_memories="some")
     with pytest.raises(TypeError, match="video frames are PIL images"):
