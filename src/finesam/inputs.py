@@ -29,6 +29,8 @@ ImageLike: TypeAlias = Image.Image | np.ndarray
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 MASK_THRESHOLD = 0.0
+# prompts (boxes, objects) decoded in one call by the batch jobs: datasets, text prompts (MobileSAMv2's batch)
+DECODER_BATCH = 64
 # SAM 2's input normalisation (of [0, 1] pixels)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -33,9 +33,8 @@ from finesam.detection import (
     check_detector_source,
     parse_phrases,
 )
-from finesam.detection.grounded import DECODER_BATCH
 from finesam.devices import usable_device
-from finesam.inputs import MASK_THRESHOLD, as_rgb, open_image
+from finesam.inputs import DECODER_BATCH, MASK_THRESHOLD, as_rgb, open_image
 from finesam.labelling import ImageJob, SegmentedObject, images_of, is_image_file, text_objects
 from finesam.model import SegmentAnything
 from finesam.weights import atomic_write, check_output

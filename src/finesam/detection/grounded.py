@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 from finesam.detection.detector import Detection, TextDetector
+from finesam.inputs import DECODER_BATCH
 from finesam.model import SegmentAnything
 from finesam.model.sam import ImageEmbedding
-
-DECODER_BATCH = 64  # boxes decoded in one call
 
 
 @dataclass(frozen=True)

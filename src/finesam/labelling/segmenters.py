@@ -10,12 +10,10 @@ from PIL import Image
 from finesam.amg import AutomaticMaskGenerator, masks_to_rle
 from finesam.amg.generator import UPSCALE_BUDGET
 from finesam.detection import TextDetector
-from finesam.inputs import MASK_THRESHOLD
+from finesam.inputs import DECODER_BATCH, MASK_THRESHOLD
 from finesam.labelling.coco import SegmentedObject
 from finesam.labelling.sources import DEFAULT_CATEGORY, ObjectPrompts
 from finesam.model import SegmentAnything
-
-DECODER_BATCH = 64  # objects decoded in one call (MobileSAMv2's batch of boxes)
 
 
 def everything_objects(generator: AutomaticMaskGenerator, image: Image.Image) -> list[SegmentedObject]:
