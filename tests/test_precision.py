@@ -1,9 +1,9 @@
 """bf16 inference (image encoder in bf16, decoder in fp32) stays close to fp32, on the real photos.
 
-Stated deviations (small random-weight model): embedding cosine similarity >= 0.9999 (the speed goal's
-figure) and final-mask IoU >= 0.98 against fp32. Random weights give logits close to 0 everywhere, where
-any rounding flips pixels; trained weights are expected to agree more closely (goal: 0.99), which cannot be
-checked without them.
+Stated deviations (small random-weight model), for the reference chains and the fast paths in bf16: embedding
+cosine similarity >= 0.9999 (the speed goal's figure) and final-mask IoU >= 0.98 against fp32. Random weights
+give logits close to 0 everywhere, where any rounding flips pixels; trained weights are expected to agree more
+closely (goal: 0.99), which cannot be checked without them.
 """
 
 import dataclasses
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from finesam.adapters.hq import HQSAMAdapter
+from finesam.fast import apply_fast_paths
 from finesam.weights.hq import convert_hq_state_dict
 from finesam.weights.loading import sam_from_state_dict
 
@@ -22,9 +23,13 @@ from official import build_official
 pytestmark = pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16:UserWarning")
 
 
-@pytest.fixture(scope="module")
-def pair(official_small):
+@pytest.fixture(scope="module", params=["reference", "fast"])
+def pair(official_small, request):
+    """fp32 reference chains, and the bf16 encoder as reference chains or with the fast paths (which write the
+    attention out in bf16 and run the linear layers through oneDNN)."""
     bf16 = sam_from_state_dict(official_small.state_dict()).set_encoder_dtype(torch.bfloat16)
+    if request.param == "fast":
+        assert apply_fast_paths(bf16) > 0
     return sam_from_state_dict(official_small.state_dict()), bf16
 
 

@@ -32,6 +32,7 @@ from refiners.fluxion import layers as fl
 from torch import Tensor
 
 from finesam.fast.layers import GeLU as FastGeLU
+from finesam.fast.layers import one_dnn_inference
 from finesam.fast.swap import fast_version_of, swapped_by_type
 from finesam.fast.tiny_vit import Conv2dBN as FastConv2dBN
 from finesam.fast.tiny_vit import fold_batch_norm
@@ -53,14 +54,7 @@ _PREPACKED = (torch.float32,)  # the dtypes whose weights are reordered once for
 
 def _oneDNN(x: Tensor) -> bool:
     """Whether `x` runs through the fused oneDNN convolutions: inference on the CPU in float32 or bfloat16."""
-    return (
-        not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype in _DTYPES
-        and x.dim() == 4
-        and torch.backends.mkldnn.is_available()
-        and bool(torch.backends.mkldnn.enabled)
-    )
+    return x.dim() == 4 and one_dnn_inference(x, _DTYPES)
 
 
 def _channels_last(x: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
-"""The fast version of a layer every part of the model uses: GELU through the dense view of channels-last maps,
-in place where the swap found it safe. Same formula as refiners' `GeLU` (tests/test_parity_model.py)."""
+"""The fast versions of layers every part of the model uses: GELU through the dense view of channels-last maps,
+in place where the swap found it safe (same formula as refiners' `GeLU`, tests/test_parity_model.py); and
+`linear`, a linear layer (and GELU) in one oneDNN call in bfloat16 (tests/test_encoder_attention.py)."""
 
 import torch
 from jaxtyping import Float
@@ -30,3 +31,36 @@ class GeLU(fl.GeLU):
         if self.in_place and self.approximation == fl.GeLUApproximation.NONE:
             return torch.ops.aten.gelu_(x)
         return super().forward(x)
+
+
+# oneDNN's linear layer with a fused bias and activation, as torch's own compiled CPU code calls it
+_ONE_DNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def one_dnn_inference(x: Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether a fast layer may run `x` through oneDNN's fused kernels: inference on the CPU, in one of
+    `dtypes`, with oneDNN available and enabled."""
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype in dtypes
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.backends.mkldnn.enabled)
+    )
+
+
+def one_dnn_applies(x: Tensor) -> bool:
+    """Whether `linear` runs a plain linear layer on `x` through oneDNN: bfloat16, at inference, not compiling
+    (the compiler makes its own fusions)."""
+    return _ONE_DNN_LINEAR and one_dnn_inference(x, (torch.bfloat16,)) and not torch.compiler.is_compiling()
+
+
+def linear(layer: torch.nn.Module, x: Float[Tensor, "... inputs"], gelu: bool = False) -> Float[Tensor, "... outputs"]:
+    """`layer(x)` (then the exact GELU, with `gelu`), as one oneDNN call where `layer` is a plain `fl.Linear`
+    and `one_dnn_applies(x)`: torch's bfloat16 linear copies the bias into its output before the product, and
+    GELU is another pass over it. Any other layer (an adapter around the linear) is called as it is."""
+    if type(layer) is fl.Linear and one_dnn_applies(x):
+        activation, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": GELU's erf form
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, activation, [], algorithm)
+    out = layer(x)
+    return torch.nn.functional.gelu(out) if gelu else out
