@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("image", type=Path, nargs="?", help="the image (any format PIL reads)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="(no progress bars are drawn for one image)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar (a manifest run's)")
     parser.add_argument(
         "--max-pixels", type=int, metavar="N", help="refuse input images with more pixels (PIL's limit otherwise)"
     )
