@@ -190,6 +190,7 @@ def test_a_prompt_outside_its_image_fails_the_image_as_in_the_torch_run(small_ex
         ("segment", ["--box", "1,1,9,9"], "--manifest gives the images and prompts: drop --box"),
         ("segment", ["--multimask"], "this export was made with multimask_output=False; export again with --multimask"),
         ("segment", ["--cache-dir", "c"], "--cache-dir keeps OpenVINO's compiled models: add --runtime openvino"),
+        ("segment", ["--precision", "bf16"], "onnxruntime runs the export in f32 only"),
         ("everything", [], "--onnx: the automatic mask generator (its point grid, crops and NMS) runs the torch model"),
     ],
 )

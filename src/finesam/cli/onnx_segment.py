@@ -50,6 +50,7 @@ from finesam.labelling import ImageJob, SegmentedObject
 from finesam.labelling.exported import exported_objects
 from finesam.onnx.interface import DESCRIPTION_FILE, EXTERNAL_DATA_SUFFIX
 from finesam.onnx.predictor import check_multimask, read_description
+from finesam.onnx.runtimes import check_precision
 
 # the torch model's options, which an export fixes (or has no use for)
 TORCH_ONLY = ("--weights", "--hq", "--hq-only", "--lora", "--device", "--dtype", "--compile")
@@ -194,6 +195,7 @@ def run_onnx_manifest(args: argparse.Namespace) -> None:
     jobs = manifest_jobs(args)
     description = read_description(args.onnx)
     check_multimask(description, args.multimask)  # fixed by the export
+    check_precision(args.runtime, args.precision)  # before run.json is written
     inputs = [("--onnx", path) for path in sorted(args.onnx.iterdir()) if path.is_file()]
 
     def identity() -> dict:
