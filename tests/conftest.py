@@ -91,6 +91,18 @@ def small(official_small) -> SegmentAnything:
     return sam_from_state_dict(official_small.state_dict())
 
 
+@pytest.fixture(scope="session")
+def small_export(small, tmp_path_factory) -> dict[str, Any]:
+    """`small` exported (`finesam.onnx.export`, single-mask decoder) and saved as safetensors: the same model for
+    the `--onnx` commands ("export") and the torch commands ("weights")."""
+    from finesam.onnx.export import export
+    from finesam.weights import save_sam
+
+    folder = tmp_path_factory.mktemp("small_export")
+    export(small, folder / "export")
+    return {"export": folder / "export", "weights": save_sam(small, folder / "small.safetensors")}
+
+
 @pytest.fixture(scope="session", params=["reference", "fast"])
 def small_either(request, official_small) -> SegmentAnything:
     """`small` as the reference chains and with the fast paths (`finesam.fast`): for the parity tests, which

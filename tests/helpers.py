@@ -4,6 +4,7 @@ weights, HF transformers' models of a configuration, and a training configuratio
 
 import contextlib
 import io
+import json
 import os
 import random
 import subprocess
@@ -27,7 +28,7 @@ from finesam.weights.hf import to_hf_state_dict
 from finesam.weights.hq import convert_hq_state_dict
 from finesam.weights.loading import sam_from_state_dict
 
-from conftest import TOLERANCE, max_diff
+from conftest import TOLERANCE, max_diff, photo
 from official import HQSamPredictor, SamPredictor
 
 FINESAM = Path(sys.executable).with_name("finesam")
@@ -107,6 +108,72 @@ def finesam_process(
         cwd=cwd,
         timeout=300,
     )
+
+
+def torch_free_command(*args: object) -> list[str]:
+    """`finesam ARGS` in a fresh interpreter where `import torch` fails; it also fails (status 1) if torch got
+    imported by the time the command returns."""
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now fails
+from finesam.cli import main
+main({[str(a) for a in args]!r})
+loaded = [name for name in sys.modules if (name == "torch" or name.startswith("torch.")) and sys.modules[name]]
+assert not loaded, loaded
+"""
+    return [sys.executable, "-c", script]
+
+
+def without_torch(*args: object) -> subprocess.CompletedProcess[str]:
+    """`torch_free_command(ARGS)` run to its end."""
+    return subprocess.run(torch_free_command(*args), capture_output=True, text=True, timeout=300)
+
+
+# datasets for `finesam everything DIR` and `finesam segment --manifest` (torch and --onnx)
+DATASET_PHOTOS = {"astronaut.png": "astronaut_crop", "rocket.jpg": "rocket", "sub/chelsea.jpg": "chelsea"}
+
+
+def make_dataset(folder: Path, names: dict[str, str] = DATASET_PHOTOS, broken: bool = True) -> Path:
+    """Real photos at 400 x 267 (and 267 x 400), under sub-folders too; a truncated JPEG, a hidden image and a
+    text file that a run must leave out or report."""
+    for i, (name, source) in enumerate(names.items()):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = photo(source).resize((400, 267), Image.Resampling.BILINEAR)
+        (image.transpose(Image.Transpose.ROTATE_90) if i % 3 == 2 else image).save(path, quality=95)
+    if broken:
+        encoded = io.BytesIO()
+        photo("rocket").save(encoded, format="JPEG")
+        (folder / "broken.jpg").write_bytes(encoded.getvalue()[: encoded.tell() // 3])
+    (folder / ".cache").mkdir(exist_ok=True)
+    photo("rocket").save(folder / ".cache" / "hidden.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def manifest_lines(boxes_only: bool = False) -> list[dict]:
+    """Boxes with categories; points lists of different lengths (grouped per length); boxes with points."""
+    lines: list[dict] = [
+        {"image": "astronaut.png", "boxes": [[40, 30, 200, 250], [150, 20, 380, 260], [0, 0, 399, 266]]},
+    ]
+    lines[0]["category_ids"] = [1, 3, 3]
+    if boxes_only:
+        return lines
+    lines.append(
+        {
+            "image": "rocket.jpg",
+            "points": [[[200, 130]], [[50, 60], [300, 200]], [[380, 20]], [[10, 250], [210, 140]]],
+            "labels": [[1], [1, 0], [1], [0, 1]],
+        }
+    )
+    lines.append({"image": "sub/chelsea.jpg", "boxes": [[20, 40, 200, 300], [100, 150, 260, 390]]})
+    lines[-1]["points"] = [[[100, 100]], [[180, 200]]]
+    return lines
+
+
+def write_manifest(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
 
 
 def prompts_for(image: Image.Image) -> dict[str, dict[str, np.ndarray]]:

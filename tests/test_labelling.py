@@ -6,7 +6,6 @@ image in this process (bit for bit: same code, same threads); the prompted masks
 predictor within MIN_IOU. A run killed with SIGKILL and started again ends with byte-identical files.
 """
 
-import io
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ from finesam.weights import save_lora
 from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL, photo
-from helpers import FINESAM_COMMAND, finesam
+from helpers import FINESAM_COMMAND, finesam, make_dataset, manifest_lines, write_manifest
 from official import SamPredictor, build_official, structured
 
 # the generator settings under which test_amg's structured random weights keep several masks per photo
@@ -65,27 +64,6 @@ def weights(tmp_path_factory, official) -> Path:
     path = tmp_path_factory.mktemp("weights") / "sam_small.pth"
     torch.save(official.state_dict(), path)
     return path
-
-
-PHOTOS = {"astronaut.png": "astronaut_crop", "rocket.jpg": "rocket", "sub/chelsea.jpg": "chelsea"}
-
-
-def make_dataset(folder: Path, names: dict[str, str] = PHOTOS, broken: bool = True) -> Path:
-    """Real photos at 400 x 267 (and 267 x 400), under sub-folders too; a truncated JPEG, a hidden image and a
-    text file that a run must leave out or report."""
-    for i, (name, source) in enumerate(names.items()):
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image = photo(source).resize((400, 267), Image.Resampling.BILINEAR)
-        (image.transpose(Image.Transpose.ROTATE_90) if i % 3 == 2 else image).save(path, quality=95)
-    if broken:
-        encoded = io.BytesIO()
-        photo("rocket").save(encoded, format="JPEG")
-        (folder / "broken.jpg").write_bytes(encoded.getvalue()[: encoded.tell() // 3])
-    (folder / ".cache").mkdir(exist_ok=True)
-    photo("rocket").save(folder / ".cache" / "hidden.png")
-    (folder / "notes.txt").write_text("not an image")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -146,31 +124,6 @@ def polygon_iou(rasterised: np.ndarray, mask: np.ndarray) -> float:
 
     filled = binary_fill_holes(mask)
     return float((rasterised & filled).sum() / (rasterised | filled).sum())
-
-
-def manifest_lines(boxes_only: bool = False) -> list[dict]:
-    """Boxes with categories; points lists of different lengths (grouped per length); boxes with points."""
-    lines: list[dict] = [
-        {"image": "astronaut.png", "boxes": [[40, 30, 200, 250], [150, 20, 380, 260], [0, 0, 399, 266]]},
-    ]
-    lines[0]["category_ids"] = [1, 3, 3]
-    if boxes_only:
-        return lines
-    lines.append(
-        {
-            "image": "rocket.jpg",
-            "points": [[[200, 130]], [[50, 60], [300, 200]], [[380, 20]], [[10, 250], [210, 140]]],
-            "labels": [[1], [1, 0], [1], [0, 1]],
-        }
-    )
-    lines.append({"image": "sub/chelsea.jpg", "boxes": [[20, 40, 200, 300], [100, 150, 260, 390]]})
-    lines[-1]["points"] = [[[100, 100]], [[180, 200]]]
-    return lines
-
-
-def write_manifest(path: Path, lines: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
 
 
 def test_manifest_equals_predict(tmp_path, dataset, weights, sam, official):

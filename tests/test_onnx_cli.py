@@ -6,48 +6,29 @@ wherever |logit| >= it (as tests/test_onnx.py), on a real photo (small random-we
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from finesam.onnx.export import export
-from finesam.weights import save_sam
 from test_onnx import assert_same_logits
 
 from conftest import PHOTOS
-from helpers import finesam
+from helpers import finesam, without_torch
 
 
 @pytest.fixture(scope="module")
-def files(small, tmp_path_factory):
+def files(small_export, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
-    export(small, folder / "export")
     PHOTOS["landscape"]().save(folder / "photo.png")
     prompts = [{"box": [100, 150, 900, 700]}, {"boxes": [[300, 100, 1500, 1000], [50, 50, 400, 500]]}]
     prompts.append({"points": [[600, 400], [800, 500]], "labels": [1, 0]})
     (folder / "prompts.json").write_text(json.dumps(prompts))
     return {
-        "weights": save_sam(small, folder / "small.safetensors"),
-        "export": folder / "export",
+        **small_export,
         "photo": folder / "photo.png",
         "prompts": folder / "prompts.json",
     }
-
-
-def without_torch(*args: object) -> subprocess.CompletedProcess[str]:
-    """`finesam ARGS` in a fresh interpreter where `import torch` fails; it also fails if torch got imported."""
-    script = f"""
-import sys
-sys.modules["torch"] = None  # any `import torch` now fails
-from finesam.cli import main
-main({[str(a) for a in args]!r})
-loaded = [name for name in sys.modules if (name == "torch" or name.startswith("torch.")) and sys.modules[name]]
-assert not loaded, loaded
-"""
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
@@ -79,7 +60,8 @@ def test_segment_onnx_gives_the_masks_of_the_torch_command_without_torch(files, 
         (["--dtype", "bfloat16"], "drop --dtype"),
         (["--cache-dir", "cache"], "--cache-dir keeps OpenVINO's compiled models: add --runtime openvino"),
         (["--multimask"], "this export was made with multimask_output=False; export again with --multimask"),
-        (["--manifest", "jobs.jsonl"], "--manifest (dataset runs) needs the torch model"),
+        (["--text", "a cat"], "--text: text prompts find their boxes with a torch detector: drop --onnx"),
+        (["--png"], "--png: for folders, lists and manifests; for one image --out names the mask file"),
     ],
 )
 def test_segment_onnx_refuses_in_one_line(files, tmp_path, extra, message):

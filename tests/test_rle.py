@@ -12,6 +12,7 @@ from pycocotools import mask as coco_mask
 
 from finesam.amg import decode_counts, encode_counts, from_coco, masks_to_rle, rle_area, rle_to_mask, to_coco
 from finesam.amg.regions import remove_small_regions
+from finesam.rle import mask_to_rle
 
 masks = st.tuples(st.integers(1, 24), st.integers(1, 24)).flatmap(lambda size: arrays(bool, size))
 
@@ -40,6 +41,14 @@ def test_coco_strings_are_pycocotools(mask):
     assert to_coco(rle)["counts"] == theirs["counts"].decode("ascii")
     assert coco_mask.frPyObjects(rle, *rle["size"])["counts"].decode("ascii") == to_coco(rle)["counts"]
     assert np.array_equal(coco_mask.decode(theirs).astype(bool), rle_to_mask(to_coco(rle)))
+
+
+@given(masks)
+@settings(max_examples=200, deadline=None)
+def test_the_torch_free_encoding_is_the_batched_one(mask):
+    """`finesam.rle.mask_to_rle` (numpy, for the torch-free dataset runs) writes what `masks_to_rle` writes."""
+    assert mask_to_rle(mask) == masks_to_rle(torch.from_numpy(mask)[None])[0]
+    assert mask_to_rle(mask.astype(np.uint8) * 255) == mask_to_rle(mask)
 
 
 @given(st.lists(st.integers(0, 2**31 - 1), max_size=40))

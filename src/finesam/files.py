@@ -1,12 +1,22 @@
 """Safe file writes, for every layer (and for the torch-free ONNX path of the command): `atomic_write` (a
-temporary beside the target, then a rename), `check_output`, and the `OutputError` of a failed write.
-No torch here."""
+temporary beside the target, then a rename), `check_output`, and the `OutputError` of a failed write;
+`sha256_of`, the digest a run records of its input files. No torch here."""
 
 import glob
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class OutputError(OSError):

@@ -1,29 +1,38 @@
-"""Run-length encoding of binary masks, in the formats of the COCO API (pycocotools).
-
-Uncompressed RLE: `{"size": [height, width], "counts": [zeros, ones, zeros, ...]}`, runs over the pixels in
-column-major (Fortran) order, starting with a run of zeros (0 when the first pixel is set).
-COCO RLE: the same with `counts` written as a string, as `pycocotools.mask.frPyObjects` / `encode` write it:
-each count (from the third on, minus the count two before it) in 5-bit groups, least significant first, a
-continuation bit 0x20, the sign in bit 0x10 of the last group, each group offset by 48 into printable ASCII.
-"""
-
-from typing import Any, TypedDict
+"""Run-length encoding of masks that are torch tensors, batched on their device; the numpy RLE functions and the
+formats are `finesam.rle`'s (torch-free), re-exported here."""
 
 import numpy as np
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from finesam.rle import (
+    RLE,
+    decode_counts,
+    encode_counts,
+    from_coco,
+    rle_area,
+    rle_from_changes,
+    rle_to_mask,
+    to_coco,
+)
+from finesam.rle import mask_to_rle as array_to_rle
 
-class RLE(TypedDict):
-    """A mask as runs: `counts` is a list of ints (uncompressed) or a string (COCO compressed)."""
-
-    size: list[int]  # [height, width]
-    counts: Any
+__all__ = [
+    "RLE",
+    "decode_counts",
+    "encode_counts",
+    "from_coco",
+    "mask_to_rle",
+    "masks_to_rle",
+    "rle_area",
+    "rle_to_mask",
+    "to_coco",
+]
 
 
 def masks_to_rle(masks: Bool[Tensor, "batch height width"]) -> list[RLE]:
-    """Uncompressed RLE of each mask of a batch (on any device)."""
+    """Uncompressed RLE of each mask of a batch (on any device: only where the values change leaves it)."""
     batch, height, width = masks.shape
     if batch == 0:
         return []
@@ -33,84 +42,11 @@ def masks_to_rle(masks: Bool[Tensor, "batch height width"]) -> list[RLE]:
     per_mask = torch.bincount(mask_index, minlength=batch).tolist()
     changes = np.split((position + 1).cpu().numpy(), np.cumsum(per_mask)[:-1])
     first = columns[:, 0].cpu().tolist()
-    total = height * width
-    records: list[RLE] = []
-    for starts, starts_set in zip(changes, first, strict=True):
-        runs = np.diff(np.concatenate(([0], starts, [total]))).tolist()
-        records.append({"size": [height, width], "counts": [0, *runs] if starts_set else runs})
-    return records
+    return [rle_from_changes(height, width, is_set, starts) for starts, is_set in zip(changes, first, strict=True)]
 
 
 def mask_to_rle(mask: Bool[Tensor, "height width"] | np.ndarray) -> RLE:
-    """Uncompressed RLE of one (H, W) mask."""
-    tensor = torch.from_numpy(np.asarray(mask, dtype=bool)) if isinstance(mask, np.ndarray) else mask.bool()
-    return masks_to_rle(tensor[None])[0]
-
-
-def _counts(rle: RLE) -> list[int]:
-    counts = rle["counts"]
-    return decode_counts(counts) if isinstance(counts, str | bytes) else [int(c) for c in counts]
-
-
-def rle_to_mask(rle: RLE) -> np.ndarray:
-    """The (H, W) boolean mask of an uncompressed or COCO RLE."""
-    height, width = (int(v) for v in rle["size"])
-    counts = _counts(rle)
-    if any(c < 0 for c in counts) or sum(counts) != height * width:
-        raise ValueError(f"RLE counts must be non-negative and add up to {height}x{width} = {height * width} pixels")
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(width, height).T
-
-
-def rle_area(rle: RLE) -> int:
-    """Number of set pixels of an uncompressed or COCO RLE."""
-    return sum(_counts(rle)[1::2])
-
-
-def encode_counts(counts: list[int]) -> str:
-    """The COCO string of a list of run lengths."""
-    characters: list[str] = []
-    for i, count in enumerate(counts):
-        value = count - counts[i - 2] if i > 2 else count  # the first three counts are stored as they are
-        while True:
-            group = value & 0x1F
-            value >>= 5  # arithmetic shift: a negative value ends at -1
-            more = value != -1 if group & 0x10 else value != 0
-            characters.append(chr(48 + (group | 0x20 if more else group)))
-            if not more:
-                break
-    return "".join(characters)
-
-
-def decode_counts(text: str | bytes) -> list[int]:
-    """The run lengths of a COCO string (see `encode_counts`)."""
-    data = text.encode("ascii") if isinstance(text, str) else text
-    counts: list[int] = []
-    position = 0
-    while position < len(data):
-        value, shift = 0, 0
-        while True:
-            if position >= len(data):
-                raise ValueError("COCO RLE string ends in the middle of a count")
-            group = data[position] - 48
-            if not 0 <= group < 64:
-                raise ValueError(f"COCO RLE string has an invalid character {chr(data[position])!r}")
-            value |= (group & 0x1F) << shift
-            position += 1
-            shift += 5
-            if not group & 0x20:
-                if group & 0x10:
-                    value -= 1 << shift  # sign extension
-                break
-        counts.append(value + counts[-2] if len(counts) > 2 else value)
-    return counts
-
-
-def to_coco(rle: RLE) -> RLE:
-    """The COCO (string) form of an uncompressed RLE, as `pycocotools.mask.frPyObjects` gives it (decoded)."""
-    return {"size": list(rle["size"]), "counts": encode_counts(_counts(rle))}
-
-
-def from_coco(rle: RLE) -> RLE:
-    """The uncompressed form of a COCO RLE."""
-    return {"size": list(rle["size"]), "counts": _counts(rle)}
+    """Uncompressed RLE of one (H, W) mask, a tensor or an array (`finesam.rle.mask_to_rle`)."""
+    if isinstance(mask, np.ndarray):
+        return array_to_rle(mask)
+    return masks_to_rle(mask.bool()[None])[0]

@@ -1,7 +1,8 @@
 """The `finesam` command: one module per group of sub-commands (`finesam.cli.commands` builds the parser).
 
-Importing this package imports no torch: `finesam segment IMAGE --onnx DIR` runs an export without it
-(`finesam.cli.onnx_segment`); every other command line loads `finesam.cli.commands`, and torch with it.
+Importing this package imports no torch: `finesam segment IMAGE --onnx DIR` and `finesam segment --manifest M
+--onnx DIR` run an export without it (`finesam.cli.onnx_segment`); every other command line loads
+`finesam.cli.commands`, and torch with it.
 """
 
 import argparse
@@ -22,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if onnx_segment.requested(args):
         onnx_segment.main(args[1:])
         return
+    if (refusal := onnx_segment.refusal(args)) is not None:  # `everything --onnx`: one line, before torch loads
+        print(f"finesam {args[0]}: error: {refusal}", file=sys.stderr)
+        raise SystemExit(2)
     from finesam.cli.commands import main as run
 
     run(args)

@@ -19,7 +19,8 @@ from finesam.cli.common import (
     save_mask,
     write_json,
 )
-from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
+from finesam.cli.dataset_runs import Segmenter, labelling_options, refuse_labelling_options
+from finesam.cli.labelling import run_labelling
 from finesam.cli.options import (
     Commands,
     add_command,
@@ -30,7 +31,8 @@ from finesam.cli.options import (
 )
 from finesam.cli.overlay import distinct_colours, overlay
 from finesam.inputs import as_rgb, open_image
-from finesam.labelling import everything_objects, images_of, is_image_file
+from finesam.labelling import images_of, is_image_file
+from finesam.labelling.segmenters import everything_objects
 from finesam.model import SegmentAnything
 from finesam.weights import atomic_write, check_output
 

@@ -1,11 +1,16 @@
 """`finesam segment IMAGE --onnx DIR`: the masks of `finesam segment` from an export (`finesam export`), run by
-onnxruntime or OpenVINO through `OnnxPredictor`, without torch.
+onnxruntime or OpenVINO through `OnnxPredictor`, without torch; and `finesam segment --manifest M --onnx DIR
+--out OUT`, the dataset run of `finesam.cli.dataset_runs` (the torch command's OUT folder, with the export's
+digests as its settings).
 
 `finesam.cli.main` sends a `segment` command line with `--onnx` here before anything imports torch; the options
-are the torch command's own declarations (`finesam.cli.prompting`), so both read a command line the same way.
+are the torch command's own declarations (`finesam.cli.prompting`, `finesam.cli.dataset_runs`), so both read a
+command line the same way. What needs the torch model is refused in one line: its options, text prompts (the
+detector is torch), `everything --onnx` (the automatic generator is torch), and torchrun's several processes.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +28,15 @@ from finesam.cli.basics import (
     save_mask,
     suffixed,
 )
+from finesam.cli.dataset_runs import (
+    Segmenter,
+    checked_run,
+    file_digest,
+    label_dataset,
+    labelling_options,
+    manifest_jobs,
+    refuse_labelling_options,
+)
 from finesam.cli.prompting import (
     command_line_prompt,
     onnx_options,
@@ -32,30 +46,58 @@ from finesam.cli.prompting import (
 )
 from finesam.files import OutputError, check_output
 from finesam.inputs import as_rgb, check_prompts, open_image
-from finesam.onnx.interface import DESCRIPTION_FILE
+from finesam.labelling import ImageJob, SegmentedObject
+from finesam.labelling.exported import exported_objects
+from finesam.onnx.interface import DESCRIPTION_FILE, EXTERNAL_DATA_SUFFIX
+from finesam.onnx.predictor import check_multimask, read_description
+from finesam.onnx.runtimes import check_precision
 
 # the torch model's options, which an export fixes (or has no use for)
 TORCH_ONLY = ("--weights", "--hq", "--hq-only", "--lora", "--device", "--dtype", "--compile")
+# text prompts (`finesam.cli.text_prompts`): their boxes come from a zero-shot detector, a torch model
+TEXT_ONLY = ("--text", "--detector", "--box-threshold", "--text-threshold", "--max-detections", "--detections")
+# the other commands that an `--onnx` is given to by mistake, and why they need the torch model
+REFUSED = {
+    "everything": "--onnx: the automatic mask generator (its point grid, crops and NMS) runs the torch model; "
+    "drop --onnx and give --weights"
+}
+
+
+def _asks_for_onnx(argv: list[str]) -> bool:
+    return any(a == "--onnx" or a.startswith("--onnx=") for a in argv)
 
 
 def requested(argv: list[str]) -> bool:
     """A `segment` command line that asks for `--onnx` (as `--onnx DIR` or `--onnx=DIR`)."""
-    return bool(argv) and argv[0] == "segment" and any(a == "--onnx" or a.startswith("--onnx=") for a in argv)
+    return bool(argv) and argv[0] == "segment" and _asks_for_onnx(argv)
+
+
+def refusal(argv: list[str]) -> str | None:
+    """Why a command other than `segment` cannot take the `--onnx` it is given (None: not such a command line)."""
+    return REFUSED.get(argv[0]) if argv and _asks_for_onnx(argv) else None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finesam segment",
-        description="segment an image with box and point prompts, with an exported model (--onnx)",
-        parents=[prompt_options(), onnx_options()],
+        description="segment an image with box and point prompts, or every image of a manifest, with an exported "
+        "model (--onnx)",
+        parents=[prompt_options(), onnx_options(), labelling_options()],
         formatter_class=HelpFormatter,
     )
     parser.add_argument("image", type=Path, nargs="?", help="the image (any format PIL reads)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="(no progress bars are drawn for one image)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar (a manifest run's)")
     parser.add_argument(
         "--max-pixels", type=int, metavar="N", help="refuse input images with more pixels (PIL's limit otherwise)"
     )
-    for option in (*TORCH_ONLY, "--manifest"):
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="PROMPTS.jsonl",
+        help='many images: one line each, {"image": path, "boxes": [...], "points": [...], "labels": [...], '
+        '"category_ids": [...]}; --out is then a folder (annotations.json, COCO)',
+    )
+    for option in (*TORCH_ONLY, *TEXT_ONLY):
         parser.add_argument(option, nargs="?", const=True, help=argparse.SUPPRESS)
     return parser
 
@@ -65,22 +107,28 @@ def run_onnx_segment(args: argparse.Namespace) -> None:
     given = [option for option in TORCH_ONLY if _given(args, option)]
     if given:
         raise UsageError(f"--onnx runs an export, which fixes the model: drop {', '.join(given)}")
-    if getattr(args, "manifest", None):
-        raise UsageError("--manifest (dataset runs) needs the torch model for now: drop --onnx, give --weights")
+    text = [option for option in TEXT_ONLY if _given(args, option)]
+    if text:
+        raise UsageError(f"{', '.join(text)}: text prompts find their boxes with a torch detector: drop --onnx")
     if args.runtime != "openvino" and args.cache_dir is not None:
         raise UsageError("--cache-dir keeps OpenVINO's compiled models: add --runtime openvino")
-    if args.image is None:
-        raise UsageError("give the IMAGE to segment")
-    if args.prompts is not None and (args.box or args.point):
-        raise UsageError("give prompts either with --prompts or with --box/--point, not both")
-    if args.prompts is None and not args.box and not args.point:
-        raise UsageError("give at least one --box or --point (or --prompts PROMPTS.json)")
+    if args.manifest is None:
+        if args.image is None:
+            raise UsageError("give the IMAGE to segment (or --manifest PROMPTS.jsonl for many images)")
+        refuse_labelling_options(args, "--out names the mask file")
+        if args.prompts is not None and (args.box or args.point):
+            raise UsageError("give prompts either with --prompts or with --box/--point, not both")
+        if args.prompts is None and not args.box and not args.point:
+            raise UsageError("give at least one --box or --point (or --prompts PROMPTS.json)")
     if not (args.onnx / DESCRIPTION_FILE).is_file():
         raise UsageError(f"--onnx {args.onnx}: no {DESCRIPTION_FILE} there; give a folder `finesam export` wrote")
     if args.max_pixels is not None:
         if args.max_pixels < 1:
             raise UsageError(f"--max-pixels must be at least 1, got {args.max_pixels}")
         Image.MAX_IMAGE_PIXELS = args.max_pixels
+    if args.manifest is not None:
+        run_onnx_manifest(args)
+        return
     prompts = read_prompt_file(args.prompts) if args.prompts is not None else [command_line_prompt(args)]
     image = as_rgb(open_image(args.image))
     size = (image.height, image.width)
@@ -129,6 +177,49 @@ def run_onnx_segment(args: argparse.Namespace) -> None:
         print(save_prompts_overlay(args.overlay, image, drawn, prompts))
 
 
+def export_digests(folder: Path, description: dict) -> dict[str, str]:
+    """The SHA-256 of every file of the export that the predictor reads (model.json, the encoder and the
+    decoder, the weights of those over protobuf's limit), by name: a dataset run's results depend on them."""
+    names = [DESCRIPTION_FILE, *(description["files"][side] for side in ("encoder", "decoder"))]
+    names += [name + EXTERNAL_DATA_SUFFIX for name in names[1:] if (folder / (name + EXTERNAL_DATA_SUFFIX)).is_file()]
+    return {name: file_digest(folder / name, "--onnx") for name in names}
+
+
+def run_onnx_manifest(args: argparse.Namespace) -> None:
+    """`segment --manifest M --onnx DIR --out OUT`: one mask per box or point list of every image of a manifest
+    into OUT/annotations.json, as the torch command writes it (`prompted_objects`' choices, the same files,
+    resumable), the export's digests and the encoder's precision recorded in run.json in place of the weights'
+    digests and the dtype. One process: under torchrun (WORLD_SIZE > 1) it is refused."""
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
+        raise UsageError("--onnx runs in one process (the runtime uses every core; --threads): run it without torchrun")
+    jobs = manifest_jobs(args)
+    description = read_description(args.onnx)
+    check_multimask(description, args.multimask)  # fixed by the export
+    check_precision(args.runtime, args.precision)  # before run.json is written
+    inputs = [("--onnx", path) for path in sorted(args.onnx.iterdir()) if path.is_file()]
+
+    def identity() -> dict:
+        digests = export_digests(args.onnx, description)
+        return {"command": "segment", "multimask": args.multimask, "precision": args.precision, "onnx": digests}
+
+    run = checked_run(args, inputs, identity)
+
+    def load() -> Segmenter:
+        from finesam.onnx import OnnxPredictor  # the runtime's import, after every check
+
+        predictor = OnnxPredictor(
+            args.onnx, runtime=args.runtime, precision=args.precision, threads=args.threads, cache_dir=args.cache_dir
+        )
+
+        def segment(image: Image.Image, job: ImageJob) -> list[SegmentedObject]:
+            assert job.prompts is not None  # every manifest line has prompts
+            return exported_objects(predictor, image, job.prompts, multimask=args.multimask)
+
+        return segment
+
+    label_dataset(args, run, jobs, "segment", load)
+
+
 def main(argv: list[str]) -> None:
     """`finesam segment ARGS --onnx DIR` (ARGS without the command's name): errors as the other commands give
     them (one line, status 2; a failed write, status 1)."""
@@ -141,8 +232,8 @@ def main(argv: list[str]) -> None:
     except OutputError as e:
         print(f"finesam segment: error: {e.strerror}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("finesam segment: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a dataset run says what it kept
+        print("finesam segment: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         raise SystemExit(130) from None
 
 

@@ -17,7 +17,8 @@ from finesam.cli.common import (
     save_mask,
     suffixed,
 )
-from finesam.cli.labelling import Segmenter, labelling_options, refuse_labelling_options, run_labelling
+from finesam.cli.dataset_runs import Segmenter, labelling_options, manifest_jobs, refuse_labelling_options
+from finesam.cli.labelling import run_labelling
 from finesam.cli.onnx_segment import run_onnx_segment
 from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.prompting import (
@@ -29,7 +30,8 @@ from finesam.cli.prompting import (
 )
 from finesam.cli.text_prompts import run_text, text_options
 from finesam.inputs import as_rgb, open_image
-from finesam.labelling import ImageJob, SegmentedObject, prompted_objects, read_manifest
+from finesam.labelling import ImageJob, SegmentedObject
+from finesam.labelling.segmenters import prompted_objects
 from finesam.model import SegmentAnything
 from finesam.model.prompts import prepare_prompts
 from finesam.progress import progress
@@ -109,24 +111,7 @@ def _check_outputs(args: argparse.Namespace, total: int) -> None:
 
 def run_segment_manifest(args: argparse.Namespace) -> None:
     """One mask per box or point list of every image of a manifest into OUT/annotations.json."""
-    given = [
-        option
-        for option, value in (
-            ("IMAGE", args.image),
-            ("--prompts", args.prompts),
-            ("--box", args.box),
-            ("--point", args.point),
-            ("--logits", args.logits),
-            ("--overlay", args.overlay),
-        )
-        if value
-    ]
-    if given:
-        raise UsageError(f"--manifest gives the images and prompts: drop {', '.join(given)}")
-    try:
-        jobs = read_manifest(args.manifest)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    jobs = manifest_jobs(args)
 
     def segmenter(model: SegmentAnything) -> Segmenter:
         def segment(image: Image.Image, job: ImageJob) -> list[SegmentedObject]:

@@ -22,7 +22,8 @@ from finesam.cli.common import (
     suffixed,
     write_json,
 )
-from finesam.cli.labelling import Segmenter, run_labelling
+from finesam.cli.dataset_runs import Segmenter
+from finesam.cli.labelling import run_labelling
 from finesam.cli.options import positive_int
 from finesam.cli.overlay import overlay
 from finesam.detection import (
@@ -35,7 +36,8 @@ from finesam.detection import (
 )
 from finesam.devices import usable_device
 from finesam.inputs import DECODER_BATCH, MASK_THRESHOLD, as_rgb, open_image
-from finesam.labelling import ImageJob, SegmentedObject, images_of, is_image_file, text_objects
+from finesam.labelling import ImageJob, SegmentedObject, images_of, is_image_file
+from finesam.labelling.segmenters import text_objects
 from finesam.model import SegmentAnything
 from finesam.weights import atomic_write, check_output
 from finesam.weights.download import sha256_of

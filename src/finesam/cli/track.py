@@ -32,7 +32,7 @@ from finesam.cli.common import (
     load_model,
     save_mask,
 )
-from finesam.cli.labelling import file_digest
+from finesam.cli.dataset_runs import file_digest
 from finesam.cli.options import Commands, add_command, model_options, positive_int
 from finesam.cli.overlay import distinct_colours, overlay
 from finesam.data.pairs import read_mask

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from finesam.amg.rle import RLE, rle_area, rle_to_mask, to_coco
+from finesam.rle import RLE, rle_area, rle_to_mask, to_coco
 
 POLYGONS_EXTRA = "pip install 'finesam[polygons]' (scikit-image)"
 

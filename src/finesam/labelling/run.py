@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from finesam.amg.rle import rle_to_mask
+from finesam.files import atomic_write
 from finesam.labelling.coco import SegmentedObject, annotation, coco_document
 from finesam.labelling.sources import DEFAULT_CATEGORY, ImageJob
-from finesam.weights import atomic_write
+from finesam.rle import rle_to_mask
 
 RUN_FORMAT = "finesam-labelling/2"  # 2: one mask folder per image name (suffix and case kept)
 OUTPUTS = ("annotations.json", "errors.jsonl")  # what the merge writes

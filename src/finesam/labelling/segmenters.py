@@ -10,7 +10,7 @@ from PIL import Image
 from finesam.amg import AutomaticMaskGenerator, masks_to_rle
 from finesam.amg.generator import UPSCALE_BUDGET
 from finesam.detection import TextDetector
-from finesam.inputs import DECODER_BATCH, MASK_THRESHOLD
+from finesam.inputs import MASK_THRESHOLD
 from finesam.labelling.coco import SegmentedObject
 from finesam.labelling.sources import DEFAULT_CATEGORY, ObjectPrompts
 from finesam.model import SegmentAnything
@@ -35,7 +35,7 @@ def prompted_objects(
     model: SegmentAnything, image: Image.Image, prompts: ObjectPrompts, multimask: bool = False
 ) -> list[SegmentedObject]:
     """One mask per object of `prompts` (its best of three with `multimask`), in the objects' order: the image
-    encoded once, objects with the same number of points decoded together, `DECODER_BATCH` per call.
+    encoded once, objects with the same number of points decoded together (`ObjectPrompts.batches`).
 
     Raises:
         ValueError: a prompt lies outside the image (the message says which).
@@ -45,23 +45,15 @@ def prompted_objects(
     height, width = embedding.original_size
     upscaled_at_once = max(1, UPSCALE_BUDGET // max(height * width, model.config.image_size**2))
     found: dict[int, SegmentedObject] = {}
-    for group in prompts.groups():
-        for start in range(0, len(group), DECODER_BATCH):
-            chosen = group[start : start + DECODER_BATCH]
-            low_res, iou = model.decode_prompts(
-                embedding,
-                boxes=None if prompts.boxes is None else [prompts.boxes[i] for i in chosen],
-                points=None if prompts.points is None else [prompts.points[i] for i in chosen],
-                labels=None if prompts.labels is None else [prompts.labels[i] for i in chosen],
-                multimask_output=multimask,
-            )
-            scores, best = iou.max(dim=1)
-            best_low_res = low_res[torch.arange(len(best)), best][:, None]
-            for offset in range(0, len(chosen), upscaled_at_once):
-                part = slice(offset, offset + upscaled_at_once)
-                masks = model.postprocess(best_low_res[part], *resize)[:, 0] > MASK_THRESHOLD
-                for i, rle, score in zip(chosen[part], masks_to_rle(masks), scores[part].tolist(), strict=True):
-                    found[i] = SegmentedObject(rle, score, prompts.category_ids[i])
+    for chosen, batch in prompts.batches():
+        low_res, iou = model.decode_prompts(embedding, **batch, multimask_output=multimask)
+        scores, best = iou.max(dim=1)
+        best_low_res = low_res[torch.arange(len(best)), best][:, None]
+        for offset in range(0, len(chosen), upscaled_at_once):
+            part = slice(offset, offset + upscaled_at_once)
+            masks = model.postprocess(best_low_res[part], *resize)[:, 0] > MASK_THRESHOLD
+            for i, rle, score in zip(chosen[part], masks_to_rle(masks), scores[part].tolist(), strict=True):
+                found[i] = SegmentedObject(rle, score, prompts.category_ids[i])
     return [found[i] for i in range(len(prompts))]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from finesam.inputs import JSON_PROMPT_KEYS, parse_json_prompts, read_text_input, special_file
+from finesam.inputs import DECODER_BATCH, JSON_PROMPT_KEYS, parse_json_prompts, read_text_input, special_file
 
 DEFAULT_CATEGORY = 1  # "object", when a manifest gives no category ids
 
@@ -39,6 +39,15 @@ class ObjectPrompts:
         for i, points in enumerate(self.points):
             by_count.setdefault(len(points), []).append(i)
         return list(by_count.values())
+
+    def batches(self, size: int = DECODER_BATCH) -> Iterator[tuple[list[int], dict[str, list[Any] | None]]]:
+        """The objects as the decoder takes them, `groups` in runs of at most `size`: their indices and their
+        boxes, points and labels (None where the objects have none)."""
+        for group in self.groups():
+            for start in range(0, len(group), size):
+                chosen = group[start : start + size]
+                prompts = {"boxes": self.boxes, "points": self.points, "labels": self.labels}
+                yield chosen, {k: None if v is None else [v[i] for i in chosen] for k, v in prompts.items()}
 
     def as_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"category_ids": self.category_ids}

@@ -107,6 +107,16 @@ def read_description(folder: str | Path) -> dict[str, Any]:
     return description
 
 
+def check_multimask(description: dict[str, Any], multimask_output: bool) -> None:
+    """Raises `ValueError` unless the export of `description` (its model.json) gives `multimask_output`'s masks:
+    an export fixes it."""
+    if multimask_output != description["multimask_output"]:
+        raise ValueError(
+            f"this export was made with multimask_output={description['multimask_output']}; export again with"
+            f"{'' if multimask_output else 'out'} --multimask for the other"
+        )
+
+
 class OnnxPredictor:
     """The exported pair of `folder` (see `finesam.onnx.export`) behind a `predict` like the torch model's.
 
@@ -223,11 +233,8 @@ class OnnxPredictor:
         Raises:
             ValueError: a malformed prompt, or `multimask_output` other than the export's.
         """
-        if multimask_output is not None and multimask_output != self.multimask_output:
-            raise ValueError(
-                f"this export was made with multimask_output={self.multimask_output}; export again with"
-                f"{'' if multimask_output else 'out'} --multimask for the other"
-            )
+        if multimask_output is not None:
+            check_multimask(self.description, multimask_output)
         if mask_input is not None and not self.takes_mask_input:
             raise ValueError("this export takes no mask input (its model has none): prompt it with points or boxes")
         embedding = image if isinstance(image, OnnxEmbedding) else self.encode_image(image)

@@ -8,7 +8,6 @@ A lock file serialises downloads of one file. `$FINESAM_MIRROR` (a base URL) rep
 names staying the same; `$HF_ENDPOINT` replaces the Hub's.
 """
 
-import hashlib
 import http.client
 import os
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from finesam.files import sha256_of
 from finesam.progress import progress_bar
 from finesam.weights.integrity import checkpoint_problem
 from finesam.weights.layouts import Checkpoint, layouts
@@ -77,14 +77,6 @@ def resolve(checkpoint: Checkpoint, timeout: float) -> Source:
         if metadata.etag and len(metadata.etag) == 64:  # an LFS file's etag is the SHA-256 of its content
             sha256 = metadata.etag
     return Source(url, size, sha256)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _problem(path: Path, size: int | None, sha256: str | None) -> tuple[str | None, str]:
