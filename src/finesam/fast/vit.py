@@ -27,6 +27,12 @@ SCORES_BYTES = 24 * 2**20
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
+def _writes_out(q: Tensor) -> bool:
+    """Whether the attention over `q` is written out (`RelativePositionAttention._written_out`): 16-bit floats
+    on the CPU (a GPU's attention kernels are fast in 16 bits), not compiling (the chunks write in place)."""
+    return q.dtype in SIXTEEN_BIT and q.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 @swapped_by_type(chunk_bytes=CHUNK_BYTES, scores_bytes=SCORES_BYTES)
 @fast_version_of(ReferenceRelativePositionAttention)
 class RelativePositionAttention(ReferenceRelativePositionAttention):
@@ -50,7 +56,7 @@ class RelativePositionAttention(ReferenceRelativePositionAttention):
         q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if height + width <= q.shape[-1]:
             return self._positions_as_channels(q, k, v, height, width).reshape(batch, height, width, -1)
-        if q.dtype in SIXTEEN_BIT and not torch.compiler.is_compiling():
+        if _writes_out(q):
             out = self._written_out(q, k, v, *self.position_terms(q, height, width))
             return out.transpose(1, 2).reshape(batch, height, width, -1)
         row_bytes = self.num_heads * width * tokens * q.element_size()
@@ -65,7 +71,8 @@ class RelativePositionAttention(ReferenceRelativePositionAttention):
     def _positions_as_channels(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int) -> Tensor:
         """The attention with no (tokens x tokens) bias: each query gains its `height + width` position terms as
         channels and each key the one-hot code of its row and column, so that the kernel's own product adds
-        `q . rel_h[i - k] + q . rel_w[j - l]` to every logit. Returns (B, tokens, heads, head_dim)."""
+        `q . rel_h[i - k] + q . rel_w[j - l]` to every logit; in 16-bit floats on the CPU, the product and the
+        softmax written out (as `_written_out` says why). Returns (B, tokens, heads, head_dim)."""
         batch, heads, tokens, head_dim = q.shape
         scale = head_dim**-0.5  # the kernel scales every channel's product: the position terms are pre-divided
         # attention kernels are fastest at multiples of 16
@@ -90,7 +97,7 @@ class RelativePositionAttention(ReferenceRelativePositionAttention):
         code = torch.cat([F.one_hot(row, height), F.one_hot(column, width), row.new_zeros(tokens, padding)], dim=1)
         queries = torch.cat([q, terms], dim=-1)
         keys = torch.cat([k, code.to(k.dtype).expand(batch, heads, -1, -1)], dim=-1)
-        if q.dtype in SIXTEEN_BIT and not torch.compiler.is_compiling():  # written out, as `_written_out` says why
+        if _writes_out(q):
             scores = torch.matmul(queries, keys.transpose(-1, -2).contiguous()).mul_(scale)
             return torch.matmul(torch.softmax(scores, -1, out=scores), v.contiguous()).transpose(1, 2)
         values = F.pad(v, (0, channels - head_dim))
@@ -213,7 +220,7 @@ class WindowedAttention(ReferenceWindowedAttention):
             full[:, height:] = padding
             full[:, :height, width:] = padding
             projected = full
-        return linear(projection, merge(attention(partition(projected)), x))
+        return linear(projection, merge(attention(partition.cut(projected)), x))
 
     def _layers(self) -> tuple[WindowPartition, WindowMerge, tuple[torch.nn.Module, ...]] | None:
         """The partition, the merge and the grid attention's layers, where the chain is the reference's."""

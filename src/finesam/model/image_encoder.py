@@ -96,12 +96,16 @@ class WindowPartition(fl.Module):
         self.window_size = window_size
 
     def forward(self, x: Float[Tensor, "batch height width dim"]) -> Float[Tensor, "windows size size dim"]:
-        batch, height, width, dim = x.shape
+        _, height, width, _ = x.shape
         w = self.window_size
         # (w - n % w) % w rather than -n % w: the ONNX exporter's tracer rounds divisions of negatives toward 0
-        x = F.pad(x, (0, 0, 0, (w - width % w) % w, 0, (w - height % w) % w))
-        rows, cols = x.shape[1] // w, x.shape[2] // w
-        return x.view(batch, rows, w, cols, w, dim).transpose(2, 3).reshape(-1, w, w, dim)
+        return self.cut(F.pad(x, (0, 0, 0, (w - width % w) % w, 0, (w - height % w) % w)))
+
+    def cut(self, x: Float[Tensor, "batch height width dim"]) -> Float[Tensor, "windows size size dim"]:
+        """The windows of a grid whose sides are multiples of the window, row by row."""
+        batch, height, width, dim = x.shape
+        w = self.window_size
+        return x.view(batch, height // w, w, width // w, w, dim).transpose(2, 3).reshape(-1, w, w, dim)
 
 
 class WindowMerge(fl.Module):
