@@ -68,3 +68,11 @@ def linear(layer: torch.nn.Module, x: Float[Tensor, "... inputs"], gelu: bool = 
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, activation, [], algorithm)
     out = layer(x)
     return torch.nn.functional.gelu(out) if gelu else out
+
+
+def writes_attention_out(q: Tensor) -> bool:
+    """Whether a fast attention over `q` writes its products and softmax out rather than calling torch's
+    attention kernel: in 16-bit floats on the CPU, where that kernel computes at float32 speed while the 16-bit
+    batched products run 3-4x faster (no AMX; docs/performance.md); not on a GPU, not while compiling (the
+    written-out attention works in place)."""
+    return q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu" and not torch.compiler.is_compiling()

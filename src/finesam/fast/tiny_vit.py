@@ -1,5 +1,6 @@
-"""The fast version of TinyViT's convolution + BatchNorm: the norm folded into the convolution at inference.
-Same formula as `Conv2dBN` up to float rounding (tests/test_tiny_vit.py)."""
+"""The fast versions of TinyViT's layers: the BatchNorm folded into the convolution, the window attention written
+out in 16-bit floats. Same formulas as `Conv2dBN` and `BiasedAttention` up to float rounding
+(tests/test_tiny_vit.py)."""
 
 import torch
 import torch.nn.functional as F
@@ -7,8 +8,10 @@ from jaxtyping import Float
 from refiners.fluxion import layers as fl
 from torch import Tensor
 
+from finesam.fast.layers import writes_attention_out
 from finesam.fast.swap import fast_version_of, swapped_by_type
 from finesam.model.tiny_vit import BatchNorm2d
+from finesam.model.tiny_vit import BiasedAttention as ReferenceBiasedAttention
 from finesam.model.tiny_vit import Conv2dBN as ReferenceConv2dBN
 
 
@@ -38,3 +41,26 @@ class Conv2dBN(ReferenceConv2dBN):
             return super().forward(*inputs)
         weight, shift = fold_batch_norm(conv.weight, None, norm)
         return F.conv2d(inputs[0], weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@swapped_by_type()
+@fast_version_of(ReferenceBiasedAttention)
+class BiasedAttention(ReferenceBiasedAttention):
+    """In 16-bit floats on the CPU at inference (`writes_attention_out`): the bias plus the scaled product in
+    one `baddbmm`, the softmax in place, the product with the values."""
+
+    def forward(self, *inputs: Tensor) -> Float[Tensor, "batch tokens inner"]:
+        if len(inputs) != 1 or torch.is_grad_enabled() or not writes_attention_out(inputs[0]):
+            return super().forward(*inputs)
+        batch, tokens, _ = inputs[0].shape
+        q, k, v = inputs[0].view(batch, tokens, self.num_heads, -1).transpose(1, 2).split(self.key_dim, dim=3)
+        bias = self.attention_biases[:, self.get_buffer("attention_bias_idxs")].to(q.dtype)  # (heads, tokens, tokens)
+        rows = batch * self.num_heads
+        scores = torch.baddbmm(
+            bias.expand(batch, -1, -1, -1).reshape(rows, tokens, tokens),
+            q.reshape(rows, tokens, -1),
+            k.transpose(-1, -2).reshape(rows, -1, tokens),
+            alpha=self.key_dim**-0.5,
+        )
+        out = torch.bmm(torch.softmax(scores, -1, out=scores), v.reshape(rows, tokens, -1))
+        return out.view(batch, self.num_heads, tokens, -1).transpose(1, 2).reshape(batch, tokens, -1)

@@ -9,7 +9,7 @@ from jaxtyping import Float
 from refiners.fluxion import layers as fl
 from torch import Tensor
 
-from finesam.fast.layers import linear, one_dnn_applies
+from finesam.fast.layers import linear, one_dnn_applies, writes_attention_out
 from finesam.fast.swap import fast_version_of, reference_class, swapped_by_type
 from finesam.model.image_encoder import FeedForward as ReferenceFeedForward
 from finesam.model.image_encoder import GridAttention as ReferenceGridAttention
@@ -24,13 +24,6 @@ CHUNK_BYTES = 48 * 2**20
 # in 16-bit floats, a global block's scores are written out this many bytes of queries at a time: a chunk stays
 # in the last-level cache between the product, the bias, the softmax and the second product (ViT-B: 256 queries)
 SCORES_BYTES = 24 * 2**20
-SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-
-
-def _writes_out(q: Tensor) -> bool:
-    """Whether the attention over `q` is written out (`RelativePositionAttention._written_out`): 16-bit floats
-    on the CPU (a GPU's attention kernels are fast in 16 bits), not compiling (the chunks write in place)."""
-    return q.dtype in SIXTEEN_BIT and q.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 @swapped_by_type(chunk_bytes=CHUNK_BYTES, scores_bytes=SCORES_BYTES)
@@ -56,7 +49,7 @@ class RelativePositionAttention(ReferenceRelativePositionAttention):
         q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if height + width <= q.shape[-1]:
             return self._positions_as_channels(q, k, v, height, width).reshape(batch, height, width, -1)
-        if _writes_out(q):
+        if writes_attention_out(q):
             out = self._written_out(q, k, v, *self.position_terms(q, height, width))
             return out.transpose(1, 2).reshape(batch, height, width, -1)
         row_bytes = self.num_heads * width * tokens * q.element_size()
@@ -97,7 +90,7 @@ class RelativePositionAttention(ReferenceRelativePositionAttention):
         code = torch.cat([F.one_hot(row, height), F.one_hot(column, width), row.new_zeros(tokens, padding)], dim=1)
         queries = torch.cat([q, terms], dim=-1)
         keys = torch.cat([k, code.to(k.dtype).expand(batch, heads, -1, -1)], dim=-1)
-        if _writes_out(q):
+        if writes_attention_out(q):
             scores = torch.matmul(queries, keys.transpose(-1, -2).contiguous()).mul_(scale)
             return torch.matmul(torch.softmax(scores, -1, out=scores), v.contiguous()).transpose(1, 2)
         values = F.pad(v, (0, channels - head_dim))
