@@ -49,11 +49,11 @@ class BiasedAttention(ReferenceBiasedAttention):
     """In 16-bit floats on the CPU at inference (`writes_attention_out`): the bias plus the scaled product in
     one `baddbmm`, the softmax in place, the product with the values."""
 
-    def forward(self, *inputs: Tensor) -> Float[Tensor, "batch tokens inner"]:
-        if len(inputs) != 1 or torch.is_grad_enabled() or not writes_attention_out(inputs[0]):
-            return super().forward(*inputs)
-        batch, tokens, _ = inputs[0].shape
-        q, k, v = inputs[0].view(batch, tokens, self.num_heads, -1).transpose(1, 2).split(self.key_dim, dim=3)
+    def forward(self, qkv: Float[Tensor, "batch tokens 3*inner"]) -> Float[Tensor, "batch tokens inner"]:
+        if torch.is_grad_enabled() or not writes_attention_out(qkv):
+            return super().forward(qkv)
+        batch, tokens, _ = qkv.shape
+        q, k, v = qkv.view(batch, tokens, self.num_heads, -1).transpose(1, 2).split(self.key_dim, dim=3)
         bias = self.attention_biases[:, self.get_buffer("attention_bias_idxs")].to(q.dtype)  # (heads, tokens, tokens)
         rows = batch * self.num_heads
         scores = torch.baddbmm(
