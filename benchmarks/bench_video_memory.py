@@ -10,7 +10,7 @@ the weights' values): a box on frame 0, then propagation to the last frame. Prin
 the RSS after loading the model and opening the session ("loaded"), the peak RSS during tracking over it (VmHWM,
 reset after loading), RSS growth per 100 frames (from the 10% mark to the end: run enough frames that the window
 is full there, > 16 frames of pointers), the session's own tensors at the end (`VideoSession.stored`) and the
-frames per second.
+frames per second, then the RSS at every tenth of the run.
 """
 
 import argparse
@@ -110,6 +110,9 @@ def main() -> None:
                     f"{numbers['entries']} results {numbers['stored']:7.1f} MiB, "
                     f"{len(rss) / numbers['seconds']:.2f} frames/s"
                 )
+                # where the growth happens: the RSS at every tenth of the run
+                marks = sorted({*range(0, len(rss), max(1, len(rss) // 10)), len(rss) - 1})
+                print("    RSS (MiB) after frame: " + ", ".join(f"{i + 1}: {rss[i]:.0f}" for i in marks))
 
 
 if __name__ == "__main__":
