@@ -176,6 +176,17 @@ def write_manifest(path: Path, lines: list[dict]) -> Path:
     return path
 
 
+def assert_resumed_run_is_whole(killed: Path, whole: Path) -> None:
+    """A labelling run killed and resumed left what an uninterrupted run leaves: the same files, byte for byte,
+    its PNGs included, and no temporary file."""
+    for name in ("annotations.json", "errors.jsonl", "run.json"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+    pngs = sorted(p.relative_to(whole) for p in (whole / "masks").rglob("*.png"))
+    assert pngs == sorted(p.relative_to(killed) for p in (killed / "masks").rglob("*.png")) and pngs
+    assert all((whole / p).read_bytes() == (killed / p).read_bytes() for p in pngs)
+    assert not list(killed.rglob("*.tmp"))
+
+
 def prompts_for(image: Image.Image) -> dict[str, dict[str, np.ndarray]]:
     """Every prompt kind, as the official `SamPredictor.predict` takes it, placed relative to the image size."""
     w, h = image.size

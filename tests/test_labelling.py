@@ -35,7 +35,7 @@ from finesam.weights import save_lora
 from finesam.weights.loading import sam_from_state_dict
 
 from conftest import SMALL, photo
-from helpers import FINESAM_COMMAND, finesam, make_dataset, manifest_lines, write_manifest
+from helpers import FINESAM_COMMAND, assert_resumed_run_is_whole, finesam, make_dataset, manifest_lines, write_manifest
 from official import SamPredictor, build_official, structured
 
 # the generator settings under which test_amg's structured random weights keep several masks per photo
@@ -191,12 +191,7 @@ def test_killed_run_resumes_to_identical_files(tmp_path, weights):
     resumed = everything(folder, weights, killed, "--png")
     assert resumed.returncode == 1, resumed.stderr
     assert "done before" in resumed.stdout
-    for name in ("annotations.json", "errors.jsonl", "run.json"):
-        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
-    pngs = sorted(p.relative_to(whole) for p in (whole / "masks").rglob("*.png"))
-    assert pngs == sorted(p.relative_to(killed) for p in (killed / "masks").rglob("*.png")) and pngs
-    assert all((whole / p).read_bytes() == (killed / p).read_bytes() for p in pngs)
-    assert not list(killed.rglob("*.tmp"))
+    assert_resumed_run_is_whole(killed, whole)
 
 
 def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path, weights, official):

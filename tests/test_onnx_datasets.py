@@ -24,7 +24,15 @@ from finesam.labelling import read_manifest
 from finesam.onnx.export import export
 from finesam.rle import rle_to_mask
 
-from helpers import finesam, make_dataset, manifest_lines, torch_free_command, without_torch, write_manifest
+from helpers import (
+    assert_resumed_run_is_whole,
+    finesam,
+    make_dataset,
+    manifest_lines,
+    torch_free_command,
+    without_torch,
+    write_manifest,
+)
 
 ONNX_TOLERANCE = 1e-3  # tests/test_onnx.py
 SCORE_TOLERANCE = 1e-4
@@ -136,12 +144,7 @@ def test_killed_onnx_run_resumes_to_identical_files(small_export, tmp_path):
     resumed = without_torch(*args, "--out", killed)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({committed} done before)" in resumed.stdout
-    for name in ("annotations.json", "errors.jsonl", "run.json"):
-        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
-    pngs = sorted(p.relative_to(whole) for p in (whole / "masks").rglob("*.png"))
-    assert pngs == sorted(p.relative_to(killed) for p in (killed / "masks").rglob("*.png")) and pngs
-    assert all((whole / p).read_bytes() == (killed / p).read_bytes() for p in pngs)
-    assert not list(killed.rglob("*.tmp"))
+    assert_resumed_run_is_whole(killed, whole)
 
 
 def test_another_export_or_the_torch_model_is_another_run(small_export, dataset, torch_runs, tmp_path):

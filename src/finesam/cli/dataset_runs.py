@@ -57,6 +57,18 @@ def refuse_labelling_options(args: argparse.Namespace, alternative: str) -> None
         raise UsageError(f"{', '.join(given)}: for folders, lists and manifests; for one image {alternative}")
 
 
+def check_one_image(args: argparse.Namespace) -> None:
+    """The checks of a one-image `segment` command line (torch or `--onnx`) before anything loads: an image,
+    no dataset options, prompts from a file or from the command line, not both."""
+    if args.image is None:
+        raise UsageError("give the IMAGE to segment (or --manifest PROMPTS.jsonl for many images)")
+    refuse_labelling_options(args, "--out names the mask file")
+    if args.prompts is not None and (args.box or args.point):
+        raise UsageError("give prompts either with --prompts or with --box/--point, not both")
+    if args.prompts is None and not args.box and not args.point:
+        raise UsageError("give at least one --box or --point (or --prompts PROMPTS.json)")
+
+
 def file_digest(path: Path, option: str) -> str:
     """The SHA-256 of an input file (weights, an export's model), which a run's results depend on."""
     try:

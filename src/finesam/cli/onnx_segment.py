@@ -30,12 +30,12 @@ from finesam.cli.basics import (
 )
 from finesam.cli.dataset_runs import (
     Segmenter,
+    check_one_image,
     checked_run,
     file_digest,
     label_dataset,
     labelling_options,
     manifest_jobs,
-    refuse_labelling_options,
 )
 from finesam.cli.prompting import (
     command_line_prompt,
@@ -113,13 +113,7 @@ def run_onnx_segment(args: argparse.Namespace) -> None:
     if args.runtime != "openvino" and args.cache_dir is not None:
         raise UsageError("--cache-dir keeps OpenVINO's compiled models: add --runtime openvino")
     if args.manifest is None:
-        if args.image is None:
-            raise UsageError("give the IMAGE to segment (or --manifest PROMPTS.jsonl for many images)")
-        refuse_labelling_options(args, "--out names the mask file")
-        if args.prompts is not None and (args.box or args.point):
-            raise UsageError("give prompts either with --prompts or with --box/--point, not both")
-        if args.prompts is None and not args.box and not args.point:
-            raise UsageError("give at least one --box or --point (or --prompts PROMPTS.json)")
+        check_one_image(args)
     if not (args.onnx / DESCRIPTION_FILE).is_file():
         raise UsageError(f"--onnx {args.onnx}: no {DESCRIPTION_FILE} there; give a folder `finesam export` wrote")
     if args.max_pixels is not None:

@@ -17,7 +17,7 @@ from finesam.cli.common import (
     save_mask,
     suffixed,
 )
-from finesam.cli.dataset_runs import Segmenter, labelling_options, manifest_jobs, refuse_labelling_options
+from finesam.cli.dataset_runs import Segmenter, check_one_image, labelling_options, manifest_jobs
 from finesam.cli.labelling import run_labelling
 from finesam.cli.onnx_segment import run_onnx_segment
 from finesam.cli.options import Commands, add_command, lora_options, model_options
@@ -51,13 +51,7 @@ def run_segment(args: argparse.Namespace) -> None:
     if args.manifest is not None:
         run_segment_manifest(args)
         return
-    if args.image is None:
-        raise UsageError("give the IMAGE to segment (or --manifest PROMPTS.jsonl for many images)")
-    refuse_labelling_options(args, "--out names the mask file")
-    if args.prompts is not None and (args.box or args.point):
-        raise UsageError("give prompts either with --prompts or with --box/--point, not both")
-    if args.prompts is None and not args.box and not args.point:
-        raise UsageError("give at least one --box or --point (or --prompts PROMPTS.json)")
+    check_one_image(args)
     prompts = read_prompt_file(args.prompts) if args.prompts is not None else [command_line_prompt(args)]
     image = as_rgb(open_image(args.image))
     size = (image.height, image.width)  # the checks below do not depend on the model's input size
