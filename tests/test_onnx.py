@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,34 @@ from official import HQSamPredictor, SamPredictor, build_official, build_officia
 
 ONNX_TOLERANCE = 1e-3
 QUANTIZED_MASK_IOU, QUANTIZED_IOU_DEVIATION = 0.9, 0.02
+
+
+# point sets of the official SAM ONNX decoder's interface (1 / 0 clicks, 2 / 3 box corners, -1 padding), each
+# with or without a mask input
+DECODER_PROMPTS = [([1.0, -1.0], 0.0), ([1.0, 0.0, 1.0, -1.0], 1.0), ([0.0, 2.0, 3.0], 0.0), ([2.0, 3.0], 1.0)]
+
+
+def official_decoder_feeds(
+    image_side: dict[str, np.ndarray], image: Image.Image, seed: int = 0
+) -> Iterator[tuple[list[float], dict[str, np.ndarray]]]:
+    """The decoder feeds of `DECODER_PROMPTS` for `image` (SMALL's sizes) and its encoder outputs `image_side`:
+    random points inside the resized image, a random mask input, the image's size."""
+    rng = np.random.default_rng(seed)
+    scale = SMALL.image_size / max(image.size)
+    low = SMALL.mask_input_size
+    for labels, has_mask in DECODER_PROMPTS:
+        coords = rng.uniform(0, 1, (1, len(labels), 2)) * [image.width * scale, image.height * scale]
+        yield (
+            labels,
+            {
+                **image_side,
+                io.POINT_COORDS: coords.astype(np.float32),
+                io.POINT_LABELS: np.array([labels], dtype=np.float32),
+                io.MASK_INPUT: rng.normal(0, 3, (1, 1, low, low)).astype(np.float32),
+                io.HAS_MASK_INPUT: np.array([has_mask], dtype=np.float32),
+                io.ORIG_IM_SIZE: np.array([image.height, image.width], dtype=np.float32),
+            },
+        )
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray | torch.Tensor, what: str) -> float:
@@ -234,24 +263,7 @@ def test_decoder_matches_the_official_onnx_decoder(small, official_small, tmp_pa
             dynamo=False,
         )
     official = ort.InferenceSession(str(official_file))
-    rng = np.random.default_rng(0)
-    scale = SMALL.image_size / max(image.size)
-    mask_input = rng.normal(0, 3, (1, 1, low, low)).astype(np.float32)
-    for labels, has_mask in [
-        ([1.0, -1.0], 0.0),
-        ([1.0, 0.0, 1.0, -1.0], 1.0),
-        ([0.0, 2.0, 3.0], 0.0),
-        ([2.0, 3.0], 1.0),
-    ]:
-        coords = rng.uniform(0, 1, (1, len(labels), 2)) * [image.width * scale, image.height * scale]
-        feeds = {
-            **predictor_inputs,
-            io.POINT_COORDS: coords.astype(np.float32),
-            io.POINT_LABELS: np.array([labels], dtype=np.float32),
-            io.MASK_INPUT: mask_input,
-            io.HAS_MASK_INPUT: np.array([has_mask], dtype=np.float32),
-            io.ORIG_IM_SIZE: example[io.ORIG_IM_SIZE].numpy(),
-        }
+    for labels, feeds in official_decoder_feeds(predictor_inputs, image):
         expected = official.run(None, feeds)
         for multimask, tokens in ((False, slice(0, 1)), (True, slice(1, None))):
             actual = ours[multimask].run(None, feeds)

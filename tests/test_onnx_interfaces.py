@@ -22,7 +22,7 @@ from finesam.model import SAMConfig, ViTConfig
 from finesam.onnx import OnnxPredictor
 from finesam.onnx import interface as io
 from finesam.onnx.export import export
-from test_onnx import assert_close, assert_same_logits
+from test_onnx import assert_close, assert_same_logits, official_decoder_feeds
 
 from conftest import PHOTOS, SMALL, photo
 from helpers import finesam, with_adapter
@@ -255,24 +255,7 @@ def test_the_official_hq_interface_equals_the_official_hq_onnx_decoder(official_
     with torch.no_grad():
         _, interm = official_hq_small.image_encoder(torch.from_numpy(pixels))
     assert_close(embedding.outputs[io.INTERM_EMBEDDINGS], torch.stack(interm), "interm_embeddings")
-    rng = np.random.default_rng(0)
-    scale = SMALL.image_size / max(image.size)
-    low = SMALL.mask_input_size
-    for labels, has_mask in [
-        ([1.0, -1.0], 0.0),
-        ([1.0, 0.0, 1.0, -1.0], 1.0),
-        ([0.0, 2.0, 3.0], 0.0),
-        ([2.0, 3.0], 1.0),
-    ]:
-        coords = rng.uniform(0, 1, (1, len(labels), 2)) * [image.width * scale, image.height * scale]
-        feeds = {
-            **embedding.outputs,
-            io.POINT_COORDS: coords.astype(np.float32),
-            io.POINT_LABELS: np.array([labels], dtype=np.float32),
-            io.MASK_INPUT: rng.normal(0, 3, (1, 1, low, low)).astype(np.float32),
-            io.HAS_MASK_INPUT: np.array([has_mask], dtype=np.float32),
-            io.ORIG_IM_SIZE: np.array([image.height, image.width], dtype=np.float32),
-        }
+    for labels, feeds in official_decoder_feeds(embedding.outputs, image):
         expected = official.run(None, feeds)
         actual = predictor.decoder.run(feeds)
         for a, e, name in zip(actual, expected, io.DECODER_OUTPUTS, strict=True):
