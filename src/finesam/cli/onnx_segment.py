@@ -14,19 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from finesam.cli.basics import (
     HelpFormatter,
     UsageError,
     check_distinct_paths,
-    check_logits_output,
-    check_mask_output,
     join_signed_values,
-    save_array,
-    save_mask,
-    suffixed,
 )
 from finesam.cli.dataset_runs import (
     Segmenter,
@@ -38,7 +32,9 @@ from finesam.cli.dataset_runs import (
     manifest_jobs,
 )
 from finesam.cli.prompting import (
+    MaskWriter,
     command_line_prompt,
+    mask_outputs,
     onnx_options,
     prompt_options,
     read_prompt_file,
@@ -90,13 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-pixels", type=int, metavar="N", help="refuse input images with more pixels (PIL's limit otherwise)"
     )
-    parser.add_argument(
-        "--manifest",
-        type=Path,
-        metavar="PROMPTS.jsonl",
-        help='many images: one line each, {"image": path, "boxes": [...], "points": [...], "labels": [...], '
-        '"category_ids": [...]}; --out is then a folder (annotations.json, COCO)',
-    )
     for option in (*TORCH_ONLY, *TEXT_ONLY):
         parser.add_argument(option, nargs="?", const=True, help=argparse.SUPPRESS)
     return parser
@@ -134,9 +123,7 @@ def run_onnx_segment(args: argparse.Namespace) -> None:
             raise UsageError(f"prompt {i}: {e}" if args.prompts is not None else str(e)) from None
         counts.append(checked.batch)
     total = sum(counts)
-    outputs = [("--out", check_mask_output(suffixed(args.out, i, total))) for i in range(total)]
-    if args.logits is not None:
-        outputs += [("--logits", check_logits_output(suffixed(args.logits, i, total))) for i in range(total)]
+    outputs = mask_outputs(args, total)
     if args.overlay is not None:
         outputs.append(("--overlay", check_output(args.overlay)))
     inputs = [("IMAGE", args.image), *(("--onnx", path) for path in sorted(args.onnx.iterdir()) if path.is_file())]
@@ -150,8 +137,7 @@ def run_onnx_segment(args: argparse.Namespace) -> None:
         args.onnx, runtime=args.runtime, precision=args.precision, threads=args.threads, cache_dir=args.cache_dir
     )
     embedding = predictor.encode_image(image)  # once, for every prompt
-    index = 0
-    drawn: list[np.ndarray] = []
+    writer = MaskWriter(args, total)
     for prompt in prompts:
         multimask = args.multimask if prompt.multimask is None else prompt.multimask
         prediction = predictor.predict(
@@ -159,16 +145,9 @@ def run_onnx_segment(args: argparse.Namespace) -> None:
         )
         best = prediction.iou_predictions.argmax(axis=1)  # each box's best mask (its only one without multimask)
         for j, k in enumerate(best):
-            values = prediction.masks[j, k]
-            mask_path = save_mask(values > 0, suffixed(args.out, index, total))
-            print(f"{mask_path}\tpredicted IoU {prediction.iou_predictions[j, k]:.4f}")
-            if args.logits is not None:
-                print(save_array(values, suffixed(args.logits, index, total)))
-            if args.overlay is not None:
-                drawn.append(values > 0)
-            index += 1
+            writer.write(prediction.masks[j, k], f"predicted IoU {prediction.iou_predictions[j, k]:.4f}")
     if args.overlay is not None:
-        print(save_prompts_overlay(args.overlay, image, drawn, prompts))
+        print(save_prompts_overlay(args.overlay, image, writer.drawn, prompts))
 
 
 def export_digests(folder: Path, description: dict) -> dict[str, str]:

@@ -9,10 +9,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finesam.cli.basics import UsageError, floats, positive_int
+from finesam.cli.basics import (
+    UsageError,
+    check_logits_output,
+    check_mask_output,
+    floats,
+    positive_int,
+    save_array,
+    save_mask,
+    suffixed,
+)
 from finesam.cli.overlay import overlay
 from finesam.files import atomic_write
-from finesam.inputs import JSON_PROMPT_KEYS, JsonPrompts, parse_json_prompts, read_text_input
+from finesam.inputs import JSON_PROMPT_KEYS, MASK_THRESHOLD, JsonPrompts, parse_json_prompts, read_text_input
 from finesam.onnx.runtimes import F32, ONNXRUNTIME, PRECISIONS, RUNTIMES
 
 
@@ -93,8 +102,40 @@ def save_prompts_overlay(path: Path, image: Image.Image, masks: list[np.ndarray]
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
+def mask_outputs(args: argparse.Namespace, total: int) -> list[tuple[str, Path]]:
+    """The files `segment IMAGE` writes for `total` masks (`--out`, and `--logits` if given), each checked: of the
+    right kind and writable (for `check_distinct_paths`)."""
+    outputs = [("--out", check_mask_output(suffixed(args.out, i, total))) for i in range(total)]
+    if args.logits is not None:
+        outputs += [("--logits", check_logits_output(suffixed(args.logits, i, total))) for i in range(total)]
+    return outputs
+
+
+class MaskWriter:
+    """Writes the masks of `segment IMAGE` as they come, `total` in all, numbered as `mask_outputs` checked them:
+    each one's PNG (its path printed with what is said of it), its logits with `--logits`, and keeps it for the
+    `--overlay` (`drawn`). Memory holds the masks only for an overlay."""
+
+    def __init__(self, args: argparse.Namespace, total: int) -> None:
+        self.out, self.logits, self.keep = args.out, args.logits, args.overlay is not None
+        self.total, self.index = total, 0
+        self.drawn: list[np.ndarray] = []
+
+    def write(self, values: np.ndarray, said: str) -> Path:
+        """Writes the next mask from its logits at the image's size; returns the PNG's path."""
+        mask = values > MASK_THRESHOLD
+        path = save_mask(mask, suffixed(self.out, self.index, self.total))
+        print(f"{path}\t{said}")
+        if self.logits is not None:
+            print(save_array(values, suffixed(self.logits, self.index, self.total)))
+        if self.keep:
+            self.drawn.append(mask)
+        self.index += 1
+        return path
+
+
 def prompt_options() -> argparse.ArgumentParser:
-    """--box, --point, --prompts, --multimask, --out, --logits, --overlay."""
+    """--box, --point, --prompts, --manifest, --multimask, --out, --logits, --overlay."""
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument(
         "--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2", help="a box prompt; repeat for more"
@@ -108,6 +149,13 @@ def prompt_options() -> argparse.ArgumentParser:
         help="a click, label 1 foreground (the default) or 0 background; repeat for more; goes with every box",
     )
     options.add_argument("--prompts", type=Path, metavar="PROMPTS.json", help="many prompts, the image encoded once")
+    options.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="PROMPTS.jsonl",
+        help='many images: one line each, {"image": path, "boxes": [...], "points": [...], "labels": [...], '
+        '"category_ids": [...]}; --out is then a folder (annotations.json, COCO)',
+    )
     options.add_argument("--multimask", action="store_true", help="predict 3 masks, keep the best by predicted IoU")
     options.add_argument(
         "--out",

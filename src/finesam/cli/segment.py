@@ -3,26 +3,22 @@
 import argparse
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from finesam.cli.common import (
     UsageError,
     check_distinct_paths,
-    check_logits_output,
-    check_mask_output,
     inference,
     load_model,
-    save_array,
-    save_mask,
-    suffixed,
 )
 from finesam.cli.dataset_runs import Segmenter, check_one_image, labelling_options, manifest_jobs
 from finesam.cli.labelling import run_labelling
 from finesam.cli.onnx_segment import run_onnx_segment
 from finesam.cli.options import Commands, add_command, lora_options, model_options
 from finesam.cli.prompting import (
+    MaskWriter,
     command_line_prompt,
+    mask_outputs,
     onnx_options,
     prompt_options,
     read_prompt_file,
@@ -67,9 +63,8 @@ def run_segment(args: argparse.Namespace) -> None:
     _check_outputs(args, sum(counts))  # before the model loads
     model = load_model(args)
     embedding = model.encode_image(image)  # once, for every prompt
-    total, index = sum(counts), 0
     resize = (embedding.input_size, embedding.original_size)
-    drawn: list[np.ndarray] = []  # the masks, for the overlay only
+    writer = MaskWriter(args, sum(counts))
     # masks are written as they come: memory holds one mask's float logits at full size, not every mask's
     for prompt in progress(prompts, "prompts", quiet=args.quiet or len(prompts) == 1):
         multimask = args.multimask if prompt.multimask is None else prompt.multimask
@@ -78,23 +73,15 @@ def run_segment(args: argparse.Namespace) -> None:
         for j in range(len(scores)):  # upsampled one at a time: never a float copy of every mask at full size
             chosen = low_res[j : j + 1, int(best[j]) : int(best[j]) + 1]
             values = model.postprocess(chosen, *resize)[0, 0].float().cpu().numpy()
-            mask_path = save_mask(values > 0, suffixed(args.out, index, total))
-            print(f"{mask_path}\tpredicted IoU {scores[j].item():.4f}")
-            if args.logits is not None:
-                print(save_array(values, suffixed(args.logits, index, total)))
-            if args.overlay is not None:
-                drawn.append(values > 0)
-            index += 1
+            writer.write(values, f"predicted IoU {scores[j].item():.4f}")
     if args.overlay is not None:
-        print(save_prompts_overlay(args.overlay, image, drawn, prompts))
+        print(save_prompts_overlay(args.overlay, image, writer.drawn, prompts))
 
 
 def _check_outputs(args: argparse.Namespace, total: int) -> None:
     """Every file `segment IMAGE` will write: writable, of the right kind, and none of them an input or another
     output (`check_distinct_paths`)."""
-    outputs = [("--out", check_mask_output(suffixed(args.out, i, total))) for i in range(total)]
-    if args.logits is not None:
-        outputs += [("--logits", check_logits_output(suffixed(args.logits, i, total))) for i in range(total)]
+    outputs = mask_outputs(args, total)
     if args.overlay is not None:
         outputs.append(("--overlay", check_output(args.overlay)))
     inputs = [("IMAGE", args.image), ("--weights", args.weights)]
@@ -130,13 +117,6 @@ def add_commands(commands: Commands) -> None:
         nargs="?",
         metavar="IMAGE",
         help="the image (any format PIL reads); with --text also a folder of images or a text file of image paths",
-    )
-    segment.add_argument(
-        "--manifest",
-        type=Path,
-        metavar="PROMPTS.jsonl",
-        help='many images: one line each, {"image": path, "boxes": [...], "points": [...], "labels": [...], '
-        '"category_ids": [...]}; --out is then a folder (annotations.json, COCO)',
     )
     segment.add_argument(
         "--compile", action="store_true", help="torch.compile the image encoder (slow first call; for many images)"

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -14,18 +13,14 @@ from finesam.cli.common import (
     DTYPES,
     UsageError,
     check_distinct_paths,
-    check_logits_output,
-    check_mask_output,
     load_model,
-    save_array,
-    save_mask,
-    suffixed,
     write_json,
 )
 from finesam.cli.dataset_runs import Segmenter
 from finesam.cli.labelling import run_labelling
 from finesam.cli.options import positive_int
 from finesam.cli.overlay import overlay
+from finesam.cli.prompting import MaskWriter, mask_outputs
 from finesam.detection import (
     DEFAULT_DETECTOR,
     Detection,
@@ -35,7 +30,7 @@ from finesam.detection import (
     parse_phrases,
 )
 from finesam.devices import usable_device
-from finesam.inputs import DECODER_BATCH, MASK_THRESHOLD, as_rgb, open_image
+from finesam.inputs import DECODER_BATCH, as_rgb, open_image
 from finesam.labelling import ImageJob, SegmentedObject, images_of, is_image_file
 from finesam.labelling.segmenters import text_objects
 from finesam.model import SegmentAnything
@@ -170,7 +165,7 @@ def run_text_image(args: argparse.Namespace, phrases: list[str]) -> None:
         )
     model = load_model(args) if detections else None
     records: list[dict[str, Any]] = []
-    drawn: list[np.ndarray] = []
+    writer = MaskWriter(args, len(detections))
     if model is not None:
         embedding = model.encode_image(image)
         resize = (embedding.input_size, embedding.original_size)
@@ -181,34 +176,23 @@ def run_text_image(args: argparse.Namespace, phrases: list[str]) -> None:
             )
             scores, best = iou.max(dim=1)
             for j, detection in enumerate(chosen):  # upsampled one at a time, as `segment` does
-                index = start + j
                 values = model.postprocess(low_res[j : j + 1, int(best[j]) : int(best[j]) + 1], *resize)
-                values = values[0, 0].float().cpu().numpy()
-                mask_path = save_mask(values > MASK_THRESHOLD, suffixed(args.out, index, len(detections)))
-                print(
-                    f"{mask_path}\t{detection.label}\tscore {detection.score:.4f}\tpredicted IoU {scores[j].item():.4f}"
-                )
-                if args.logits is not None:
-                    print(save_array(values, suffixed(args.logits, index, len(detections))))
-                if args.overlay is not None:
-                    drawn.append(values > MASK_THRESHOLD)
+                said = f"{detection.label}\tscore {detection.score:.4f}\tpredicted IoU {scores[j].item():.4f}"
+                mask_path = writer.write(values[0, 0].float().cpu().numpy(), said)
                 records.append({**detection.as_json(), "predicted_iou": scores[j].item(), "mask": mask_path.name})
     if args.detections is not None:
         print(write_json(records, args.detections))
     if args.overlay is not None:
         boxes = [list(d.box) for d in detections]
         labels = [f"{d.label} {d.score:.2f}" for d in detections]
-        picture = overlay(image, drawn, boxes=boxes, labels=labels)
+        picture = overlay(image, writer.drawn, boxes=boxes, labels=labels)
         print(atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG")))
 
 
 def _check_outputs(args: argparse.Namespace, total: int) -> None:
     """Every file `segment IMAGE --text` writes for `total` detections: of the right kind, writable, and none of
     them an input or another output."""
-    count = max(total, 1)
-    outputs = [("--out", check_mask_output(suffixed(args.out, i, count))) for i in range(count)]
-    if args.logits is not None:
-        outputs += [("--logits", check_logits_output(suffixed(args.logits, i, count))) for i in range(count)]
+    outputs = mask_outputs(args, max(total, 1))
     for option, path in (("--overlay", args.overlay), ("--detections", args.detections)):
         if path is not None:
             outputs.append((option, check_output(path)))
