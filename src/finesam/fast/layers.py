@@ -1,6 +1,6 @@
 """The fast versions of layers every part of the model uses: GELU through the dense view of channels-last maps,
 in place where the swap found it safe (same formula as refiners' `GeLU`, tests/test_parity_model.py); and
-`linear`, a linear layer (and GELU) in one oneDNN call in bfloat16 (tests/test_encoder_attention.py)."""
+`linear`, a linear layer (and GELU) in one oneDNN call in float32 and bfloat16 (tests/test_encoder_attention.py)."""
 
 import torch
 from jaxtyping import Float
